@@ -1,0 +1,14 @@
+//! mcp-pool keeps one persistent, supervised MCP client session per (user, server).
+//!
+//! # Layout
+//! - [`config`]: `config.toml`, humantime durations, validated once at start-up.
+//! - [`store`]: the `mcp_connections` repository (SQLite or PostgreSQL), token encryption,
+//!   private credential files.
+//! - [`actors`]: the ractor actor tree; each actor file holds its message enum and typed handle.
+//! - [`mcp`]: rmcp client sessions over stdio, child-process hygiene, the bundled demo server.
+#![deny(unsafe_code)]
+
+pub mod actors;
+pub mod config;
+pub mod mcp;
+pub mod store;
