@@ -1,1 +1,460 @@
-//! Placeholder; filled in by the foundation work.
+//! `config.toml`: serde structs with humantime durations, loaded and validated once at start-up.
+//!
+//! Every error names the offending key, so an operator can fix the file without reading code.
+//! Secrets never live in the file itself: the file names the environment variable that holds them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::store::ids::ServerName;
+
+/// Environment variable that overrides `database.url`.
+pub const DATABASE_URL_ENV: &str = "MCP_POOL_DATABASE_URL";
+/// Environment variable with encryption keys (`VERSION:BASE64KEY[,VERSION:BASE64KEY...]`);
+/// when set, it replaces the key file.
+pub const ENCRYPTION_KEYS_ENV: &str = "MCP_POOL_ENCRYPTION_KEYS";
+/// `command = "{self}"` runs the mcp-pool binary itself (the bundled demo server).
+pub const SELF_COMMAND: &str = "{self}";
+
+/// Why a configuration could not be used. Each variant names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {cause}")]
+    Read {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config key `{key}`: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listener and process-wide settings.
+    #[serde(default)]
+    pub service: ServiceConfig,
+    /// Where `mcp_connections` lives.
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    /// Credential files and their retention.
+    #[serde(default)]
+    pub credentials: CredentialsConfig,
+    /// Encryption of tokens at rest.
+    #[serde(default)]
+    pub encryption: EncryptionConfig,
+    /// Connection pool sizing, timeouts and restart policy.
+    #[serde(default)]
+    pub pool: PoolConfig,
+    /// One entry per MCP server users may connect, keyed by server name.
+    #[serde(default)]
+    pub servers: BTreeMap<String, ServerConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// Address of the HTTP facade.
+    pub listen: SocketAddr,
+    /// Directory for the SQLite database, the key file and process records.
+    pub data_dir: PathBuf,
+    /// How long SIGTERM/SIGINT may take to close every connection before the process exits.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./data"),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` (embedded default) or `postgres://...`; `MCP_POOL_DATABASE_URL` overrides it.
+    pub url: String,
+    /// Upper bound of pooled database connections.
+    pub max_connections: u32,
+    /// How long a SQLite writer waits for the lock before giving up.
+    #[serde(with = "humantime_serde")]
+    pub busy_timeout: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://./data/mcp-pool.db".into(),
+            max_connections: 8,
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CredentialsConfig {
+    /// Root of the per-user credential files (mode 0700).
+    pub dir: PathBuf,
+    /// Inactive credentials older than this are deleted by the periodic cleanup.
+    #[serde(with = "humantime_serde")]
+    pub cleanup_inactive_after: Duration,
+    /// How often the cleanup runs.
+    #[serde(with = "humantime_serde")]
+    pub cleanup_interval: Duration,
+}
+
+impl Default for CredentialsConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("./mcp-credentials"),
+            cleanup_inactive_after: Duration::from_secs(30 * 24 * 3600),
+            cleanup_interval: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncryptionConfig {
+    /// Key file (`VERSION:BASE64KEY` per line), created with mode 0600 on first run when
+    /// `MCP_POOL_ENCRYPTION_KEYS` is not set.
+    pub key_file: PathBuf,
+}
+
+impl Default for EncryptionConfig {
+    fn default() -> Self {
+        Self {
+            key_file: PathBuf::from("./data/encryption.key"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// A connection unused for this long is closed by the reaper.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How often the reaper looks for idle connections.
+    #[serde(with = "humantime_serde")]
+    pub reap_interval: Duration,
+    /// Upper bound of one tool call.
+    #[serde(with = "humantime_serde")]
+    pub call_timeout: Duration,
+    /// Upper bound of spawn + initialize + tools/list.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// Grace between closing stdin and SIGTERM, and between SIGTERM and SIGKILL.
+    #[serde(with = "humantime_serde")]
+    pub close_grace: Duration,
+    /// Live connections across all users.
+    pub max_connections: usize,
+    /// Live connections of one user.
+    pub max_connections_per_user: usize,
+    /// First restart delay; doubles per attempt, with full jitter.
+    #[serde(with = "humantime_serde")]
+    pub restart_backoff_base: Duration,
+    /// Largest restart delay.
+    #[serde(with = "humantime_serde")]
+    pub restart_backoff_cap: Duration,
+    /// Restarts allowed within `restart_window` before the key is marked failed.
+    pub max_restarts: u32,
+    #[serde(with = "humantime_serde")]
+    pub restart_window: Duration,
+    /// How long a failed key refuses requests before one probe start is allowed.
+    #[serde(with = "humantime_serde")]
+    pub failed_cooldown: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(60 * 60),
+            reap_interval: Duration::from_secs(30 * 60),
+            call_timeout: Duration::from_secs(60),
+            startup_timeout: Duration::from_secs(30),
+            close_grace: Duration::from_secs(3),
+            max_connections: 1000,
+            max_connections_per_user: 10,
+            restart_backoff_base: Duration::from_millis(200),
+            restart_backoff_cap: Duration::from_secs(30),
+            max_restarts: 5,
+            restart_window: Duration::from_secs(60),
+            failed_cooldown: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// How the per-user credentials file is laid out for a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialsFormat {
+    /// Google's `authorized_user` JSON: `type`, `client_id`, `client_secret`, `refresh_token`.
+    GoogleAuthorizedUser,
+    /// `access_token`, `refresh_token`, `token_expiry` (RFC 3339) as JSON.
+    TokenJson,
+}
+
+/// One MCP server users may connect.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Program to run; `{self}` is the mcp-pool binary.
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment for the child. Values are not secret: use `oauth.client_secret_env`.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Environment variable through which the child learns its credentials file path.
+    pub credentials_env: String,
+    pub credentials_format: CredentialsFormat,
+    /// OAuth client the user's tokens were issued to.
+    #[serde(default)]
+    pub oauth: Option<OAuthClientConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthClientConfig {
+    pub client_id: String,
+    /// Environment variable holding the client secret (never the secret itself).
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+}
+
+impl ServerConfig {
+    /// The program path with `{self}` resolved to the running binary.
+    pub fn resolved_command(&self) -> std::io::Result<PathBuf> {
+        if self.command == SELF_COMMAND {
+            std::env::current_exe()
+        } else {
+            Ok(PathBuf::from(&self.command))
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses, applies environment overrides and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
+            path: path.to_owned(),
+            cause,
+        })?;
+        let mut config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
+        config.apply_env_overrides(|name| std::env::var(name).ok());
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; the error message carries toml's key path and line.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|err| err.to_string().trim_end().to_owned())
+    }
+
+    /// Environment variables win over the file for deployment-specific values.
+    pub fn apply_env_overrides(&mut self, env: impl Fn(&str) -> Option<String>) {
+        if let Some(url) = env(DATABASE_URL_ENV).filter(|url| !url.is_empty()) {
+            self.database.url = url;
+        }
+    }
+
+    /// Semantic checks that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let url = &self.database.url;
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "database.url",
+                "must start with sqlite:, postgres:// or postgresql://",
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        let non_zero = [
+            ("service.shutdown_grace", self.service.shutdown_grace),
+            (
+                "credentials.cleanup_inactive_after",
+                self.credentials.cleanup_inactive_after,
+            ),
+            (
+                "credentials.cleanup_interval",
+                self.credentials.cleanup_interval,
+            ),
+            ("pool.idle_timeout", self.pool.idle_timeout),
+            ("pool.reap_interval", self.pool.reap_interval),
+            ("pool.call_timeout", self.pool.call_timeout),
+            ("pool.startup_timeout", self.pool.startup_timeout),
+            ("pool.restart_backoff_base", self.pool.restart_backoff_base),
+            ("pool.restart_window", self.pool.restart_window),
+        ];
+        for (key, value) in non_zero {
+            if value.is_zero() {
+                return Err(invalid(key, "must be longer than zero"));
+            }
+        }
+        let pool = &self.pool;
+        if pool.restart_backoff_cap < pool.restart_backoff_base {
+            return Err(invalid(
+                "pool.restart_backoff_cap",
+                "must not be shorter than pool.restart_backoff_base",
+            ));
+        }
+        if pool.max_connections == 0 {
+            return Err(invalid("pool.max_connections", "must be at least 1"));
+        }
+        if pool.max_connections_per_user == 0
+            || pool.max_connections_per_user > pool.max_connections
+        {
+            return Err(invalid(
+                "pool.max_connections_per_user",
+                "must be between 1 and pool.max_connections",
+            ));
+        }
+        if pool.max_restarts == 0 {
+            return Err(invalid("pool.max_restarts", "must be at least 1"));
+        }
+        for (name, server) in &self.servers {
+            let key = |field: &str| format!("servers.{name}.{field}");
+            ServerName::parse(name)
+                .map_err(|err| invalid(format!("servers.{name}"), err.to_string()))?;
+            if server.command.trim().is_empty() {
+                return Err(invalid(key("command"), "must not be empty"));
+            }
+            if !is_env_name(&server.credentials_env) {
+                return Err(invalid(
+                    key("credentials_env"),
+                    "must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
+                ));
+            }
+            for env_key in server.env.keys() {
+                if !is_env_name(env_key) {
+                    return Err(invalid(
+                        key(&format!("env.{env_key}")),
+                        "is not a valid environment variable name",
+                    ));
+                }
+            }
+            if let Some(oauth) = &server.oauth {
+                if let Some(secret_env) = &oauth.client_secret_env
+                    && !is_env_name(secret_env)
+                {
+                    return Err(invalid(
+                        key("oauth.client_secret_env"),
+                        "must be an environment variable name",
+                    ));
+                }
+            } else if server.credentials_format == CredentialsFormat::GoogleAuthorizedUser {
+                return Err(invalid(
+                    key("oauth"),
+                    "is required for credentials_format = \"google_authorized_user\" (client_id)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The configured server, if `name` is one.
+    pub fn server(&self, name: &ServerName) -> Option<&ServerConfig> {
+        self.servers.get(name.as_str())
+    }
+
+    /// The default config path: `--config`, then `MCP_POOL_CONFIG`, then `./config.toml`.
+    pub fn default_path() -> PathBuf {
+        PathBuf::from("config.toml")
+    }
+}
+
+fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHIPPED: &str = include_str!("../config.toml");
+
+    #[test]
+    fn shipped_config_is_valid_and_uses_the_design_durations() {
+        let config = Config::parse(SHIPPED).expect("shipped config parses");
+        config.validate().expect("shipped config validates");
+        assert_eq!(config.pool.idle_timeout, Duration::from_secs(3600));
+        assert_eq!(config.pool.reap_interval, Duration::from_secs(1800));
+        assert_eq!(
+            config.credentials.cleanup_inactive_after,
+            Duration::from_secs(30 * 86400)
+        );
+        assert_eq!(
+            config.credentials.cleanup_interval,
+            Duration::from_secs(86400)
+        );
+        assert!(config.database.url.starts_with("sqlite:"));
+        assert!(config.servers.contains_key("google-analytics"));
+        assert!(config.servers.contains_key("demo"));
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let err = Config::parse("[pool]\nidle_timeout = \"sixty minutes\"\n").unwrap_err();
+        assert!(err.contains("idle_timeout"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let err = Config::parse("[pool]\nidle_timout = \"60m\"\n").unwrap_err();
+        assert!(err.contains("idle_timout"), "{err}");
+    }
+
+    #[test]
+    fn zero_duration_names_the_key() {
+        let config = Config::parse("[pool]\nreap_interval = \"0s\"\n").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("pool.reap_interval"), "{err}");
+    }
+
+    #[test]
+    fn bad_server_name_names_the_key() {
+        let text = "[servers.\"../x\"]\ncommand = \"x\"\ncredentials_env = \"X\"\ncredentials_format = \"token_json\"\n";
+        let config = Config::parse(text).unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("servers.../x"), "{err}");
+    }
+
+    #[test]
+    fn database_url_env_overrides_the_file() {
+        let mut config = Config::parse("").unwrap();
+        config.apply_env_overrides(|name| {
+            (name == DATABASE_URL_ENV).then(|| "postgres://db/x".to_owned())
+        });
+        assert_eq!(config.database.url, "postgres://db/x");
+        config.validate().unwrap();
+    }
+}

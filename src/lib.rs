@@ -1,6 +1,7 @@
 //! mcp-pool keeps one persistent, supervised MCP client session per (user, server).
 //!
 //! # Layout
+//! - [`app`]: wiring of store, actors and facade; `run_until_stopped`.
 //! - [`config`]: `config.toml`, humantime durations, validated once at start-up.
 //! - [`store`]: the `mcp_connections` repository (SQLite or PostgreSQL), token encryption,
 //!   private credential files.
@@ -9,6 +10,7 @@
 #![deny(unsafe_code)]
 
 pub mod actors;
+pub mod app;
 pub mod config;
 pub mod mcp;
 pub mod store;

@@ -1,1 +1,44 @@
-//! Placeholder; filled in by the foundation work.
+//! Persistence: the `mcp_connections` repository, token encryption, credential files.
+//!
+//! - [`repo`]: [`Store`] on SQLite or PostgreSQL, with migrations per backend.
+//! - [`crypto`]: [`Keyring`], XChaCha20-Poly1305 with row-bound associated data.
+//! - [`files`]: [`CredentialFiles`], private, atomically written credential files.
+//! - [`ids`]: validated [`UserId`] and [`ServerName`].
+//! - [`secret`]: [`Secret`], a string whose `Debug`/`Display` print `[REDACTED]`.
+
+pub mod crypto;
+pub mod files;
+pub mod ids;
+pub mod repo;
+pub mod secret;
+
+pub use crypto::{CryptoError, Keyring};
+pub use files::{CredentialFiles, CredentialSpec};
+pub use ids::{IdError, ServerName, UserId};
+pub use repo::{
+    BackendKind, ConnectionInfo, ConnectionRecord, Store, StoreOptions, Stored, TokenUpdate, Tokens,
+};
+pub use secret::Secret;
+
+/// Why a repository operation failed. Never carries a token.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error("database URL must start with sqlite:, postgres:// or postgresql://")]
+    UnsupportedUrl,
+    #[error("cannot create the database directory: {0}")]
+    DataDir(std::io::Error),
+    #[error("no active credentials")]
+    NotFound,
+    #[error("credentials changed concurrently (expected version {expected}, found {actual})")]
+    Conflict { expected: i64, actual: i64 },
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("duration out of range")]
+    DurationOutOfRange,
+}

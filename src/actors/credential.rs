@@ -1,0 +1,469 @@
+//! The `CredentialActor`: the single writer of `mcp_connections` and the credential files.
+//!
+//! Writes arrive as messages and run one at a time, so a row and its file never interleave with
+//! another write for the same pair, and SQLite never sees two writers from this process. Reads
+//! may go straight to [`Store`]. It also runs the periodic cleanup of inactive credentials.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tracing::Instrument;
+
+use crate::store::{
+    ConnectionInfo, CredentialFiles, CredentialSpec, ServerName, Store, StoreError, Stored,
+    TokenUpdate, Tokens, UserId,
+};
+
+/// Why a credential operation failed. Never carries a token.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("unknown server `{0}`")]
+    UnknownServer(ServerName),
+    #[error("no active credentials for server `{0}`")]
+    NotFound(ServerName),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("credentials file {path}: {cause}")]
+    File {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("the credential actor is not running")]
+    Unavailable,
+}
+
+type Reply<T> = RpcReplyPort<Result<T, CredentialError>>;
+
+/// Messages of the [`CredentialActor`]; use [`CredentialHandle`] rather than sending them.
+pub enum CredentialMsg {
+    /// Store (or replace) credentials and write the file.
+    Create {
+        user: UserId,
+        server: ServerName,
+        tokens: Tokens,
+        reply: Reply<(ConnectionInfo, Stored)>,
+    },
+    /// Replace tokens (compare-and-swap on `expected_version`) and rewrite the file.
+    Update {
+        user: UserId,
+        server: ServerName,
+        expected_version: Option<i64>,
+        update: TokenUpdate,
+        reply: Reply<ConnectionInfo>,
+    },
+    /// Soft delete: row inactive, file removed.
+    Deactivate {
+        user: UserId,
+        server: ServerName,
+        reply: Reply<bool>,
+    },
+    /// Hard delete of rows and file.
+    Delete {
+        user: UserId,
+        server: ServerName,
+        reply: Reply<u64>,
+    },
+    /// Hard-delete inactive credentials older than the threshold.
+    Cleanup {
+        older_than: Duration,
+        reply: Reply<usize>,
+    },
+    /// (Re)write the credentials file from the database; returns its path. Called before a
+    /// session starts, so a missing or stale file is repaired rather than fatal.
+    PrepareFile {
+        user: UserId,
+        server: ServerName,
+        reply: Reply<PathBuf>,
+    },
+    /// Re-encrypt every row with the newest key (optionally adding a new key version first).
+    RotateKey {
+        add_new_version: bool,
+        reply: Reply<(u32, u64)>,
+    },
+    /// Periodic cleanup, sent by the actor to itself.
+    CleanupTick,
+}
+
+/// What the actor is started with.
+pub struct CredentialArgs {
+    pub store: Store,
+    pub files: CredentialFiles,
+    /// File format per configured server.
+    pub specs: BTreeMap<ServerName, CredentialSpec>,
+    /// `(interval, inactive_for)` of the periodic cleanup; `None` disables it.
+    pub cleanup: Option<(Duration, Duration)>,
+}
+
+pub struct CredentialState {
+    store: Store,
+    files: CredentialFiles,
+    specs: Arc<BTreeMap<ServerName, CredentialSpec>>,
+    cleanup_after: Option<Duration>,
+}
+
+/// See the module docs.
+pub struct CredentialActor;
+
+impl Actor for CredentialActor {
+    type Msg = CredentialMsg;
+    type State = CredentialState;
+    type Arguments = CredentialArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: CredentialArgs,
+    ) -> Result<CredentialState, ActorProcessingErr> {
+        if let Some((interval, _)) = args.cleanup {
+            myself.send_interval(interval, || CredentialMsg::CleanupTick);
+        }
+        Ok(CredentialState {
+            store: args.store,
+            files: args.files,
+            specs: Arc::new(args.specs),
+            cleanup_after: args.cleanup.map(|(_, after)| after),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: CredentialMsg,
+        state: &mut CredentialState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Every error goes back to the caller: a failed write must not kill the only writer.
+        match message {
+            CredentialMsg::Create {
+                user,
+                server,
+                tokens,
+                reply,
+            } => {
+                let span =
+                    tracing::info_span!("credentials.create", user_id = %user, server = %server);
+                let result = state.create(&user, &server, &tokens).instrument(span).await;
+                let _ = reply.send(result);
+            }
+            CredentialMsg::Update {
+                user,
+                server,
+                expected_version,
+                update,
+                reply,
+            } => {
+                let span =
+                    tracing::info_span!("credentials.update", user_id = %user, server = %server);
+                let result = state
+                    .update(&user, &server, expected_version, &update)
+                    .instrument(span)
+                    .await;
+                let _ = reply.send(result);
+            }
+            CredentialMsg::Deactivate {
+                user,
+                server,
+                reply,
+            } => {
+                let span = tracing::info_span!("credentials.deactivate", user_id = %user, server = %server);
+                let result = state.deactivate(&user, &server).instrument(span).await;
+                let _ = reply.send(result);
+            }
+            CredentialMsg::Delete {
+                user,
+                server,
+                reply,
+            } => {
+                let span =
+                    tracing::info_span!("credentials.delete", user_id = %user, server = %server);
+                let result = state.delete(&user, &server).instrument(span).await;
+                let _ = reply.send(result);
+            }
+            CredentialMsg::Cleanup { older_than, reply } => {
+                let _ = reply.send(state.cleanup(older_than).await);
+            }
+            CredentialMsg::PrepareFile {
+                user,
+                server,
+                reply,
+            } => {
+                let span = tracing::info_span!("credentials.prepare_file", user_id = %user, server = %server);
+                let result = state.prepare_file(&user, &server).instrument(span).await;
+                let _ = reply.send(result);
+            }
+            CredentialMsg::RotateKey {
+                add_new_version,
+                reply,
+            } => {
+                let result = state
+                    .store
+                    .rotate_key(add_new_version)
+                    .await
+                    .map_err(Into::into);
+                let _ = reply.send(result);
+            }
+            CredentialMsg::CleanupTick => {
+                if let Some(after) = state.cleanup_after {
+                    match state.cleanup(after).await {
+                        Ok(count) => {
+                            tracing::info!(count, "Cleaned up {count} inactive credentials")
+                        }
+                        Err(err) => tracing::error!(cause = %err, "Credential cleanup failed"),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+// === impl CredentialState ===
+
+impl CredentialState {
+    fn spec(&self, server: &ServerName) -> Result<&CredentialSpec, CredentialError> {
+        self.specs
+            .get(server)
+            .ok_or_else(|| CredentialError::UnknownServer(server.clone()))
+    }
+
+    fn write_file(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        tokens: &Tokens,
+    ) -> Result<PathBuf, CredentialError> {
+        let bytes = self.spec(server)?.render(tokens);
+        self.files
+            .write(user, server, &bytes)
+            .map_err(|cause| CredentialError::File {
+                path: self.files.path_for(user, server),
+                cause,
+            })
+    }
+
+    fn remove_file(&self, user: &UserId, server: &ServerName) -> Result<(), CredentialError> {
+        self.files
+            .remove(user, server)
+            .map_err(|cause| CredentialError::File {
+                path: self.files.path_for(user, server),
+                cause,
+            })
+    }
+
+    async fn create(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        tokens: &Tokens,
+    ) -> Result<(ConnectionInfo, Stored), CredentialError> {
+        self.spec(server)?;
+        let path = self.files.path_for(user, server);
+        // The row is the source of truth and is written first; if the file write then fails,
+        // PrepareFile rewrites the file from the row before the next session starts.
+        let (record, stored) = self.store.create(user, server, &path, tokens).await?;
+        self.write_file(user, server, &record.tokens)?;
+        tracing::info!(path = %path.display(), ?stored, "Stored credentials");
+        Ok((record.info, stored))
+    }
+
+    async fn update(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        expected_version: Option<i64>,
+        update: &TokenUpdate,
+    ) -> Result<ConnectionInfo, CredentialError> {
+        self.spec(server)?;
+        let record = self
+            .store
+            .update_tokens(user, server, expected_version, update)
+            .await
+            .map_err(|err| match err {
+                StoreError::NotFound => CredentialError::NotFound(server.clone()),
+                other => other.into(),
+            })?;
+        self.write_file(user, server, &record.tokens)?;
+        tracing::info!(version = record.info.version, "Updated credentials");
+        Ok(record.info)
+    }
+
+    async fn deactivate(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<bool, CredentialError> {
+        let found = self.store.deactivate(user, server).await?;
+        self.remove_file(user, server)?;
+        tracing::info!(found, "Deactivated credentials");
+        Ok(found)
+    }
+
+    async fn delete(&self, user: &UserId, server: &ServerName) -> Result<u64, CredentialError> {
+        let rows = self.store.delete(user, server).await?;
+        self.remove_file(user, server)?;
+        tracing::info!(rows, "Deleted credentials");
+        Ok(rows)
+    }
+
+    async fn cleanup(&self, older_than: Duration) -> Result<usize, CredentialError> {
+        let removed = self.store.cleanup_inactive(older_than).await?;
+        for (user, server) in &removed {
+            // Another instance may have re-created the pair since; its file stays.
+            if self.store.get(user, server).await?.is_none() {
+                self.remove_file(user, server)?;
+            }
+        }
+        Ok(removed.len())
+    }
+
+    async fn prepare_file(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<PathBuf, CredentialError> {
+        let record = self
+            .store
+            .get(user, server)
+            .await?
+            .ok_or_else(|| CredentialError::NotFound(server.clone()))?;
+        self.write_file(user, server, &record.tokens)
+    }
+}
+
+// === CredentialHandle ===
+
+/// Typed handle to the [`CredentialActor`]; cheap to clone.
+#[derive(Clone)]
+pub struct CredentialHandle {
+    actor: ActorRef<CredentialMsg>,
+    store: Store,
+}
+
+impl CredentialHandle {
+    /// Spawns the actor (unnamed, unsupervised unless `supervisor` is given).
+    pub async fn spawn(
+        args: CredentialArgs,
+        supervisor: Option<ractor::ActorCell>,
+    ) -> Result<(CredentialHandle, tokio::task::JoinHandle<()>), ractor::SpawnErr> {
+        let store = args.store.clone();
+        let (actor, join) = match supervisor {
+            Some(sup) => Actor::spawn_linked(None, CredentialActor, args, sup).await?,
+            None => Actor::spawn(None, CredentialActor, args).await?,
+        };
+        Ok((CredentialHandle { actor, store }, join))
+    }
+
+    pub fn actor(&self) -> &ActorRef<CredentialMsg> {
+        &self.actor
+    }
+
+    /// Read access; reads do not need to queue behind writes.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    async fn ask<T: Send + 'static>(
+        &self,
+        build: impl FnOnce(Reply<T>) -> CredentialMsg,
+    ) -> Result<T, CredentialError> {
+        match self.actor.call(build, None).await {
+            Ok(ractor::rpc::CallResult::Success(result)) => result,
+            _ => Err(CredentialError::Unavailable),
+        }
+    }
+
+    pub async fn create(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        tokens: Tokens,
+    ) -> Result<(ConnectionInfo, Stored), CredentialError> {
+        let (user, server) = (user.clone(), server.clone());
+        self.ask(|reply| CredentialMsg::Create {
+            user,
+            server,
+            tokens,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn update(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        expected_version: Option<i64>,
+        update: TokenUpdate,
+    ) -> Result<ConnectionInfo, CredentialError> {
+        let (user, server) = (user.clone(), server.clone());
+        self.ask(|reply| CredentialMsg::Update {
+            user,
+            server,
+            expected_version,
+            update,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn deactivate(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<bool, CredentialError> {
+        let (user, server) = (user.clone(), server.clone());
+        self.ask(|reply| CredentialMsg::Deactivate {
+            user,
+            server,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn delete(&self, user: &UserId, server: &ServerName) -> Result<u64, CredentialError> {
+        let (user, server) = (user.clone(), server.clone());
+        self.ask(|reply| CredentialMsg::Delete {
+            user,
+            server,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn cleanup_inactive(&self, older_than: Duration) -> Result<usize, CredentialError> {
+        self.ask(|reply| CredentialMsg::Cleanup { older_than, reply })
+            .await
+    }
+
+    pub async fn prepare_file(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<PathBuf, CredentialError> {
+        let (user, server) = (user.clone(), server.clone());
+        self.ask(|reply| CredentialMsg::PrepareFile {
+            user,
+            server,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn rotate_key(&self, add_new_version: bool) -> Result<(u32, u64), CredentialError> {
+        self.ask(|reply| CredentialMsg::RotateKey {
+            add_new_version,
+            reply,
+        })
+        .await
+    }
+
+    /// Stops the actor after the writes already queued, and waits for it.
+    pub async fn shutdown(&self) {
+        let _ = self
+            .actor
+            .drain_and_wait(Some(Duration::from_secs(30)))
+            .await;
+    }
+}

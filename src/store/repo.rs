@@ -1,0 +1,613 @@
+//! The `mcp_connections` repository on SQLite (embedded default) or PostgreSQL (production).
+//!
+//! Two native sqlx pools behind one type: sqlx's `Any` driver cannot decode booleans or
+//! timestamps. Both backends run the same `$n` SQL text, expanded per backend by `on_backend!`.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use uuid::Uuid;
+
+use super::StoreError;
+use super::crypto::{CryptoError, Keyring, TokenField};
+use super::ids::{ServerName, UserId};
+use super::secret::Secret;
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+macro_rules! columns {
+    () => {
+        "id, user_id, server_name, credentials_path, access_token, refresh_token, token_expiry, \
+         is_active, key_version, version, created_at, updated_at"
+    };
+}
+
+/// Runs `$body` with `$pool` bound to whichever native pool this store uses.
+macro_rules! on_backend {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite($pool) => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Runs `$body` inside a write transaction bound to `$tx`. SQLite writers take the lock up front
+/// (`BEGIN IMMEDIATE`): a deferred transaction that reads then writes can fail with SQLITE_BUSY
+/// whatever the busy timeout.
+macro_rules! in_write_tx {
+    ($store:expr, $tx:ident => $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite(pool) => {
+                let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let out = $body;
+                $tx.commit().await?;
+                out
+            }
+            Backend::Postgres(pool) => {
+                let mut $tx = pool.begin().await?;
+                let out = $body;
+                $tx.commit().await?;
+                out
+            }
+        }
+    };
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Which database a URL selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Sqlite,
+    Postgres,
+}
+
+impl BackendKind {
+    pub fn of_url(url: &str) -> Option<BackendKind> {
+        if url.starts_with("sqlite:") {
+            Some(BackendKind::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(BackendKind::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct RawRow {
+    id: Uuid,
+    user_id: String,
+    server_name: String,
+    credentials_path: String,
+    access_token: Option<String>,
+    refresh_token: Option<String>,
+    token_expiry: Option<DateTime<Utc>>,
+    is_active: bool,
+    key_version: i32,
+    version: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+/// A row of `mcp_connections` without its tokens: safe to list, log or return over HTTP.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnectionInfo {
+    pub id: Uuid,
+    pub user_id: UserId,
+    pub server_name: ServerName,
+    pub credentials_path: PathBuf,
+    pub token_expiry: Option<DateTime<Utc>>,
+    pub has_access_token: bool,
+    pub has_refresh_token: bool,
+    pub is_active: bool,
+    /// Bumped by every write; the compare-and-swap token of [`Store::update_tokens`].
+    pub version: i64,
+    /// Encryption key version of the tokens.
+    pub key_version: u32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Decrypted tokens. `Debug` shows `[REDACTED]` for each.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub access_token: Option<Secret>,
+    pub refresh_token: Option<Secret>,
+    pub token_expiry: Option<DateTime<Utc>>,
+}
+
+/// A row with its decrypted tokens.
+#[derive(Debug, Clone)]
+pub struct ConnectionRecord {
+    pub info: ConnectionInfo,
+    pub tokens: Tokens,
+}
+
+/// A partial token update; `None` keeps the stored value (a provider that does not rotate the
+/// refresh token returns none).
+#[derive(Debug, Clone, Default)]
+pub struct TokenUpdate {
+    pub access_token: Option<Secret>,
+    pub refresh_token: Option<Secret>,
+    pub token_expiry: Option<DateTime<Utc>>,
+}
+
+/// What [`Store::create`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    Created,
+    Replaced,
+}
+
+/// The repository. Cheap to clone; reads may run anywhere, writes go through the
+/// `CredentialActor` so they happen one at a time.
+#[derive(Clone)]
+pub struct Store {
+    backend: Backend,
+    keyring: Arc<KeyringSlot>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.kind())
+            .finish()
+    }
+}
+
+/// The keyring plus how to reload it, so rows re-encrypted by `credentials rotate-key` in
+/// another process are readable without a restart.
+struct KeyringSlot {
+    current: RwLock<Arc<Keyring>>,
+    key_file: PathBuf,
+    env_value: Option<String>,
+}
+
+/// How to open a store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub url: String,
+    pub max_connections: u32,
+    pub busy_timeout: Duration,
+    pub key_file: PathBuf,
+    /// Value of `MCP_POOL_ENCRYPTION_KEYS`, if set.
+    pub env_keys: Option<String>,
+}
+
+fn now() -> DateTime<Utc> {
+    // PostgreSQL keeps microseconds; truncating keeps values equal after a round trip.
+    Utc::now().trunc_subsecs(6)
+}
+
+impl Store {
+    /// Connects (creating the SQLite file and its directory if needed) without migrating.
+    pub async fn connect(options: &StoreOptions) -> Result<Store, StoreError> {
+        let keyring = Keyring::load(&options.key_file, options.env_keys.as_deref())?;
+        let backend = match BackendKind::of_url(&options.url) {
+            Some(BackendKind::Sqlite) => {
+                let connect = SqliteConnectOptions::from_str(&options.url)?
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .busy_timeout(options.busy_timeout)
+                    .foreign_keys(true);
+                let file = connect.get_filename();
+                if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    super::files::create_private_dir(dir).map_err(StoreError::DataDir)?;
+                }
+                Backend::Sqlite(
+                    SqlitePoolOptions::new()
+                        .max_connections(options.max_connections)
+                        .connect_with(connect)
+                        .await?,
+                )
+            }
+            Some(BackendKind::Postgres) => {
+                let connect = PgConnectOptions::from_str(&options.url)?;
+                Backend::Postgres(
+                    PgPoolOptions::new()
+                        .max_connections(options.max_connections)
+                        .acquire_timeout(Duration::from_secs(10))
+                        .connect_with(connect)
+                        .await?,
+                )
+            }
+            None => return Err(StoreError::UnsupportedUrl),
+        };
+        Ok(Store {
+            backend,
+            keyring: Arc::new(KeyringSlot {
+                current: RwLock::new(Arc::new(keyring)),
+                key_file: options.key_file.clone(),
+                env_value: options.env_keys.clone(),
+            }),
+        })
+    }
+
+    pub fn kind(&self) -> BackendKind {
+        match self.backend {
+            Backend::Sqlite(_) => BackendKind::Sqlite,
+            Backend::Postgres(_) => BackendKind::Postgres,
+        }
+    }
+
+    /// Applies pending migrations of this backend.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await?,
+            Backend::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await?,
+        }
+        Ok(())
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        on_backend!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        on_backend!(self, pool => pool.close().await)
+    }
+
+    fn keyring(&self) -> Arc<Keyring> {
+        match self.keyring.current.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn reload_keyring(&self) -> Result<Arc<Keyring>, StoreError> {
+        let fresh = Arc::new(Keyring::load(
+            &self.keyring.key_file,
+            self.keyring.env_value.as_deref(),
+        )?);
+        match self.keyring.current.write() {
+            Ok(mut guard) => *guard = fresh.clone(),
+            Err(poisoned) => *poisoned.into_inner() = fresh.clone(),
+        }
+        Ok(fresh)
+    }
+
+    fn info(raw: &RawRow) -> Result<ConnectionInfo, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("row {}: {what}", raw.id));
+        Ok(ConnectionInfo {
+            id: raw.id,
+            user_id: UserId::parse(&raw.user_id).map_err(|_| corrupt("invalid user_id"))?,
+            server_name: ServerName::parse(&raw.server_name)
+                .map_err(|_| corrupt("invalid server_name"))?,
+            credentials_path: PathBuf::from(&raw.credentials_path),
+            token_expiry: raw.token_expiry,
+            has_access_token: raw.access_token.is_some(),
+            has_refresh_token: raw.refresh_token.is_some(),
+            is_active: raw.is_active,
+            version: raw.version,
+            key_version: u32::try_from(raw.key_version)
+                .map_err(|_| corrupt("negative key_version"))?,
+            created_at: raw.created_at,
+            updated_at: raw.updated_at,
+        })
+    }
+
+    fn decrypt_row(&self, raw: RawRow) -> Result<ConnectionRecord, StoreError> {
+        let info = Self::info(&raw)?;
+        let mut keyring = self.keyring();
+        if !keyring.versions().contains(&info.key_version) {
+            keyring = self.reload_keyring()?;
+        }
+        let open = |field, value: &Option<String>| -> Result<Option<Secret>, CryptoError> {
+            value
+                .as_deref()
+                .map(|ct| {
+                    keyring.decrypt(
+                        &info.user_id,
+                        &info.server_name,
+                        field,
+                        info.key_version,
+                        ct,
+                    )
+                })
+                .transpose()
+        };
+        let tokens = Tokens {
+            access_token: open(TokenField::Access, &raw.access_token)?,
+            refresh_token: open(TokenField::Refresh, &raw.refresh_token)?,
+            token_expiry: raw.token_expiry,
+        };
+        Ok(ConnectionRecord { info, tokens })
+    }
+
+    fn seal(
+        keyring: &Keyring,
+        user: &UserId,
+        server: &ServerName,
+        tokens: &Tokens,
+    ) -> Result<(Option<String>, Option<String>), StoreError> {
+        let seal = |field, value: &Option<Secret>| {
+            value
+                .as_ref()
+                .map(|secret| keyring.encrypt(user, server, field, secret))
+                .transpose()
+        };
+        Ok((
+            seal(TokenField::Access, &tokens.access_token)?,
+            seal(TokenField::Refresh, &tokens.refresh_token)?,
+        ))
+    }
+
+    /// Stores credentials for (user, server): inserts a row, or replaces the tokens of the
+    /// existing row (reactivating it if it was deactivated).
+    pub async fn create(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        credentials_path: &Path,
+        tokens: &Tokens,
+    ) -> Result<(ConnectionRecord, Stored), StoreError> {
+        let keyring = self.keyring();
+        let (access, refresh) = Self::seal(&keyring, user, server, tokens)?;
+        let key_version = keyring.current_version() as i32;
+        let path = credentials_path.to_string_lossy().into_owned();
+        let at = now();
+        let (raw, stored) = in_write_tx!(self, tx => {
+            let existing: Option<(Uuid, bool)> = sqlx::query_as(
+                "SELECT id, is_active FROM mcp_connections WHERE user_id = $1 AND server_name = $2 \
+                 ORDER BY is_active DESC, updated_at DESC LIMIT 1",
+            )
+            .bind(user.as_str())
+            .bind(server.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            match existing {
+                Some((id, was_active)) => {
+                    let raw: RawRow = sqlx::query_as(concat!(
+                        "UPDATE mcp_connections SET credentials_path = $1, access_token = $2, \
+                         refresh_token = $3, token_expiry = $4, key_version = $5, is_active = TRUE, \
+                         version = version + 1, updated_at = $6 WHERE id = $7 RETURNING ",
+                        columns!()
+                    ))
+                    .bind(&path)
+                    .bind(&access)
+                    .bind(&refresh)
+                    .bind(tokens.token_expiry)
+                    .bind(key_version)
+                    .bind(at)
+                    .bind(id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    (raw, if was_active { Stored::Replaced } else { Stored::Created })
+                }
+                None => {
+                    let raw: RawRow = sqlx::query_as(concat!(
+                        "INSERT INTO mcp_connections (id, user_id, server_name, credentials_path, \
+                         access_token, refresh_token, token_expiry, is_active, key_version, version, \
+                         created_at, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, TRUE, $8, 1, $9, $9) RETURNING ",
+                        columns!()
+                    ))
+                    .bind(Uuid::new_v4())
+                    .bind(user.as_str())
+                    .bind(server.as_str())
+                    .bind(&path)
+                    .bind(&access)
+                    .bind(&refresh)
+                    .bind(tokens.token_expiry)
+                    .bind(key_version)
+                    .bind(at)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    (raw, Stored::Created)
+                }
+            }
+        });
+        Ok((self.decrypt_row(raw)?, stored))
+    }
+
+    /// The active credentials of (user, server), decrypted.
+    pub async fn get(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<Option<ConnectionRecord>, StoreError> {
+        let raw: Option<RawRow> = on_backend!(self, pool => sqlx::query_as(concat!(
+            "SELECT ", columns!(),
+            " FROM mcp_connections WHERE user_id = $1 AND server_name = $2 AND is_active"
+        ))
+        .bind(user.as_str())
+        .bind(server.as_str())
+        .fetch_optional(pool)
+        .await)?;
+        raw.map(|raw| self.decrypt_row(raw)).transpose()
+    }
+
+    /// Rows without tokens, optionally of one user only, newest first.
+    pub async fn list(
+        &self,
+        user: Option<&UserId>,
+        include_inactive: bool,
+    ) -> Result<Vec<ConnectionInfo>, StoreError> {
+        let raws: Vec<RawRow> = on_backend!(self, pool => sqlx::query_as(concat!(
+            "SELECT ", columns!(),
+            " FROM mcp_connections WHERE ($1 IS NULL OR user_id = $1) AND (is_active OR $2) \
+             ORDER BY user_id, server_name, updated_at DESC"
+        ))
+        .bind(user.map(UserId::as_str))
+        .bind(include_inactive)
+        .fetch_all(pool)
+        .await)?;
+        raws.iter().map(Self::info).collect()
+    }
+
+    /// Replaces tokens of the active row if its version is still `expected_version` (when
+    /// given): the compare-and-swap that keeps two instances from both writing a refresh.
+    pub async fn update_tokens(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        expected_version: Option<i64>,
+        update: &TokenUpdate,
+    ) -> Result<ConnectionRecord, StoreError> {
+        let raw = in_write_tx!(self, tx => {
+            let current: Option<RawRow> = sqlx::query_as(concat!(
+                "SELECT ", columns!(),
+                " FROM mcp_connections WHERE user_id = $1 AND server_name = $2 AND is_active"
+            ))
+            .bind(user.as_str())
+            .bind(server.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            let current = current.ok_or(StoreError::NotFound)?;
+            if expected_version.is_some_and(|expected| expected != current.version) {
+                return Err(StoreError::Conflict {
+                    expected: expected_version.unwrap_or_default(),
+                    actual: current.version,
+                });
+            }
+            let (id, version) = (current.id, current.version);
+            let old = self.decrypt_row(current)?.tokens;
+            let merged = Tokens {
+                access_token: update.access_token.clone().or(old.access_token),
+                refresh_token: update.refresh_token.clone().or(old.refresh_token),
+                token_expiry: update.token_expiry.or(old.token_expiry),
+            };
+            let keyring = self.keyring();
+            let (access, refresh) = Self::seal(&keyring, user, server, &merged)?;
+            let raw: Option<RawRow> = sqlx::query_as(concat!(
+                "UPDATE mcp_connections SET access_token = $1, refresh_token = $2, \
+                 token_expiry = $3, key_version = $4, version = version + 1, updated_at = $5 \
+                 WHERE id = $6 AND version = $7 RETURNING ",
+                columns!()
+            ))
+            .bind(&access)
+            .bind(&refresh)
+            .bind(merged.token_expiry)
+            .bind(keyring.current_version() as i32)
+            .bind(now())
+            .bind(id)
+            .bind(version)
+            .fetch_optional(&mut *tx)
+            .await?;
+            raw.ok_or(StoreError::Conflict {
+                expected: version,
+                actual: version + 1,
+            })?
+        });
+        self.decrypt_row(raw)
+    }
+
+    /// Soft delete: marks the active row inactive. Returns whether there was one.
+    pub async fn deactivate(&self, user: &UserId, server: &ServerName) -> Result<bool, StoreError> {
+        let done = in_write_tx!(self, tx => sqlx::query(
+            "UPDATE mcp_connections SET is_active = FALSE, version = version + 1, updated_at = $1 \
+             WHERE user_id = $2 AND server_name = $3 AND is_active",
+        )
+        .bind(now())
+        .bind(user.as_str())
+        .bind(server.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected());
+        Ok(done > 0)
+    }
+
+    /// Hard delete of every row of (user, server). Returns how many rows went.
+    pub async fn delete(&self, user: &UserId, server: &ServerName) -> Result<u64, StoreError> {
+        let done = in_write_tx!(self, tx => sqlx::query(
+            "DELETE FROM mcp_connections WHERE user_id = $1 AND server_name = $2",
+        )
+        .bind(user.as_str())
+        .bind(server.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected());
+        Ok(done)
+    }
+
+    /// Hard-deletes inactive rows not updated for `older_than`; returns their (user, server)
+    /// pairs so the caller can remove any file left behind.
+    pub async fn cleanup_inactive(
+        &self,
+        older_than: Duration,
+    ) -> Result<Vec<(UserId, ServerName)>, StoreError> {
+        let cutoff = now()
+            - chrono::Duration::from_std(older_than).map_err(|_| StoreError::DurationOutOfRange)?;
+        let rows: Vec<(String, String)> = in_write_tx!(self, tx => sqlx::query_as(
+            "DELETE FROM mcp_connections WHERE NOT is_active AND updated_at < $1 \
+             RETURNING user_id, server_name",
+        )
+        .bind(cutoff)
+        .fetch_all(&mut *tx)
+        .await?);
+        Ok(rows
+            .into_iter()
+            .filter_map(|(user, server)| {
+                Some((UserId::parse(&user).ok()?, ServerName::parse(&server).ok()?))
+            })
+            .collect())
+    }
+
+    /// Adds a new key version (key-file mode) and re-encrypts every row, active or not, whose
+    /// tokens use an older version. Returns (new version, rows re-encrypted).
+    pub async fn rotate_key(&self, add_new_version: bool) -> Result<(u32, u64), StoreError> {
+        let keyring = if add_new_version {
+            let mut fresh =
+                Keyring::load(&self.keyring.key_file, self.keyring.env_value.as_deref())?;
+            fresh.add_version()?;
+            self.reload_keyring()?
+        } else {
+            self.reload_keyring()?
+        };
+        let target = keyring.current_version();
+        let mut rotated = 0u64;
+        loop {
+            let batch: Vec<RawRow> = on_backend!(self, pool => sqlx::query_as(concat!(
+                "SELECT ", columns!(),
+                " FROM mcp_connections WHERE key_version <> $1 ORDER BY id LIMIT 100"
+            ))
+            .bind(target as i32)
+            .fetch_all(pool)
+            .await)?;
+            if batch.is_empty() {
+                break;
+            }
+            for raw in batch {
+                let (id, version) = (raw.id, raw.version);
+                let record = self.decrypt_row(raw)?;
+                let (access, refresh) = Self::seal(
+                    &keyring,
+                    &record.info.user_id,
+                    &record.info.server_name,
+                    &record.tokens,
+                )?;
+                // version is left alone: rotation changes no credential, so it must not make a
+                // concurrent refresh's compare-and-swap fail. The key_version check keeps
+                // rotation itself from overwriting a row written meanwhile.
+                let done = in_write_tx!(self, tx => sqlx::query(
+                    "UPDATE mcp_connections SET access_token = $1, refresh_token = $2, \
+                     key_version = $3 WHERE id = $4 AND version = $5 AND key_version <> $3",
+                )
+                .bind(&access)
+                .bind(&refresh)
+                .bind(target as i32)
+                .bind(id)
+                .bind(version)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected());
+                rotated += done;
+            }
+        }
+        Ok((target, rotated))
+    }
+}

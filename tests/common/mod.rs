@@ -1,0 +1,77 @@
+//! Shared helpers of the integration tests: a fresh store per test on a real SQLite file or in
+//! a fresh schema of the real PostgreSQL server.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mcp_pool::store::{BackendKind, Store, StoreOptions};
+
+/// The PostgreSQL server the test command makes sure is running.
+pub fn postgres_admin_url() -> String {
+    std::env::var("MCP_POOL_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A database URL for `kind` that no other test uses. PostgreSQL gets a new schema; a missing
+/// server fails the test rather than skipping it.
+pub async fn fresh_database_url(kind: BackendKind, dir: &std::path::Path) -> String {
+    match kind {
+        BackendKind::Sqlite => format!("sqlite://{}", dir.join("db/mcp-pool.db").display()),
+        BackendKind::Postgres => {
+            use sqlx::Connection;
+            let admin = postgres_admin_url();
+            let mut conn = sqlx::PgConnection::connect(&admin)
+                .await
+                .unwrap_or_else(|err| {
+                    panic!("PostgreSQL at {admin} is required (run scripts/test): {err}")
+                });
+            let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+                .execute(&mut conn)
+                .await
+                .expect("create schema");
+            let sep = if admin.contains('?') { '&' } else { '?' };
+            format!("{admin}{sep}options=-c%20search_path%3D{schema}")
+        }
+    }
+}
+
+/// Store options for a test: its own database and key file under `dir`.
+pub async fn store_options(kind: BackendKind, dir: &std::path::Path) -> StoreOptions {
+    StoreOptions {
+        url: fresh_database_url(kind, dir).await,
+        max_connections: 5,
+        busy_timeout: Duration::from_secs(5),
+        key_file: dir.join("data/encryption.key"),
+        env_keys: None,
+    }
+}
+
+/// A migrated store of `kind` in a fresh database, with everything on disk under the tempdir.
+/// Also returns the options, so a test can open a second, independent store on the same data.
+pub async fn fresh_store(kind: BackendKind) -> (Store, tempfile::TempDir, StoreOptions) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = store_options(kind, dir.path()).await;
+    let store = Store::connect(&options).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    (store, dir, options)
+}
+
+/// Polls `check` until it returns true or `limit` passes; returns the last result.
+pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn credentials_dir(dir: &std::path::Path) -> PathBuf {
+    dir.join("mcp-credentials")
+}
