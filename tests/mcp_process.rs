@@ -55,7 +55,11 @@ fn sleeper() -> std::process::Child {
 fn own_session() -> i32 {
     let stat = std::fs::read_to_string("/proc/self/stat").expect("stat");
     let rest = stat.rsplit_once(')').expect("comm").1;
-    rest.split_whitespace().nth(3).expect("session").parse().expect("int")
+    rest.split_whitespace()
+        .nth(3)
+        .expect("session")
+        .parse()
+        .expect("int")
 }
 
 // === terminate_group ===
@@ -99,7 +103,11 @@ async fn terminate_group_returns_early_when_sigterm_suffices() {
     let waiter = std::thread::spawn(move || child.wait());
     let started = Instant::now();
     terminate_group(pgid, Duration::from_secs(60)).await;
-    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
     let status = waiter.join().expect("thread").expect("wait");
     assert_eq!(status.signal(), Some(Signal::SIGTERM as i32));
 }
@@ -140,13 +148,20 @@ fn registry_skips_a_record_whose_start_time_does_not_match() {
     // As if `pid` had been recycled: the record names an older process with the same pid.
     std::fs::write(
         dir.path().join(pid.to_string()),
-        format!("{pid} {} {}\n", real_start.saturating_sub(1000), own_session()),
+        format!(
+            "{pid} {} {}\n",
+            real_start.saturating_sub(1000),
+            own_session()
+        ),
     )
     .expect("write record");
 
     assert_eq!(registry.reap_leftovers(), 0);
     assert!(running(pid), "an unrelated process was killed");
-    assert!(!dir.path().join(pid.to_string()).exists(), "stale record cleared");
+    assert!(
+        !dir.path().join(pid.to_string()).exists(),
+        "stale record cleared"
+    );
     child.kill().expect("kill");
     child.wait().expect("wait");
 }
@@ -241,8 +256,19 @@ async fn children_die_with_the_process_that_spawned_them() {
     let server = i32::try_from(session.pid()).expect("pid fits");
     let child_pgid = std::fs::read_to_string(format!("/proc/{child}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')')?.1.split_whitespace().nth(2)?.parse::<i32>().ok());
-    assert_eq!(child_pgid, i32::try_from(child).ok(), "child leads its own group");
+        .and_then(|s| {
+            s.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(2)?
+                .parse::<i32>()
+                .ok()
+        });
+    assert_eq!(
+        child_pgid,
+        i32::try_from(child).ok(),
+        "child leads its own group"
+    );
 
     kill(Pid::from_raw(server), Signal::SIGKILL).expect("kill the server");
     assert!(

@@ -108,7 +108,10 @@ async fn connect_lists_tools_and_echoes() {
         "add_tool",
         "trigger_list_changed",
     ] {
-        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
     }
 
     let echoed = session
@@ -146,15 +149,26 @@ async fn whoami_sees_the_credentials_file() {
     launch
         .env
         .insert("GOOGLE_APPLICATION_CREDENTIALS".into(), path.clone());
-    launch.env.insert("MCP_POOL_USER_ID".into(), "user-42".into());
-    assert!(!format!("{launch:?}").contains(&path), "Debug must not print env values");
+    launch
+        .env
+        .insert("MCP_POOL_USER_ID".into(), "user-42".into());
+    assert!(
+        !format!("{launch:?}").contains(&path),
+        "Debug must not print env values"
+    );
 
     let session = McpSession::connect(&launch, STARTUP, None)
         .await
         .expect("connect");
-    let result = session.call_tool("whoami", None, CALL).await.expect("whoami");
+    let result = session
+        .call_tool("whoami", None, CALL)
+        .await
+        .expect("whoami");
     let raw = text(&result);
-    assert!(!raw.contains("TOP-SECRET-VALUE"), "whoami leaked a value: {raw}");
+    assert!(
+        !raw.contains("TOP-SECRET-VALUE"),
+        "whoami leaked a value: {raw}"
+    );
     let report: Value = serde_json::from_str(&raw).expect("whoami returns JSON");
     assert_eq!(report["pid"], json!(session.pid()));
     assert_eq!(report["user"], json!("user-42"));
@@ -200,7 +214,11 @@ async fn a_timed_out_call_is_cancelled_and_the_session_lives_on() {
     let session = connect().await;
     let started = Instant::now();
     let slow = session
-        .call_tool("sleep", args(json!({ "ms": 60_000 })), Duration::from_millis(300))
+        .call_tool(
+            "sleep",
+            args(json!({ "ms": 60_000 })),
+            Duration::from_millis(300),
+        )
         .await;
     assert!(matches!(slow, Err(McpError::Timeout(_))), "{slow:?}");
     assert!(started.elapsed() < Duration::from_secs(30));
@@ -256,8 +274,13 @@ async fn a_crash_fails_in_flight_calls_promptly_and_signals_the_end() {
         .expect("sender alive");
     assert_eq!(reason, Some(ExitReason::TransportClosed));
     assert_eq!(session.closed().await, ExitReason::TransportClosed);
-    assert!(eventually(|| state(pid).is_none()).await, "crashed leader not reaped");
-    let later = session.call_tool("echo", args(json!({ "message": "x" })), CALL).await;
+    assert!(
+        eventually(|| state(pid).is_none()).await,
+        "crashed leader not reaped"
+    );
+    let later = session
+        .call_tool("echo", args(json!({ "message": "x" })), CALL)
+        .await;
     assert!(matches!(later, Err(McpError::Closed)), "{later:?}");
 
     let session = Arc::try_unwrap(session).expect("all clones dropped");
@@ -299,7 +322,10 @@ async fn close_kills_grandchildren_and_reaps_the_leader() {
         .await
         .expect("connect");
     let pid = session.pid();
-    assert!(registry.dir().join(pid.to_string()).exists(), "group recorded");
+    assert!(
+        registry.dir().join(pid.to_string()).exists(),
+        "group recorded"
+    );
     let spawned = session
         .call_tool("spawn_grandchild", None, CALL)
         .await
@@ -310,7 +336,11 @@ async fn close_kills_grandchildren_and_reaps_the_leader() {
     session.close(Duration::from_secs(2)).await;
     assert_eq!(state(pid), None, "leader must be reaped, not a zombie");
     // The grandchild is an orphan by now: init reaps it, so it may still be a zombie briefly.
-    assert!(!running(grandchild), "grandchild survived close: {:?}", state(grandchild));
+    assert!(
+        !running(grandchild),
+        "grandchild survived close: {:?}",
+        state(grandchild)
+    );
     assert!(
         !registry.dir().join(pid.to_string()).exists(),
         "record removed on close"
@@ -337,15 +367,37 @@ async fn slow_start_times_out_and_leaves_no_process() {
     let (key, value) = marker.split_once('=').expect("marker");
     launch.env.insert(key.to_owned(), value.to_owned());
 
+    // A zombie has an empty environ, so note the server's pid while it is alive.
+    let watcher = {
+        let marker = marker.clone();
+        tokio::spawn(async move {
+            loop {
+                let seen = pids_with_env(&marker);
+                if !seen.is_empty() {
+                    return seen;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
     let started = Instant::now();
-    let result = McpSession::connect(&launch, Duration::from_millis(500), None).await;
-    assert!(matches!(result, Err(McpError::StartupTimeout(_))), "{result:?}");
-    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    let result = McpSession::connect(&launch, Duration::from_secs(1), None).await;
     assert!(
-        eventually(|| pids_with_env(&marker).is_empty()).await,
-        "left behind: {:?}",
-        pids_with_env(&marker)
+        matches!(result, Err(McpError::StartupTimeout(_))),
+        "{result:?}"
     );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let seen = tokio::time::timeout(Duration::from_secs(10), watcher)
+        .await
+        .expect("the server was seen while it ran")
+        .expect("watcher");
+    for pid in seen {
+        assert_eq!(state(pid), None, "server {pid} left behind (not reaped)");
+    }
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ use std::{
     collections::BTreeMap,
     fmt, fs,
     io::{self, Write as _},
+    panic::AssertUnwindSafe,
     path::{Path, PathBuf},
     process::Stdio,
     sync::{Mutex, mpsc},
@@ -69,6 +70,8 @@ pub(crate) struct SpawnedServer {
     pub(crate) stderr: Option<ChildStderr>,
     /// The leader's pid, which is also the process group id.
     pub(crate) pgid: u32,
+    /// The leader's start time, to tell it from a later process that reuses its pid.
+    pub(crate) start_time: Option<u64>,
 }
 
 // === the spawner thread ===
@@ -107,7 +110,12 @@ fn spawner() -> io::Result<mpsc::Sender<SpawnRequest>> {
             let parent = nix::unistd::getpid();
             for request in receiver {
                 let _runtime = request.runtime.enter();
-                let result = spawn_here(&request.launch, parent);
+                // A panic here would end this thread and, through the death signal, every
+                // server it ever started; process-wrap has `expect`s on its spawn path.
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    spawn_here(&request.launch, parent)
+                }))
+                .unwrap_or_else(|_| Err(io::Error::other("panic while spawning")));
                 // The caller may have given up (its future was dropped); dropping the result
                 // then drops the transport, whose cleanup kills the child.
                 let _ = request.reply.send(result);
@@ -165,6 +173,7 @@ fn spawn_here(launch: &ServerLaunch, parent: Pid) -> io::Result<SpawnedServer> {
         transport,
         stderr,
         pgid,
+        start_time: process_start_time(pgid),
     })
 }
 
@@ -289,6 +298,11 @@ pub async fn terminate_group(pgid: i32, grace: Duration) {
     }
 }
 
+/// A pid as a process group id; pids never exceed `pid_max` (at most 2^22), so this is exact.
+pub(crate) fn as_pgid(pid: u32) -> i32 {
+    i32::try_from(pid).unwrap_or(i32::MAX)
+}
+
 /// Sends SIGKILL to group `pgid` without waiting; a gone group is not an error.
 pub(crate) fn kill_group_now(pgid: i32) {
     if !signallable(pgid) {
@@ -305,6 +319,19 @@ pub(crate) fn kill_group_now(pgid: i32) {
 pub(crate) async fn wait_group_gone(pgid: i32, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     while group_is_running(pgid) {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+    true
+}
+
+/// Waits, up to `limit`, until the process `pid` that started at `start_time` has been reaped
+/// (its `/proc` entry is gone, or the pid now names another process).
+pub(crate) async fn wait_reaped(pid: u32, start_time: Option<u64>, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while start_time.is_some() && process_start_time(pid) == start_time {
         if tokio::time::Instant::now() >= deadline {
             return false;
         }

@@ -21,7 +21,9 @@ use tracing::{debug, info, warn};
 
 use super::{
     McpError, ProcessRegistry, ServerLaunch,
-    process::{kill_group_now, spawn_server, terminate_group, wait_group_gone},
+    process::{
+        as_pgid, kill_group_now, spawn_server, terminate_group, wait_group_gone, wait_reaped,
+    },
 };
 
 /// How long a `tools/list` refresh after `notifications/tools/list_changed` may take.
@@ -155,6 +157,7 @@ impl McpSession {
         let deadline = tokio::time::Instant::now() + startup_timeout;
         let spawned = spawn_server(launch).await?;
         let pgid = spawned.pgid;
+        let start_time = spawned.start_time;
         debug!(pgid, command = %launch.command, "spawned MCP server");
         if let Some(registry) = registry
             && let Err(err) = registry.register(pgid)
@@ -175,13 +178,13 @@ impl McpSession {
             match tokio::time::timeout_at(deadline, handler.serve(spawned.transport)).await {
                 Ok(Ok(running)) => running,
                 Ok(Err(err)) => {
-                    fail_start(pgid, registry).await;
+                    fail_start(pgid, start_time, registry).await;
                     return Err(McpError::Handshake(Box::new(err)));
                 }
                 Err(_) => {
                     // Dropping the `serve` future dropped the transport, whose cleanup task
                     // kills and reaps the leader; `fail_start` takes care of the rest.
-                    fail_start(pgid, registry).await;
+                    fail_start(pgid, start_time, registry).await;
                     return Err(McpError::StartupTimeout(startup_timeout));
                 }
             };
@@ -190,10 +193,10 @@ impl McpSession {
             .map_err(|_| McpError::StartupTimeout(startup_timeout))
             .and_then(|r| r)
         {
-            kill_group_now(pgid as i32);
+            kill_group_now(as_pgid(pgid));
             // Awaiting the service task lets rmcp reap the leader it owns.
             let _ = tokio::time::timeout(FAILED_START_REAP, running.cancel()).await;
-            fail_start(pgid, registry).await;
+            fail_start(pgid, start_time, registry).await;
             return Err(err);
         }
 
@@ -209,7 +212,7 @@ impl McpSession {
             if reason != ExitReason::Cancelled {
                 // The server went away on its own; whatever it started must not linger until
                 // the owner gets round to `close`.
-                kill_group_now(pgid as i32);
+                kill_group_now(as_pgid(pgid));
                 info!(pgid, ?reason, "MCP session ended");
             }
             let _ = ended_tx.send(Some(reason));
@@ -287,7 +290,7 @@ impl McpSession {
     /// the leader to be reaped and forgets the group in the registry.
     pub async fn close(mut self, grace: Duration) {
         self.closed = true;
-        let pgid = self.pgid as i32;
+        let pgid = as_pgid(self.pgid);
         if let Some(cancel) = self.cancel.take() {
             // rmcp then closes stdin and waits for the child, with SIGTERM/SIGKILL of the
             // leader only after fixed 3 s delays; the group signals below do not wait for that.
@@ -315,7 +318,7 @@ impl McpSession {
     /// the session ends with [`ExitReason::TransportClosed`]; `close` is still the way to
     /// clean up the registry record.
     pub fn kill_now(&self) {
-        kill_group_now(self.pgid as i32);
+        kill_group_now(as_pgid(self.pgid));
     }
 }
 
@@ -334,7 +337,7 @@ impl Drop for McpSession {
                 pgid = self.pgid,
                 "McpSession dropped without close(); killing its group"
             );
-            kill_group_now(self.pgid as i32);
+            kill_group_now(as_pgid(self.pgid));
         }
     }
 }
@@ -348,11 +351,15 @@ async fn wait_ended(mut ended: watch::Receiver<Option<ExitReason>>) -> ExitReaso
     }
 }
 
-/// Kills and reaps what a failed start left behind.
-async fn fail_start(pgid: u32, registry: Option<&ProcessRegistry>) {
-    kill_group_now(pgid as i32);
-    if !wait_group_gone(pgid as i32, FAILED_START_REAP).await {
+/// Kills what a failed start left behind and waits for the leader to be reaped (by the task
+/// rmcp spawns when its transport is dropped, or by the cancelled service).
+async fn fail_start(pgid: u32, start_time: Option<u64>, registry: Option<&ProcessRegistry>) {
+    kill_group_now(as_pgid(pgid));
+    if !wait_group_gone(as_pgid(pgid), FAILED_START_REAP).await {
         warn!(pgid, "process group still running after a failed start");
+    }
+    if !wait_reaped(pgid, start_time, FAILED_START_REAP).await {
+        warn!(pgid, "MCP server not reaped after a failed start");
     }
     if let Some(registry) = registry
         && let Err(err) = registry.unregister(pgid)
