@@ -85,7 +85,7 @@ async fn terminate_group_escalates_to_sigkill_and_tolerates_a_dead_group() {
     terminate_group(pgid, Duration::from_millis(300)).await;
     assert!(started.elapsed() < Duration::from_secs(30));
     let status = shell.wait().expect("wait");
-    assert_eq!(status.signal(), Some(libc_sigkill()), "{status:?}");
+    assert_eq!(status.signal(), Some(Signal::SIGKILL as i32), "{status:?}");
     assert!(eventually(|| !running(member)).await, "member survived");
 
     // Already gone: returns at once, signals nothing.
@@ -112,10 +112,6 @@ async fn terminate_group_returns_early_when_sigterm_suffices() {
     assert_eq!(status.signal(), Some(Signal::SIGTERM as i32));
 }
 
-fn libc_sigkill() -> i32 {
-    Signal::SIGKILL as i32
-}
-
 // === ProcessRegistry ===
 
 #[test]
@@ -130,7 +126,7 @@ fn registry_kills_a_recorded_live_group() {
     let restarted = ProcessRegistry::open(dir.path().join("pgids")).expect("reopen");
     assert_eq!(restarted.reap_leftovers(), 1);
     let status = child.wait().expect("wait");
-    assert_eq!(status.signal(), Some(libc_sigkill()));
+    assert_eq!(status.signal(), Some(Signal::SIGKILL as i32));
     assert_eq!(
         std::fs::read_dir(restarted.dir()).expect("dir").count(),
         0,
