@@ -1,1 +1,26 @@
 //! MCP client sessions over stdio, child-process hygiene, and the bundled demo server.
+//!
+//! # Layout
+//! - [`process`]: spawning a server as the leader of its own process group from a long-lived
+//!   spawner thread (so `PR_SET_PDEATHSIG` means "the service died"), terminating a whole group,
+//!   and a directory-backed [`ProcessRegistry`] that reaps groups left behind by a crash.
+//! - [`session`]: one rmcp client session ([`McpSession`]) on such a child: start-up under a
+//!   timeout, a cached tool list refreshed on `notifications/tools/list_changed`, tool calls
+//!   with per-call timeouts, an "ended" signal, and an explicit [`McpSession::close`].
+//! - [`demo_server`]: the MCP server bundled in this binary (`mcp-pool demo-server`), used by
+//!   the tests and as a smoke target.
+//! - [`error`]: [`McpError`], the one error type of this module.
+//!
+//! Cleanup never relies on `Drop`: the owner of a session calls [`McpSession::close`], which
+//! closes stdin, waits, then signals the whole process group, because grandchildren (npx, uv)
+//! survive their leader's graceful exit.
+
+pub mod demo_server;
+pub mod error;
+pub mod process;
+pub mod session;
+
+pub use demo_server::DemoServerOptions;
+pub use error::McpError;
+pub use process::{ProcessRegistry, ServerLaunch, process_start_time, terminate_group};
+pub use session::{ExitReason, McpSession};

@@ -1,0 +1,396 @@
+//! The MCP server bundled in this binary: `mcp-pool demo-server [--test-tools] [--slow-start 5s]`.
+//!
+//! It serves over stdio and needs no network or credentials, so it doubles as a smoke target
+//! for deployments and as the real child process of the integration tests. `--test-tools` adds
+//! tools that misbehave on purpose (crash, leave processes behind, change the tool list).
+//!
+//! The handler is written by hand rather than with `#[tool_router]` because the tool list
+//! changes at run time (`add_tool`), which a static router does not model.
+
+use std::{
+    borrow::Cow,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use rmcp::{
+    ErrorData, RoleServer, ServerHandler, ServiceExt as _,
+    model::{
+        CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
+        JsonObject, ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig,
+        Tool,
+    },
+    service::RequestContext,
+};
+use serde_json::{Value, json};
+
+use super::{
+    McpError, ServerLaunch,
+    process::{SpawnedServer, spawn_server},
+};
+
+/// Env var naming the credentials file the pool hands to a server.
+pub const CREDENTIALS_FILE_ENV: &str = "MCP_POOL_CREDENTIALS_FILE";
+/// Env var some Google servers read instead.
+pub const GOOGLE_CREDENTIALS_ENV: &str = "GOOGLE_APPLICATION_CREDENTIALS";
+/// Env var carrying a hint of which user the server runs for.
+pub const USER_ID_ENV: &str = "MCP_POOL_USER_ID";
+
+/// Exit code of the `crash` test tool.
+pub const CRASH_EXIT_CODE: i32 = 101;
+
+/// Options of `mcp-pool demo-server`.
+#[derive(Debug, Clone, Default)]
+pub struct DemoServerOptions {
+    /// Also offer the tools that misbehave on purpose.
+    pub test_tools: bool,
+    /// Sleep this long before answering anything, like a slow `npx` start.
+    pub slow_start: Option<Duration>,
+}
+
+/// Serves the demo server on stdin/stdout until stdin closes.
+pub async fn run(opts: DemoServerOptions) -> Result<(), McpError> {
+    if let Some(delay) = opts.slow_start {
+        tokio::time::sleep(delay).await;
+    }
+    let service = DemoServer::new(opts.test_tools)
+        .serve(rmcp::transport::stdio())
+        .await
+        .map_err(|err| McpError::DemoServer(err.to_string()))?;
+    service
+        .waiting()
+        .await
+        .map(drop)
+        .map_err(|err| McpError::DemoServer(err.to_string()))
+}
+
+// === DemoServer ===
+
+struct DemoServer {
+    /// Whether the misbehaving tools are offered.
+    test_tools: bool,
+    /// Names of the tools added at run time; each behaves like `echo`.
+    extra_tools: Mutex<Vec<String>>,
+    /// `spawn_grandchild` processes, kept so that they are not reaped behind the test's back.
+    grandchildren: Mutex<Vec<std::process::Child>>,
+    /// `spawn_watched_child` processes; dropping one would kill it.
+    watched: tokio::sync::Mutex<Vec<SpawnedServer>>,
+    /// `sleep` calls that ended because the client sent `notifications/cancelled`.
+    cancelled_sleeps: AtomicU64,
+}
+
+impl DemoServer {
+    fn new(test_tools: bool) -> Self {
+        Self {
+            test_tools,
+            extra_tools: Mutex::new(Vec::new()),
+            grandchildren: Mutex::new(Vec::new()),
+            watched: tokio::sync::Mutex::new(Vec::new()),
+            cancelled_sleeps: AtomicU64::new(0),
+        }
+    }
+
+    fn extra_tools(&self) -> Vec<String> {
+        self.extra_tools
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn tools(&self) -> Vec<Tool> {
+        let mut tools = vec![
+            tool("echo", "Returns `message`.", message_schema()),
+            tool(
+                "add",
+                "Returns a + b.",
+                json!({
+                    "type": "object",
+                    "properties": { "a": { "type": "number" }, "b": { "type": "number" } },
+                    "required": ["a", "b"],
+                }),
+            ),
+            tool(
+                "sleep",
+                "Sleeps `ms` milliseconds, then returns.",
+                json!({
+                    "type": "object",
+                    "properties": { "ms": { "type": "integer", "minimum": 0 } },
+                    "required": ["ms"],
+                }),
+            ),
+            tool(
+                "whoami",
+                "Describes the credentials file this server was given (key names only) and its pid.",
+                empty_schema(),
+            ),
+        ];
+        if self.test_tools {
+            tools.extend([
+                tool(
+                    "crash",
+                    "Exits at once with code 101, without answering.",
+                    empty_schema(),
+                ),
+                tool(
+                    "spawn_grandchild",
+                    "Starts `sleep 3600` in this server's process group; returns its pid.",
+                    empty_schema(),
+                ),
+                tool(
+                    "spawn_watched_child",
+                    "Starts `sleep 3600` through mcp-pool's own spawner (its own group, death \
+                     signal armed); returns its pid.",
+                    empty_schema(),
+                ),
+                tool(
+                    "add_tool",
+                    "Adds an echo-like tool (`name`, or `extra_<n>`) and sends tools/list_changed.",
+                    json!({
+                        "type": "object",
+                        "properties": { "name": { "type": "string" } },
+                    }),
+                ),
+                tool(
+                    "trigger_list_changed",
+                    "Adds a tool `extra_<n>` and sends tools/list_changed.",
+                    empty_schema(),
+                ),
+                tool(
+                    "stats",
+                    "Counters: how many sleep calls were cancelled by the client.",
+                    empty_schema(),
+                ),
+            ]);
+        }
+        tools.extend(self.extra_tools().into_iter().map(|name| {
+            tool(
+                name,
+                "Added at run time; returns `message`.",
+                message_schema(),
+            )
+        }));
+        tools
+    }
+
+    async fn add_tool(
+        &self,
+        name: Option<String>,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let name = {
+            let mut extra = self
+                .extra_tools
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let name = name.unwrap_or_else(|| format!("extra_{}", extra.len() + 1));
+            extra.push(name.clone());
+            name
+        };
+        context
+            .peer
+            .notify_tool_list_changed()
+            .await
+            .map_err(|err| ErrorData::internal_error(err.to_string(), None))?;
+        Ok(text(name))
+    }
+
+    async fn sleep(
+        &self,
+        ms: u64,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(ms)) => Ok(text(format!("slept {ms} ms"))),
+            () = context.ct.cancelled() => {
+                self.cancelled_sleeps.fetch_add(1, Ordering::Relaxed);
+                Err(ErrorData::internal_error("cancelled by the client", None))
+            }
+        }
+    }
+
+    fn spawn_grandchild(&self) -> Result<CallToolResult, ErrorData> {
+        // No stdio: a grandchild holding our stdout would keep the client's pipe open after
+        // this server dies, hiding the crash from it.
+        let child = std::process::Command::new("sleep")
+            .arg("3600")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|err| ErrorData::internal_error(err.to_string(), None))?;
+        let pid = child.id();
+        self.grandchildren
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(child);
+        Ok(text(pid.to_string()))
+    }
+
+    async fn spawn_watched_child(&self) -> Result<CallToolResult, ErrorData> {
+        let launch = ServerLaunch {
+            command: "sleep".to_owned(),
+            args: vec!["3600".to_owned()],
+            ..ServerLaunch::default()
+        };
+        let spawned = spawn_server(&launch)
+            .await
+            .map_err(|err| ErrorData::internal_error(err.to_string(), None))?;
+        let pid = spawned.pgid;
+        self.watched.lock().await.push(spawned);
+        Ok(text(pid.to_string()))
+    }
+}
+
+impl ServerHandler for DemoServer {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tool_list_changed()
+                .build(),
+        )
+        .with_server_info(Implementation::new(
+            "mcp-pool-demo",
+            env!("CARGO_PKG_VERSION"),
+        ))
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        Ok(ListToolsResult::with_all_items(self.tools()))
+    }
+
+    fn get_tool(&self, name: &str) -> Option<Tool> {
+        self.tools().into_iter().find(|tool| tool.name == name)
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let args = request.arguments.unwrap_or_default();
+        let name = request.name.as_ref();
+        let is_test_tool = !matches!(name, "echo" | "add" | "sleep" | "whoami");
+        if is_test_tool && !self.test_tools && !self.extra_tools().iter().any(|n| n == name) {
+            return Err(unknown_tool(name));
+        }
+        let result = match name {
+            "echo" => text(string_arg(&args, "message")?),
+            "add" => {
+                let sum = number_arg(&args, "a")? + number_arg(&args, "b")?;
+                text(sum.to_string())
+            }
+            "sleep" => {
+                let ms = args
+                    .get("ms")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| invalid("`ms` must be a non-negative integer"))?;
+                self.sleep(ms, &context).await?
+            }
+            "whoami" => text(whoami().to_string()),
+            "crash" => std::process::exit(CRASH_EXIT_CODE),
+            "spawn_grandchild" => self.spawn_grandchild()?,
+            "spawn_watched_child" => self.spawn_watched_child().await?,
+            "add_tool" => {
+                let name = args.get("name").and_then(Value::as_str).map(str::to_owned);
+                self.add_tool(name, &context).await?
+            }
+            "trigger_list_changed" => self.add_tool(None, &context).await?,
+            "stats" => text(
+                json!({ "cancelled_sleeps": self.cancelled_sleeps.load(Ordering::Relaxed) })
+                    .to_string(),
+            ),
+            other if self.extra_tools().iter().any(|n| n == other) => {
+                text(string_arg(&args, "message")?)
+            }
+            other => return Err(unknown_tool(other)),
+        };
+        Ok(result.into())
+    }
+}
+
+// === helpers ===
+
+fn tool(name: impl Into<Cow<'static, str>>, description: &'static str, schema: Value) -> Tool {
+    let schema: JsonObject = match schema {
+        Value::Object(map) => map,
+        _ => JsonObject::new(),
+    };
+    Tool::new(name, description, Arc::new(schema))
+}
+
+fn empty_schema() -> Value {
+    json!({ "type": "object", "properties": {} })
+}
+
+fn message_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": { "message": { "type": "string" } },
+        "required": ["message"],
+    })
+}
+
+fn text(text: impl Into<String>) -> CallToolResult {
+    CallToolResult::success(vec![ContentBlock::text(text)])
+}
+
+fn invalid(message: &str) -> ErrorData {
+    ErrorData::invalid_params(message.to_owned(), None)
+}
+
+fn unknown_tool(name: &str) -> ErrorData {
+    ErrorData::invalid_params(format!("unknown tool `{name}`"), None)
+}
+
+fn string_arg(args: &JsonObject, key: &str) -> Result<String, ErrorData> {
+    args.get(key)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| invalid(&format!("`{key}` must be a string")))
+}
+
+fn number_arg(args: &JsonObject, key: &str) -> Result<f64, ErrorData> {
+    args.get(key)
+        .and_then(Value::as_f64)
+        .ok_or_else(|| invalid(&format!("`{key}` must be a number")))
+}
+
+/// What `whoami` reports: never a value from the environment or the credentials file other
+/// than paths and key names.
+fn whoami() -> Value {
+    json!({
+        "pid": std::process::id(),
+        "user": std::env::var(USER_ID_ENV).ok(),
+        "credentials_file": describe_credentials(CREDENTIALS_FILE_ENV),
+        "google_application_credentials": describe_credentials(GOOGLE_CREDENTIALS_ENV),
+    })
+}
+
+fn describe_credentials(var: &str) -> Value {
+    let Some(path) = std::env::var_os(var) else {
+        return Value::Null;
+    };
+    let path = Path::new(&path);
+    let parsed = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok());
+    let keys: Option<Vec<String>> = match &parsed {
+        Some(Value::Object(map)) => Some(map.keys().cloned().collect()),
+        _ => None,
+    };
+    json!({
+        "path": path.display().to_string(),
+        "exists": path.exists(),
+        "valid_json": parsed.is_some(),
+        "keys": keys,
+    })
+}

@@ -1,0 +1,386 @@
+//! One rmcp client session on a child-process MCP server.
+
+use std::{
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use rmcp::{
+    ClientHandler, Peer, RoleClient, ServiceExt as _,
+    model::{
+        CallToolRequestParams, CallToolResult, ClientConfig, Implementation, ProtocolVersion, Tool,
+    },
+    service::{NotificationContext, QuitReason, RunningServiceCancellationToken},
+};
+use tokio::{
+    io::{AsyncBufReadExt as _, BufReader},
+    process::ChildStderr,
+    sync::watch,
+};
+use tracing::{debug, info, warn};
+
+use super::{
+    McpError, ProcessRegistry, ServerLaunch,
+    process::{
+        as_pgid, kill_group_now, spawn_server, terminate_group, wait_group_gone, wait_reaped,
+    },
+};
+
+/// How long a `tools/list` refresh after `notifications/tools/list_changed` may take.
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for a killed group to disappear when start-up fails.
+const FAILED_START_REAP: Duration = Duration::from_secs(5);
+/// Extra time for rmcp to reap the leader after the group was signalled.
+const REAP_MARGIN: Duration = Duration::from_secs(5);
+
+/// Why a session ended, as reported by [`McpSession::ended`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The server closed its stdout: it exited or crashed (or was killed).
+    TransportClosed,
+    /// The session was closed from our side ([`McpSession::close`]).
+    Cancelled,
+    /// rmcp's service task failed or was aborted (runtime shutdown, panic).
+    Aborted,
+}
+
+// === tool cache ===
+
+/// The server's tool list, shared by the session and its notification handler.
+struct ToolCache {
+    /// Swapped whole on refresh, so readers clone an `Arc` and never block a refresh for long.
+    tools: RwLock<Arc<Vec<Tool>>>,
+    /// Refreshes are serialised so that a slow, older `tools/list` cannot overwrite a newer one.
+    refresh_lock: tokio::sync::Mutex<()>,
+    /// Counts refreshes caused by `notifications/tools/list_changed`.
+    changes: watch::Sender<u64>,
+}
+
+impl ToolCache {
+    fn new() -> Self {
+        Self {
+            tools: RwLock::new(Arc::new(Vec::new())),
+            refresh_lock: tokio::sync::Mutex::new(()),
+            changes: watch::Sender::new(0),
+        }
+    }
+
+    fn get(&self) -> Arc<Vec<Tool>> {
+        // A poisoned lock still holds a complete `Arc`: writers only ever assign.
+        self.tools
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    async fn refresh(&self, peer: &Peer<RoleClient>) -> Result<(), McpError> {
+        let _serial = self.refresh_lock.lock().await;
+        let fresh = Arc::new(peer.list_all_tools().await?);
+        *self
+            .tools
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = fresh;
+        Ok(())
+    }
+}
+
+/// The client side of the session: it only reacts to tool-list changes.
+struct PoolClient {
+    cache: Arc<ToolCache>,
+}
+
+impl ClientHandler for PoolClient {
+    fn get_info(&self) -> ClientConfig {
+        // rmcp's default is the 2026-07-28 revision, where list-changed notifications must be
+        // requested with `subscriptions/listen`; the session-based revision delivers them to
+        // `on_tool_list_changed`, and is what today's servers (Node, Python) speak.
+        let mut config =
+            ClientConfig::default().with_protocol_version(ProtocolVersion::LATEST_WITH_INITIALIZE);
+        config.client_info = Implementation::new("mcp-pool", env!("CARGO_PKG_VERSION"));
+        config
+    }
+
+    async fn on_tool_list_changed(&self, context: NotificationContext<RoleClient>) {
+        // rmcp runs each notification handler in its own task, so awaiting a request here
+        // does not stall the session.
+        match tokio::time::timeout(REFRESH_TIMEOUT, self.cache.refresh(&context.peer)).await {
+            Ok(Ok(())) => {
+                self.cache.changes.send_modify(|count| *count += 1);
+                debug!(tools = self.cache.get().len(), "tool list refreshed");
+            }
+            Ok(Err(err)) => warn!(cause = %err, "tool list refresh failed"),
+            Err(_) => warn!(timeout = ?REFRESH_TIMEOUT, "tool list refresh timed out"),
+        }
+    }
+}
+
+// === McpSession ===
+
+/// A live MCP client session on a child process that leads its own process group.
+///
+/// Close it with [`McpSession::close`]; dropping it only SIGKILLs the group as a last resort.
+pub struct McpSession {
+    /// The leader's pid, which is also the process group id.
+    pgid: u32,
+    /// Cloneable handle for requests; concurrent requests multiplex over the one pipe.
+    peer: Peer<RoleClient>,
+    /// Tool list from the last `tools/list`.
+    cache: Arc<ToolCache>,
+    /// Stops rmcp's service task; taken by `close`.
+    cancel: Option<RunningServiceCancellationToken>,
+    /// `Some` once rmcp's service task has ended.
+    ended: watch::Receiver<Option<ExitReason>>,
+    /// Where the group is recorded, if anywhere.
+    registry: Option<ProcessRegistry>,
+    /// Set by `close`, so that `Drop` knows there is nothing left to do.
+    closed: bool,
+}
+
+impl std::fmt::Debug for McpSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("McpSession")
+            .field("pgid", &self.pgid)
+            .field("tools", &self.cache.get().len())
+            .field("ended", &*self.ended.borrow())
+            .finish()
+    }
+}
+
+impl McpSession {
+    /// Starts the server, runs the `initialize` handshake and lists its tools, all within
+    /// `startup_timeout`; on any failure the whole process group is killed and reaped.
+    pub async fn connect(
+        launch: &ServerLaunch,
+        startup_timeout: Duration,
+        registry: Option<&ProcessRegistry>,
+    ) -> Result<McpSession, McpError> {
+        let deadline = tokio::time::Instant::now() + startup_timeout;
+        let spawned = spawn_server(launch).await?;
+        let pgid = spawned.pgid;
+        let start_time = spawned.start_time;
+        debug!(pgid, command = %launch.command, "spawned MCP server");
+        if let Some(registry) = registry
+            && let Err(err) = registry.register(pgid)
+        {
+            // The registry is a backstop for crashes; a session without it still works.
+            warn!(pgid, cause = %err, "cannot record the process group");
+        }
+        if let Some(stderr) = spawned.stderr {
+            tokio::spawn(forward_stderr(stderr, pgid));
+        }
+
+        let cache = Arc::new(ToolCache::new());
+        let handler = PoolClient {
+            cache: cache.clone(),
+        };
+        // rmcp's `serve` has no timeout of its own: a server that never answers would hang it.
+        let running =
+            match tokio::time::timeout_at(deadline, handler.serve(spawned.transport)).await {
+                Ok(Ok(running)) => running,
+                Ok(Err(err)) => {
+                    fail_start(pgid, start_time, registry).await;
+                    return Err(McpError::Handshake(Box::new(err)));
+                }
+                Err(_) => {
+                    // Dropping the `serve` future dropped the transport, whose cleanup task
+                    // kills and reaps the leader; `fail_start` takes care of the rest.
+                    fail_start(pgid, start_time, registry).await;
+                    return Err(McpError::StartupTimeout(startup_timeout));
+                }
+            };
+        let listed = tokio::time::timeout_at(deadline, cache.refresh(running.peer())).await;
+        if let Err(err) = listed
+            .map_err(|_| McpError::StartupTimeout(startup_timeout))
+            .and_then(|r| r)
+        {
+            kill_group_now(as_pgid(pgid));
+            // Awaiting the service task lets rmcp reap the leader it owns.
+            let _ = tokio::time::timeout(FAILED_START_REAP, running.cancel()).await;
+            fail_start(pgid, start_time, registry).await;
+            return Err(err);
+        }
+
+        let peer = running.peer().clone();
+        let cancel = running.cancellation_token();
+        let (ended_tx, ended) = watch::channel(None);
+        tokio::spawn(async move {
+            let reason = match running.waiting().await {
+                Ok(QuitReason::Cancelled) => ExitReason::Cancelled,
+                Ok(QuitReason::Closed) => ExitReason::TransportClosed,
+                Ok(_) | Err(_) => ExitReason::Aborted,
+            };
+            if reason != ExitReason::Cancelled {
+                // The server went away on its own; whatever it started must not linger until
+                // the owner gets round to `close`.
+                kill_group_now(as_pgid(pgid));
+                info!(pgid, ?reason, "MCP session ended");
+            }
+            let _ = ended_tx.send(Some(reason));
+        });
+
+        Ok(McpSession {
+            pgid,
+            peer,
+            cache,
+            cancel: Some(cancel),
+            ended,
+            registry: registry.cloned(),
+            closed: false,
+        })
+    }
+
+    /// The leader's pid, which is also the process group id.
+    pub fn pid(&self) -> u32 {
+        self.pgid
+    }
+
+    /// A handle for arbitrary requests; clones share the session.
+    pub fn peer(&self) -> Peer<RoleClient> {
+        self.peer.clone()
+    }
+
+    /// The cached tool list.
+    pub fn tools(&self) -> Arc<Vec<Tool>> {
+        self.cache.get()
+    }
+
+    /// Counts tool-list refreshes caused by `notifications/tools/list_changed`; await
+    /// `changed()` on it to learn about the next one.
+    pub fn tools_changed(&self) -> watch::Receiver<u64> {
+        self.cache.changes.subscribe()
+    }
+
+    /// `Some(reason)` once the session has ended; await `changed()`/`wait_for` on it.
+    pub fn ended(&self) -> watch::Receiver<Option<ExitReason>> {
+        self.ended.clone()
+    }
+
+    /// Resolves when the session ends, with the reason.
+    pub async fn closed(&self) -> ExitReason {
+        wait_ended(self.ended.clone()).await
+    }
+
+    /// Calls tool `name`; on timeout the request is cancelled on the server and
+    /// [`McpError::Timeout`] returned. A tool that fails comes back as `Ok` with
+    /// `is_error: Some(true)`, as MCP specifies.
+    pub async fn call_tool(
+        &self,
+        name: &str,
+        args: Option<serde_json::Map<String, serde_json::Value>>,
+        timeout: Duration,
+    ) -> Result<CallToolResult, McpError> {
+        if self.peer.is_transport_closed() {
+            return Err(McpError::Closed);
+        }
+        let mut params = CallToolRequestParams::new(name.to_owned());
+        if let Some(args) = args {
+            params = params.with_arguments(args);
+        }
+        // `Peer::call_tool` arms a guard that sends `notifications/cancelled` when its future
+        // is dropped, so an outer timeout cancels the request on the server just as
+        // `PeerRequestOptions::with_timeout` would, and so does a caller that gives up.
+        match tokio::time::timeout(timeout, self.peer.call_tool(params)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(McpError::Timeout(timeout)),
+        }
+    }
+
+    /// Closes the session: stdin EOF, up to `grace` for the server to exit, then
+    /// [`terminate_group`] (grandchildren survive their leader's graceful exit), then waits for
+    /// the leader to be reaped and forgets the group in the registry.
+    ///
+    /// Takes at most about `3 * grace + 5 s`; a well-behaved server exits on EOF at once.
+    pub async fn close(mut self, grace: Duration) {
+        self.closed = true;
+        let pgid = as_pgid(self.pgid);
+        if let Some(cancel) = self.cancel.take() {
+            // rmcp then closes stdin and waits for the child, with SIGTERM/SIGKILL of the
+            // leader only after fixed 3 s delays; the group signals below do not wait for that.
+            cancel.cancel();
+        }
+        let exited = tokio::time::timeout(grace, wait_ended(self.ended.clone()))
+            .await
+            .is_ok();
+        terminate_group(pgid, grace).await;
+        if tokio::time::timeout(grace + REAP_MARGIN, wait_ended(self.ended.clone()))
+            .await
+            .is_err()
+        {
+            warn!(pgid, "MCP server was not reaped in time");
+        }
+        debug!(pgid, graceful = exited, "MCP session closed");
+        if let Some(registry) = &self.registry
+            && let Err(err) = registry.unregister(self.pgid)
+        {
+            warn!(pgid, cause = %err, "cannot remove the process group record");
+        }
+    }
+
+    /// Emergency stop: SIGKILLs the whole group now. rmcp then sees EOF, reaps the leader and
+    /// the session ends with [`ExitReason::TransportClosed`]; `close` is still the way to
+    /// clean up the registry record.
+    pub fn kill_now(&self) {
+        kill_group_now(as_pgid(self.pgid));
+    }
+}
+
+impl Drop for McpSession {
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        // Only a backstop for an owner that forgot `close`: without it, rmcp's service task
+        // would keep the child alive for as long as the runtime runs.
+        if let Some(cancel) = self.cancel.take() {
+            cancel.cancel();
+        }
+        if self.ended.borrow().is_none() {
+            warn!(
+                pgid = self.pgid,
+                "McpSession dropped without close(); killing its group"
+            );
+            kill_group_now(as_pgid(self.pgid));
+        }
+    }
+}
+
+async fn wait_ended(mut ended: watch::Receiver<Option<ExitReason>>) -> ExitReason {
+    match ended.wait_for(Option::is_some).await {
+        Ok(reason) => reason.unwrap_or(ExitReason::Aborted),
+        // The sender lives in the service-watching task; it is gone only if that task was
+        // dropped, i.e. the runtime is shutting down.
+        Err(_) => ExitReason::Aborted,
+    }
+}
+
+/// Kills what a failed start left behind and waits for the leader to be reaped (by the task
+/// rmcp spawns when its transport is dropped, or by the cancelled service).
+async fn fail_start(pgid: u32, start_time: Option<u64>, registry: Option<&ProcessRegistry>) {
+    kill_group_now(as_pgid(pgid));
+    if !wait_group_gone(as_pgid(pgid), FAILED_START_REAP).await {
+        warn!(pgid, "process group still running after a failed start");
+    }
+    if !wait_reaped(pgid, start_time, FAILED_START_REAP).await {
+        warn!(pgid, "MCP server not reaped after a failed start");
+    }
+    if let Some(registry) = registry
+        && let Err(err) = registry.unregister(pgid)
+    {
+        warn!(pgid, cause = %err, "cannot remove the process group record");
+    }
+}
+
+/// Forwards the server's stderr to tracing, line by line, until EOF.
+async fn forward_stderr(stderr: ChildStderr, pgid: u32) {
+    let mut lines = BufReader::new(stderr).lines();
+    loop {
+        match lines.next_line().await {
+            Ok(Some(line)) => debug!(target: "mcp_pool::mcp::server_stderr", pgid, "{line}"),
+            Ok(None) => break,
+            Err(err) => {
+                debug!(pgid, cause = %err, "stopped reading server stderr");
+                break;
+            }
+        }
+    }
+}
