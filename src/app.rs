@@ -4,8 +4,14 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 
-use crate::actors::{CredentialArgs, CredentialError, CredentialHandle};
+use ractor::ActorRef;
+
+use crate::actors::{
+    CredentialArgs, CredentialError, CredentialHandle, GuardianMsg, PoolArgs, PoolGuardian,
+    PoolHandle,
+};
 use crate::config::{Config, ENCRYPTION_KEYS_ENV};
+use crate::mcp::{McpError, ProcessRegistry};
 use crate::store::{CredentialFiles, CredentialSpec, ServerName, Store, StoreError, StoreOptions};
 
 /// Why the application could not start or stop cleanly.
@@ -20,15 +26,10 @@ pub enum AppError {
         path: std::path::PathBuf,
         cause: std::io::Error,
     },
+    #[error(transparent)]
+    Process(#[from] McpError),
     #[error("cannot start an actor: {0}")]
     Spawn(#[from] ractor::SpawnErr),
-}
-
-/// The running parts of mcp-pool.
-pub struct App {
-    pub config: Config,
-    pub store: Store,
-    pub credentials: CredentialHandle,
 }
 
 /// Store options from config and the process environment.
@@ -60,11 +61,18 @@ pub fn credential_specs(config: &Config) -> BTreeMap<ServerName, CredentialSpec>
         .collect()
 }
 
-impl App {
+/// The credential side of mcp-pool: database, key ring, credential files and their writer.
+/// Operator commands use it alone; the service adds the pool on top.
+pub struct Storage {
+    pub store: Store,
+    pub credentials: CredentialHandle,
+}
+
+impl Storage {
     /// Connects to the database, applies migrations and starts the credential actor.
     /// `periodic_cleanup` is off for one-shot CLI commands.
-    pub async fn build(config: Config, periodic_cleanup: bool) -> Result<App, AppError> {
-        let store = Store::connect(&store_options(&config)).await?;
+    pub async fn open(config: &Config, periodic_cleanup: bool) -> Result<Storage, AppError> {
+        let store = Store::connect(&store_options(config)).await?;
         store.migrate().await?;
         let files = CredentialFiles::open(&config.credentials.dir).map_err(|cause| {
             AppError::CredentialsDir {
@@ -80,27 +88,64 @@ impl App {
             CredentialArgs {
                 store: store.clone(),
                 files,
-                specs: credential_specs(&config),
+                specs: credential_specs(config),
                 cleanup,
             },
             None,
         )
         .await?;
+        Ok(Storage { store, credentials })
+    }
+
+    /// Lets queued credential writes finish, then closes the database pool.
+    pub async fn close(self) {
+        self.credentials.shutdown().await;
+        self.store.close().await;
+    }
+}
+
+/// The running service.
+pub struct App {
+    pub config: Config,
+    pub storage: Storage,
+    pub pool: PoolHandle,
+    guardian: ActorRef<GuardianMsg>,
+    registry: ProcessRegistry,
+}
+
+impl App {
+    /// Opens storage, kills servers left behind by a previous crash, and starts the pool.
+    pub async fn build(config: Config) -> Result<App, AppError> {
+        let registry_dir = config.service.data_dir.join("pgids");
+        let registry = ProcessRegistry::open(&registry_dir)?;
+        let leftovers = registry.reap_leftovers();
+        if leftovers > 0 {
+            tracing::warn!(
+                count = leftovers,
+                "Killed MCP servers left behind by a previous run"
+            );
+        }
+        let storage = Storage::open(&config, true).await?;
+        let args =
+            PoolArgs::from_config(&config, storage.credentials.clone(), Some(registry.clone()));
+        let (pool, guardian) = PoolGuardian::start(args).await?;
         Ok(App {
             config,
-            store,
-            credentials,
+            storage,
+            pool,
+            guardian,
+            registry,
         })
     }
 
-    /// Serves until `shutdown` resolves, then stops the actors in order and closes the store.
+    /// Serves until `shutdown` resolves, then stops everything in order (see actors.md).
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AppError> {
         tracing::info!(
             listen = %self.config.service.listen,
-            backend = ?self.store.kind(),
+            backend = ?self.storage.store.kind(),
             servers = ?self.config.servers.keys().collect::<Vec<_>>(),
             "mcp-pool started"
         );
@@ -111,10 +156,28 @@ impl App {
         Ok(())
     }
 
-    /// Lets queued credential writes finish, then closes the database pool.
+    /// Closes every connection within `shutdown_grace` (SIGKILLing whatever is left after it),
+    /// stops the actor tree, then the credential writer and the database.
     pub async fn stop(self) {
-        self.credentials.shutdown().await;
-        self.store.close().await;
+        let grace = self.config.service.shutdown_grace;
+        match tokio::time::timeout(grace, self.pool.shutdown()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => tracing::warn!(cause = %err, "pool shutdown failed"),
+            Err(_) => tracing::warn!(
+                ?grace,
+                "connections did not close within the shutdown grace"
+            ),
+        }
+        // Whatever is still recorded did not close in time (or its actor died): kill it.
+        let killed = self.registry.reap_leftovers();
+        if killed > 0 {
+            tracing::warn!(
+                killed,
+                "SIGKILLed MCP servers that outlived the shutdown grace"
+            );
+        }
+        let _ = self.guardian.stop_and_wait(None, Some(grace)).await;
+        self.storage.close().await;
     }
 }
 

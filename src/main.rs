@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mcp_pool::app::{self, App};
+use mcp_pool::app::{self, App, Storage};
 use mcp_pool::config::Config;
 use mcp_pool::store::{ServerName, UserId};
 
@@ -34,6 +34,15 @@ enum Command {
     Migrate,
     /// Validate the configuration file and exit non-zero with the offending key if it is invalid.
     CheckConfig,
+    /// Run the bundled demo MCP server on stdio (the `demo` entry of config.toml).
+    DemoServer {
+        /// Also offer the misbehaving tools the tests use (crash, spawn_grandchild, ...).
+        #[arg(long)]
+        test_tools: bool,
+        /// Wait this long before answering anything, like a slow `npx` start (e.g. 5s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        slow_start: Option<Duration>,
+    },
     /// Operator commands on stored credentials.
     #[command(subcommand)]
     Credentials(CredentialsCommand),
@@ -115,9 +124,21 @@ fn ids(user: &str, server: &str) -> anyhow::Result<(UserId, ServerName)> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = Config::load(&cli.config)?;
+    // Loaded per command: the demo server runs as a child of the service and needs none.
+    let load_config = || Config::load(&cli.config);
     match cli.command {
+        Command::DemoServer {
+            test_tools,
+            slow_start,
+        } => {
+            let options = mcp_pool::mcp::DemoServerOptions {
+                test_tools,
+                slow_start,
+            };
+            mcp_pool::mcp::demo_server::run(options).await?;
+        }
         Command::CheckConfig => {
+            let config = load_config()?;
             println!(
                 "{}: ok ({} servers: {})",
                 cli.config.display(),
@@ -131,26 +152,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Migrate => {
+            let config = load_config()?;
             let store = mcp_pool::store::Store::connect(&app::store_options(&config)).await?;
             store.migrate().await?;
             store.close().await;
             println!("migrations applied");
         }
         Command::Serve => {
-            let app = App::build(config, true).await?;
+            let app = App::build(load_config()?).await?;
             app.run_until_stopped(app::shutdown_signal()).await?;
         }
         Command::Credentials(command) => {
-            let app = App::build(config, false).await?;
-            let result = credentials(&app, command).await;
-            app.stop().await;
+            let storage = Storage::open(&load_config()?, false).await?;
+            let result = credentials(&storage, command).await;
+            storage.close().await;
             result?;
         }
     }
     Ok(())
 }
 
-async fn credentials(app: &App, command: CredentialsCommand) -> anyhow::Result<()> {
+async fn credentials(app: &Storage, command: CredentialsCommand) -> anyhow::Result<()> {
     match command {
         CredentialsCommand::List { user, all } => {
             let user = user

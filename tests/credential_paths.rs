@@ -75,7 +75,13 @@ proptest! {
 #[test]
 fn the_design_collision_pair_gets_two_files() {
     let files = files();
-    let first = files.path_for(&UserId::parse("a-b").unwrap(), &ServerName::parse("c").unwrap());
-    let second = files.path_for(&UserId::parse("a").unwrap(), &ServerName::parse("b-c").unwrap());
+    let first = files.path_for(
+        &UserId::parse("a-b").unwrap(),
+        &ServerName::parse("c").unwrap(),
+    );
+    let second = files.path_for(
+        &UserId::parse("a").unwrap(),
+        &ServerName::parse("b-c").unwrap(),
+    );
     assert_ne!(first, second);
 }

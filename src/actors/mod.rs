@@ -1,8 +1,15 @@
 //! The ractor actor tree. One file per actor: its message enum, its state, its typed handle.
 //! `actors.md` at the repository root describes the tree, every message and the restart policy.
 
+pub mod connection;
 pub mod credential;
+pub mod guardian;
+pub mod pool;
+pub mod reaper;
 
+pub use connection::{ConnKey, ConnState, Connection};
 pub use credential::{
     CredentialActor, CredentialArgs, CredentialError, CredentialHandle, CredentialMsg,
 };
+pub use guardian::{GuardianMsg, PoolGuardian};
+pub use pool::{ConnectionStats, PoolArgs, PoolError, PoolHandle, PoolStats};

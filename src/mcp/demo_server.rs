@@ -81,6 +81,10 @@ struct DemoServer {
     watched: tokio::sync::Mutex<Vec<SpawnedServer>>,
     /// `sleep` calls that ended because the client sent `notifications/cancelled`.
     cancelled_sleeps: AtomicU64,
+    /// Sleeps running right now, and the most ever running at once: proof that calls on one
+    /// session are served concurrently rather than queued.
+    running_sleeps: AtomicU64,
+    peak_sleeps: AtomicU64,
 }
 
 impl DemoServer {
@@ -91,6 +95,8 @@ impl DemoServer {
             grandchildren: Mutex::new(Vec::new()),
             watched: tokio::sync::Mutex::new(Vec::new()),
             cancelled_sleeps: AtomicU64::new(0),
+            running_sleeps: AtomicU64::new(0),
+            peak_sleeps: AtomicU64::new(0),
         }
     }
 
@@ -203,13 +209,17 @@ impl DemoServer {
         ms: u64,
         context: &RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        tokio::select! {
+        let running = self.running_sleeps.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak_sleeps.fetch_max(running, Ordering::SeqCst);
+        let outcome = tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(ms)) => Ok(text(format!("slept {ms} ms"))),
             () = context.ct.cancelled() => {
                 self.cancelled_sleeps.fetch_add(1, Ordering::Relaxed);
                 Err(ErrorData::internal_error("cancelled by the client", None))
             }
-        }
+        };
+        self.running_sleeps.fetch_sub(1, Ordering::SeqCst);
+        outcome
     }
 
     fn spawn_grandchild(&self) -> Result<CallToolResult, ErrorData> {
@@ -305,8 +315,11 @@ impl ServerHandler for DemoServer {
             }
             "trigger_list_changed" => self.add_tool(None, &context).await?,
             "stats" => text(
-                json!({ "cancelled_sleeps": self.cancelled_sleeps.load(Ordering::Relaxed) })
-                    .to_string(),
+                json!({
+                    "cancelled_sleeps": self.cancelled_sleeps.load(Ordering::Relaxed),
+                    "peak_concurrent_sleeps": self.peak_sleeps.load(Ordering::SeqCst),
+                })
+                .to_string(),
             ),
             other if self.extra_tools().iter().any(|n| n == other) => {
                 text(string_arg(&args, "message")?)

@@ -23,4 +23,4 @@ pub mod session;
 pub use demo_server::DemoServerOptions;
 pub use error::McpError;
 pub use process::{ProcessRegistry, ServerLaunch, process_start_time, terminate_group};
-pub use session::{ExitReason, McpSession};
+pub use session::{ExitReason, McpClient, McpSession};

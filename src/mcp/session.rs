@@ -116,16 +116,74 @@ impl ClientHandler for PoolClient {
 
 // === McpSession ===
 
-/// A live MCP client session on a child process that leads its own process group.
-///
-/// Close it with [`McpSession::close`]; dropping it only SIGKILLs the group as a last resort.
-pub struct McpSession {
+/// The calling side of a session: cheap to clone and hand to many callers, while the
+/// [`McpSession`] that owns the process stays with one owner.
+#[derive(Clone)]
+pub struct McpClient {
     /// The leader's pid, which is also the process group id.
     pgid: u32,
     /// Cloneable handle for requests; concurrent requests multiplex over the one pipe.
     peer: Peer<RoleClient>,
     /// Tool list from the last `tools/list`.
     cache: Arc<ToolCache>,
+}
+
+impl McpClient {
+    /// The leader's pid, which is also the process group id.
+    pub fn pid(&self) -> u32 {
+        self.pgid
+    }
+
+    /// A handle for arbitrary requests; clones share the session.
+    pub fn peer(&self) -> Peer<RoleClient> {
+        self.peer.clone()
+    }
+
+    /// The cached tool list.
+    pub fn tools(&self) -> Arc<Vec<Tool>> {
+        self.cache.get()
+    }
+
+    /// Counts tool-list refreshes caused by `notifications/tools/list_changed`; await
+    /// `changed()` on it to learn about the next one.
+    pub fn tools_changed(&self) -> watch::Receiver<u64> {
+        self.cache.changes.subscribe()
+    }
+
+    /// Calls tool `name`; on timeout the request is cancelled on the server and
+    /// [`McpError::Timeout`] returned. A tool that fails comes back as `Ok` with
+    /// `is_error: Some(true)`, as MCP specifies.
+    pub async fn call_tool(
+        &self,
+        name: &str,
+        args: Option<serde_json::Map<String, serde_json::Value>>,
+        timeout: Duration,
+    ) -> Result<CallToolResult, McpError> {
+        if self.peer.is_transport_closed() {
+            return Err(McpError::Closed);
+        }
+        let mut params = CallToolRequestParams::new(name.to_owned());
+        if let Some(args) = args {
+            params = params.with_arguments(args);
+        }
+        // `Peer::call_tool` arms a guard that sends `notifications/cancelled` when its future
+        // is dropped, so an outer timeout cancels the request on the server just as
+        // `PeerRequestOptions::with_timeout` would, and so does a caller that gives up.
+        match tokio::time::timeout(timeout, self.peer.call_tool(params)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(McpError::Timeout(timeout)),
+        }
+    }
+}
+
+/// A live MCP client session on a child process that leads its own process group.
+///
+/// Close it with [`McpSession::close`]; dropping it only SIGKILLs the group as a last resort.
+pub struct McpSession {
+    /// The leader's pid, which is also the process group id.
+    pgid: u32,
+    /// What callers use; see [`McpSession::client`].
+    client: McpClient,
     /// Stops rmcp's service task; taken by `close`.
     cancel: Option<RunningServiceCancellationToken>,
     /// `Some` once rmcp's service task has ended.
@@ -140,7 +198,7 @@ impl std::fmt::Debug for McpSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("McpSession")
             .field("pgid", &self.pgid)
-            .field("tools", &self.cache.get().len())
+            .field("tools", &self.client.tools().len())
             .field("ended", &*self.ended.borrow())
             .finish()
     }
@@ -220,8 +278,7 @@ impl McpSession {
 
         Ok(McpSession {
             pgid,
-            peer,
-            cache,
+            client: McpClient { pgid, peer, cache },
             cancel: Some(cancel),
             ended,
             registry: registry.cloned(),
@@ -234,20 +291,24 @@ impl McpSession {
         self.pgid
     }
 
+    /// The calling side, to hand out to callers.
+    pub fn client(&self) -> McpClient {
+        self.client.clone()
+    }
+
     /// A handle for arbitrary requests; clones share the session.
     pub fn peer(&self) -> Peer<RoleClient> {
-        self.peer.clone()
+        self.client.peer()
     }
 
     /// The cached tool list.
     pub fn tools(&self) -> Arc<Vec<Tool>> {
-        self.cache.get()
+        self.client.tools()
     }
 
-    /// Counts tool-list refreshes caused by `notifications/tools/list_changed`; await
-    /// `changed()` on it to learn about the next one.
+    /// Counts tool-list refreshes caused by `notifications/tools/list_changed`.
     pub fn tools_changed(&self) -> watch::Receiver<u64> {
-        self.cache.changes.subscribe()
+        self.client.tools_changed()
     }
 
     /// `Some(reason)` once the session has ended; await `changed()`/`wait_for` on it.
@@ -260,29 +321,14 @@ impl McpSession {
         wait_ended(self.ended.clone()).await
     }
 
-    /// Calls tool `name`; on timeout the request is cancelled on the server and
-    /// [`McpError::Timeout`] returned. A tool that fails comes back as `Ok` with
-    /// `is_error: Some(true)`, as MCP specifies.
+    /// Calls tool `name`; see [`McpClient::call_tool`].
     pub async fn call_tool(
         &self,
         name: &str,
         args: Option<serde_json::Map<String, serde_json::Value>>,
         timeout: Duration,
     ) -> Result<CallToolResult, McpError> {
-        if self.peer.is_transport_closed() {
-            return Err(McpError::Closed);
-        }
-        let mut params = CallToolRequestParams::new(name.to_owned());
-        if let Some(args) = args {
-            params = params.with_arguments(args);
-        }
-        // `Peer::call_tool` arms a guard that sends `notifications/cancelled` when its future
-        // is dropped, so an outer timeout cancels the request on the server just as
-        // `PeerRequestOptions::with_timeout` would, and so does a caller that gives up.
-        match tokio::time::timeout(timeout, self.peer.call_tool(params)).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(McpError::Timeout(timeout)),
-        }
+        self.client.call_tool(name, args, timeout).await
     }
 
     /// Closes the session: stdin EOF, up to `grace` for the server to exit, then

@@ -75,3 +75,59 @@ pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> boo
 pub fn credentials_dir(dir: &std::path::Path) -> PathBuf {
     dir.join("mcp-credentials")
 }
+
+// === pool harness ===
+
+/// The real mcp-pool binary (which also serves the bundled demo server).
+pub const BIN: &str = env!("CARGO_BIN_EXE_mcp-pool");
+
+/// A path the test command exports; a missing one fails the test rather than skipping it.
+pub fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the suite with scripts/test, which installs the servers")
+    })
+}
+
+/// A config for tests: everything under `dir`, SQLite, short grace periods, and the demo
+/// server under several names. `extra` is appended (more `[servers.x]` tables, pool tweaks).
+pub fn test_config(dir: &std::path::Path, pool: &str, extra: &str) -> mcp_pool::config::Config {
+    let demo = |name: &str, args: &str| {
+        format!(
+            "[servers.{name}]\ncommand = {BIN:?}\nargs = [\"demo-server\", \"--test-tools\"{args}]\n\
+             credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n"
+        )
+    };
+    let text = format!(
+        "[service]\ndata_dir = {data:?}\nshutdown_grace = \"15s\"\n\
+         [database]\nurl = \"sqlite://{data}/db.sqlite\"\n\
+         [credentials]\ndir = {creds:?}\n\
+         [encryption]\nkey_file = \"{data}/key\"\n\
+         [pool]\nclose_grace = \"1s\"\nstartup_timeout = \"30s\"\n{pool}\n\
+         {}{}{}{}{extra}",
+        demo("demo", ""),
+        demo("demo2", ""),
+        demo("demo3", ""),
+        demo("slow", ", \"--slow-start\", \"8s\""),
+        data = dir.join("data").display(),
+        creds = dir.join("creds").display(),
+    );
+    let config = mcp_pool::config::Config::parse(&text).expect("test config parses");
+    config.validate().expect("test config validates");
+    config
+}
+
+/// Whether `pid` is a running process (not gone, not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
+}
+
+/// Whether `pid` has no /proc entry at all (reaped).
+pub fn gone(pid: u32) -> bool {
+    !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}

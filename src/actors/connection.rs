@@ -1,0 +1,525 @@
+//! The `ConnectionActor`: owns one MCP server child process, its rmcp session and tool cache,
+//! for one (user, server) key.
+//!
+//! Start-up (credentials file, spawn, initialize, tools/list) runs in a task that reports back
+//! with a message, so the actor and its supervisor stay responsive while a slow server starts.
+//! Tool calls never pass through the mailbox: callers get a [`Connection`] holding a cloneable
+//! [`McpClient`], and bookkeeping (last use, calls in flight) is done with atomics.
+
+use std::fmt;
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use rmcp::model::{CallToolResult, Tool};
+use tracing::Instrument;
+
+use super::credential::{CredentialError, CredentialHandle};
+use super::pool::{PoolError, PoolMsg};
+use crate::mcp::{ExitReason, McpClient, McpError, McpSession, ProcessRegistry, ServerLaunch};
+use crate::store::{ServerName, UserId};
+
+/// The pool key: one live session per (user, server).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnKey {
+    pub user: UserId,
+    pub server: ServerName,
+}
+
+impl fmt::Display for ConnKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.user, self.server)
+    }
+}
+
+impl fmt::Debug for ConnKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Life-cycle state of a connection as reported in stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnState {
+    Starting = 0,
+    Ready = 1,
+    Restarting = 2,
+    Failed = 3,
+    /// Being closed (idle reap, explicit close, shutdown); takes no new calls.
+    Closing = 4,
+}
+
+impl ConnState {
+    fn from_u8(value: u8) -> ConnState {
+        match value {
+            0 => ConnState::Starting,
+            1 => ConnState::Ready,
+            2 => ConnState::Restarting,
+            3 => ConnState::Failed,
+            _ => ConnState::Closing,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, for cheap atomic timestamps.
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn ms_to_time(ms: i64) -> Option<DateTime<Utc>> {
+    (ms > 0)
+        .then(|| DateTime::from_timestamp_millis(ms))
+        .flatten()
+}
+
+/// What callers and the supervisor share about one key. It outlives each `ConnectionActor`
+/// incarnation, so restarts and last use survive a crash.
+pub struct ConnShared {
+    pub key: ConnKey,
+    state: AtomicU8,
+    pid: AtomicU32,
+    started_at_ms: AtomicI64,
+    last_used_ms: AtomicI64,
+    in_flight: AtomicUsize,
+    restarts: AtomicU32,
+    client: RwLock<Option<McpClient>>,
+    call_timeout: Duration,
+}
+
+impl ConnShared {
+    pub fn new(key: ConnKey, call_timeout: Duration) -> Arc<ConnShared> {
+        Arc::new(ConnShared {
+            key,
+            state: AtomicU8::new(ConnState::Starting as u8),
+            pid: AtomicU32::new(0),
+            started_at_ms: AtomicI64::new(0),
+            last_used_ms: AtomicI64::new(now_ms()),
+            in_flight: AtomicUsize::new(0),
+            restarts: AtomicU32::new(0),
+            client: RwLock::new(None),
+            call_timeout,
+        })
+    }
+
+    pub fn state(&self) -> ConnState {
+        ConnState::from_u8(self.state.load(Ordering::SeqCst))
+    }
+
+    pub(crate) fn set_state(&self, state: ConnState) {
+        self.state.store(state as u8, Ordering::SeqCst);
+    }
+
+    /// Ready → Closing unless a call is in flight. Paired with [`InFlight::enter`] (which
+    /// increments first, then checks the state) so a call and a close never both proceed.
+    pub(crate) fn try_begin_close(&self) -> bool {
+        if self
+            .state
+            .compare_exchange(
+                ConnState::Ready as u8,
+                ConnState::Closing as u8,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_err()
+        {
+            return false;
+        }
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            self.set_state(ConnState::Ready);
+            return false;
+        }
+        true
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.pid.load(Ordering::Relaxed)).filter(|pid| *pid != 0)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn restarts(&self) -> u32 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_restart(&self) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn last_used(&self) -> Option<DateTime<Utc>> {
+        ms_to_time(self.last_used_ms.load(Ordering::Relaxed))
+    }
+
+    /// Time since the last use ended (zero while a call is in flight).
+    pub fn idle_for(&self) -> Duration {
+        if self.in_flight() > 0 {
+            return Duration::ZERO;
+        }
+        let idle = now_ms() - self.last_used_ms.load(Ordering::Relaxed);
+        Duration::from_millis(idle.max(0) as u64)
+    }
+
+    pub fn started_at(&self) -> Option<DateTime<Utc>> {
+        ms_to_time(self.started_at_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn client(&self) -> Option<McpClient> {
+        self.client
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn set_client(&self, client: Option<McpClient>) {
+        *self
+            .client
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = client;
+    }
+
+    pub fn tool_count(&self) -> usize {
+        self.client().map(|c| c.tools().len()).unwrap_or(0)
+    }
+
+    fn touch(&self) {
+        self.last_used_ms.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// Counts a call as in flight for as long as it lives.
+struct InFlight<'a>(&'a ConnShared);
+
+impl<'a> InFlight<'a> {
+    /// `None` if the connection started closing: the caller should fetch a fresh one.
+    fn enter(shared: &'a ConnShared) -> Option<InFlight<'a>> {
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        shared.touch();
+        if shared.state() == ConnState::Closing {
+            shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(InFlight(shared))
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A ready connection, handed out by the pool. Cheap to clone; calls run concurrently.
+#[derive(Clone)]
+pub struct Connection {
+    shared: Arc<ConnShared>,
+    client: McpClient,
+}
+
+impl Connection {
+    pub fn key(&self) -> &ConnKey {
+        &self.shared.key
+    }
+
+    /// Pid of the server process (also its process group id).
+    pub fn pid(&self) -> u32 {
+        self.client.pid()
+    }
+
+    /// The cached tool list: no server round trip.
+    pub fn tools(&self) -> Arc<Vec<Tool>> {
+        self.shared.touch();
+        self.client.tools()
+    }
+
+    /// Calls a tool with the configured call timeout. A tool that fails is `Ok` with
+    /// `is_error: Some(true)`; transport failures are never retried here (side effects).
+    pub async fn call_tool(
+        &self,
+        name: &str,
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<CallToolResult, PoolError> {
+        if !self.client.tools().iter().any(|tool| tool.name == name) {
+            return Err(PoolError::UnknownTool(name.to_owned()));
+        }
+        let Some(_guard) = InFlight::enter(&self.shared) else {
+            return Err(PoolError::Reconnect);
+        };
+        self.client
+            .call_tool(name, arguments, self.shared.call_timeout)
+            .await
+            .map_err(|err| match err {
+                McpError::Timeout(after) => PoolError::CallTimeout(after),
+                McpError::Closed => PoolError::ServerCrashed,
+                other => PoolError::Mcp(Arc::new(other)),
+            })
+    }
+
+    pub(crate) fn new(shared: Arc<ConnShared>, client: McpClient) -> Connection {
+        Connection { shared, client }
+    }
+}
+
+// === ConnectionActor ===
+
+/// Why a connection is being closed on purpose (never restarted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    Idle,
+    Requested,
+    Evicted,
+    Shutdown,
+}
+
+/// Messages of the [`ConnectionActor`]. Only the pool sends them (and the actor to itself).
+pub enum ConnectionMsg {
+    /// The start-up task finished.
+    Connected(Result<McpSession, PoolError>),
+    /// The session ended (the child exited or crashed).
+    Ended(ExitReason),
+    /// Close the session (stdin EOF, grace, SIGTERM, grace, SIGKILL of the group) and stop.
+    Close {
+        reason: CloseReason,
+        reply: Option<RpcReplyPort<()>>,
+    },
+}
+
+/// What a `ConnectionActor` is started with.
+pub struct ConnectionArgs {
+    pub shared: Arc<ConnShared>,
+    pub launch: ServerLaunch,
+    /// Environment variable through which the server learns its credentials file.
+    pub credentials_env: String,
+    pub credentials: CredentialHandle,
+    pub registry: Option<ProcessRegistry>,
+    pub startup_timeout: Duration,
+    pub close_grace: Duration,
+    pub pool: ActorRef<PoolMsg>,
+}
+
+pub struct ConnectionState {
+    shared: Arc<ConnShared>,
+    session: Option<McpSession>,
+    close_grace: Duration,
+    pool: ActorRef<PoolMsg>,
+    /// Set once a close was asked for while the start-up task was still running.
+    pending_close: Option<(CloseReason, Option<RpcReplyPort<()>>)>,
+    /// Whether the start-up task is still running.
+    starting: bool,
+}
+
+/// See the module docs.
+pub struct ConnectionActor;
+
+/// A failed start, carried to the supervisor inside `ActorFailed`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartFailure(pub PoolError);
+
+/// Why a connection failed; reaching the supervisor as `ActorFailed` triggers a restart.
+#[derive(Debug, thiserror::Error)]
+#[error("MCP server for {key} exited unexpectedly ({reason:?})")]
+pub struct ChildExited {
+    key: ConnKey,
+    reason: ExitReason,
+}
+
+async fn start_session(
+    key: ConnKey,
+    mut launch: ServerLaunch,
+    credentials_env: String,
+    credentials: CredentialHandle,
+    registry: Option<ProcessRegistry>,
+    startup_timeout: Duration,
+) -> Result<McpSession, PoolError> {
+    let path = credentials
+        .prepare_file(&key.user, &key.server)
+        .await
+        .map_err(|err| match err {
+            CredentialError::NotFound(server) => PoolError::NoCredentials(server),
+            other => PoolError::Credentials(Arc::new(other)),
+        })?;
+    tracing::info!(
+        credentials = %path.display(),
+        "Starting MCP server {} for user {}",
+        key.server,
+        key.user
+    );
+    launch
+        .env
+        .insert(credentials_env, path.to_string_lossy().into_owned());
+    McpSession::connect(&launch, startup_timeout, registry.as_ref())
+        .await
+        .map_err(|err| PoolError::StartFailed(Arc::new(err)))
+}
+
+impl Actor for ConnectionActor {
+    type Msg = ConnectionMsg;
+    type State = ConnectionState;
+    type Arguments = ConnectionArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ConnectionMsg>,
+        args: ConnectionArgs,
+    ) -> Result<ConnectionState, ActorProcessingErr> {
+        // Nothing slow here: the supervisor awaits pre_start inside its own handler.
+        let key = args.shared.key.clone();
+        let span = tracing::info_span!("connection", user_id = %key.user, server = %key.server);
+        let startup = start_session(
+            key,
+            args.launch,
+            args.credentials_env,
+            args.credentials,
+            args.registry,
+            args.startup_timeout,
+        );
+        tokio::spawn(
+            async move {
+                let result = startup.await;
+                if let Err(unsent) = myself.send_message(ConnectionMsg::Connected(result))
+                    && let ractor::MessagingErr::SendErr(ConnectionMsg::Connected(Ok(session))) =
+                        unsent
+                {
+                    // The actor is gone (killed with its supervisor): nobody else will close it.
+                    session.close(Duration::from_secs(1)).await;
+                }
+            }
+            .instrument(span),
+        );
+        Ok(ConnectionState {
+            shared: args.shared,
+            session: None,
+            close_grace: args.close_grace,
+            pool: args.pool,
+            pending_close: None,
+            starting: true,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ConnectionMsg>,
+        message: ConnectionMsg,
+        state: &mut ConnectionState,
+    ) -> Result<(), ActorProcessingErr> {
+        let key = state.shared.key.clone();
+        let span = tracing::info_span!("connection", user_id = %key.user, server = %key.server);
+        async move {
+            match message {
+                ConnectionMsg::Connected(result) => state.on_connected(&myself, result).await,
+                ConnectionMsg::Ended(reason) => {
+                    if state.shared.state() == ConnState::Closing {
+                        return Ok(());
+                    }
+                    state.shared.set_client(None);
+                    state.shared.set_state(ConnState::Restarting);
+                    if let Some(session) = state.session.take() {
+                        // Reaps the dead leader, kills any grandchild, clears the record.
+                        session.close(state.close_grace).await;
+                    }
+                    tracing::warn!(?reason, "MCP server for {key} exited unexpectedly");
+                    Err(Box::new(ChildExited {
+                        key: key.clone(),
+                        reason,
+                    }) as ActorProcessingErr)
+                }
+                ConnectionMsg::Close { reason, reply } => {
+                    if state.starting {
+                        state.shared.set_state(ConnState::Closing);
+                        state.pending_close = Some((reason, reply));
+                        return Ok(());
+                    }
+                    state.close(&myself, reason, reply).await;
+                    Ok(())
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+// === impl ConnectionState ===
+
+impl ConnectionState {
+    async fn on_connected(
+        &mut self,
+        myself: &ActorRef<ConnectionMsg>,
+        result: Result<McpSession, PoolError>,
+    ) -> Result<(), ActorProcessingErr> {
+        self.starting = false;
+        let key = &self.shared.key;
+        match result {
+            Ok(session) => {
+                let client = session.client();
+                let names: Vec<String> =
+                    client.tools().iter().map(|t| t.name.to_string()).collect();
+                tracing::info!(
+                    pid = session.pid(),
+                    "Successfully connected to {} MCP server",
+                    key.server
+                );
+                tracing::info!("Dynamically loaded {} tools: {:?}", key.server, names);
+                self.shared.pid.store(session.pid(), Ordering::Relaxed);
+                self.shared.started_at_ms.store(now_ms(), Ordering::Relaxed);
+                self.shared.set_client(Some(client.clone()));
+                let mut ended = session.ended();
+                self.session = Some(session);
+                if let Some((reason, reply)) = self.pending_close.take() {
+                    self.close(myself, reason, reply).await;
+                    return Ok(());
+                }
+                self.shared.set_state(ConnState::Ready);
+                let watcher = myself.clone();
+                tokio::spawn(async move {
+                    let reason = match ended.wait_for(Option::is_some).await {
+                        Ok(reason) => reason.unwrap_or(ExitReason::Aborted),
+                        Err(_) => ExitReason::Aborted,
+                    };
+                    let _ = watcher.send_message(ConnectionMsg::Ended(reason));
+                });
+                let _ = self.pool.send_message(PoolMsg::Ready {
+                    actor: myself.get_id(),
+                    connection: Connection::new(self.shared.clone(), client),
+                });
+                Ok(())
+            }
+            Err(err) => {
+                tracing::warn!(cause = %err, "MCP server for {key} failed to start");
+                if let Some((_, reply)) = self.pending_close.take() {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(());
+                    }
+                    myself.stop(Some("closed while starting".into()));
+                    return Ok(());
+                }
+                // Reported through supervision (not a message), so the supervisor sees the typed
+                // cause before it could mistake this for an ordinary stop.
+                Err(Box::new(StartFailure(err)) as ActorProcessingErr)
+            }
+        }
+    }
+
+    async fn close(
+        &mut self,
+        myself: &ActorRef<ConnectionMsg>,
+        reason: CloseReason,
+        reply: Option<RpcReplyPort<()>>,
+    ) {
+        self.shared.set_state(ConnState::Closing);
+        self.shared.set_client(None);
+        if let Some(session) = self.session.take() {
+            session.close(self.close_grace).await;
+        }
+        tracing::debug!(?reason, "Closed MCP connection {}", self.shared.key);
+        if let Some(reply) = reply {
+            let _ = reply.send(());
+        }
+        myself.stop(Some(format!("{reason:?}")));
+    }
+}

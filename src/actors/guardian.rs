@@ -1,0 +1,176 @@
+//! The `PoolGuardian`: the root of the pool's actor tree. It supervises the
+//! [`PoolSupervisor`] and the [`ReaperActor`], and brings either back if it fails.
+//!
+//! When the pool supervisor fails, ractor kills its linked `ConnectionActor`s without running
+//! their cleanup; the guardian then SIGKILLs every process group recorded in the
+//! [`ProcessRegistry`](crate::mcp::ProcessRegistry), so no server outlives its session, and
+//! starts a fresh, empty supervisor. Handles read the current supervisor from a shared slot,
+//! so callers never hold a dead reference.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::time::Instant;
+
+use super::pool::{PoolArgs, PoolHandle, PoolMsg, PoolSupervisor};
+use super::reaper::{ReaperActor, ReaperArgs};
+
+/// More supervisor failures than this within [`GUARDIAN_WINDOW`] stop the guardian: something
+/// is systematically wrong and the process should exit rather than spin.
+const GUARDIAN_MAX_RESTARTS: usize = 5;
+const GUARDIAN_WINDOW: Duration = Duration::from_secs(60);
+
+pub enum GuardianMsg {
+    /// The handle to the pool (used once, right after spawning).
+    Handle(RpcReplyPort<PoolHandle>),
+}
+
+pub struct GuardianState {
+    args: PoolArgs,
+    slot: Arc<RwLock<ActorRef<PoolMsg>>>,
+    reaper: ActorRef<super::reaper::ReaperMsg>,
+    failures: VecDeque<Instant>,
+}
+
+/// See the module docs.
+pub struct PoolGuardian;
+
+impl PoolGuardian {
+    /// Spawns the guardian and the tree under it; returns the pool handle.
+    pub async fn start(
+        args: PoolArgs,
+    ) -> Result<(PoolHandle, ActorRef<GuardianMsg>), ractor::SpawnErr> {
+        let (guardian, _) = Actor::spawn(None, PoolGuardian, args).await?;
+        let handle = guardian
+            .call(GuardianMsg::Handle, None)
+            .await
+            .ok()
+            .and_then(|result| match result {
+                ractor::rpc::CallResult::Success(handle) => Some(handle),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                ractor::SpawnErr::StartupFailed("pool guardian did not answer".into())
+            })?;
+        Ok((handle, guardian))
+    }
+}
+
+async fn spawn_pool(
+    args: &PoolArgs,
+    guardian: &ActorRef<GuardianMsg>,
+) -> Result<ActorRef<PoolMsg>, ractor::SpawnErr> {
+    let (pool, _) =
+        Actor::spawn_linked(None, PoolSupervisor, args.clone(), guardian.get_cell()).await?;
+    Ok(pool)
+}
+
+async fn spawn_reaper(
+    args: &PoolArgs,
+    handle: PoolHandle,
+    guardian: &ActorRef<GuardianMsg>,
+) -> Result<ActorRef<super::reaper::ReaperMsg>, ractor::SpawnErr> {
+    let reaper_args = ReaperArgs {
+        pool: handle,
+        interval: args.pool.reap_interval,
+    };
+    let (reaper, _) =
+        Actor::spawn_linked(None, ReaperActor, reaper_args, guardian.get_cell()).await?;
+    Ok(reaper)
+}
+
+impl Actor for PoolGuardian {
+    type Msg = GuardianMsg;
+    type State = GuardianState;
+    type Arguments = PoolArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<GuardianMsg>,
+        args: PoolArgs,
+    ) -> Result<GuardianState, ActorProcessingErr> {
+        let pool = spawn_pool(&args, &myself).await?;
+        let slot = Arc::new(RwLock::new(pool));
+        let reaper = spawn_reaper(&args, PoolHandle::new(slot.clone()), &myself).await?;
+        Ok(GuardianState {
+            args,
+            slot,
+            reaper,
+            failures: VecDeque::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<GuardianMsg>,
+        message: GuardianMsg,
+        state: &mut GuardianState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            GuardianMsg::Handle(reply) => {
+                let _ = reply.send(PoolHandle::new(state.slot.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<GuardianMsg>,
+        event: SupervisionEvent,
+        state: &mut GuardianState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Overridden: ractor's default would stop the guardian with its child. A supervisor
+        // that stops is as gone as one that fails (the pool only stops when the guardian does).
+        let (cell, err) = match event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, reason.unwrap_or_else(|| "stopped".into()))
+            }
+            _ => return Ok(()),
+        };
+        let now = Instant::now();
+        state.failures.push_back(now);
+        while state
+            .failures
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > GUARDIAN_WINDOW)
+        {
+            state.failures.pop_front();
+        }
+        if state.failures.len() > GUARDIAN_MAX_RESTARTS {
+            tracing::error!(
+                "pool tree failed {} times within {GUARDIAN_WINDOW:?}; giving up",
+                state.failures.len()
+            );
+            return Err(format!("pool tree keeps failing: {err}").into());
+        }
+        if cell.get_id() == state.reaper.get_id() {
+            tracing::error!(cause = %err, "reaper failed; restarting it");
+            state.reaper =
+                spawn_reaper(&state.args, PoolHandle::new(state.slot.clone()), &myself).await?;
+            return Ok(());
+        }
+        let current = state
+            .slot
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get_id();
+        if cell.get_id() != current {
+            return Ok(());
+        }
+        tracing::error!(cause = %err, "pool supervisor failed; killing its servers and restarting it");
+        if let Some(registry) = &state.args.registry {
+            let killed = registry.reap_leftovers();
+            tracing::warn!(killed, "killed process groups of the failed pool");
+        }
+        let pool = spawn_pool(&state.args, &myself).await?;
+        *state
+            .slot
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = pool;
+        Ok(())
+    }
+}

@@ -1,0 +1,869 @@
+//! The `PoolSupervisor`: one `ConnectionActor` per (user, server), started on first use,
+//! restarted on crash (OTP-style intensity and backoff), reaped when idle, capped in size.
+//!
+//! Its handlers never wait for a server to start: `spawn_linked` only awaits a trivial
+//! `pre_start`, and readiness arrives later as [`PoolMsg::Ready`]. Concurrent first requests
+//! for one key queue as waiters of the single start.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
+};
+use tokio::time::Instant;
+
+use super::connection::{
+    CloseReason, ConnKey, ConnShared, ConnState, Connection, ConnectionActor, ConnectionArgs,
+    ConnectionMsg, StartFailure,
+};
+use super::credential::{CredentialError, CredentialHandle};
+use crate::config::{Config, PoolConfig, ServerConfig};
+use crate::mcp::{McpError, ProcessRegistry, ServerLaunch};
+use crate::store::{ServerName, UserId};
+
+/// Why the pool could not serve a request. Cheap to clone: one failed start answers every
+/// request that waited for it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PoolError {
+    #[error("unknown server `{0}`")]
+    UnknownServer(ServerName),
+    #[error("no credentials stored for server `{0}`")]
+    NoCredentials(ServerName),
+    #[error("credentials unavailable: {0}")]
+    Credentials(Arc<CredentialError>),
+    #[error("connection pool is full; retry in {}s", retry_after.as_secs().max(1))]
+    PoolFull { retry_after: Duration },
+    #[error("server keeps crashing; new sessions refused for {}s", retry_after.as_secs().max(1))]
+    CircuitOpen { retry_after: Duration },
+    #[error("MCP server failed to start: {0}")]
+    StartFailed(Arc<McpError>),
+    #[error("MCP server exited during the call; it may or may not have run, and is not retried")]
+    ServerCrashed,
+    #[error("tool call timed out after {0:?}; the request was cancelled")]
+    CallTimeout(Duration),
+    #[error("unknown tool `{0}`")]
+    UnknownTool(String),
+    #[error("MCP error: {0}")]
+    Mcp(Arc<McpError>),
+    #[error("connection was closed before the call; fetch a fresh one")]
+    Reconnect,
+    #[error("the pool is shutting down")]
+    ShuttingDown,
+    #[error("the pool is not running")]
+    Unavailable,
+}
+
+/// How one connection looks in [`PoolStats`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnectionStats {
+    pub user_id: UserId,
+    pub server: ServerName,
+    pub state: ConnState,
+    pub pid: Option<u32>,
+    pub tool_count: usize,
+    pub restarts: u32,
+    pub started_at: Option<DateTime<Utc>>,
+    pub last_used: Option<DateTime<Utc>>,
+    pub in_flight: usize,
+}
+
+/// Pool statistics, as the design names them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PoolStats {
+    /// Keys with a live or starting session (failed keys excluded).
+    pub total_connections: usize,
+    /// Keys whose session is ready.
+    pub active_connections: usize,
+    /// Live sessions per user.
+    pub user_breakdown: std::collections::BTreeMap<String, usize>,
+    pub connections: Vec<ConnectionStats>,
+}
+
+type ConnReply = RpcReplyPort<Result<Connection, PoolError>>;
+
+/// Messages of the [`PoolSupervisor`]; use [`PoolHandle`] rather than sending them.
+pub enum PoolMsg {
+    GetConnection {
+        key: ConnKey,
+        reply: ConnReply,
+    },
+    /// A `ConnectionActor` finished starting.
+    Ready {
+        actor: ActorId,
+        connection: Connection,
+    },
+    /// Backoff elapsed: start the key again.
+    Restart {
+        key: ConnKey,
+    },
+    Close {
+        key: ConnKey,
+        reply: RpcReplyPort<bool>,
+    },
+    CloseUser {
+        user: UserId,
+        reply: RpcReplyPort<usize>,
+    },
+    /// Close connections idle longer than `idle_timeout` (from the reaper).
+    ReapIdle {
+        reply: Option<RpcReplyPort<usize>>,
+    },
+    Stats {
+        reply: RpcReplyPort<PoolStats>,
+    },
+    /// Stop taking work and close every connection; replies with how many were closed.
+    Shutdown {
+        reply: RpcReplyPort<usize>,
+    },
+}
+
+/// Everything the pool needs from the outside.
+#[derive(Clone)]
+pub struct PoolArgs {
+    pub pool: PoolConfig,
+    pub servers: Arc<std::collections::BTreeMap<String, ServerConfig>>,
+    pub credentials: CredentialHandle,
+    pub registry: Option<ProcessRegistry>,
+}
+
+impl PoolArgs {
+    pub fn from_config(
+        config: &Config,
+        credentials: CredentialHandle,
+        registry: Option<ProcessRegistry>,
+    ) -> PoolArgs {
+        PoolArgs {
+            pool: config.pool.clone(),
+            servers: Arc::new(config.servers.clone()),
+            credentials,
+            registry,
+        }
+    }
+}
+
+/// Per-key bookkeeping of the supervisor.
+struct Entry {
+    shared: Arc<ConnShared>,
+    actor: Option<ActorRef<ConnectionMsg>>,
+    waiters: Vec<ConnReply>,
+    /// Failures (crashes and failed starts) inside the restart window.
+    failures: VecDeque<Instant>,
+    /// Set while the key is refused after too many failures.
+    failed_until: Option<Instant>,
+    /// Whether this key has ever been ready: only those restart in the background.
+    ever_ready: bool,
+}
+
+impl Entry {
+    /// Whether `actor` is this key's current incarnation.
+    fn runs(&self, actor: ActorId) -> bool {
+        self.actor.as_ref().is_some_and(|a| a.get_id() == actor)
+    }
+}
+
+pub struct PoolState {
+    args: PoolArgs,
+    entries: HashMap<ConnKey, Entry>,
+    by_actor: HashMap<ActorId, ConnKey>,
+    shutting_down: bool,
+}
+
+/// See the module docs.
+pub struct PoolSupervisor;
+
+impl Actor for PoolSupervisor {
+    type Msg = PoolMsg;
+    type State = PoolState;
+    type Arguments = PoolArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<PoolMsg>,
+        args: PoolArgs,
+    ) -> Result<PoolState, ActorProcessingErr> {
+        Ok(PoolState {
+            args,
+            entries: HashMap::new(),
+            by_actor: HashMap::new(),
+            shutting_down: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<PoolMsg>,
+        message: PoolMsg,
+        state: &mut PoolState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            PoolMsg::GetConnection { key, reply } => {
+                state.get_connection(&myself, key, reply).await
+            }
+            PoolMsg::Ready { actor, connection } => state.on_ready(actor, connection),
+            PoolMsg::Restart { key } => state.on_restart(&myself, key).await,
+            PoolMsg::Close { key, reply } => {
+                let _ = reply.send(state.close(&key, CloseReason::Requested));
+            }
+            PoolMsg::CloseUser { user, reply } => {
+                let keys: Vec<ConnKey> = state
+                    .entries
+                    .keys()
+                    .filter(|k| k.user == user)
+                    .cloned()
+                    .collect();
+                let closed = keys
+                    .iter()
+                    .filter(|key| state.close(key, CloseReason::Requested))
+                    .count();
+                let _ = reply.send(closed);
+            }
+            PoolMsg::ReapIdle { reply } => {
+                let reaped = state.reap_idle();
+                if let Some(reply) = reply {
+                    let _ = reply.send(reaped);
+                }
+            }
+            PoolMsg::Stats { reply } => {
+                let _ = reply.send(state.stats());
+            }
+            PoolMsg::Shutdown { reply } => state.shutdown(reply),
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<PoolMsg>,
+        event: SupervisionEvent,
+        state: &mut PoolState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Overridden: ractor's default stops the supervisor whenever a child dies.
+        match event {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                let actor = cell.get_id();
+                let Some(key) = state.by_actor.remove(&actor) else {
+                    return Ok(());
+                };
+                match err.downcast_ref::<StartFailure>() {
+                    Some(StartFailure(error)) => {
+                        state.on_start_failed(&myself, key, actor, error.clone())
+                    }
+                    None => state.on_crash(&myself, key, actor, &err.to_string()),
+                }
+            }
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                if let Some(key) = state.by_actor.remove(&cell.get_id()) {
+                    state.on_terminated(&key, cell.get_id());
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+// === impl PoolState ===
+
+fn full_jitter(base: Duration, cap: Duration, attempt: u32) -> Duration {
+    let ceiling = base
+        .saturating_mul(2u32.saturating_pow(attempt.min(20)))
+        .min(cap);
+    let millis = ceiling.as_millis().max(1) as u64;
+    Duration::from_millis(rand::random_range(0..=millis))
+}
+
+impl PoolState {
+    fn server_config(&self, server: &ServerName) -> Option<&ServerConfig> {
+        self.args.servers.get(server.as_str())
+    }
+
+    fn live_count(&self, user: Option<&UserId>) -> usize {
+        self.entries
+            .iter()
+            .filter(|(key, entry)| {
+                entry.actor.is_some()
+                    && entry.shared.state() != ConnState::Closing
+                    && user.is_none_or(|u| &key.user == u)
+            })
+            .count()
+    }
+
+    /// Closes the least recently used idle connection (of `user`, if given) to make room.
+    fn evict_lru(&mut self, user: Option<&UserId>) -> bool {
+        let victim = self
+            .entries
+            .iter()
+            .filter(|(key, entry)| {
+                entry.actor.is_some()
+                    && entry.shared.state() == ConnState::Ready
+                    && entry.shared.in_flight() == 0
+                    && user.is_none_or(|u| &key.user == u)
+            })
+            .max_by_key(|(_, entry)| entry.shared.idle_for())
+            .map(|(key, _)| key.clone());
+        match victim {
+            Some(key) => {
+                tracing::info!(user_id = %key.user, server = %key.server, "Evicting least recently used connection {key}");
+                self.close(&key, CloseReason::Evicted)
+            }
+            None => false,
+        }
+    }
+
+    fn make_room(&mut self, user: &UserId) -> Result<(), PoolError> {
+        let pool = &self.args.pool;
+        let (max_user, max_all) = (pool.max_connections_per_user, pool.max_connections);
+        let full = || PoolError::PoolFull {
+            retry_after: Duration::from_secs(5),
+        };
+        if self.live_count(Some(user)) >= max_user && !self.evict_lru(Some(user)) {
+            return Err(full());
+        }
+        if self.live_count(None) >= max_all && !self.evict_lru(None) {
+            return Err(full());
+        }
+        Ok(())
+    }
+
+    async fn get_connection(&mut self, myself: &ActorRef<PoolMsg>, key: ConnKey, reply: ConnReply) {
+        if self.shutting_down {
+            let _ = reply.send(Err(PoolError::ShuttingDown));
+            return;
+        }
+        if self.server_config(&key.server).is_none() {
+            let _ = reply.send(Err(PoolError::UnknownServer(key.server)));
+            return;
+        }
+        let now = Instant::now();
+        if let Some(entry) = self.entries.get_mut(&key) {
+            if let Some(until) = entry.failed_until {
+                if now < until {
+                    let _ = reply.send(Err(PoolError::CircuitOpen {
+                        retry_after: until - now,
+                    }));
+                    return;
+                }
+                // Cool-down over: this request is the one probe start.
+                tracing::info!(user_id = %key.user, server = %key.server, "Cool-down over; probing {key}");
+                entry.failed_until = None;
+                entry.failures.clear();
+            }
+            match (entry.shared.state(), &entry.actor) {
+                (ConnState::Ready, Some(_)) => {
+                    if let Some(client) = entry.shared.client() {
+                        let _ = reply.send(Ok(Connection::new(entry.shared.clone(), client)));
+                        return;
+                    }
+                    entry.waiters.push(reply);
+                    return;
+                }
+                (ConnState::Starting | ConnState::Restarting, _) => {
+                    entry.waiters.push(reply);
+                    // A restart is already scheduled, or a start is running.
+                    if entry.actor.is_some() || entry.ever_ready {
+                        return;
+                    }
+                }
+                _ => entry.waiters.push(reply),
+            }
+        } else {
+            self.entries.insert(
+                key.clone(),
+                Entry {
+                    shared: ConnShared::new(key.clone(), self.args.pool.call_timeout),
+                    actor: None,
+                    waiters: vec![reply],
+                    failures: VecDeque::new(),
+                    failed_until: None,
+                    ever_ready: false,
+                },
+            );
+        }
+        // A closing actor of this key may still be shutting down; a new one takes its place.
+        if let Err(err) = self.make_room(&key.user) {
+            self.fail_waiters(&key, err);
+            return;
+        }
+        self.start(myself, &key).await;
+    }
+
+    /// Spawns a `ConnectionActor` for `key`. Fast: the actor connects in a task of its own.
+    async fn start(&mut self, myself: &ActorRef<PoolMsg>, key: &ConnKey) {
+        let Some(server) = self.server_config(&key.server).cloned() else {
+            return;
+        };
+        let launch = match server.resolved_command() {
+            Ok(command) => ServerLaunch {
+                command: command.to_string_lossy().into_owned(),
+                args: server.args.clone(),
+                env: server.env.clone(),
+                cwd: None,
+            },
+            Err(err) => {
+                self.fail_waiters(
+                    key,
+                    PoolError::StartFailed(Arc::new(McpError::Spawn {
+                        command: server.command.clone(),
+                        source: err,
+                    })),
+                );
+                return;
+            }
+        };
+        let Some(entry) = self.entries.get_mut(key) else {
+            return;
+        };
+        if entry.shared.state() != ConnState::Restarting {
+            entry.shared.set_state(ConnState::Starting);
+        }
+        let args = ConnectionArgs {
+            shared: entry.shared.clone(),
+            launch,
+            credentials_env: server.credentials_env.clone(),
+            credentials: self.args.credentials.clone(),
+            registry: self.args.registry.clone(),
+            startup_timeout: self.args.pool.startup_timeout,
+            close_grace: self.args.pool.close_grace,
+            pool: myself.clone(),
+        };
+        match Actor::spawn_linked(None, ConnectionActor, args, myself.get_cell()).await {
+            Ok((actor, _)) => {
+                self.by_actor.insert(actor.get_id(), key.clone());
+                if let Some(entry) = self.entries.get_mut(key) {
+                    entry.actor = Some(actor);
+                }
+            }
+            Err(err) => {
+                tracing::error!(cause = %err, "cannot spawn a connection actor for {key}");
+                self.fail_waiters(key, PoolError::Unavailable);
+            }
+        }
+    }
+
+    fn fail_waiters(&mut self, key: &ConnKey, err: PoolError) {
+        let Some(entry) = self.entries.get_mut(key) else {
+            return;
+        };
+        for waiter in entry.waiters.drain(..) {
+            let _ = waiter.send(Err(err.clone()));
+        }
+        if entry.actor.is_none() && entry.failed_until.is_none() && !entry.ever_ready {
+            self.entries.remove(key);
+        }
+    }
+
+    fn entry_of(&mut self, actor: ActorId) -> Option<(&ConnKey, &mut Entry)> {
+        let key = self.by_actor.get(&actor)?;
+        let entry = self.entries.get_mut(key)?;
+        entry.runs(actor).then_some((key, entry))
+    }
+
+    fn on_ready(&mut self, actor: ActorId, connection: Connection) {
+        let Some((_, entry)) = self.entry_of(actor) else {
+            return;
+        };
+        entry.ever_ready = true;
+        for waiter in entry.waiters.drain(..) {
+            let _ = waiter.send(Ok(connection.clone()));
+        }
+    }
+
+    /// Records a failure; returns the backoff before the next attempt, or `None` when the key
+    /// just exceeded its intensity and is now refused for the cool-down.
+    fn record_failure(&mut self, key: &ConnKey) -> Option<Duration> {
+        let pool = &self.args.pool;
+        let entry = self.entries.get_mut(key)?;
+        let now = Instant::now();
+        entry.failures.push_back(now);
+        while entry
+            .failures
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > pool.restart_window)
+        {
+            entry.failures.pop_front();
+        }
+        let attempts = entry.failures.len() as u32;
+        if attempts > pool.max_restarts {
+            entry.failed_until = Some(now + pool.failed_cooldown);
+            entry.shared.set_state(ConnState::Failed);
+            tracing::error!(
+                user_id = %key.user, server = %key.server, attempts,
+                "Connection {key} failed {attempts} times within {:?}; refusing it for {:?}",
+                pool.restart_window, pool.failed_cooldown
+            );
+            return None;
+        }
+        Some(full_jitter(
+            pool.restart_backoff_base,
+            pool.restart_backoff_cap,
+            attempts.saturating_sub(1),
+        ))
+    }
+
+    fn on_start_failed(
+        &mut self,
+        myself: &ActorRef<PoolMsg>,
+        key: ConnKey,
+        actor: ActorId,
+        error: PoolError,
+    ) {
+        let Some(entry) = self.entries.get_mut(&key) else {
+            return;
+        };
+        if !entry.runs(actor) {
+            return;
+        }
+        entry.actor = None;
+        // Configuration problems are not crashes: report them, do not count or retry them.
+        if matches!(
+            error,
+            PoolError::NoCredentials(_) | PoolError::Credentials(_)
+        ) {
+            if let Some(entry) = self.entries.get_mut(&key) {
+                entry.ever_ready = false;
+            }
+            self.fail_waiters(&key, error);
+            return;
+        }
+        let backoff = self.record_failure(&key);
+        let ever_ready = self.entries.get(&key).is_some_and(|e| e.ever_ready);
+        match backoff {
+            Some(delay) if ever_ready => self.schedule_restart(myself, &key, delay),
+            Some(_) => self.fail_waiters(&key, error),
+            None => self.fail_waiters(&key, error),
+        }
+    }
+
+    fn on_crash(&mut self, myself: &ActorRef<PoolMsg>, key: ConnKey, actor: ActorId, cause: &str) {
+        let Some(entry) = self.entries.get_mut(&key) else {
+            return;
+        };
+        if !entry.runs(actor) {
+            return;
+        }
+        entry.actor = None;
+        if self.shutting_down {
+            self.entries.remove(&key);
+            return;
+        }
+        tracing::warn!(user_id = %key.user, server = %key.server, cause, "Connection {key} crashed");
+        match self.record_failure(&key) {
+            Some(delay) => self.schedule_restart(myself, &key, delay),
+            None => {
+                let retry_after = self.args.pool.failed_cooldown;
+                self.fail_waiters(&key, PoolError::CircuitOpen { retry_after });
+            }
+        }
+    }
+
+    fn schedule_restart(&mut self, myself: &ActorRef<PoolMsg>, key: &ConnKey, delay: Duration) {
+        let Some(entry) = self.entries.get_mut(key) else {
+            return;
+        };
+        entry.shared.set_state(ConnState::Restarting);
+        entry.shared.count_restart();
+        let attempt = entry.failures.len();
+        tracing::warn!(
+            user_id = %key.user, server = %key.server, attempt, backoff_ms = delay.as_millis() as u64,
+            "Restarting MCP connection {key} (attempt {attempt}) in {delay:?}"
+        );
+        let key = key.clone();
+        myself.send_after(delay, move || PoolMsg::Restart { key });
+    }
+
+    async fn on_restart(&mut self, myself: &ActorRef<PoolMsg>, key: ConnKey) {
+        let Some(entry) = self.entries.get(&key) else {
+            return;
+        };
+        if self.shutting_down
+            || entry.actor.is_some()
+            || entry.shared.state() != ConnState::Restarting
+        {
+            return;
+        }
+        self.start(myself, &key).await;
+    }
+
+    fn on_terminated(&mut self, key: &ConnKey, actor: ActorId) {
+        let Some(entry) = self.entries.get_mut(key) else {
+            return;
+        };
+        // A closed actor's key may already hold a newer incarnation: leave that alone.
+        if !entry.runs(actor) {
+            return;
+        }
+        entry.actor = None;
+        if entry.failed_until.is_none() && entry.shared.state() != ConnState::Restarting {
+            let waiters = std::mem::take(&mut entry.waiters);
+            self.entries.remove(key);
+            for waiter in waiters {
+                let _ = waiter.send(Err(PoolError::Reconnect));
+            }
+        }
+    }
+
+    /// Starts closing `key`'s connection; returns whether there was a live one.
+    fn close(&mut self, key: &ConnKey, reason: CloseReason) -> bool {
+        let Some(entry) = self.entries.get_mut(key) else {
+            return false;
+        };
+        let Some(actor) = entry.actor.take() else {
+            // Nothing running (failed or awaiting a restart): forget the key.
+            self.entries.remove(key);
+            return false;
+        };
+        entry.shared.set_state(ConnState::Closing);
+        let waiters = std::mem::take(&mut entry.waiters);
+        self.entries.remove(key);
+        for waiter in waiters {
+            let _ = waiter.send(Err(PoolError::Reconnect));
+        }
+        // by_actor keeps the id until ActorTerminated, so that event is recognised and ignored.
+        let _ = actor.send_message(ConnectionMsg::Close {
+            reason,
+            reply: None,
+        });
+        true
+    }
+
+    fn reap_idle(&mut self) -> usize {
+        let idle_timeout = self.args.pool.idle_timeout;
+        let idle: Vec<ConnKey> = self
+            .entries
+            .iter()
+            .filter(|(_, entry)| {
+                entry.actor.is_some()
+                    && entry.shared.idle_for() > idle_timeout
+                    && entry.shared.try_begin_close()
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &idle {
+            self.close(key, CloseReason::Idle);
+            tracing::info!(user_id = %key.user, server = %key.server, "Cleaned up idle connection: {key}");
+        }
+        // Failed keys whose cool-down is long over are forgotten, so the map does not grow.
+        let now = Instant::now();
+        self.entries.retain(|_, entry| {
+            entry.actor.is_some()
+                || !entry.waiters.is_empty()
+                || entry.shared.state() == ConnState::Restarting
+                || entry
+                    .failed_until
+                    .is_some_and(|until| until + idle_timeout > now)
+        });
+        tracing::info!(
+            count = idle.len(),
+            "Cleaned up {} idle MCP connections",
+            idle.len()
+        );
+        idle.len()
+    }
+
+    fn stats(&self) -> PoolStats {
+        let mut connections: Vec<ConnectionStats> = self
+            .entries
+            .iter()
+            .map(|(key, entry)| ConnectionStats {
+                user_id: key.user.clone(),
+                server: key.server.clone(),
+                state: entry.shared.state(),
+                pid: entry.shared.pid().filter(|_| entry.actor.is_some()),
+                tool_count: entry.shared.tool_count(),
+                restarts: entry.shared.restarts(),
+                started_at: entry.shared.started_at(),
+                last_used: entry.shared.last_used(),
+                in_flight: entry.shared.in_flight(),
+            })
+            .collect();
+        connections.sort_by(|a, b| (&a.user_id, &a.server).cmp(&(&b.user_id, &b.server)));
+        let live: Vec<&ConnectionStats> = connections
+            .iter()
+            .filter(|c| c.state != ConnState::Failed)
+            .collect();
+        let mut user_breakdown = std::collections::BTreeMap::new();
+        for conn in &live {
+            *user_breakdown.entry(conn.user_id.to_string()).or_insert(0) += 1;
+        }
+        PoolStats {
+            total_connections: live.len(),
+            active_connections: live.iter().filter(|c| c.state == ConnState::Ready).count(),
+            user_breakdown,
+            connections,
+        }
+    }
+
+    fn shutdown(&mut self, reply: RpcReplyPort<usize>) {
+        self.shutting_down = true;
+        let mut closing = Vec::new();
+        for (key, mut entry) in self.entries.drain() {
+            for waiter in entry.waiters.drain(..) {
+                let _ = waiter.send(Err(PoolError::ShuttingDown));
+            }
+            if let Some(actor) = entry.actor.take() {
+                entry.shared.set_state(ConnState::Closing);
+                closing.push((key, actor));
+            }
+        }
+        let count = closing.len();
+        // Closing takes up to the grace periods; run it off the mailbox.
+        tokio::spawn(async move {
+            let closes = closing.into_iter().map(|(key, actor)| async move {
+                let closed = actor
+                    .call(
+                        |reply| ConnectionMsg::Close {
+                            reason: CloseReason::Shutdown,
+                            reply: Some(reply),
+                        },
+                        None,
+                    )
+                    .await;
+                if closed.is_err() {
+                    tracing::warn!("connection {key} was already gone at shutdown");
+                }
+            });
+            futures_join_all(closes).await;
+            tracing::info!(count, "Closed {count} MCP connections");
+            let _ = reply.send(count);
+        });
+    }
+}
+
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+    futures: impl IntoIterator<Item = F>,
+) {
+    let mut set = tokio::task::JoinSet::new();
+    for future in futures {
+        set.spawn(future);
+    }
+    while set.join_next().await.is_some() {}
+}
+
+// === PoolHandle ===
+
+/// Typed handle to the pool; cheap to clone. Survives a restart of the supervisor (see
+/// [`super::guardian`]): it reads the current supervisor from a shared slot.
+#[derive(Clone)]
+pub struct PoolHandle {
+    slot: Arc<std::sync::RwLock<ActorRef<PoolMsg>>>,
+}
+
+impl PoolHandle {
+    pub(crate) fn new(slot: Arc<std::sync::RwLock<ActorRef<PoolMsg>>>) -> PoolHandle {
+        PoolHandle { slot }
+    }
+
+    fn actor(&self) -> ActorRef<PoolMsg> {
+        self.slot
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn supervisor_cell(&self) -> ActorCell {
+        self.actor().get_cell()
+    }
+
+    async fn ask<T: Send + 'static>(
+        &self,
+        build: impl FnOnce(RpcReplyPort<T>) -> PoolMsg,
+    ) -> Result<T, PoolError> {
+        match self.actor().call(build, None).await {
+            Ok(ractor::rpc::CallResult::Success(value)) => Ok(value),
+            _ => Err(PoolError::Unavailable),
+        }
+    }
+
+    /// A ready connection for (user, server), starting the server only if none is live.
+    pub async fn get_connection(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<Connection, PoolError> {
+        let key = ConnKey {
+            user: user.clone(),
+            server: server.clone(),
+        };
+        // A connection reaped between lookup and use is fetched again, once.
+        for _ in 0..2 {
+            let key = key.clone();
+            match self
+                .ask(|reply| PoolMsg::GetConnection { key, reply })
+                .await?
+            {
+                Err(PoolError::Reconnect) => continue,
+                other => return other,
+            }
+        }
+        Err(PoolError::Reconnect)
+    }
+
+    /// The cached tool list; a restart in progress is waited for transparently.
+    pub async fn list_tools(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<Arc<Vec<rmcp::model::Tool>>, PoolError> {
+        Ok(self.get_connection(user, server).await?.tools())
+    }
+
+    /// Calls a tool. Retried only if the connection was closed before the call was sent.
+    pub async fn call_tool(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        tool: &str,
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<rmcp::model::CallToolResult, PoolError> {
+        let connection = self.get_connection(user, server).await?;
+        match connection.call_tool(tool, arguments.clone()).await {
+            Err(PoolError::Reconnect) => {
+                self.get_connection(user, server)
+                    .await?
+                    .call_tool(tool, arguments)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    pub async fn close_connection(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<bool, PoolError> {
+        let key = ConnKey {
+            user: user.clone(),
+            server: server.clone(),
+        };
+        self.ask(|reply| PoolMsg::Close { key, reply }).await
+    }
+
+    pub async fn close_user_connections(&self, user: &UserId) -> Result<usize, PoolError> {
+        let user = user.clone();
+        self.ask(|reply| PoolMsg::CloseUser { user, reply }).await
+    }
+
+    /// Asks for an idle sweep without waiting for it (the reaper's tick).
+    pub fn request_reap(&self) {
+        let _ = self.actor().send_message(PoolMsg::ReapIdle { reply: None });
+    }
+
+    /// Runs an idle sweep now; returns how many connections were closed.
+    pub async fn reap_idle(&self) -> Result<usize, PoolError> {
+        self.ask(|reply| PoolMsg::ReapIdle { reply: Some(reply) })
+            .await
+    }
+
+    pub async fn stats(&self) -> Result<PoolStats, PoolError> {
+        self.ask(|reply| PoolMsg::Stats { reply }).await
+    }
+
+    /// Stops taking work and closes every connection; returns how many were closed.
+    pub async fn shutdown(&self) -> Result<usize, PoolError> {
+        self.ask(|reply| PoolMsg::Shutdown { reply }).await
+    }
+}
