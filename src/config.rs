@@ -362,11 +362,12 @@ impl Config {
             }
             if let Some(oauth) = &server.oauth {
                 if let Some(secret_env) = &oauth.client_secret_env
-                    && !is_env_name(secret_env)
+                    && !(is_env_name(secret_env) && secret_env.starts_with("MCP_POOL_"))
                 {
                     return Err(invalid(
                         key("oauth.client_secret_env"),
-                        "must be an environment variable name",
+                        "must be an environment variable name starting with MCP_POOL_ \
+                         (those are withheld from MCP server processes)",
                     ));
                 }
             } else if server.credentials_format == CredentialsFormat::GoogleAuthorizedUser {

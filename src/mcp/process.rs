@@ -34,11 +34,17 @@ use super::McpError;
 /// How often [`terminate_group`] looks whether the group is gone.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
+/// Variables with this prefix belong to the service and never reach an MCP server, unless a
+/// launch sets one explicitly.
+pub const SERVICE_ENV_PREFIX: &str = "MCP_POOL_";
+
 // === ServerLaunch ===
 
 /// How to start one MCP server over stdio.
 ///
-/// The child inherits the service's environment, with `env` applied on top.
+/// The child inherits the service's environment minus every `MCP_POOL_*` variable (the
+/// service's own secrets: database URL, encryption keys, API keys, OAuth client secrets), with
+/// `env` applied on top.
 #[derive(Clone, Default)]
 pub struct ServerLaunch {
     /// The program to run, looked up in `PATH` when it has no slash.
@@ -156,6 +162,11 @@ pub(crate) async fn spawn_server(launch: &ServerLaunch) -> Result<SpawnedServer,
 /// Runs on the spawner thread: builds the command and forks.
 fn spawn_here(launch: &ServerLaunch, parent: Pid) -> io::Result<SpawnedServer> {
     let mut command = tokio::process::Command::new(&launch.command);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with(SERVICE_ENV_PREFIX) {
+            command.env_remove(name);
+        }
+    }
     command.args(&launch.args).envs(&launch.env);
     if let Some(cwd) = &launch.cwd {
         command.current_dir(cwd);
