@@ -43,6 +43,7 @@ on_both_backends!(
     actor_writes_files_privately_and_atomically,
     fifty_concurrent_updates_lose_nothing,
     missing_file_is_recreated_from_the_database,
+    periodic_cleanup_runs_on_its_own,
 );
 
 fn user(id: &str) -> UserId {
@@ -589,6 +590,48 @@ async fn missing_file_is_recreated_from_the_database(kind: BackendKind) {
     assert!(
         matches!(none, Err(CredentialError::NotFound(_))),
         "{none:?}"
+    );
+    handle.shutdown().await;
+}
+
+async fn periodic_cleanup_runs_on_its_own(kind: BackendKind) {
+    let (store, dir, _) = fresh_store(kind).await;
+    let files = CredentialFiles::open(common::credentials_dir(dir.path())).unwrap();
+    let (handle, _) = CredentialHandle::spawn(
+        CredentialArgs {
+            store: store.clone(),
+            files,
+            specs: specs(),
+            // Every 50 ms, delete inactive rows older than 1 ms.
+            cleanup: Some((Duration::from_millis(50), Duration::from_millis(1))),
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let demo = server("demo");
+    handle
+        .create(&user("old"), &demo, tokens("t", None))
+        .await
+        .unwrap();
+    handle
+        .create(&user("kept"), &demo, tokens("t", None))
+        .await
+        .unwrap();
+    handle.deactivate(&user("old"), &demo).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while store.list(None, true).await.unwrap().len() > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the periodic cleanup never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = store.list(None, true).await.unwrap();
+    assert_eq!(
+        left[0].user_id,
+        user("kept"),
+        "active rows are never cleaned up"
     );
     handle.shutdown().await;
 }
