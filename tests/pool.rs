@@ -671,3 +671,30 @@ async fn sixty_four_concurrent_calls_on_one_connection_run_concurrently() {
     assert_eq!(stats["peak_concurrent_sleeps"], 64);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_starts_trips_the_circuit_too() {
+    let h = Harness::start(
+        "max_restarts = 2\nfailed_cooldown = \"1h\"",
+        "[servers.broken]\ncommand = \"/nonexistent/mcp-server\"\n\
+         credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n",
+    )
+    .await;
+    let (yara, broken) = h.connect("yara", "broken").await;
+    for attempt in 1..=3 {
+        let result = h.pool().get_connection(&yara, &broken).await;
+        assert!(
+            matches!(result, Err(PoolError::StartFailed(_))),
+            "attempt {attempt}: {:?}",
+            result.map(|c| c.pid())
+        );
+    }
+    let refused = h.pool().get_connection(&yara, &broken).await;
+    assert!(
+        matches!(refused, Err(PoolError::CircuitOpen { .. })),
+        "{:?}",
+        refused.map(|c| c.pid())
+    );
+    assert_eq!(h.state_of(&yara, &broken).await, Some(ConnState::Failed));
+    h.stop().await;
+}

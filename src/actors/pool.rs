@@ -158,6 +158,13 @@ struct Entry {
 }
 
 impl Entry {
+    /// No process, none coming, not refused: only failure history is kept.
+    fn is_dormant(&self) -> bool {
+        self.actor.is_none()
+            && self.failed_until.is_none()
+            && self.shared.state() != ConnState::Restarting
+    }
+
     /// Whether `actor` is this key's current incarnation.
     fn runs(&self, actor: ActorId) -> bool {
         self.actor.as_ref().is_some_and(|a| a.get_id() == actor)
@@ -450,9 +457,8 @@ impl PoolState {
         for waiter in entry.waiters.drain(..) {
             let _ = waiter.send(Err(err.clone()));
         }
-        if entry.actor.is_none() && entry.failed_until.is_none() && !entry.ever_ready {
-            self.entries.remove(key);
-        }
+        // The entry stays, dormant, so its failure history can trip the circuit; the reaper
+        // forgets it once that history is old.
     }
 
     fn entry_of(&mut self, actor: ActorId) -> Option<(&ConnKey, &mut Entry)> {
@@ -667,6 +673,7 @@ impl PoolState {
         let mut connections: Vec<ConnectionStats> = self
             .entries
             .iter()
+            .filter(|(_, entry)| !entry.is_dormant())
             .map(|(key, entry)| ConnectionStats {
                 user_id: key.user.clone(),
                 server: key.server.clone(),
