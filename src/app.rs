@@ -30,6 +30,13 @@ pub enum AppError {
     Process(#[from] McpError),
     #[error("cannot start an actor: {0}")]
     Spawn(#[from] ractor::SpawnErr),
+    #[error("HTTP authentication: {0}")]
+    Auth(#[from] crate::http::AuthSetupError),
+    #[error("cannot listen on {addr}: {cause}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        cause: std::io::Error,
+    },
 }
 
 /// Store options from config and the process environment.
@@ -138,18 +145,26 @@ impl App {
         })
     }
 
-    /// Serves until `shutdown` resolves, then stops everything in order (see actors.md).
+    /// Serves the HTTP facade until `shutdown` resolves and in-flight requests drained, then
+    /// stops everything in order (see actors.md).
     pub async fn run_until_stopped(
         self,
-        shutdown: impl Future<Output = ()>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), AppError> {
+        let state = crate::http::HttpState::from_app(&self)?;
+        let addr = self.config.service.listen;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|cause| AppError::Listen { addr, cause })?;
         tracing::info!(
             listen = %self.config.service.listen,
             backend = ?self.storage.store.kind(),
             servers = ?self.config.servers.keys().collect::<Vec<_>>(),
             "mcp-pool started"
         );
-        shutdown.await;
+        if let Err(err) = crate::http::serve(listener, state, shutdown).await {
+            tracing::error!(cause = %err, "HTTP server failed");
+        }
         tracing::info!("Shutting down");
         self.stop().await;
         tracing::info!("mcp-pool stopped");

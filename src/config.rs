@@ -17,6 +17,11 @@ pub const DATABASE_URL_ENV: &str = "MCP_POOL_DATABASE_URL";
 /// Environment variable with encryption keys (`VERSION:BASE64KEY[,VERSION:BASE64KEY...]`);
 /// when set, it replaces the key file.
 pub const ENCRYPTION_KEYS_ENV: &str = "MCP_POOL_ENCRYPTION_KEYS";
+/// Environment variable holding the service API key (`auth.mode = "api_key"`); when unset, the
+/// key is read from (or created in) `auth.api_key_file`.
+pub const API_KEY_ENV: &str = "MCP_POOL_API_KEY";
+/// Environment variable holding the admin key; when unset, `auth.admin_key_file` is used.
+pub const ADMIN_KEY_ENV: &str = "MCP_POOL_ADMIN_KEY";
 /// `command = "{self}"` runs the mcp-pool binary itself (the bundled demo server).
 pub const SELF_COMMAND: &str = "{self}";
 
@@ -60,6 +65,12 @@ pub struct Config {
     /// Connection pool sizing, timeouts and restart policy.
     #[serde(default)]
     pub pool: PoolConfig,
+    /// How callers of the HTTP facade authenticate.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// HTTP facade limits.
+    #[serde(default)]
+    pub http: HttpConfig,
     /// One entry per MCP server users may connect, keyed by server name.
     #[serde(default)]
     pub servers: BTreeMap<String, ServerConfig>,
@@ -204,6 +215,104 @@ impl Default for PoolConfig {
     }
 }
 
+/// How callers authenticate (`[auth]`). Admin routes always need the admin key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `api_key` (service key + `X-User-Id`) or `jwt` (the user's own access token).
+    pub mode: AuthMode,
+    /// Service key file, created with mode 0600 on first run unless `MCP_POOL_API_KEY` is set.
+    pub api_key_file: PathBuf,
+    /// Admin key file, created with mode 0600 on first run unless `MCP_POOL_ADMIN_KEY` is set.
+    pub admin_key_file: PathBuf,
+    /// Token verification; required when `mode = "jwt"`.
+    pub jwt: Option<JwtConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::ApiKey,
+            api_key_file: PathBuf::from("./data/api.key"),
+            admin_key_file: PathBuf::from("./data/admin.key"),
+            jwt: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Service to service: `Authorization: Bearer <service key>` and `X-User-Id: <user>`.
+    ApiKey,
+    /// `Authorization: Bearer <JWT>`; the user is the token's `sub`.
+    Jwt,
+}
+
+/// Signature algorithms accepted for user tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum JwtAlgorithm {
+    /// Shared secret (as Supabase issues them); the secret comes from `secret_env`.
+    HS256,
+    /// RSA public keys from `jwks_file`.
+    RS256,
+    /// P-256 public keys from `jwks_file`.
+    ES256,
+}
+
+/// `[auth.jwt]`: how user tokens are verified. `exp` and `nbf` are always checked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    pub algorithm: JwtAlgorithm,
+    /// Environment variable holding the HS256 secret (never the secret itself).
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// JWKS document (`{"keys": [...]}`) with the RS256/ES256 public keys.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Required `iss`, if set.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Required `aud`, if set (Supabase: `authenticated`).
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp`/`nbf`.
+    #[serde(default = "default_jwt_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+fn default_jwt_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `[http]`: limits of the HTTP facade.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Upper bound of one request (until the response head). Longer than
+    /// `pool.startup_timeout + pool.call_timeout`, so a slow first call still gets the pool's
+    /// own, more precise error.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Largest accepted request body, in bytes; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// On shutdown, how long `/readyz` answers 503 while requests are still accepted, so a
+    /// load balancer stops routing here before the listener closes. Zero in the embedded default.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(120),
+            max_body_bytes: 1024 * 1024,
+            shutdown_delay: Duration::ZERO,
+        }
+    }
+}
+
 /// How the per-user credentials file is laid out for a server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -339,6 +448,8 @@ impl Config {
         if pool.max_restarts == 0 {
             return Err(invalid("pool.max_restarts", "must be at least 1"));
         }
+        self.validate_http()?;
+        self.validate_auth()?;
         for (name, server) in &self.servers {
             let key = |field: &str| format!("servers.{name}.{field}");
             ServerName::parse(name)
@@ -375,6 +486,94 @@ impl Config {
                     key("oauth"),
                     "is required for credentials_format = \"google_authorized_user\" (client_id)",
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_http(&self) -> Result<(), ConfigError> {
+        if self.http.request_timeout.is_zero() {
+            return Err(invalid("http.request_timeout", "must be longer than zero"));
+        }
+        // Below 1 KiB not even a credentials PUT fits; above 64 MiB a JSON body is a mistake.
+        if !(1024..=64 * 1024 * 1024).contains(&self.http.max_body_bytes) {
+            return Err(invalid(
+                "http.max_body_bytes",
+                "must be between 1024 and 67108864 (64 MiB)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let auth = &self.auth;
+        if auth.api_key_file.as_os_str().is_empty() {
+            return Err(invalid("auth.api_key_file", "must not be empty"));
+        }
+        if auth.admin_key_file.as_os_str().is_empty() {
+            return Err(invalid("auth.admin_key_file", "must not be empty"));
+        }
+        if auth.api_key_file == auth.admin_key_file {
+            return Err(invalid(
+                "auth.admin_key_file",
+                "must differ from auth.api_key_file (the admin key must be a separate secret)",
+            ));
+        }
+        let Some(jwt) = &auth.jwt else {
+            if auth.mode == AuthMode::Jwt {
+                return Err(invalid("auth.jwt", "is required when auth.mode = \"jwt\""));
+            }
+            return Ok(());
+        };
+        match jwt.algorithm {
+            JwtAlgorithm::HS256 => {
+                match &jwt.secret_env {
+                    Some(name) if is_env_name(name) => {}
+                    Some(_) => {
+                        return Err(invalid(
+                            "auth.jwt.secret_env",
+                            "must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
+                        ));
+                    }
+                    None => {
+                        return Err(invalid(
+                            "auth.jwt.secret_env",
+                            "is required for algorithm = \"HS256\"",
+                        ));
+                    }
+                }
+                if jwt.jwks_file.is_some() {
+                    return Err(invalid(
+                        "auth.jwt.jwks_file",
+                        "is only used with RS256/ES256; HS256 takes secret_env",
+                    ));
+                }
+            }
+            JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
+                if jwt
+                    .jwks_file
+                    .as_ref()
+                    .is_none_or(|f| f.as_os_str().is_empty())
+                {
+                    return Err(invalid(
+                        "auth.jwt.jwks_file",
+                        "is required for algorithm = \"RS256\" or \"ES256\"",
+                    ));
+                }
+                if jwt.secret_env.is_some() {
+                    return Err(invalid(
+                        "auth.jwt.secret_env",
+                        "is only used with HS256; RS256/ES256 take jwks_file",
+                    ));
+                }
+            }
+        }
+        for (key, value) in [
+            ("auth.jwt.issuer", &jwt.issuer),
+            ("auth.jwt.audience", &jwt.audience),
+        ] {
+            if value.as_ref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(invalid(key, "must not be empty when set"));
             }
         }
         Ok(())
@@ -447,6 +646,86 @@ mod tests {
         let config = Config::parse(text).unwrap();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("servers.../x"), "{err}");
+    }
+
+    #[test]
+    fn auth_and_http_defaults_are_the_embedded_ones() {
+        let config = Config::parse(SHIPPED).unwrap();
+        assert_eq!(config.auth.mode, AuthMode::ApiKey);
+        assert_eq!(config.auth.api_key_file, PathBuf::from("./data/api.key"));
+        assert_eq!(
+            config.auth.admin_key_file,
+            PathBuf::from("./data/admin.key")
+        );
+        assert!(config.auth.jwt.is_none());
+        assert_eq!(config.http.request_timeout, Duration::from_secs(120));
+        assert_eq!(config.http.max_body_bytes, 1024 * 1024);
+        assert_eq!(config.http.shutdown_delay, Duration::ZERO);
+    }
+
+    fn validation_error(text: &str) -> String {
+        Config::parse(text)
+            .expect("parses")
+            .validate()
+            .expect_err("invalid")
+            .to_string()
+    }
+
+    #[test]
+    fn auth_validation_names_the_key() {
+        let cases = [
+            ("[auth]\nmode = \"jwt\"\n", "auth.jwt"),
+            (
+                "[auth]\nmode = \"jwt\"\n[auth.jwt]\nalgorithm = \"HS256\"\n",
+                "auth.jwt.secret_env",
+            ),
+            (
+                "[auth.jwt]\nalgorithm = \"HS256\"\nsecret_env = \"not a name\"\n",
+                "auth.jwt.secret_env",
+            ),
+            ("[auth.jwt]\nalgorithm = \"RS256\"\n", "auth.jwt.jwks_file"),
+            (
+                "[auth.jwt]\nalgorithm = \"ES256\"\njwks_file = \"k.json\"\nsecret_env = \"S\"\n",
+                "auth.jwt.secret_env",
+            ),
+            (
+                "[auth.jwt]\nalgorithm = \"HS256\"\nsecret_env = \"S\"\njwks_file = \"k.json\"\n",
+                "auth.jwt.jwks_file",
+            ),
+            (
+                "[auth.jwt]\nalgorithm = \"HS256\"\nsecret_env = \"S\"\naudience = \" \"\n",
+                "auth.jwt.audience",
+            ),
+            (
+                "[auth]\napi_key_file = \"k\"\nadmin_key_file = \"k\"\n",
+                "auth.admin_key_file",
+            ),
+            ("[http]\nrequest_timeout = \"0s\"\n", "http.request_timeout"),
+            ("[http]\nmax_body_bytes = 10\n", "http.max_body_bytes"),
+        ];
+        for (text, key) in cases {
+            let err = validation_error(text);
+            assert!(err.contains(&format!("`{key}`")), "{text:?}: {err}");
+        }
+        let err = Config::parse("[auth]\nmode = \"oauth\"\n").unwrap_err();
+        assert!(err.contains("mode"), "{err}");
+        let err = Config::parse("[auth.jwt]\nalgorithm = \"none\"\n").unwrap_err();
+        assert!(err.contains("algorithm"), "{err}");
+        let err = Config::parse("[http]\nbody_limit = 5\n").unwrap_err();
+        assert!(err.contains("body_limit"), "{err}");
+    }
+
+    #[test]
+    fn valid_jwt_configs_pass() {
+        for text in [
+            "[auth]\nmode = \"jwt\"\n[auth.jwt]\nalgorithm = \"HS256\"\nsecret_env = \"SUPABASE_JWT_SECRET\"\naudience = \"authenticated\"\n",
+            "[auth]\nmode = \"jwt\"\n[auth.jwt]\nalgorithm = \"RS256\"\njwks_file = \"jwks.json\"\nissuer = \"https://issuer\"\nleeway = \"5s\"\n",
+            "[auth]\nmode = \"jwt\"\n[auth.jwt]\nalgorithm = \"ES256\"\njwks_file = \"jwks.json\"\n",
+            "[http]\nrequest_timeout = \"5m\"\nmax_body_bytes = 4096\nshutdown_delay = \"5s\"\n",
+        ] {
+            let config = Config::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            config.validate().unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
     }
 
     #[test]

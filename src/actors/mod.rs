@@ -12,4 +12,4 @@ pub use credential::{
     CredentialActor, CredentialArgs, CredentialError, CredentialHandle, CredentialMsg,
 };
 pub use guardian::{GuardianMsg, PoolGuardian};
-pub use pool::{ConnectionStats, PoolArgs, PoolError, PoolHandle, PoolStats};
+pub use pool::{ConnectionStats, PoolArgs, PoolCounters, PoolError, PoolHandle, PoolStats};

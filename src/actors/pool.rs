@@ -80,6 +80,22 @@ pub struct PoolStats {
     /// Live sessions per user.
     pub user_breakdown: std::collections::BTreeMap<String, usize>,
     pub connections: Vec<ConnectionStats>,
+    /// Events since this supervisor started, for `/metrics`.
+    pub counters: PoolCounters,
+}
+
+/// Monotonic event counts of one supervisor incarnation (a supervisor restart resets them,
+/// which Prometheus reads as a counter reset).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PoolCounters {
+    /// `ConnectionActor`s spawned (first starts, restarts, probes).
+    pub spawns: u64,
+    /// Restarts scheduled after a crash or a failed start.
+    pub restarts: u64,
+    /// Connections closed by the idle reaper.
+    pub reaped: u64,
+    /// Connections closed to make room (LRU).
+    pub evicted: u64,
 }
 
 type ConnReply = RpcReplyPort<Result<Connection, PoolError>>;
@@ -176,6 +192,7 @@ pub struct PoolState {
     entries: HashMap<ConnKey, Entry>,
     by_actor: HashMap<ActorId, ConnKey>,
     shutting_down: bool,
+    counters: PoolCounters,
 }
 
 /// See the module docs.
@@ -196,6 +213,7 @@ impl Actor for PoolSupervisor {
             entries: HashMap::new(),
             by_actor: HashMap::new(),
             shutting_down: false,
+            counters: PoolCounters::default(),
         })
     }
 
@@ -314,6 +332,7 @@ impl PoolState {
         match victim {
             Some(key) => {
                 tracing::info!(user_id = %key.user, server = %key.server, "Evicting least recently used connection {key}");
+                self.counters.evicted += 1;
                 self.close(&key, CloseReason::Evicted)
             }
             None => false,
@@ -438,6 +457,7 @@ impl PoolState {
         };
         match Actor::spawn_linked(None, ConnectionActor, args, myself.get_cell()).await {
             Ok((actor, _)) => {
+                self.counters.spawns += 1;
                 self.by_actor.insert(actor.get_id(), key.clone());
                 if let Some(entry) = self.entries.get_mut(key) {
                     entry.actor = Some(actor);
@@ -571,6 +591,7 @@ impl PoolState {
         };
         entry.shared.set_state(ConnState::Restarting);
         entry.shared.count_restart();
+        self.counters.restarts += 1;
         let attempt = entry.failures.len();
         tracing::warn!(
             user_id = %key.user, server = %key.server, attempt, backoff_ms = delay.as_millis() as u64,
@@ -647,6 +668,7 @@ impl PoolState {
             })
             .map(|(key, _)| key.clone())
             .collect();
+        self.counters.reaped += idle.len() as u64;
         for key in &idle {
             self.close(key, CloseReason::Idle);
             tracing::info!(user_id = %key.user, server = %key.server, "Cleaned up idle connection: {key}");
@@ -700,6 +722,7 @@ impl PoolState {
             active_connections: live.iter().filter(|c| c.state == ConnState::Ready).count(),
             user_breakdown,
             connections,
+            counters: self.counters,
         }
     }
 

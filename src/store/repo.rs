@@ -40,9 +40,10 @@ macro_rules! on_backend {
 
 /// Runs `$body` inside a write transaction bound to `$tx`. SQLite writers take the lock up front
 /// (`BEGIN IMMEDIATE`): a deferred transaction that reads then writes can fail with SQLITE_BUSY
-/// whatever the busy timeout.
+/// whatever the busy timeout. On PostgreSQL the transaction first sets its row-level-security
+/// `$scope` (see [`Scope`]).
 macro_rules! in_write_tx {
-    ($store:expr, $tx:ident => $body:expr) => {
+    ($store:expr, $scope:expr, $tx:ident => $body:expr) => {
         match &$store.backend {
             Backend::Sqlite(pool) => {
                 let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await?;
@@ -52,12 +53,71 @@ macro_rules! in_write_tx {
             }
             Backend::Postgres(pool) => {
                 let mut $tx = pool.begin().await?;
+                set_scope(&mut $tx, $scope).await?;
                 let out = $body;
                 $tx.commit().await?;
                 out
             }
         }
     };
+}
+
+/// Runs the read `$body` with `$conn` bound to an executor: the SQLite pool itself, or on
+/// PostgreSQL a transaction that first sets its row-level-security `$scope`. `$body` yields a
+/// `Result<_, sqlx::Error>`.
+macro_rules! in_read {
+    ($store:expr, $scope:expr, $conn:ident => $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite(pool) => {
+                let $conn = pool;
+                $body
+            }
+            Backend::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                set_scope(&mut tx, $scope).await?;
+                let out = {
+                    let $conn = &mut *tx;
+                    $body
+                };
+                if out.is_ok() {
+                    tx.commit().await?;
+                }
+                out
+            }
+        }
+    };
+}
+
+/// Whose rows a PostgreSQL transaction may touch under row-level security
+/// (`migrations/postgres/0002_rls.sql`).
+///
+/// Per-user work sets `app.user_id`, so a query that lost its `WHERE user_id = ...` (a bug)
+/// still sees only that user's rows. The few operations that need every row (cleanup, key
+/// rotation, the operator's list) set `app.all_users`; they are the only callers of
+/// [`Scope::AllUsers`]. Both settings are transaction-local (`set_config(.., true)`), so a pooled
+/// connection never carries one user's scope into the next transaction. SQLite has no RLS and
+/// ignores the scope.
+#[derive(Debug, Clone, Copy)]
+enum Scope<'a> {
+    User(&'a UserId),
+    AllUsers,
+}
+
+async fn set_scope(conn: &mut sqlx::PgConnection, scope: Scope<'_>) -> Result<(), sqlx::Error> {
+    match scope {
+        Scope::User(user) => {
+            sqlx::query("SELECT set_config('app.user_id', $1, true)")
+                .bind(user.as_str())
+                .execute(&mut *conn)
+                .await?
+        }
+        Scope::AllUsers => {
+            sqlx::query("SELECT set_config('app.all_users', 'on', true)")
+                .execute(&mut *conn)
+                .await?
+        }
+    };
+    Ok(())
 }
 
 #[derive(Debug, Clone)]
@@ -360,7 +420,7 @@ impl Store {
         let key_version = keyring.current_version() as i32;
         let path = credentials_path.to_string_lossy().into_owned();
         let at = now();
-        let (raw, stored) = in_write_tx!(self, tx => {
+        let (raw, stored) = in_write_tx!(self, Scope::User(user), tx => {
             let existing: Option<(Uuid, bool)> = sqlx::query_as(
                 "SELECT id, is_active FROM mcp_connections WHERE user_id = $1 AND server_name = $2 \
                  ORDER BY is_active DESC, updated_at DESC LIMIT 1",
@@ -420,13 +480,13 @@ impl Store {
         user: &UserId,
         server: &ServerName,
     ) -> Result<Option<ConnectionRecord>, StoreError> {
-        let raw: Option<RawRow> = on_backend!(self, pool => sqlx::query_as(concat!(
+        let raw: Option<RawRow> = in_read!(self, Scope::User(user), conn => sqlx::query_as(concat!(
             "SELECT ", columns!(),
             " FROM mcp_connections WHERE user_id = $1 AND server_name = $2 AND is_active"
         ))
         .bind(user.as_str())
         .bind(server.as_str())
-        .fetch_optional(pool)
+        .fetch_optional(conn)
         .await)?;
         raw.map(|raw| self.decrypt_row(raw)).transpose()
     }
@@ -437,14 +497,15 @@ impl Store {
         user: Option<&UserId>,
         include_inactive: bool,
     ) -> Result<Vec<ConnectionInfo>, StoreError> {
-        let raws: Vec<RawRow> = on_backend!(self, pool => sqlx::query_as(concat!(
+        let scope = user.map_or(Scope::AllUsers, Scope::User);
+        let raws: Vec<RawRow> = in_read!(self, scope, conn => sqlx::query_as(concat!(
             "SELECT ", columns!(),
             " FROM mcp_connections WHERE ($1 IS NULL OR user_id = $1) AND (is_active OR $2) \
              ORDER BY user_id, server_name, updated_at DESC"
         ))
         .bind(user.map(UserId::as_str))
         .bind(include_inactive)
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await)?;
         raws.iter().map(Self::info).collect()
     }
@@ -458,7 +519,7 @@ impl Store {
         expected_version: Option<i64>,
         update: &TokenUpdate,
     ) -> Result<ConnectionRecord, StoreError> {
-        let raw = in_write_tx!(self, tx => {
+        let raw = in_write_tx!(self, Scope::User(user), tx => {
             let current: Option<RawRow> = sqlx::query_as(concat!(
                 "SELECT ", columns!(),
                 " FROM mcp_connections WHERE user_id = $1 AND server_name = $2 AND is_active"
@@ -508,7 +569,7 @@ impl Store {
 
     /// Soft delete: marks the active row inactive. Returns whether there was one.
     pub async fn deactivate(&self, user: &UserId, server: &ServerName) -> Result<bool, StoreError> {
-        let done = in_write_tx!(self, tx => sqlx::query(
+        let done = in_write_tx!(self, Scope::User(user), tx => sqlx::query(
             "UPDATE mcp_connections SET is_active = FALSE, version = version + 1, updated_at = $1 \
              WHERE user_id = $2 AND server_name = $3 AND is_active",
         )
@@ -523,7 +584,7 @@ impl Store {
 
     /// Hard delete of every row of (user, server). Returns how many rows went.
     pub async fn delete(&self, user: &UserId, server: &ServerName) -> Result<u64, StoreError> {
-        let done = in_write_tx!(self, tx => sqlx::query(
+        let done = in_write_tx!(self, Scope::User(user), tx => sqlx::query(
             "DELETE FROM mcp_connections WHERE user_id = $1 AND server_name = $2",
         )
         .bind(user.as_str())
@@ -542,7 +603,7 @@ impl Store {
     ) -> Result<Vec<(UserId, ServerName)>, StoreError> {
         let cutoff = now()
             - chrono::Duration::from_std(older_than).map_err(|_| StoreError::DurationOutOfRange)?;
-        let rows: Vec<(String, String)> = in_write_tx!(self, tx => sqlx::query_as(
+        let rows: Vec<(String, String)> = in_write_tx!(self, Scope::AllUsers, tx => sqlx::query_as(
             "DELETE FROM mcp_connections WHERE NOT is_active AND updated_at < $1 \
              RETURNING user_id, server_name",
         )
@@ -571,12 +632,12 @@ impl Store {
         let target = keyring.current_version();
         let mut rotated = 0u64;
         loop {
-            let batch: Vec<RawRow> = on_backend!(self, pool => sqlx::query_as(concat!(
+            let batch: Vec<RawRow> = in_read!(self, Scope::AllUsers, conn => sqlx::query_as(concat!(
                 "SELECT ", columns!(),
                 " FROM mcp_connections WHERE key_version <> $1 ORDER BY id LIMIT 100"
             ))
             .bind(target as i32)
-            .fetch_all(pool)
+            .fetch_all(conn)
             .await)?;
             if batch.is_empty() {
                 break;
@@ -593,7 +654,7 @@ impl Store {
                 // version is left alone: rotation changes no credential, so it must not make a
                 // concurrent refresh's compare-and-swap fail. The key_version check keeps
                 // rotation itself from overwriting a row written meanwhile.
-                let done = in_write_tx!(self, tx => sqlx::query(
+                let done = in_write_tx!(self, Scope::AllUsers, tx => sqlx::query(
                     "UPDATE mcp_connections SET access_token = $1, refresh_token = $2, \
                      key_version = $3 WHERE id = $4 AND version = $5 AND key_version <> $3",
                 )

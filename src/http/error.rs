@@ -1,0 +1,397 @@
+//! `ApiError`: every failure of the facade as a status code plus `{ "error": { "code",
+//! "message" } }`. Each `PoolError` and `CredentialError` variant is mapped explicitly, so a new
+//! variant fails to compile here instead of leaking as a 500.
+//!
+//! Internal errors are logged (inside the request span, which carries `user_id` and `server`)
+//! and answered with a generic message: no cause chain, path or token ever reaches a client.
+
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::actors::{CredentialError, PoolError};
+use crate::mcp::McpError;
+use crate::store::{IdError, StoreError};
+
+/// The machine-readable error code of a response, left in its extensions for the metrics layer.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
+/// An error answer of the facade. Build it with the constructors or `From` conversions.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{status} {code}: {message}")]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    /// Sent as `Retry-After` (whole seconds, at least 1).
+    retry_after: Option<Duration>,
+    /// For 502/504: whether repeating the request cannot run the tool twice.
+    retry_safe: Option<bool>,
+}
+
+/// JSON body of an error response.
+#[derive(serde::Serialize)]
+struct Body<'a> {
+    error: Detail<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct Detail<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_safe: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_secs: Option<u64>,
+}
+
+/// Messages quoted from parsers are cut here: enough to find the mistake, never a whole body.
+const MAX_MESSAGE: usize = 300;
+
+fn truncate(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE {
+        let mut end = MAX_MESSAGE;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
+    message
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: truncate(message.into()),
+            retry_after: None,
+            retry_safe: None,
+        }
+    }
+
+    pub fn with_retry_after(mut self, after: Duration) -> ApiError {
+        self.retry_after = Some(after);
+        self
+    }
+
+    pub fn with_retry_safe(mut self, safe: bool) -> ApiError {
+        self.retry_safe = Some(safe);
+        self
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    pub fn unavailable(
+        code: &'static str,
+        message: impl Into<String>,
+        after: Duration,
+    ) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message).with_retry_after(after)
+    }
+
+    /// Logs `cause` and answers with a generic 500: the cause may hold paths or SQL.
+    pub fn internal(cause: &dyn std::fmt::Display) -> ApiError {
+        tracing::error!(cause = %cause, "internal error");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; it has been logged",
+        )
+    }
+
+    pub fn invalid_id(err: IdError) -> ApiError {
+        let code = if err.to_string().starts_with("user id") {
+            "invalid_user_id"
+        } else {
+            "invalid_server_name"
+        };
+        ApiError::bad_request(code, err.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Body {
+            error: Detail {
+                code: self.code,
+                message: &self.message,
+                retry_safe: self.retry_safe,
+                retry_after_secs: self.retry_after.map(secs),
+            },
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(after) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs(after)));
+        }
+        response.extensions_mut().insert(ErrorCode(self.code));
+        response
+    }
+}
+
+fn secs(after: Duration) -> u64 {
+    // Round up: "retry in 0 s" would invite a retry storm.
+    after.as_secs() + u64::from(after.subsec_nanos() > 0).max(u64::from(after.is_zero()))
+}
+
+// === from pool and credential errors ===
+
+impl From<PoolError> for ApiError {
+    fn from(err: PoolError) -> ApiError {
+        match err {
+            PoolError::UnknownServer(server) => {
+                ApiError::not_found("unknown_server", format!("unknown server `{server}`"))
+            }
+            PoolError::NoCredentials(server) => ApiError::not_found(
+                "no_credentials",
+                format!("no credentials stored for server `{server}`"),
+            ),
+            PoolError::Credentials(inner) => credential_error(&inner),
+            PoolError::PoolFull { retry_after } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "pool_full",
+                "too many open MCP sessions; retry later",
+            )
+            .with_retry_after(retry_after),
+            PoolError::CircuitOpen { retry_after } => ApiError::unavailable(
+                "circuit_open",
+                "this MCP server keeps crashing; new sessions are refused for a while",
+                retry_after,
+            ),
+            // Nothing was sent to the server: repeating the request cannot run a tool twice.
+            PoolError::StartFailed(cause) => {
+                tracing::warn!(cause = %cause, "MCP server failed to start");
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "server_start_failed",
+                    "the MCP server failed to start",
+                )
+                .with_retry_safe(true)
+            }
+            PoolError::ServerCrashed => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "server_crashed",
+                "the MCP server exited during the call; the tool may or may not have run",
+            )
+            .with_retry_safe(false),
+            PoolError::CallTimeout(after) => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "call_timeout",
+                format!(
+                    "the tool call timed out after {}s and was cancelled; it may have run",
+                    after.as_secs()
+                ),
+            )
+            .with_retry_safe(false),
+            PoolError::UnknownTool(tool) => {
+                ApiError::not_found("unknown_tool", format!("unknown tool `{tool}`"))
+            }
+            PoolError::Mcp(inner) => mcp_error(&inner),
+            // The pool already retried once; the caller may simply try again.
+            PoolError::Reconnect => ApiError::unavailable(
+                "reconnect",
+                "the session was closed while the request was made; retry",
+                Duration::from_secs(1),
+            ),
+            PoolError::ShuttingDown => ApiError::unavailable(
+                "shutting_down",
+                "the service is shutting down",
+                Duration::from_secs(5),
+            ),
+            PoolError::Unavailable => {
+                tracing::error!("the pool actor is not running");
+                ApiError::unavailable(
+                    "pool_unavailable",
+                    "the connection pool is restarting",
+                    Duration::from_secs(2),
+                )
+            }
+        }
+    }
+}
+
+/// A JSON-RPC error from the server, or a transport problem during a call.
+fn mcp_error(err: &McpError) -> ApiError {
+    match err {
+        McpError::Server(data) => {
+            // The server's message is about the caller's own arguments on the caller's own
+            // session: useful, and nobody else's data.
+            let message = format!("the MCP server rejected the call: {}", data.message);
+            if data.code == rmcp::model::ErrorCode::INVALID_PARAMS {
+                ApiError::bad_request("invalid_arguments", message)
+            } else if data.code == rmcp::model::ErrorCode::METHOD_NOT_FOUND {
+                ApiError::not_found("unknown_tool", message)
+            } else {
+                ApiError::new(StatusCode::BAD_GATEWAY, "server_error", message)
+                    .with_retry_safe(false)
+            }
+        }
+        McpError::Timeout(after) => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "call_timeout",
+            format!("the MCP server did not answer within {}s", after.as_secs()),
+        )
+        .with_retry_safe(false),
+        McpError::Closed => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "server_crashed",
+            "the MCP server exited during the call; the tool may or may not have run",
+        )
+        .with_retry_safe(false),
+        McpError::Spawn { .. }
+        | McpError::StartupTimeout(_)
+        | McpError::Handshake(_)
+        | McpError::Registry { .. }
+        | McpError::DemoServer(_) => {
+            tracing::warn!(cause = %err, "MCP server failed to start");
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "server_start_failed",
+                "the MCP server failed to start",
+            )
+            .with_retry_safe(true)
+        }
+        McpError::Protocol(_) => {
+            tracing::warn!(cause = %err, "MCP protocol error");
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "server_protocol_error",
+                "the MCP server answered with something unexpected",
+            )
+            .with_retry_safe(false)
+        }
+    }
+}
+
+fn credential_error(err: &CredentialError) -> ApiError {
+    match err {
+        CredentialError::UnknownServer(server) => {
+            ApiError::not_found("unknown_server", format!("unknown server `{server}`"))
+        }
+        CredentialError::NotFound(server) => ApiError::not_found(
+            "no_credentials",
+            format!("no credentials stored for server `{server}`"),
+        ),
+        CredentialError::Store(StoreError::NotFound) => {
+            ApiError::not_found("no_credentials", "no credentials stored for this server")
+        }
+        CredentialError::Store(StoreError::Conflict { .. }) => ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "the credentials were changed concurrently; retry",
+        ),
+        CredentialError::Store(_) | CredentialError::File { .. } => ApiError::internal(err),
+        CredentialError::Unavailable => {
+            tracing::error!("the credential actor is not running");
+            ApiError::unavailable(
+                "credentials_unavailable",
+                "the credential store is unavailable",
+                Duration::from_secs(5),
+            )
+        }
+    }
+}
+
+impl From<CredentialError> for ApiError {
+    fn from(err: CredentialError) -> ApiError {
+        credential_error(&err)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> ApiError {
+        ApiError::internal(&err)
+    }
+}
+
+// === from axum's rejections ===
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> ApiError {
+        match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => payload_too_large(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "expected `Content-Type: application/json`",
+            ),
+            _ => match rejection {
+                JsonRejection::JsonSyntaxError(_) => {
+                    ApiError::bad_request("malformed_json", rejection.body_text())
+                }
+                _ => ApiError::bad_request("invalid_body", rejection.body_text()),
+            },
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> ApiError {
+        ApiError::bad_request("invalid_path", rejection.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> ApiError {
+        ApiError::bad_request("invalid_query", rejection.body_text())
+    }
+}
+
+pub fn payload_too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "the request body is larger than the configured limit",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(secs(Duration::from_millis(1)), 1);
+        assert_eq!(secs(Duration::ZERO), 1);
+        assert_eq!(secs(Duration::from_secs(5)), 5);
+        assert_eq!(secs(Duration::from_millis(5100)), 6);
+    }
+
+    #[test]
+    fn long_messages_are_cut() {
+        let err = ApiError::bad_request("x", "é".repeat(400));
+        assert!(err.message().len() <= MAX_MESSAGE + '…'.len_utf8());
+    }
+}

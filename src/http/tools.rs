@@ -1,0 +1,174 @@
+//! `/v1/connections/{server}/tools`: the cached tool list and tool calls on the caller's session.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+
+use super::error::ApiError;
+use super::{AuthUser, HttpState, ServerParam, path_param};
+
+/// Longest accepted tool name (MCP sets none; this only bounds what we log and look up).
+const MAX_TOOL_NAME: usize = 256;
+
+/// The `{tool}` path parameter.
+#[derive(Debug, Clone)]
+pub struct ToolParam(pub String);
+
+impl FromRequestParts<HttpState> for ToolParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &HttpState) -> Result<Self, ApiError> {
+        let tool = path_param(parts, state, "tool").await?;
+        if tool.is_empty() || tool.len() > MAX_TOOL_NAME || tool.chars().any(char::is_control) {
+            return Err(ApiError::bad_request(
+                "invalid_tool_name",
+                format!("a tool name has 1 to {MAX_TOOL_NAME} printable characters"),
+            ));
+        }
+        Ok(ToolParam(tool))
+    }
+}
+
+/// A tool as listed to callers (snake_case; schemas as the server sent them).
+#[derive(Debug, serde::Serialize)]
+pub struct ToolView {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub input_schema: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_schema: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<serde_json::Value>,
+}
+
+impl From<&rmcp::model::Tool> for ToolView {
+    fn from(tool: &rmcp::model::Tool) -> ToolView {
+        ToolView {
+            name: tool.name.to_string(),
+            title: tool.title.clone(),
+            description: tool.description.as_ref().map(|d| d.to_string()),
+            input_schema: serde_json::Value::Object((*tool.input_schema).clone()),
+            output_schema: tool
+                .output_schema
+                .as_ref()
+                .map(|s| serde_json::Value::Object((**s).clone())),
+            annotations: tool
+                .annotations
+                .as_ref()
+                .and_then(|a| serde_json::to_value(a).ok()),
+        }
+    }
+}
+
+/// `GET /v1/connections/{server}/tools`: starts the session if none is live.
+pub async fn list(
+    State(state): State<HttpState>,
+    AuthUser(user): AuthUser,
+    ServerParam(server): ServerParam,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let tools = state.pool.list_tools(&user, &server).await?;
+    let tools: Vec<ToolView> = tools.iter().map(ToolView::from).collect();
+    Ok(Json(
+        serde_json::json!({ "server": server, "tools": tools }),
+    ))
+}
+
+/// Result of a tool call.
+#[derive(Debug, serde::Serialize)]
+pub struct CallResponse {
+    /// MCP content blocks, as the server sent them (`{"type": "text", "text": ...}`, ...).
+    pub content: serde_json::Value,
+    /// The tool itself reported a failure (the call reached it and returned).
+    pub is_error: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub structured_content: Option<serde_json::Value>,
+    /// Time spent in the pool, including a session start when none was live.
+    pub duration_ms: u64,
+}
+
+/// `POST /v1/connections/{server}/tools/{tool}/call`: the body is the arguments object (an
+/// empty body means no arguments).
+pub async fn call(
+    State(state): State<HttpState>,
+    AuthUser(user): AuthUser,
+    ServerParam(server): ServerParam,
+    ToolParam(tool): ToolParam,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<CallResponse>, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            super::error::payload_too_large()
+        } else {
+            ApiError::bad_request("invalid_body", rejection.body_text())
+        }
+    })?;
+    let arguments = parse_arguments(&body)?;
+    let started = Instant::now();
+    let result = state.pool.call_tool(&user, &server, &tool, arguments).await;
+    let elapsed = started.elapsed();
+    match result {
+        Ok(result) => {
+            let is_error = result.is_error.unwrap_or(false);
+            state.metrics.tool_call(
+                server.as_str(),
+                if is_error { "tool_error" } else { "ok" },
+                elapsed,
+            );
+            let content =
+                serde_json::to_value(&result.content).map_err(|e| ApiError::internal(&e))?;
+            Ok(Json(CallResponse {
+                content,
+                is_error,
+                structured_content: result.structured_content,
+                duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            }))
+        }
+        Err(err) => {
+            let err = ApiError::from(err);
+            state
+                .metrics
+                .tool_call(server.as_str(), err.code(), elapsed);
+            Err(err)
+        }
+    }
+}
+
+fn parse_arguments(
+    body: &[u8],
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(map)) => Ok(Some(map)),
+        Ok(_) => Err(ApiError::bad_request(
+            "invalid_body",
+            "the body must be a JSON object of tool arguments",
+        )),
+        Err(err) => Err(ApiError::bad_request(
+            "malformed_json",
+            format!("the body is not valid JSON: {err}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_arguments;
+
+    #[test]
+    fn arguments_must_be_an_object() {
+        assert!(parse_arguments(b"").unwrap().is_none());
+        assert!(parse_arguments(b" \n").unwrap().is_none());
+        assert_eq!(parse_arguments(br#"{"a":1}"#).unwrap().unwrap().len(), 1);
+        assert_eq!(parse_arguments(b"[1]").unwrap_err().code(), "invalid_body");
+        assert_eq!(parse_arguments(b"{").unwrap_err().code(), "malformed_json");
+    }
+}
