@@ -7,10 +7,12 @@
 //!   private credential files.
 //! - [`actors`]: the ractor actor tree; each actor file holds its message enum and typed handle.
 //! - [`mcp`]: rmcp client sessions over stdio, child-process hygiene, the bundled demo server.
+//! - [`llm`]: the OpenAI-compatible chat-completions client and the tool-call loop of `/v1/chat`.
 #![deny(unsafe_code)]
 
 pub mod actors;
 pub mod app;
 pub mod config;
+pub mod llm;
 pub mod mcp;
 pub mod store;
