@@ -22,6 +22,8 @@ pub const ENCRYPTION_KEYS_ENV: &str = "MCP_POOL_ENCRYPTION_KEYS";
 pub const API_KEY_ENV: &str = "MCP_POOL_API_KEY";
 /// Environment variable holding the admin key; when unset, `auth.admin_key_file` is used.
 pub const ADMIN_KEY_ENV: &str = "MCP_POOL_ADMIN_KEY";
+/// Default of `llm.api_key_env`.
+pub const LLM_API_KEY_ENV: &str = "MCP_POOL_LLM_API_KEY";
 /// `command = "{self}"` runs the mcp-pool binary itself (the bundled demo server).
 pub const SELF_COMMAND: &str = "{self}";
 
@@ -71,6 +73,9 @@ pub struct Config {
     /// HTTP facade limits.
     #[serde(default)]
     pub http: HttpConfig,
+    /// The OpenAI-compatible chat-completions API behind `/v1/chat`.
+    #[serde(default)]
+    pub llm: LlmConfig,
     /// One entry per MCP server users may connect, keyed by server name.
     #[serde(default)]
     pub servers: BTreeMap<String, ServerConfig>,
@@ -313,6 +318,41 @@ impl Default for HttpConfig {
     }
 }
 
+/// The OpenAI-compatible chat-completions API (OpenAI, vLLM, llama.cpp, Ollama, ...).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmConfig {
+    /// API root; requests go to `{base_url}/chat/completions`. Ollama: `http://127.0.0.1:11434/v1`.
+    pub base_url: String,
+    /// Model name sent with every request.
+    pub model: String,
+    /// Environment variable holding the bearer API key (never the key itself). Unset or empty
+    /// means no `Authorization` header, as local servers want.
+    pub api_key_env: String,
+    /// Upper bound of one chat-completions request; for a streamed answer, of the wait for
+    /// the response headers and then for each next chunk.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Model requests per chat, tool rounds included; a model still asking for tools on the
+    /// last one makes the chat fail with `max_steps_exceeded`.
+    pub max_steps: u32,
+    /// Tool calls of one model step that run at the same time.
+    pub max_parallel_tool_calls: usize,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.openai.com/v1".into(),
+            model: "gpt-4o-mini".into(),
+            api_key_env: LLM_API_KEY_ENV.into(),
+            timeout: Duration::from_secs(120),
+            max_steps: 8,
+            max_parallel_tool_calls: 4,
+        }
+    }
+}
+
 /// How the per-user credentials file is laid out for a server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -450,6 +490,7 @@ impl Config {
         }
         self.validate_http()?;
         self.validate_auth()?;
+        self.validate_llm()?;
         for (name, server) in &self.servers {
             let key = |field: &str| format!("servers.{name}.{field}");
             ServerName::parse(name)
@@ -575,6 +616,38 @@ impl Config {
             if value.as_ref().is_some_and(|v| v.trim().is_empty()) {
                 return Err(invalid(key, "must not be empty when set"));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_llm(&self) -> Result<(), ConfigError> {
+        let llm = &self.llm;
+        let url = llm.base_url.trim();
+        if !(url.starts_with("http://") || url.starts_with("https://"))
+            || url.len() <= "https://".len()
+        {
+            return Err(invalid(
+                "llm.base_url",
+                "must be an http:// or https:// URL, e.g. https://api.openai.com/v1",
+            ));
+        }
+        if llm.model.trim().is_empty() {
+            return Err(invalid("llm.model", "must not be empty"));
+        }
+        if !is_env_name(&llm.api_key_env) {
+            return Err(invalid(
+                "llm.api_key_env",
+                "must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
+            ));
+        }
+        if llm.timeout.is_zero() {
+            return Err(invalid("llm.timeout", "must be longer than zero"));
+        }
+        if llm.max_steps == 0 {
+            return Err(invalid("llm.max_steps", "must be at least 1"));
+        }
+        if llm.max_parallel_tool_calls == 0 {
+            return Err(invalid("llm.max_parallel_tool_calls", "must be at least 1"));
         }
         Ok(())
     }
@@ -726,6 +799,46 @@ mod tests {
             let config = Config::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
             config.validate().unwrap_or_else(|e| panic!("{text}: {e}"));
         }
+    }
+
+    #[test]
+    fn llm_section_has_defaults_and_names_bad_keys() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.llm.base_url, "https://api.openai.com/v1");
+        assert_eq!(config.llm.api_key_env, LLM_API_KEY_ENV);
+        assert_eq!(config.llm.max_steps, 8);
+        assert!(config.llm.max_parallel_tool_calls >= 1);
+
+        let config = Config::parse(
+            "[llm]\nbase_url = \"http://127.0.0.1:11434/v1\"\nmodel = \"llama3.2\"\ntimeout = \"90s\"\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.llm.timeout, Duration::from_secs(90));
+        assert_eq!(config.llm.model, "llama3.2");
+
+        for (text, key) in [
+            ("[llm]\nbase_url = \"api.openai.com\"\n", "llm.base_url"),
+            ("[llm]\nmodel = \" \"\n", "llm.model"),
+            ("[llm]\napi_key_env = \"sk-123 456\"\n", "llm.api_key_env"),
+            ("[llm]\ntimeout = \"0s\"\n", "llm.timeout"),
+            ("[llm]\nmax_steps = 0\n", "llm.max_steps"),
+            (
+                "[llm]\nmax_parallel_tool_calls = 0\n",
+                "llm.max_parallel_tool_calls",
+            ),
+        ] {
+            let err = Config::parse(text)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        let err = Config::parse("[llm]\ntimeout = \"soon\"\n").unwrap_err();
+        assert!(err.contains("timeout"), "{err}");
+        let err = Config::parse("[llm]\napi_key = \"sk-x\"\n").unwrap_err();
+        assert!(err.contains("api_key"), "{err}");
     }
 
     #[test]

@@ -8,11 +8,13 @@
 //! - [`actors`]: the ractor actor tree; each actor file holds its message enum and typed handle.
 //! - [`mcp`]: rmcp client sessions over stdio, child-process hygiene, the bundled demo server.
 //! - [`http`]: the axum facade: auth, one module per resource, `ApiError` → status + JSON.
+//! - [`llm`]: the OpenAI-compatible chat-completions client and the tool-call loop of `/v1/chat`.
 #![deny(unsafe_code)]
 
 pub mod actors;
 pub mod app;
 pub mod config;
 pub mod http;
+pub mod llm;
 pub mod mcp;
 pub mod store;
