@@ -196,18 +196,22 @@ impl App {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+/// Installs SIGINT/SIGTERM handlers now (so a signal sent right after start-up is not lost to
+/// the default action) and returns a future that resolves on the first of them.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stopping");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("Received SIGTERM"),
-        _ = int.recv() => tracing::info!("Received SIGINT"),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("cannot install signal handlers; stopping");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("Received SIGTERM"),
+            _ = int.recv() => tracing::info!("Received SIGINT"),
+        }
     }
 }

@@ -159,8 +159,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("migrations applied");
         }
         Command::Serve => {
+            // Handlers first: a SIGTERM during start-up then stops the service cleanly.
+            let shutdown = app::shutdown_signal();
             let app = App::build(load_config()?).await?;
-            app.run_until_stopped(app::shutdown_signal()).await?;
+            app.run_until_stopped(shutdown).await?;
         }
         Command::Credentials(command) => {
             let storage = Storage::open(&load_config()?, false).await?;

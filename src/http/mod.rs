@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod chat;
 pub mod connections;
 pub mod error;
 pub mod health;
@@ -44,6 +45,7 @@ pub use metrics::Metrics;
 
 use crate::actors::{CredentialHandle, PoolHandle};
 use crate::config::Config;
+use crate::llm::LlmClient;
 use crate::store::{ServerName, Store};
 
 /// Everything a request handler needs. Cheap to clone (handles and `Arc`s).
@@ -61,6 +63,8 @@ pub struct HttpState {
     pub auth: Arc<Auth>,
     /// Counters and histograms behind `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// The model behind `/v1/chat`; `None` if its client could not be built.
+    pub llm: Option<Arc<LlmClient>>,
     /// Set when shutdown begins: `/readyz` answers 503 from then on.
     shutting_down: Arc<AtomicBool>,
 }
@@ -73,11 +77,19 @@ impl HttpState {
         config: Arc<Config>,
         auth: Auth,
     ) -> HttpState {
+        let llm = match LlmClient::from_config(&config.llm) {
+            Ok(client) => Some(Arc::new(client)),
+            Err(err) => {
+                tracing::warn!(cause = %err, "/v1/chat is disabled: no LLM client");
+                None
+            }
+        };
         HttpState {
             pool,
             credentials,
             store,
             config,
+            llm,
             auth: Arc::new(auth),
             metrics: Arc::new(Metrics::new()),
             shutting_down: Arc::new(AtomicBool::new(false)),
@@ -125,6 +137,7 @@ pub fn router(state: HttpState) -> Router {
             "/v1/connections/{server}/tools/{tool}/call",
             post(tools::call),
         )
+        .route("/v1/chat", post(chat::chat))
         .route("/v1/stats", get(admin::stats))
         .route(
             "/v1/admin/users/{user}/connections",

@@ -1,0 +1,189 @@
+//! `POST /v1/chat` over real HTTP: the real router, pool and demo server; the only fake is the
+//! LLM, a scripted OpenAI-compatible server on a loopback port.
+
+mod common;
+#[path = "common/fake_llm.rs"]
+mod fake_llm;
+#[path = "common/http.rs"]
+mod http;
+
+use fake_llm::{FakeLlm, Reply};
+use http::TestServer;
+use serde_json::{Value, json};
+
+fn llm_section(fake: &FakeLlm) -> String {
+    format!(
+        "[llm]\nbase_url = {:?}\nmodel = {:?}\ntimeout = \"20s\"\n",
+        fake.base_url,
+        fake_llm::MODEL
+    )
+}
+
+async fn server_with(fake: &FakeLlm) -> TestServer {
+    TestServer::start("", &llm_section(fake), "", &[]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_runs_the_tool_loop_with_the_callers_tools() {
+    let fake = FakeLlm::start([
+        Reply::calls(&[
+            (
+                "call_1",
+                "demo__echo",
+                json!({ "message": "from the model" }),
+            ),
+            ("call_2", "demo__add", json!({ "a": 1, "b": "two" })),
+        ]),
+        Reply::text("All done."),
+    ])
+    .await;
+    let server = server_with(&fake).await;
+    let alice = server.user("alice");
+    let stored = alice
+        .put_json("/v1/connections/demo", &json!({ "access_token": "a" }))
+        .await;
+    assert_eq!(stored.status, 201, "{}", stored.text());
+    // Bob has demo2 only; none of it may reach Alice's chat.
+    let stored = server
+        .user("bob")
+        .put_json("/v1/connections/demo2", &json!({ "access_token": "b" }))
+        .await;
+    assert_eq!(stored.status, 201, "{}", stored.text());
+
+    let response = alice
+        .post_json("/v1/chat", &json!({ "message": "echo something" }))
+        .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    let body = response.json();
+    assert_eq!(body["reply"], "All done.");
+    let trace = body["trace"].as_array().unwrap();
+    assert_eq!(trace.len(), 2);
+    assert_eq!(
+        (trace[0]["server"].as_str(), trace[0]["tool"].as_str()),
+        (Some("demo"), Some("echo"))
+    );
+    assert_eq!(trace[0]["is_error"], false);
+    assert_eq!(trace[1]["tool"], "add");
+    assert_eq!(
+        trace[1]["is_error"], true,
+        "a tool error is reported, not fatal"
+    );
+
+    let sent = fake.requests();
+    assert_eq!(sent.len(), 2);
+    let offered: Vec<&str> = sent[0].body["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap())
+        .collect();
+    assert!(offered.contains(&"demo__echo"), "{offered:?}");
+    assert!(
+        offered.iter().all(|name| name.starts_with("demo__")),
+        "Bob's demo2 leaked: {offered:?}"
+    );
+    let messages = sent[1].body["messages"].as_array().unwrap();
+    let tool_results: Vec<&Value> = messages.iter().filter(|m| m["role"] == "tool").collect();
+    assert_eq!(tool_results[0]["tool_call_id"], "call_1");
+    assert_eq!(tool_results[0]["content"], "from the model");
+
+    // The metrics count the chat.
+    let metrics = server.anonymous().get("/metrics").await.text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("mcp_pool_chat_requests") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_streams_events_in_order() {
+    let fake = FakeLlm::start([
+        Reply::calls(&[("call_1", "demo__echo", json!({ "message": "streamed" }))]),
+        Reply::text("Here is the streamed answer."),
+    ])
+    .await;
+    let server = server_with(&fake).await;
+    let carol = server.user("carol");
+    carol
+        .put_json("/v1/connections/demo", &json!({ "access_token": "c" }))
+        .await;
+    let response = carol
+        .post_json("/v1/chat", &json!({ "message": "go", "stream": true }))
+        .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    let content_type = response.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
+
+    let mut events: Vec<(String, Value)> = Vec::new();
+    let text = response.text();
+    for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
+        let name = block
+            .lines()
+            .find_map(|l| l.strip_prefix("event: "))
+            .map(str::to_owned);
+        let data = block.lines().find_map(|l| l.strip_prefix("data: "));
+        if let (Some(name), Some(data)) = (name, data) {
+            events.push((name, serde_json::from_str(data).unwrap()));
+        }
+    }
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    let started = names
+        .iter()
+        .position(|n| *n == "tool_call_started")
+        .expect("started");
+    let finished = names
+        .iter()
+        .position(|n| *n == "tool_call_finished")
+        .expect("finished");
+    let first_text = names.iter().position(|n| *n == "text_delta").expect("text");
+    assert!(started < finished && finished < first_text, "{names:?}");
+    assert_eq!(names.last(), Some(&"done"), "{names:?}");
+    let streamed: String = events
+        .iter()
+        .filter(|(n, _)| n == "text_delta")
+        .map(|(_, e)| e["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(streamed, "Here is the streamed answer.");
+    assert_eq!(
+        events.last().unwrap().1["reply"],
+        "Here is the streamed answer."
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_rejects_bad_input_with_json_errors() {
+    let fake = FakeLlm::start([Reply::error(401, "bad key")]).await;
+    let server = server_with(&fake).await;
+    let dave = server.user("dave");
+    dave.post_json("/v1/chat", &json!({ "message": "x", "servers": ["nope"] }))
+        .await
+        .expect_error(404, "unknown_server");
+    dave.post_json("/v1/chat", &json!({ "message": 5 }))
+        .await
+        .expect_error(400, "invalid_body");
+    dave.post_json("/v1/chat", &json!({ "message": "" }))
+        .await
+        .expect_error(400, "invalid_request");
+    // The provider refuses our key: a gateway error that names no key.
+    let refused = dave
+        .post_json("/v1/chat", &json!({ "message": "hello" }))
+        .await;
+    refused.expect_error(502, "llm_unauthorized");
+    assert!(!refused.text().contains(fake_llm::TEST_API_KEY));
+    server
+        .anonymous()
+        .post_json("/v1/chat", &json!({ "message": "x" }))
+        .await
+        .expect_error(401, "unauthorized");
+    server.stop().await;
+}
