@@ -156,8 +156,10 @@ impl App {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|cause| AppError::Listen { addr, cause })?;
+        // The bound address, not the configured one: port 0 picks a free port.
+        let bound = listener.local_addr().unwrap_or(addr);
         tracing::info!(
-            listen = %self.config.service.listen,
+            listen = %bound,
             backend = ?self.storage.store.kind(),
             servers = ?self.config.servers.keys().collect::<Vec<_>>(),
             "mcp-pool started"

@@ -1,0 +1,224 @@
+//! The real `mcp-pool serve` binary and its children: SIGTERM closes every MCP server (and what
+//! they spawned); after a SIGKILL the servers die with it (PR_SET_PDEATHSIG) and the next start
+//! kills whatever they left behind.
+
+mod common;
+#[path = "common/http.rs"]
+mod http;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{BIN, alive};
+use serde_json::{Value, json};
+
+const LONG: Duration = Duration::from_secs(30);
+const API_KEY: &str = "test-service-key-0123456789";
+
+fn write_config(dir: &Path) -> std::path::PathBuf {
+    let data = dir.join("data");
+    let text = format!(
+        "[service]\nlisten = \"127.0.0.1:0\"\ndata_dir = {data:?}\nshutdown_grace = \"20s\"\n\
+         [database]\nurl = \"sqlite://{d}/db.sqlite\"\n[credentials]\ndir = {creds:?}\n\
+         [encryption]\nkey_file = \"{d}/key\"\n\
+         [auth]\napi_key_file = \"{d}/api.key\"\nadmin_key_file = \"{d}/admin.key\"\n\
+         [pool]\nclose_grace = \"1s\"\n\
+         [servers.demo]\ncommand = \"{{self}}\"\nargs = [\"demo-server\", \"--test-tools\"]\n\
+         credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n",
+        d = data.display(),
+        creds = dir.join("creds"),
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A running `mcp-pool serve` whose log lines are collected as they come.
+struct Service {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Service {
+    fn start(config: &Path) -> Service {
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .arg("serve")
+            .env("MCP_POOL_API_KEY", API_KEY)
+            .env_remove("MCP_POOL_DATABASE_URL")
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if line.contains("mcp-pool started")
+                    && let Some(addr) = line
+                        .split_whitespace()
+                        .find_map(|word| word.strip_prefix("listen="))
+                {
+                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = rx
+            .recv_timeout(LONG)
+            .expect("the service starts and logs its address");
+        Service { child, addr, log }
+    }
+
+    fn client(&self, user: &str) -> http::Client {
+        http::Client {
+            addr: self.addr,
+            headers: vec![
+                ("authorization".into(), format!("Bearer {API_KEY}")),
+                ("x-user-id".into(), user.into()),
+            ],
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the service did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn logged(&self, needle: &str) -> bool {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains(needle))
+    }
+}
+
+fn eventually(check: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + LONG;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
+}
+
+/// Opens a session for `user` and has its server spawn a grandchild; returns (leader, grandchild).
+async fn session_with_grandchild(service: &Service, user: &str) -> (u32, u32) {
+    let client = service.client(user);
+    let stored = client
+        .put_json("/v1/connections/demo", &json!({ "access_token": "t" }))
+        .await;
+    assert_eq!(stored.status, 201, "{}", stored.text());
+    let call = |tool: &'static str| {
+        let client = client.clone();
+        async move {
+            let response = client
+                .post_json(
+                    &format!("/v1/connections/demo/tools/{tool}/call"),
+                    &json!({}),
+                )
+                .await;
+            assert_eq!(response.status, 200, "{}", response.text());
+            let body: Value = response.json();
+            body["content"][0]["text"].as_str().unwrap().to_owned()
+        }
+    };
+    let whoami: Value = serde_json::from_str(&call("whoami").await).unwrap();
+    let leader = whoami["pid"].as_u64().unwrap() as u32;
+    let grandchild: u32 = call("spawn_grandchild").await.parse().unwrap();
+    assert!(alive(leader) && alive(grandchild));
+    (leader, grandchild)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_every_server_and_grandchild() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut service = Service::start(&write_config(dir.path()));
+    let mut pids = Vec::new();
+    for user in ["ann", "ben"] {
+        let (leader, grandchild) = session_with_grandchild(&service, user).await;
+        pids.extend([leader, grandchild]);
+    }
+    service.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = service.wait();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        service.logged("Closed 2 MCP connections"),
+        "{:?}",
+        service.log.lock().unwrap()
+    );
+    for pid in pids {
+        assert!(eventually(|| !alive(pid)), "pid {pid} outlived the service");
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("data/pgids"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigkill_servers_die_and_the_next_start_kills_their_leftovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let mut service = Service::start(&config);
+    let (leader, grandchild) = session_with_grandchild(&service, "cid").await;
+
+    service.signal(nix::sys::signal::Signal::SIGKILL);
+    service.wait();
+    // The server itself dies with the service (PR_SET_PDEATHSIG)...
+    assert!(
+        eventually(|| !alive(leader)),
+        "the MCP server outlived a SIGKILLed service"
+    );
+    // ...but a process it started is beyond that signal's reach; it is still recorded.
+    assert!(
+        alive(grandchild),
+        "expected the grandchild to survive until the next start"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("data/pgids"))
+            .unwrap()
+            .count(),
+        1
+    );
+
+    let mut next = Service::start(&config);
+    assert!(
+        eventually(|| !alive(grandchild)),
+        "the next start did not kill the leftover"
+    );
+    assert!(
+        next.logged("left behind by a previous run"),
+        "{:?}",
+        next.log.lock().unwrap()
+    );
+    next.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(next.wait().success());
+}
