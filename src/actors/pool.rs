@@ -136,10 +136,47 @@ pub enum PoolMsg {
     },
 }
 
+/// Ready connections by key, readable without the supervisor: a warm `get_connection` is a
+/// read lock and a hash lookup rather than a mailbox round trip. Only the supervisor writes it;
+/// a fresh supervisor starts it empty.
+#[derive(Clone, Default)]
+pub struct PoolIndex(Arc<std::sync::RwLock<HashMap<ConnKey, Arc<ConnShared>>>>);
+
+impl PoolIndex {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ConnKey, Arc<ConnShared>>> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<ConnKey, Arc<ConnShared>>> {
+        self.0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Forgets every connection (their supervisor is gone).
+    pub(crate) fn clear(&self) {
+        self.write().clear();
+    }
+
+    /// The connection of `key` if it is ready now.
+    fn ready(&self, key: &ConnKey) -> Option<Connection> {
+        let shared = self.read().get(key)?.clone();
+        if shared.state() != ConnState::Ready {
+            return None;
+        }
+        let client = shared.client()?;
+        Some(Connection::new(shared, client))
+    }
+}
+
 /// Everything the pool needs from the outside.
 #[derive(Clone)]
 pub struct PoolArgs {
     pub pool: PoolConfig,
+    /// Shared with every [`PoolHandle`].
+    pub index: PoolIndex,
     pub servers: Arc<std::collections::BTreeMap<String, ServerConfig>>,
     pub credentials: CredentialHandle,
     pub registry: Option<ProcessRegistry>,
@@ -153,6 +190,7 @@ impl PoolArgs {
     ) -> PoolArgs {
         PoolArgs {
             pool: config.pool.clone(),
+            index: PoolIndex::default(),
             servers: Arc::new(config.servers.clone()),
             credentials,
             registry,
@@ -208,6 +246,8 @@ impl Actor for PoolSupervisor {
         _myself: ActorRef<PoolMsg>,
         args: PoolArgs,
     ) -> Result<PoolState, ActorProcessingErr> {
+        // A supervisor replacing a failed one must not serve its predecessor's connections.
+        args.index.clear();
         Ok(PoolState {
             args,
             entries: HashMap::new(),
@@ -301,6 +341,12 @@ fn full_jitter(base: Duration, cap: Duration, attempt: u32) -> Duration {
 }
 
 impl PoolState {
+    /// Drops `key` from the map and from the handles' index.
+    fn forget(&mut self, key: &ConnKey) {
+        self.entries.remove(key);
+        self.args.index.write().remove(key);
+    }
+
     fn server_config(&self, server: &ServerName) -> Option<&ServerConfig> {
         self.args.servers.get(server.as_str())
     }
@@ -396,10 +442,12 @@ impl PoolState {
                 _ => entry.waiters.push(reply),
             }
         } else {
+            let shared = ConnShared::new(key.clone(), self.args.pool.call_timeout);
+            self.args.index.write().insert(key.clone(), shared.clone());
             self.entries.insert(
                 key.clone(),
                 Entry {
-                    shared: ConnShared::new(key.clone(), self.args.pool.call_timeout),
+                    shared,
                     actor: None,
                     waiters: vec![reply],
                     failures: VecDeque::new(),
@@ -572,7 +620,7 @@ impl PoolState {
         }
         entry.actor = None;
         if self.shutting_down {
-            self.entries.remove(&key);
+            self.forget(&key);
             return;
         }
         tracing::warn!(user_id = %key.user, server = %key.server, cause, "Connection {key} crashed");
@@ -625,7 +673,7 @@ impl PoolState {
         entry.actor = None;
         if entry.failed_until.is_none() && entry.shared.state() != ConnState::Restarting {
             let waiters = std::mem::take(&mut entry.waiters);
-            self.entries.remove(key);
+            self.forget(key);
             for waiter in waiters {
                 let _ = waiter.send(Err(PoolError::Reconnect));
             }
@@ -639,12 +687,12 @@ impl PoolState {
         };
         let Some(actor) = entry.actor.take() else {
             // Nothing running (failed or awaiting a restart): forget the key.
-            self.entries.remove(key);
+            self.forget(key);
             return false;
         };
         entry.shared.set_state(ConnState::Closing);
         let waiters = std::mem::take(&mut entry.waiters);
-        self.entries.remove(key);
+        self.forget(key);
         for waiter in waiters {
             let _ = waiter.send(Err(PoolError::Reconnect));
         }
@@ -683,6 +731,10 @@ impl PoolState {
                     .failed_until
                     .is_some_and(|until| until + idle_timeout > now)
         });
+        self.args
+            .index
+            .write()
+            .retain(|key, _| self.entries.contains_key(key));
         tracing::info!(
             count = idle.len(),
             "Cleaned up {} idle MCP connections",
@@ -729,6 +781,7 @@ impl PoolState {
     fn shutdown(&mut self, reply: RpcReplyPort<usize>) {
         self.shutting_down = true;
         let mut closing = Vec::new();
+        self.args.index.write().clear();
         for (key, mut entry) in self.entries.drain() {
             for waiter in entry.waiters.drain(..) {
                 let _ = waiter.send(Err(PoolError::ShuttingDown));
@@ -779,11 +832,15 @@ async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
 #[derive(Clone)]
 pub struct PoolHandle {
     slot: Arc<std::sync::RwLock<ActorRef<PoolMsg>>>,
+    index: PoolIndex,
 }
 
 impl PoolHandle {
-    pub(crate) fn new(slot: Arc<std::sync::RwLock<ActorRef<PoolMsg>>>) -> PoolHandle {
-        PoolHandle { slot }
+    pub(crate) fn new(
+        slot: Arc<std::sync::RwLock<ActorRef<PoolMsg>>>,
+        index: PoolIndex,
+    ) -> PoolHandle {
+        PoolHandle { slot, index }
     }
 
     fn actor(&self) -> ActorRef<PoolMsg> {
@@ -817,6 +874,9 @@ impl PoolHandle {
             user: user.clone(),
             server: server.clone(),
         };
+        if let Some(connection) = self.index.ready(&key) {
+            return Ok(connection);
+        }
         // A connection reaped between lookup and use is fetched again, once.
         for _ in 0..2 {
             let key = key.clone();
