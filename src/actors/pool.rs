@@ -908,16 +908,15 @@ impl PoolHandle {
         tool: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
     ) -> Result<rmcp::model::CallToolResult, PoolError> {
-        let connection = self.get_connection(user, server).await?;
-        match connection.call_tool(tool, arguments.clone()).await {
-            Err(PoolError::Reconnect) => {
-                self.get_connection(user, server)
-                    .await?
-                    .call_tool(tool, arguments)
-                    .await
+        let mut connection = self.get_connection(user, server).await?;
+        let slot = match connection.reserve() {
+            Some(slot) => slot,
+            None => {
+                connection = self.get_connection(user, server).await?;
+                connection.reserve().ok_or(PoolError::Reconnect)?
             }
-            other => other,
-        }
+        };
+        connection.call_reserved(slot, tool, arguments).await
     }
 
     pub async fn close_connection(
