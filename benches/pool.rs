@@ -482,9 +482,20 @@ async fn main() {
         disturbers.spawn(async move {
             let mut crashes = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok(conn) = pool.get_connection(&crashy, &server).await {
-                    let _ = conn.call_tool("crash", None).await;
-                    crashes += 1;
+                let Ok(conn) = pool.get_connection(&crashy, &server).await else {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                };
+                let pid = conn.pid();
+                let _ = conn.call_tool("crash", None).await;
+                crashes += 1;
+                // Crash the next incarnation, not the corpse: wait for the restart.
+                while pool
+                    .get_connection(&crashy, &server)
+                    .await
+                    .is_ok_and(|c| c.pid() == pid)
+                {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             }
             crashes
@@ -509,6 +520,6 @@ async fn main() {
     for (label, summary) in [quiet, loaded] {
         println!("| {label} | {} | {} |", us(summary.median), us(summary.p99));
     }
-    println!("\n(crashes provoked during the loaded run: {crashes})");
+    println!("\n(crash-and-restart cycles during the loaded run: {crashes})");
     bench.app.stop().await;
 }
