@@ -62,6 +62,12 @@ impl Harness {
             .map(|c| c.state)
     }
 
+    /// Connections with a call in flight.
+    async fn busy_connections(&self) -> usize {
+        let stats = self.pool().stats().await.unwrap();
+        stats.connections.iter().filter(|c| c.in_flight > 0).count()
+    }
+
     async fn stop(self) {
         self.app.stop().await;
     }
@@ -450,20 +456,7 @@ async fn capacity_evicts_the_least_recently_used_idle_connection() {
             })
         })
         .collect();
-    assert!(
-        wait_until(LONG, || async {
-            h.pool()
-                .stats()
-                .await
-                .unwrap()
-                .connections
-                .iter()
-                .filter(|c| c.in_flight > 0)
-                .count()
-                == 2
-        })
-        .await
-    );
+    assert!(wait_until(LONG, || async { h.busy_connections().await == 2 }).await);
     let full = h.pool().get_connection(&mia, &demo2).await;
     assert!(
         matches!(full, Err(PoolError::PoolFull { .. })),
@@ -484,20 +477,7 @@ async fn capacity_evicts_the_least_recently_used_idle_connection() {
         pool.call_tool(&o, &d, "sleep", args(json!({ "ms": 10_000 })))
             .await
     });
-    assert!(
-        wait_until(LONG, || async {
-            h.pool()
-                .stats()
-                .await
-                .unwrap()
-                .connections
-                .iter()
-                .filter(|c| c.in_flight > 0)
-                .count()
-                == 3
-        })
-        .await
-    );
+    assert!(wait_until(LONG, || async { h.busy_connections().await == 3 }).await);
     // Everything busy: nothing to evict.
     let full = h.pool().get_connection(&ned, &demo).await;
     assert!(
