@@ -12,6 +12,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::Instrument;
 
+use crate::oauth::TokenRefresher;
 use crate::store::{
     ConnectionInfo, CredentialFiles, CredentialSpec, ServerName, Store, StoreError, Stored,
     TokenUpdate, Tokens, UserId,
@@ -33,6 +34,18 @@ pub enum CredentialError {
     },
     #[error("the credential actor is not running")]
     Unavailable,
+    /// The provider answered `invalid_grant`: the credentials were deactivated and the user
+    /// must connect again.
+    #[error("the authorization for server `{0}` was revoked or expired; reconnect required")]
+    ReconnectRequired(ServerName),
+    /// The access token expired and the token endpoint is failing (5xx, timeout, network);
+    /// the credentials are kept and the refresh is retried with backoff.
+    #[error("cannot refresh the access token for server `{0}` right now")]
+    RefreshUnavailable(ServerName),
+    /// The access token expired and the token endpoint refused the refresh for a reason other
+    /// than `invalid_grant` (e.g. a misconfigured client); the credentials are kept.
+    #[error("the token endpoint refused to refresh the access token for server `{0}`")]
+    RefreshRejected(ServerName),
 }
 
 type Reply<T> = RpcReplyPort<Result<T, CredentialError>>;
@@ -308,6 +321,11 @@ impl CredentialState {
     }
 
     async fn cleanup(&self, older_than: Duration) -> Result<usize, CredentialError> {
+        // Pending connect flows past their expiry go with the same sweep.
+        let states = self.store.cleanup_oauth_states().await?;
+        if states > 0 {
+            tracing::info!(count = states, "Removed expired OAuth connect states");
+        }
         let removed = self.store.cleanup_inactive(older_than).await?;
         for (user, server) in &removed {
             // Another instance may have re-created the pair since; its file stays.
@@ -339,6 +357,9 @@ impl CredentialState {
 pub struct CredentialHandle {
     actor: ActorRef<CredentialMsg>,
     store: Store,
+    /// Refreshes OAuth tokens before a session starts ([`CredentialHandle::prepare_session`]).
+    /// The refresher itself holds a handle without one, so there is no cycle.
+    refresher: Option<TokenRefresher>,
 }
 
 impl CredentialHandle {
@@ -352,11 +373,44 @@ impl CredentialHandle {
             Some(sup) => Actor::spawn_linked(None, CredentialActor, args, sup).await?,
             None => Actor::spawn(None, CredentialActor, args).await?,
         };
-        Ok((CredentialHandle { actor, store }, join))
+        Ok((
+            CredentialHandle {
+                actor,
+                store,
+                refresher: None,
+            },
+            join,
+        ))
     }
 
     pub fn actor(&self) -> &ActorRef<CredentialMsg> {
         &self.actor
+    }
+
+    /// This handle with `refresher` attached: [`prepare_session`](Self::prepare_session) then
+    /// refreshes tokens about to expire before a session starts.
+    pub fn with_refresher(mut self, refresher: TokenRefresher) -> CredentialHandle {
+        self.refresher = Some(refresher);
+        self
+    }
+
+    /// The attached token refresher, if any.
+    pub fn refresher(&self) -> Option<&TokenRefresher> {
+        self.refresher.as_ref()
+    }
+
+    /// Before a session starts: refreshes the OAuth tokens if they expire within the server's
+    /// `refresh_before` (when a refresher is attached), then (re)writes the credentials file.
+    /// A token that is still valid is used even if refreshing it failed for now.
+    pub async fn prepare_session(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<PathBuf, CredentialError> {
+        if let Some(refresher) = &self.refresher {
+            refresher.before_session(user, server).await?;
+        }
+        self.prepare_file(user, server).await
     }
 
     /// Read access; reads do not need to queue behind writes.

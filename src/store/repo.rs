@@ -18,6 +18,8 @@ use super::crypto::{CryptoError, Keyring, TokenField};
 use super::ids::{ServerName, UserId};
 use super::secret::Secret;
 
+pub use oauth_states::{NewOAuthState, OAuthState};
+
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -101,6 +103,9 @@ macro_rules! in_read {
 enum Scope<'a> {
     User(&'a UserId),
     AllUsers,
+    /// The unauthenticated OAuth callback: only the `oauth_states` row with this state hash
+    /// (`migrations/postgres/0003_oauth_states.sql`).
+    OAuthState(&'a str),
 }
 
 async fn set_scope(conn: &mut sqlx::PgConnection, scope: Scope<'_>) -> Result<(), sqlx::Error> {
@@ -113,6 +118,12 @@ async fn set_scope(conn: &mut sqlx::PgConnection, scope: Scope<'_>) -> Result<()
         }
         Scope::AllUsers => {
             sqlx::query("SELECT set_config('app.all_users', 'on', true)")
+                .execute(&mut *conn)
+                .await?
+        }
+        Scope::OAuthState(state_hash) => {
+            sqlx::query("SELECT set_config('app.oauth_state', $1, true)")
+                .bind(state_hash)
                 .execute(&mut *conn)
                 .await?
         }
@@ -672,3 +683,6 @@ impl Store {
         Ok((target, rotated))
     }
 }
+
+// Declared after the macros above, which it uses (macro_rules! scoping is textual).
+mod oauth_states;
