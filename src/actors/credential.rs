@@ -67,6 +67,13 @@ pub enum CredentialMsg {
         update: TokenUpdate,
         reply: Reply<ConnectionInfo>,
     },
+    /// Bump `version` if it is still `expected_version` (a refresh claim across instances).
+    ClaimRefresh {
+        user: UserId,
+        server: ServerName,
+        expected_version: i64,
+        reply: Reply<Option<i64>>,
+    },
     /// Soft delete: row inactive, file removed.
     Deactivate {
         user: UserId,
@@ -173,6 +180,19 @@ impl Actor for CredentialActor {
                     .update(&user, &server, expected_version, &update)
                     .instrument(span)
                     .await;
+                let _ = reply.send(result);
+            }
+            CredentialMsg::ClaimRefresh {
+                user,
+                server,
+                expected_version,
+                reply,
+            } => {
+                let result = state
+                    .store
+                    .claim_refresh(&user, &server, expected_version)
+                    .await
+                    .map_err(Into::into);
                 let _ = reply.send(result);
             }
             CredentialMsg::Deactivate {
@@ -457,6 +477,24 @@ impl CredentialHandle {
             server,
             expected_version,
             update,
+            reply,
+        })
+        .await
+    }
+
+    /// Claims the refresh of (user, server) at `expected_version`; see
+    /// [`Store::claim_refresh`].
+    pub async fn claim_refresh(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        expected_version: i64,
+    ) -> Result<Option<i64>, CredentialError> {
+        let (user, server) = (user.clone(), server.clone());
+        self.ask(|reply| CredentialMsg::ClaimRefresh {
+            user,
+            server,
+            expected_version,
             reply,
         })
         .await

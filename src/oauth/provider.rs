@@ -145,6 +145,11 @@ impl Provider {
         self.refresh_before
     }
 
+    /// Upper bound of one token request.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Whether `POST /v1/oauth/{server}/start` is available.
     pub fn connect_flow_enabled(&self) -> bool {
         self.authorization_url.is_some()

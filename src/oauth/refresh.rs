@@ -7,11 +7,17 @@
 //!   caller that waited behind a refresh therefore finds the new expiry and sends nothing. So
 //!   at most one token request per key is in flight here, and concurrent callers (tool calls,
 //!   a session start, the background sweep) all use its result.
-//! - **Across processes** sharing the database, the write is a compare-and-swap on the row's
-//!   `version` read before the request (`CredentialHandle::update` with `expected_version`,
-//!   `UPDATE .. WHERE version = $v`). Of two instances that refreshed concurrently exactly one
-//!   update matches; the other gets `Conflict`, discards its response, re-reads the row, uses
-//!   the winner's tokens and rewrites its own credentials file from them.
+//! - **Across processes** sharing the database, two compare-and-swaps on the row's `version`:
+//!   1. before any request, a claim (`UPDATE .. SET version = version + 1 WHERE version = $v`,
+//!      [`Store::claim_refresh`]). Of instances that read the same version exactly one claim
+//!      matches; the others send *no* token request, poll the row until the winner's tokens
+//!      are there, use them and rewrite their own credentials file from the row. So a provider
+//!      that rotates refresh tokens never sees the old one twice.
+//!   2. the write itself (`CredentialHandle::update` with the claimed version): if anything
+//!      wrote in between (a reconnect, or a claim by another instance after this one's lease
+//!      ran out) it gets `Conflict`, discards its response, re-reads and uses the stored tokens.
+//!
+//! [`Store::claim_refresh`]: crate::store::Store::claim_refresh
 //! - An `invalid_grant` is believed only if the row still has the version that was read: a
 //!   refresh token rotated away by a concurrent winner is not a revoked grant.
 //!
@@ -303,7 +309,17 @@ impl TokenRefresher {
         let Some(refresh_token) = record.tokens.refresh_token.clone() else {
             return Ok(Freshness::Unmanaged);
         };
-        let version = record.info.version;
+        // Across instances: only the one whose claim bumps the version sends a request.
+        let Some(version) = self
+            .inner
+            .credentials
+            .claim_refresh(&key.user, &key.server, record.info.version)
+            .await?
+        else {
+            return self
+                .wait_for_other_refresh(key, provider, expiry, caller)
+                .await;
+        };
         let mut last_error = None;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
@@ -331,6 +347,34 @@ impl TokenRefresher {
             }
         }
         self.not_refreshed(key, expiry, last_error)
+    }
+
+    /// Another instance claimed the refresh: poll the row until its tokens are fresh, for at
+    /// most as long as that instance's own attempts may take. If it never writes (it died, or
+    /// the provider failed it too) this check gives up like a failed refresh, and the next one
+    /// claims the row again at its current version.
+    async fn wait_for_other_refresh(
+        &self,
+        key: &ConnKey,
+        provider: &Provider,
+        expiry: Option<DateTime<Utc>>,
+        caller: Caller,
+    ) -> Result<Freshness, CredentialError> {
+        let lease = provider.timeout().saturating_add(RETRY_CAP) * ATTEMPTS;
+        let deadline = Instant::now() + lease;
+        let store = self.inner.credentials.store();
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let Some(record) = store.get(&key.user, &key.server).await? else {
+                return Ok(Freshness::Unmanaged);
+            };
+            if refresh_due(&record.tokens, provider.refresh_before())
+                .is_none_or(|due| Utc::now() < due)
+            {
+                return self.adopt_stored(key, caller).await;
+            }
+        }
+        self.not_refreshed(key, expiry, Some(OAuthError::Timeout(lease)))
     }
 
     /// The refresh did not happen: keep using a token that has not expired yet, otherwise

@@ -578,6 +578,30 @@ impl Store {
         self.decrypt_row(raw)
     }
 
+    /// Claims the right to refresh the active row's tokens: bumps `version` if it is still
+    /// `expected_version`, and returns the new version (`None`: another writer, e.g. another
+    /// instance's claim, got there first). The claimer then writes with
+    /// [`update_tokens`](Self::update_tokens) on the returned version; every other instance sees
+    /// the bump and waits for that write instead of sending its own token request.
+    pub async fn claim_refresh(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        expected_version: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let claimed: Option<(i64,)> = in_write_tx!(self, Scope::User(user), tx => sqlx::query_as(
+            "UPDATE mcp_connections SET version = version + 1 \
+             WHERE user_id = $1 AND server_name = $2 AND is_active AND version = $3 \
+             RETURNING version",
+        )
+        .bind(user.as_str())
+        .bind(server.as_str())
+        .bind(expected_version)
+        .fetch_optional(&mut *tx)
+        .await?);
+        Ok(claimed.map(|(version,)| version))
+    }
+
     /// Soft delete: marks the active row inactive. Returns whether there was one.
     pub async fn deactivate(&self, user: &UserId, server: &ServerName) -> Result<bool, StoreError> {
         let done = in_write_tx!(self, Scope::User(user), tx => sqlx::query(
