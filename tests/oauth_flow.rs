@@ -53,26 +53,40 @@ async fn callback(ts: &TestServer, redirect: &str) -> String {
 }
 
 fn ids(user: &str, server: &str) -> (UserId, ServerName) {
-    (UserId::parse(user).unwrap(), ServerName::parse(server).unwrap())
+    (
+        UserId::parse(user).unwrap(),
+        ServerName::parse(server).unwrap(),
+    )
 }
 
 async fn raw_tokens(ts: &TestServer, user: &str) -> Vec<(String, Option<String>, bool)> {
     use sqlx::Connection;
-    let url = format!("sqlite://{}", ts.dir.path().join("data/db.sqlite").display());
+    let url = format!(
+        "sqlite://{}",
+        ts.dir.path().join("data/db.sqlite").display()
+    );
     let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
-    sqlx::query_as("SELECT server_name, access_token, is_active FROM mcp_connections WHERE user_id = $1")
-        .bind(user)
-        .fetch_all(&mut conn)
-        .await
-        .unwrap()
+    sqlx::query_as(
+        "SELECT server_name, access_token, is_active FROM mcp_connections WHERE user_id = $1",
+    )
+    .bind(user)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
 async fn connect_flow_stores_an_encrypted_row_and_a_private_file_that_the_server_sees() {
     let (ts, mock) = setup().await;
     let url = start(&ts, "alice", "gdemo").await;
-    assert!(url.starts_with(&format!("{}/authorize?", mock.url)), "{url}");
-    assert_eq!(query_param(&url, "code_challenge_method").as_deref(), Some("S256"));
+    assert!(
+        url.starts_with(&format!("{}/authorize?", mock.url)),
+        "{url}"
+    );
+    assert_eq!(
+        query_param(&url, "code_challenge_method").as_deref(),
+        Some("S256")
+    );
     assert_eq!(query_param(&url, "response_type").as_deref(), Some("code"));
     assert_eq!(query_param(&url, "access_type").as_deref(), Some("offline"));
     assert_eq!(query_param(&url, "prompt").as_deref(), Some("consent"));
@@ -90,7 +104,13 @@ async fn connect_flow_stores_an_encrypted_row_and_a_private_file_that_the_server
 
     // The row: active, tokens encrypted at rest, an expiry from expires_in.
     let (user, server) = ids("alice", "gdemo");
-    let record = ts.state.store.get(&user, &server).await.unwrap().expect("row");
+    let record = ts
+        .state
+        .store
+        .get(&user, &server)
+        .await
+        .unwrap()
+        .expect("row");
     let access = record.tokens.access_token.clone().expect("access token");
     assert!(record.tokens.refresh_token.is_some());
     let expiry = record.tokens.token_expiry.expect("expiry");
@@ -139,16 +159,31 @@ async fn a_state_works_once_and_replay_tampering_and_expiry_are_refused() {
     tampered[5] = if tampered[5] == b'A' { b'B' } else { b'A' };
     let bad = with_param(&redirect, "state", &String::from_utf8(tampered).unwrap());
     let location = callback(&ts, &bad).await;
-    assert_eq!(location, format!("{FAILURE}?error=invalid_state&server=gdemo"));
+    assert_eq!(
+        location,
+        format!("{FAILURE}?error=invalid_state&server=gdemo")
+    );
     assert!(ts.state.store.get(&user, &server).await.unwrap().is_none());
     let no_state = with_param(&redirect, "state", "");
-    assert!(callback(&ts, &no_state).await.contains("error=invalid_state"));
+    assert!(
+        callback(&ts, &no_state)
+            .await
+            .contains("error=invalid_state")
+    );
 
     assert_eq!(
         callback(&ts, &redirect).await,
         format!("{SUCCESS}?connected=gdemo")
     );
-    let version = ts.state.store.get(&user, &server).await.unwrap().unwrap().info.version;
+    let version = ts
+        .state
+        .store
+        .get(&user, &server)
+        .await
+        .unwrap()
+        .unwrap()
+        .info
+        .version;
 
     // Replay of the used state (even with a fresh code from the provider): refused, nothing
     // written.
@@ -162,7 +197,10 @@ async fn a_state_works_once_and_replay_tampering_and_expiry_are_refused() {
     let redirect = mock.authorize(&url).await;
     {
         use sqlx::Connection;
-        let db = format!("sqlite://{}", ts.dir.path().join("data/db.sqlite").display());
+        let db = format!(
+            "sqlite://{}",
+            ts.dir.path().join("data/db.sqlite").display()
+        );
         let mut conn = sqlx::SqliteConnection::connect(&db).await.unwrap();
         let past = chrono::Utc::now() - chrono::Duration::seconds(1);
         let aged = sqlx::query("UPDATE oauth_states SET expires_at = $1 WHERE user_id = 'bob'")
@@ -179,7 +217,11 @@ async fn a_state_works_once_and_replay_tampering_and_expiry_are_refused() {
     let (bob, _) = ids("bob", "gdemo");
     assert!(ts.state.store.get(&bob, &server).await.unwrap().is_none());
     // ... and it was consumed.
-    assert!(callback(&ts, &redirect).await.contains("error=invalid_state"));
+    assert!(
+        callback(&ts, &redirect)
+            .await
+            .contains("error=invalid_state")
+    );
     ts.stop().await;
 }
 
@@ -309,7 +351,10 @@ async fn start_needs_a_user_and_a_configured_flow() {
         .post_json("/v1/oauth/demo/start", &json!({}))
         .await;
     resp.expect_error(404, "oauth_not_configured");
-    let resp = ts.anonymous().get("/v1/oauth/demo/callback?state=x&code=y").await;
+    let resp = ts
+        .anonymous()
+        .get("/v1/oauth/demo/callback?state=x&code=y")
+        .await;
     resp.expect_error(404, "oauth_not_configured");
     let resp = ts.anonymous().get("/v1/oauth/nope/callback?state=x").await;
     resp.expect_error(404, "unknown_server");
@@ -359,7 +404,10 @@ async fn client_authentication_and_pkce_at_the_token_endpoint() {
             .exchange_code(&mcp_pool::store::Secret::new(code), &wrong)
             .await
             .unwrap_err();
-        assert!(matches!(err, OAuthError::Rejected { status: 400, .. }), "{err:?}");
+        assert!(
+            matches!(err, OAuthError::Rejected { status: 400, .. }),
+            "{err:?}"
+        );
         // The right one: tokens.
         let code = query_param(&mock.authorize(url.as_str()).await, "code").unwrap();
         let tokens = provider
@@ -368,7 +416,12 @@ async fn client_authentication_and_pkce_at_the_token_endpoint() {
             .unwrap();
         assert!(tokens.refresh_token.is_some());
         let stats = mock.stats().await;
-        let last = stats["client_auth"].as_array().unwrap().last().unwrap().clone();
+        let last = stats["client_auth"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()
+            .clone();
         assert_eq!(last["method"], expected, "{stats}");
         match expected {
             "post" => {

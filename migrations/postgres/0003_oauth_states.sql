@@ -44,3 +44,9 @@ CREATE POLICY oauth_states_by_state_delete ON oauth_states FOR DELETE
 CREATE POLICY oauth_states_all_users ON oauth_states
     USING (current_setting('app.all_users', true) = 'on')
     WITH CHECK (current_setting('app.all_users', true) = 'on');
+
+-- The cross-instance refresh lease: an instance that is about to send a refresh request for a
+-- row first claims it (version + 1, lease until now + its worst-case request time) unless
+-- another claim's lease is still running; others wait for that instance's write instead of
+-- sending the same refresh token again (src/oauth/refresh.rs).
+ALTER TABLE mcp_connections ADD COLUMN refresh_lease_until TIMESTAMPTZ;

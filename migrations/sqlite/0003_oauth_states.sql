@@ -12,3 +12,9 @@ CREATE TABLE oauth_states (
 
 CREATE INDEX oauth_states_user ON oauth_states (user_id);
 CREATE INDEX oauth_states_expires ON oauth_states (expires_at);
+
+-- The cross-instance refresh lease: an instance that is about to send a refresh request for a
+-- row first claims it (version + 1, lease until now + its worst-case request time) unless
+-- another claim's lease is still running; others wait for that instance's write instead of
+-- sending the same refresh token again (src/oauth/refresh.rs).
+ALTER TABLE mcp_connections ADD COLUMN refresh_lease_until TEXT;

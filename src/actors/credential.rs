@@ -72,7 +72,15 @@ pub enum CredentialMsg {
         user: UserId,
         server: ServerName,
         expected_version: i64,
+        lease: Duration,
         reply: Reply<Option<i64>>,
+    },
+    /// End a refresh claim that wrote nothing.
+    ReleaseRefresh {
+        user: UserId,
+        server: ServerName,
+        claimed_version: i64,
+        reply: Reply<()>,
     },
     /// Soft delete: row inactive, file removed.
     Deactivate {
@@ -186,11 +194,25 @@ impl Actor for CredentialActor {
                 user,
                 server,
                 expected_version,
+                lease,
                 reply,
             } => {
                 let result = state
                     .store
-                    .claim_refresh(&user, &server, expected_version)
+                    .claim_refresh(&user, &server, expected_version, lease)
+                    .await
+                    .map_err(Into::into);
+                let _ = reply.send(result);
+            }
+            CredentialMsg::ReleaseRefresh {
+                user,
+                server,
+                claimed_version,
+                reply,
+            } => {
+                let result = state
+                    .store
+                    .release_refresh(&user, &server, claimed_version)
                     .await
                     .map_err(Into::into);
                 let _ = reply.send(result);
@@ -482,19 +504,38 @@ impl CredentialHandle {
         .await
     }
 
-    /// Claims the refresh of (user, server) at `expected_version`; see
+    /// Claims the refresh of (user, server) at `expected_version` for `lease`; see
     /// [`Store::claim_refresh`].
     pub async fn claim_refresh(
         &self,
         user: &UserId,
         server: &ServerName,
         expected_version: i64,
+        lease: Duration,
     ) -> Result<Option<i64>, CredentialError> {
         let (user, server) = (user.clone(), server.clone());
         self.ask(|reply| CredentialMsg::ClaimRefresh {
             user,
             server,
             expected_version,
+            lease,
+            reply,
+        })
+        .await
+    }
+
+    /// Ends a refresh claim that wrote nothing; see [`Store::release_refresh`].
+    pub async fn release_refresh(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        claimed_version: i64,
+    ) -> Result<(), CredentialError> {
+        let (user, server) = (user.clone(), server.clone());
+        self.ask(|reply| CredentialMsg::ReleaseRefresh {
+            user,
+            server,
+            claimed_version,
             reply,
         })
         .await

@@ -7,19 +7,23 @@
 //!   caller that waited behind a refresh therefore finds the new expiry and sends nothing. So
 //!   at most one token request per key is in flight here, and concurrent callers (tool calls,
 //!   a session start, the background sweep) all use its result.
-//! - **Across processes** sharing the database, two compare-and-swaps on the row's `version`:
-//!   1. before any request, a claim (`UPDATE .. SET version = version + 1 WHERE version = $v`,
-//!      [`Store::claim_refresh`]). Of instances that read the same version exactly one claim
-//!      matches; the others send *no* token request, poll the row until the winner's tokens
-//!      are there, use them and rewrite their own credentials file from the row. So a provider
-//!      that rotates refresh tokens never sees the old one twice.
-//!   2. the write itself (`CredentialHandle::update` with the claimed version): if anything
-//!      wrote in between (a reconnect, or a claim by another instance after this one's lease
-//!      ran out) it gets `Conflict`, discards its response, re-reads and uses the stored tokens.
+//! - **Across processes** sharing the database, the row's `version` and a short lease:
+//!   1. before any request, a claim ([`Store::claim_refresh`]: `UPDATE .. SET version =
+//!      version + 1, refresh_lease_until = now + lease WHERE version = $v AND no earlier
+//!      claim's lease is still running`). Of instances that read the same version exactly one
+//!      claim matches (the others see a different version), and an instance that read the row
+//!      only after that claim fails on the lease. The losers send *no* token request: they poll
+//!      the row until the winner's tokens are there, use them and rewrite their own
+//!      credentials file from the row. So a provider that rotates refresh tokens never sees
+//!      the same one twice.
+//!   2. the write itself is a compare-and-swap on the claimed version (`CredentialHandle::update`
+//!      with `expected_version`): if anything wrote in between (a reconnect, or another
+//!      instance's claim after this one's lease ran out) it gets `Conflict`, discards its
+//!      response, re-reads and uses the stored tokens. Every token write clears the lease.
+//! - An `invalid_grant` is believed only if the row still has the version that was claimed:
+//!   a refresh token rotated away by a concurrent winner is not a revoked grant.
 //!
 //! [`Store::claim_refresh`]: crate::store::Store::claim_refresh
-//! - An `invalid_grant` is believed only if the row still has the version that was read: a
-//!   refresh token rotated away by a concurrent winner is not a revoked grant.
 //!
 //! A transient failure (5xx, timeout, network) keeps the credentials, is retried with backoff
 //! within the request, and then the key backs off for a while (calls keep using a token that
@@ -313,7 +317,7 @@ impl TokenRefresher {
         let Some(version) = self
             .inner
             .credentials
-            .claim_refresh(&key.user, &key.server, record.info.version)
+            .claim_refresh(&key.user, &key.server, record.info.version, lease(provider))
             .await?
         else {
             return self
@@ -342,9 +346,20 @@ impl TokenRefresher {
                         user_id = %key.user, server = %key.server, cause = %err,
                         "The token endpoint refused to refresh; credentials kept"
                     );
-                    return self.not_refreshed(key, expiry, Some(err));
+                    last_error = Some(err);
+                    break;
                 }
             }
+        }
+        // Nothing written: let the next check (here or elsewhere) claim again without waiting
+        // for the lease.
+        if let Err(err) = self
+            .inner
+            .credentials
+            .release_refresh(&key.user, &key.server, version)
+            .await
+        {
+            tracing::warn!(cause = %err, "could not release the refresh claim; it lapses by itself");
         }
         self.not_refreshed(key, expiry, last_error)
     }
@@ -360,7 +375,7 @@ impl TokenRefresher {
         expiry: Option<DateTime<Utc>>,
         caller: Caller,
     ) -> Result<Freshness, CredentialError> {
-        let lease = provider.timeout().saturating_add(RETRY_CAP) * ATTEMPTS;
+        let lease = lease(provider);
         let deadline = Instant::now() + lease;
         let store = self.inner.credentials.store();
         while Instant::now() < deadline {
@@ -568,6 +583,12 @@ enum Caller {
     Call,
     SessionStart,
     Sweep,
+}
+
+/// How long a refresh claim holds off other instances: the claimer's worst case (every attempt
+/// timing out, plus the backoff between them).
+fn lease(provider: &Provider) -> Duration {
+    provider.timeout().saturating_add(RETRY_CAP) * ATTEMPTS
 }
 
 fn key(user: &UserId, server: &ServerName) -> ConnKey {

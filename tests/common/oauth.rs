@@ -24,7 +24,10 @@ pub struct MockOAuth {
 impl MockOAuth {
     pub async fn start() -> MockOAuth {
         let package = required_env("MCP_POOL_TEST_OAUTH_MOCK");
-        let launcher = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/oauth/mock-server.mjs");
+        let launcher = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/oauth/mock-server.mjs"
+        );
         let mut child = tokio::process::Command::new("node")
             .arg(launcher)
             .arg(&package)
@@ -143,7 +146,9 @@ pub async fn send(
         parsed.host_str().expect("host"),
         parsed.port_or_known_default().expect("port")
     );
-    let stream = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    let stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .expect("handshake");
