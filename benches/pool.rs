@@ -1,7 +1,16 @@
-//! Pool benchmarks: warm lookup, pool overhead on a warm call vs a direct rmcp client, and
-//! cold vs warm per server. Prints a table; run with `cargo bench --bench pool`
-//! (third-party servers: `source .test-servers/env.sh` first, or they are reported as skipped).
+//! In-process benchmarks of the pool. Prints markdown tables; `scripts/bench` runs it (after the
+//! HTTP measurements) and `docs/benchmarks.md` quotes it.
 //!
+//! 1. warm lookup (`get_connection` of a live key) at 10, 100 and 1,000 live keys;
+//! 2. pool overhead on a warm echo vs a direct rmcp client on the same kind of server;
+//! 3. cold first call vs warm call per server;
+//! 4. 64 concurrent calls on one connection vs the same calls one after another;
+//! 5. scale: 1,000 live connections (open time, mcp-pool memory per connection, warm latency,
+//!    reaping them all);
+//! 6. isolation: other users' warm-call p99 while one user crash-loops and another's server
+//!    takes 5 s to start.
+//!
+//! Third-party servers come from `.test-servers/env.sh` (missing ones are reported as skipped).
 //! Benchmarks check what they measure (echo replies are compared) but never fail on speed.
 
 use std::collections::BTreeMap;
@@ -15,68 +24,82 @@ use mcp_pool::store::{Secret, ServerName, Tokens, UserId};
 use serde_json::{Value, json};
 
 const WARM_CALLS: usize = 2000;
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 3;
 const COLD_STARTS: usize = 5;
+const SCALE: usize = 1000;
 
 struct Server {
     name: &'static str,
     command: String,
     args: Vec<String>,
+    /// (tool, reply prefix) of an echo tool, if the server has one.
     echo: Option<(&'static str, &'static str)>,
+    /// The warm operation of the cold/warm comparison: a tool call, or `""` for tools/list.
     probe: (&'static str, Value),
 }
 
-fn servers() -> Vec<Server> {
+fn servers() -> (Vec<Server>, Vec<&'static str>) {
     let bin = env!("CARGO_BIN_EXE_mcp-pool").to_owned();
+    let mut skipped = Vec::new();
     let mut servers = vec![Server {
         name: "demo",
         command: bin,
-        args: vec!["demo-server".into()],
+        args: vec!["demo-server".into(), "--test-tools".into()],
         echo: Some(("echo", "")),
         probe: ("echo", json!({ "message": "x" })),
     }];
-    if let Ok(path) = std::env::var("MCP_POOL_TEST_EVERYTHING") {
-        servers.push(Server {
+    match std::env::var("MCP_POOL_TEST_EVERYTHING") {
+        Ok(path) => servers.push(Server {
             name: "everything",
             command: "node".into(),
             args: vec![path, "stdio".into()],
             echo: Some(("echo", "Echo: ")),
             probe: ("echo", json!({ "message": "x" })),
-        });
+        }),
+        Err(_) => skipped.push("everything"),
     }
-    if let Ok(path) = std::env::var("MCP_POOL_TEST_TIME_BIN") {
-        servers.push(Server {
+    match std::env::var("MCP_POOL_TEST_TIME_BIN") {
+        Ok(path) => servers.push(Server {
             name: "time",
             command: path,
             args: vec![],
             echo: None,
             probe: ("get_current_time", json!({ "timezone": "UTC" })),
-        });
+        }),
+        Err(_) => skipped.push("time"),
     }
-    if let Ok(path) = std::env::var("MCP_POOL_TEST_ANALYTICS_BIN") {
-        servers.push(Server {
+    match std::env::var("MCP_POOL_TEST_ANALYTICS_BIN") {
+        // Offline its tools can only fail; tools/list is the warm operation measured.
+        Ok(path) => servers.push(Server {
             name: "analytics",
             command: path,
             args: vec![],
             echo: None,
-            // Offline its tools fail fast; tools/list is the warm operation measured.
             probe: ("", json!({})),
-        });
+        }),
+        Err(_) => skipped.push("analytics"),
     }
-    servers
+    (servers, skipped)
 }
 
 fn config(dir: &std::path::Path, servers: &[Server]) -> Config {
+    let bin = env!("CARGO_BIN_EXE_mcp-pool");
     let mut text = format!(
-        "[service]\ndata_dir = {data:?}\n[database]\nurl = \"sqlite://{data}/db.sqlite\"\n\
+        "[service]\ndata_dir = {data:?}\nshutdown_grace = \"60s\"\n\
+         [database]\nurl = \"sqlite://{data}/db.sqlite\"\n\
          [credentials]\ndir = {creds:?}\n[encryption]\nkey_file = \"{data}/key\"\n\
-         [pool]\nclose_grace = \"1s\"\nmax_connections = 20000\nmax_connections_per_user = 50\n",
+         [pool]\nclose_grace = \"1s\"\nmax_connections = 20000\nmax_connections_per_user = 50\n\
+         idle_timeout = \"3s\"\nreap_interval = \"24h\"\nmax_restarts = 100000\n\
+         restart_backoff_base = \"10ms\"\nrestart_backoff_cap = \"50ms\"\n\
+         [servers.slow]\ncommand = {bin:?}\nargs = [\"demo-server\", \"--slow-start\", \"5s\"]\n\
+         credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n",
         data = dir.join("data").display(),
         creds = dir.join("creds").display(),
     );
     for server in servers {
         text.push_str(&format!(
-            "[servers.{}]\ncommand = {:?}\nargs = {:?}\ncredentials_env = \"GOOGLE_APPLICATION_CREDENTIALS\"\ncredentials_format = \"token_json\"\n",
+            "[servers.{}]\ncommand = {:?}\nargs = {:?}\n\
+             credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n",
             server.name, server.command, server.args
         ));
     }
@@ -113,86 +136,138 @@ fn text_of(result: &rmcp::model::CallToolResult) -> String {
         .collect()
 }
 
-async fn store_credentials(app: &App, user: &UserId, server: &ServerName) {
-    app.storage
-        .credentials
-        .create(
-            user,
-            server,
-            Tokens {
-                access_token: Some(Secret::new("bench")),
-                ..Tokens::default()
-            },
-        )
-        .await
-        .expect("credentials");
+/// Resident memory of this process (the pool; its children are separate processes).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
-async fn warm_lookup(pool: &PoolHandle, app: &App, server: &ServerName, live: usize) -> Summary {
-    // Open `live` connections, then time get_connection for existing keys.
-    let users: Vec<UserId> = (0..live)
-        .map(|i| UserId::parse(&format!("lookup{i}")).unwrap())
-        .collect();
-    for user in &users {
-        store_credentials(app, user, server).await;
+fn args(value: Value) -> Option<serde_json::Map<String, Value>> {
+    value.as_object().cloned()
+}
+
+struct Bench {
+    app: App,
+    pool: PoolHandle,
+}
+
+impl Bench {
+    async fn credentials(&self, user: &UserId, server: &ServerName) {
+        self.app
+            .storage
+            .credentials
+            .create(
+                user,
+                server,
+                Tokens {
+                    access_token: Some(Secret::new("bench")),
+                    ..Tokens::default()
+                },
+            )
+            .await
+            .expect("credentials");
     }
-    let mut opening = tokio::task::JoinSet::new();
-    for user in users.clone() {
-        let (pool, server) = (pool.clone(), server.clone());
-        opening.spawn(async move { pool.get_connection(&user, &server).await.map(|_| ()) });
-    }
-    while let Some(r) = opening.join_next().await {
-        r.unwrap().expect("open");
-    }
-    let mut samples = Vec::with_capacity(WARM_CALLS * ROUNDS);
-    for i in 0..WARM_CALLS * ROUNDS {
-        let user = &users[i % users.len()];
+
+    async fn echo(&self, user: &UserId, server: &ServerName, message: &str) -> Duration {
         let start = Instant::now();
-        pool.get_connection(user, server).await.expect("warm");
-        samples.push(start.elapsed());
+        let result = self
+            .pool
+            .call_tool(user, server, "echo", args(json!({ "message": message })))
+            .await
+            .expect("echo");
+        let elapsed = start.elapsed();
+        assert_eq!(text_of(&result), message, "the echo really came back");
+        elapsed
     }
-    summarize(samples)
+
+    /// Opens `users` connections to `server` from concurrent first requests.
+    async fn open_all(&self, users: &[UserId], server: &ServerName) -> Duration {
+        for user in users {
+            self.credentials(user, server).await;
+        }
+        let start = Instant::now();
+        let mut opening = tokio::task::JoinSet::new();
+        for user in users {
+            let (pool, server, user) = (self.pool.clone(), server.clone(), user.clone());
+            opening.spawn(async move { pool.get_connection(&user, &server).await.map(|_| ()) });
+        }
+        while let Some(result) = opening.join_next().await {
+            result.expect("task").expect("open");
+        }
+        start.elapsed()
+    }
+}
+
+fn users(prefix: &str, count: usize) -> Vec<UserId> {
+    (0..count)
+        .map(|i| UserId::parse(&format!("{prefix}{i}")).unwrap())
+        .collect()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
-    let servers = servers();
+    let (servers, skipped) = servers();
     let app = App::build(config(dir.path(), &servers)).await.expect("app");
-    let pool = app.pool.clone();
+    let bench = Bench {
+        pool: app.pool.clone(),
+        app,
+    };
+    let demo = ServerName::parse("demo").unwrap();
     println!(
-        "# mcp-pool benchmarks (release: {})",
-        !cfg!(debug_assertions)
-    );
-    println!(
-        "machine: {} cores",
+        "# mcp-pool in-process benchmarks ({} build, {} cores)",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0)
     );
+    if !skipped.is_empty() {
+        println!("skipped (not installed; run scripts/setup-test-env): {skipped:?}");
+    }
 
-    // 1. Warm lookup.
-    let demo = ServerName::parse("demo").unwrap();
-    println!("\n## Warm get_connection (in process)\n| live keys | median | p99 |\n|---|---|---|");
+    // 1 + 5. Warm lookup at growing scale; the last step is the 1,000-connection scale test.
+    println!("\n## 1. Warm get_connection (in process)\n");
+    println!("| live keys | median | p99 |\n|---|---|---|");
+    let rss_before = rss_kib();
+    let all = users("u", SCALE);
+    let mut open_time = Duration::ZERO;
     let mut opened = 0;
-    for live in [10usize, 100, 1000] {
-        let summary = warm_lookup(&pool, &app, &demo, live).await;
+    let mut warm_by_scale = Vec::new();
+    for live in [10usize, 100, SCALE] {
+        open_time += bench.open_all(&all[opened..live], &demo).await;
         opened = live;
+        let mut samples = Vec::with_capacity(WARM_CALLS * ROUNDS);
+        for i in 0..WARM_CALLS * ROUNDS {
+            let user = &all[(i * 7919) % live];
+            let start = Instant::now();
+            bench.pool.get_connection(user, &demo).await.expect("warm");
+            samples.push(start.elapsed());
+        }
+        let summary = summarize(samples);
         println!("| {live} | {} | {} |", us(summary.median), us(summary.p99));
+        let mut calls = Vec::new();
+        for i in 0..WARM_CALLS {
+            calls.push(
+                bench
+                    .echo(&all[(i * 7919) % live], &demo, &format!("s{i}"))
+                    .await,
+            );
+        }
+        warm_by_scale.push((live, summarize(calls)));
     }
-    let closed = pool
-        .close_user_connections(&UserId::parse("lookup0").unwrap())
-        .await
-        .ok();
-    let _ = (opened, closed);
-    for i in 0..1000 {
-        let _ = pool
-            .close_connection(&UserId::parse(&format!("lookup{i}")).unwrap(), &demo)
-            .await;
-    }
+    let rss_live = rss_kib();
 
-    // 2. Warm call: pool vs direct rmcp client, interleaved rounds.
-    println!("\n## Warm echo: through the pool vs a direct rmcp client (same server kind)");
+    // 2. Pool overhead vs a direct rmcp client.
+    println!("\n## 2. Warm echo: through the pool vs a direct rmcp client\n");
     println!(
         "| server | direct median | pool median | overhead | direct p99 | pool p99 |\n|---|---|---|---|---|---|"
     );
@@ -200,7 +275,7 @@ async fn main() {
     for server in servers.iter().filter(|s| s.echo.is_some()) {
         let (tool, prefix) = server.echo.unwrap_or_default();
         let name = ServerName::parse(server.name).unwrap();
-        store_credentials(&app, &bench_user, &name).await;
+        bench.credentials(&bench_user, &name).await;
         let launch = ServerLaunch {
             command: server.command.clone(),
             args: server.args.clone(),
@@ -210,38 +285,39 @@ async fn main() {
         let direct = McpSession::connect(&launch, Duration::from_secs(30), None)
             .await
             .expect("direct session");
-        pool.get_connection(&bench_user, &name)
+        bench
+            .pool
+            .get_connection(&bench_user, &name)
             .await
             .expect("pool session");
         let (mut d, mut p) = (Vec::new(), Vec::new());
-        for round in 0..ROUNDS {
-            for i in 0..WARM_CALLS {
-                let message = format!("m{round}-{i}");
-                let args = json!({ "message": message }).as_object().cloned();
-                let start = Instant::now();
-                let result = direct
-                    .call_tool(tool, args.clone(), Duration::from_secs(10))
-                    .await
-                    .expect("direct echo");
-                d.push(start.elapsed());
-                assert_eq!(text_of(&result), format!("{prefix}{message}"));
-                let start = Instant::now();
-                let result = pool
-                    .call_tool(&bench_user, &name, tool, args)
-                    .await
-                    .expect("pool echo");
-                p.push(start.elapsed());
-                assert_eq!(text_of(&result), format!("{prefix}{message}"));
-            }
+        // Interleaved, so both see the same machine state.
+        for i in 0..WARM_CALLS * ROUNDS {
+            let message = format!("m{i}");
+            let call_args = args(json!({ "message": message }));
+            let start = Instant::now();
+            let result = direct
+                .call_tool(tool, call_args.clone(), Duration::from_secs(10))
+                .await
+                .expect("direct echo");
+            d.push(start.elapsed());
+            assert_eq!(text_of(&result), format!("{prefix}{message}"));
+            let start = Instant::now();
+            let result = bench
+                .pool
+                .call_tool(&bench_user, &name, tool, call_args)
+                .await
+                .expect("pool echo");
+            p.push(start.elapsed());
+            assert_eq!(text_of(&result), format!("{prefix}{message}"));
         }
         let (d, p) = (summarize(d), summarize(p));
-        let overhead = p.median.as_secs_f64() / d.median.as_secs_f64() - 1.0;
         println!(
             "| {} | {} | {} | {:+.1}% ({:+.1} µs) | {} | {} |",
             server.name,
             us(d.median),
             us(p.median),
-            overhead * 100.0,
+            (p.median.as_secs_f64() / d.median.as_secs_f64() - 1.0) * 100.0,
             (p.median.as_secs_f64() - d.median.as_secs_f64()) * 1e6,
             us(d.p99),
             us(p.p99)
@@ -249,49 +325,201 @@ async fn main() {
         direct.close(Duration::from_secs(1)).await;
     }
 
-    // 3. Cold vs warm per server.
-    println!("\n## Cold first call (spawn + initialize + tools/list + call) vs warm call");
+    // 3. Cold vs warm.
+    println!("\n## 3. Cold first call (spawn + initialize + tools/list + call) vs warm call\n");
     println!("| server | cold median | cold max | warm median | ratio |\n|---|---|---|---|---|");
     for server in &servers {
         let name = ServerName::parse(server.name).unwrap();
-        let (tool, args) = &server.probe;
-        let mut cold = Vec::new();
-        let mut warm = Vec::new();
+        let (tool, probe_args) = &server.probe;
+        let (mut cold, mut warm) = (Vec::new(), Vec::new());
         for attempt in 0..COLD_STARTS {
             let user = UserId::parse(&format!("cold-{}-{attempt}", server.name)).unwrap();
-            store_credentials(&app, &user, &name).await;
+            bench.credentials(&user, &name).await;
             let start = Instant::now();
-            let conn = pool.get_connection(&user, &name).await.expect("cold start");
+            let conn = bench
+                .pool
+                .get_connection(&user, &name)
+                .await
+                .expect("cold start");
             if !tool.is_empty() {
-                conn.call_tool(tool, args.as_object().cloned())
+                conn.call_tool(tool, args(probe_args.clone()))
                     .await
                     .expect("cold call");
             }
             cold.push(start.elapsed());
             for _ in 0..200 {
                 let start = Instant::now();
-                let conn = pool.get_connection(&user, &name).await.expect("warm");
+                let conn = bench.pool.get_connection(&user, &name).await.expect("warm");
                 if tool.is_empty() {
                     std::hint::black_box(conn.tools());
                 } else {
-                    conn.call_tool(tool, args.as_object().cloned())
+                    conn.call_tool(tool, args(probe_args.clone()))
                         .await
                         .expect("warm call");
                 }
                 warm.push(start.elapsed());
             }
-            pool.close_connection(&user, &name).await.ok();
+            bench.pool.close_connection(&user, &name).await.ok();
         }
-        let cold_max = *cold.iter().max().unwrap_or(&Duration::ZERO);
+        let cold_max = cold.iter().max().copied().unwrap_or_default();
         let (cold, warm) = (summarize(cold), summarize(warm));
         println!(
-            "| {} | {} | {} | {} | {:.0}x |",
+            "| {}{} | {} | {} | {} | {:.0}x |",
             server.name,
+            if tool.is_empty() {
+                " (warm = cached tools/list)"
+            } else {
+                ""
+            },
             ms(cold.median),
             ms(cold_max),
             us(warm.median),
             cold.median.as_secs_f64() / warm.median.as_secs_f64()
         );
     }
-    app.stop().await;
+
+    // 4. 64 concurrent calls on one connection vs sequential.
+    println!("\n## 4. 64 calls of `sleep 50ms` on one connection\n");
+    let conn = bench
+        .pool
+        .get_connection(&bench_user, &demo)
+        .await
+        .expect("conn");
+    let start = Instant::now();
+    for _ in 0..64 {
+        conn.call_tool("sleep", args(json!({ "ms": 50 })))
+            .await
+            .expect("sleep");
+    }
+    let sequential = start.elapsed();
+    let start = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let conn = conn.clone();
+        calls.spawn(async move { conn.call_tool("sleep", args(json!({ "ms": 50 }))).await });
+    }
+    while let Some(result) = calls.join_next().await {
+        assert_eq!(
+            text_of(&result.expect("task").expect("sleep")),
+            "slept 50 ms"
+        );
+    }
+    let concurrent = start.elapsed();
+    println!("| sequential | concurrent | speed-up |\n|---|---|---|");
+    println!(
+        "| {} | {} | {:.1}x |",
+        ms(sequential),
+        ms(concurrent),
+        sequential.as_secs_f64() / concurrent.as_secs_f64()
+    );
+
+    // 5. Scale.
+    println!("\n## 5. Scale: {SCALE} live demo connections\n");
+    let per_conn = (rss_live.saturating_sub(rss_before)) as f64 / SCALE as f64;
+    println!("| measure | value |\n|---|---|");
+    println!(
+        "| time to open {SCALE} (concurrent first requests, in steps of 10/90/900) | {} |",
+        ms(open_time)
+    );
+    println!(
+        "| mcp-pool RSS before / with {SCALE} live | {:.1} MiB / {:.1} MiB |",
+        rss_before as f64 / 1024.0,
+        rss_live as f64 / 1024.0
+    );
+    println!("| mcp-pool memory per connection (children excluded) | {per_conn:.1} KiB |");
+    for (live, summary) in &warm_by_scale {
+        println!(
+            "| warm echo with {live} live: median / p99 | {} / {} |",
+            us(summary.median),
+            us(summary.p99)
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await; // everything is now idle (idle_timeout 3s)
+    let start = Instant::now();
+    let reaped = bench.pool.reap_idle().await.expect("reap");
+    let registry = dir.path().join("data/pgids");
+    while std::fs::read_dir(&registry).map(|d| d.count()).unwrap_or(0) > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reap_time = start.elapsed();
+    println!(
+        "| reaper: connections closed / time until every process was gone | {reaped} / {} |",
+        ms(reap_time)
+    );
+    println!(
+        "| mcp-pool RSS after reaping | {:.1} MiB |",
+        rss_kib() as f64 / 1024.0
+    );
+
+    // 6. Isolation.
+    println!(
+        "\n## 6. Isolation: other users' warm echo while one user crash-loops and another's server starts for 5 s\n"
+    );
+    let calm = users("calm", 8);
+    bench.open_all(&calm, &demo).await;
+    let measure = |label: &'static str| {
+        let (bench, calm, demo) = (&bench, &calm, &demo);
+        async move {
+            let mut samples = Vec::new();
+            for i in 0..WARM_CALLS * ROUNDS {
+                samples.push(
+                    bench
+                        .echo(&calm[i % calm.len()], demo, &format!("c{i}"))
+                        .await,
+                );
+            }
+            (label, summarize(samples))
+        }
+    };
+    let quiet = measure("quiet").await;
+    let crashy = UserId::parse("crashy").unwrap();
+    bench.credentials(&crashy, &demo).await;
+    let slow = ServerName::parse("slow").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut disturbers = tokio::task::JoinSet::new();
+    {
+        let (pool, stop, server) = (bench.pool.clone(), stop.clone(), demo.clone());
+        disturbers.spawn(async move {
+            let mut crashes = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(conn) = pool.get_connection(&crashy, &server).await else {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                };
+                let pid = conn.pid();
+                let _ = conn.call_tool("crash", None).await;
+                crashes += 1;
+                // Crash the next incarnation, not the corpse: wait for the restart.
+                while pool
+                    .get_connection(&crashy, &server)
+                    .await
+                    .is_ok_and(|c| c.pid() == pid)
+                {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            crashes
+        });
+    }
+    for i in 0..4 {
+        let user = UserId::parse(&format!("slowstart{i}")).unwrap();
+        bench.credentials(&user, &slow).await;
+        let (pool, slow) = (bench.pool.clone(), slow.clone());
+        disturbers.spawn(async move {
+            let _ = pool.get_connection(&user, &slow).await;
+            0
+        });
+    }
+    let loaded = measure("crash loop + 4 slow starts").await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut crashes = 0;
+    while let Some(result) = disturbers.join_next().await {
+        crashes += result.unwrap_or(0);
+    }
+    println!("| condition | median | p99 |\n|---|---|---|");
+    for (label, summary) in [quiet, loaded] {
+        println!("| {label} | {} | {} |", us(summary.median), us(summary.p99));
+    }
+    println!("\n(crash-and-restart cycles during the loaded run: {crashes})");
+    bench.app.stop().await;
 }

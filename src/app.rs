@@ -22,6 +22,11 @@ pub enum AppError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Credentials(#[from] CredentialError),
+    #[error("data directory {path}: {cause}")]
+    DataDir {
+        path: std::path::PathBuf,
+        cause: std::io::Error,
+    },
     #[error("credentials directory {path}: {cause}")]
     CredentialsDir {
         path: std::path::PathBuf,
@@ -134,6 +139,13 @@ pub struct App {
 impl App {
     /// Opens storage, kills servers left behind by a previous crash, and starts the pool.
     pub async fn build(config: Config) -> Result<App, AppError> {
+        // Keys, the SQLite file and process records live here: private before anything else.
+        crate::store::files::create_private_dir(&config.service.data_dir).map_err(|cause| {
+            AppError::DataDir {
+                path: config.service.data_dir.clone(),
+                cause,
+            }
+        })?;
         let registry_dir = config.service.data_dir.join("pgids");
         let registry = ProcessRegistry::open(&registry_dir)?;
         let leftovers = registry.reap_leftovers();

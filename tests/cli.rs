@@ -163,6 +163,16 @@ fn serve_shuts_down_cleanly_on_sigterm_and_sigint() {
             .map_while(Result::ok)
             .any(|line| line.contains("mcp-pool started"));
         assert!(started, "serve did not start");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("data"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o700,
+            "the data directory holds keys: private"
+        );
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
         let rest: Vec<String> = lines.map_while(Result::ok).collect();
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -399,7 +399,7 @@ async fn the_reaper_closes_idle_connections_but_never_a_busy_one() {
     let busy = h.pool().get_connection(&leo, &demo).await.unwrap();
     let busy_pid = busy.pid();
     let call =
-        tokio::spawn(async move { busy.call_tool("sleep", args(json!({ "ms": 3000 }))).await });
+        tokio::spawn(async move { busy.call_tool("sleep", args(json!({ "ms": 8000 }))).await });
 
     assert!(
         wait_until(LONG, || async { h.state_of(&kate, &demo).await.is_none() }).await,
@@ -409,11 +409,11 @@ async fn the_reaper_closes_idle_connections_but_never_a_busy_one() {
         wait_until(LONG, || async { gone(idle_pid) }).await,
         "and its process is gone"
     );
-    // Leo's call has been running for longer than the idle timeout: still there.
+    // Leo's call (8 s) has been running for longer than the idle timeout: still there.
     assert_eq!(h.state_of(&leo, &demo).await, Some(ConnState::Ready));
     assert!(alive(busy_pid));
     let result = call.await.unwrap().expect("the busy call completes");
-    assert_eq!(text(&result), "slept 3000 ms");
+    assert_eq!(text(&result), "slept 8000 ms");
     // Once idle it goes too.
     assert!(wait_until(LONG, || async { h.state_of(&leo, &demo).await.is_none() }).await);
     h.stop().await;
@@ -445,7 +445,7 @@ async fn capacity_evicts_the_least_recently_used_idle_connection() {
         .map(|server| {
             let (pool, mia) = (h.pool().clone(), mia.clone());
             tokio::spawn(async move {
-                pool.call_tool(&mia, &server, "sleep", args(json!({ "ms": 3000 })))
+                pool.call_tool(&mia, &server, "sleep", args(json!({ "ms": 10_000 })))
                     .await
             })
         })
@@ -481,7 +481,7 @@ async fn capacity_evicts_the_least_recently_used_idle_connection() {
     );
     let (pool, o, d) = (h.pool().clone(), olga.clone(), demo.clone());
     let olgas = tokio::spawn(async move {
-        pool.call_tool(&o, &d, "sleep", args(json!({ "ms": 3000 })))
+        pool.call_tool(&o, &d, "sleep", args(json!({ "ms": 10_000 })))
             .await
     });
     assert!(
@@ -655,7 +655,7 @@ async fn sixty_four_concurrent_calls_on_one_connection_run_concurrently() {
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..64 {
         let conn = conn.clone();
-        calls.spawn(async move { conn.call_tool("sleep", args(json!({ "ms": 2000 }))).await });
+        calls.spawn(async move { conn.call_tool("sleep", args(json!({ "ms": 5000 }))).await });
     }
     let peak = wait_until(LONG, || async {
         h.pool().stats().await.unwrap().connections[0].in_flight == 64
@@ -663,7 +663,7 @@ async fn sixty_four_concurrent_calls_on_one_connection_run_concurrently() {
     .await;
     assert!(peak, "all 64 calls were in flight at once");
     while let Some(result) = calls.join_next().await {
-        assert_eq!(text(&result.unwrap().unwrap()), "slept 2000 ms");
+        assert_eq!(text(&result.unwrap().unwrap()), "slept 5000 ms");
     }
     // The server itself saw all 64 sleeping at the same time: nothing queued on the way.
     let stats: Value =

@@ -191,22 +191,22 @@ impl ConnShared {
 }
 
 /// Counts a call as in flight for as long as it lives.
-struct InFlight<'a>(&'a ConnShared);
+pub(crate) struct InFlight(Arc<ConnShared>);
 
-impl<'a> InFlight<'a> {
+impl InFlight {
     /// `None` if the connection started closing: the caller should fetch a fresh one.
-    fn enter(shared: &'a ConnShared) -> Option<InFlight<'a>> {
+    fn enter(shared: &Arc<ConnShared>) -> Option<InFlight> {
         shared.in_flight.fetch_add(1, Ordering::SeqCst);
         shared.touch();
         if shared.state() == ConnState::Closing {
             shared.in_flight.fetch_sub(1, Ordering::SeqCst);
             return None;
         }
-        Some(InFlight(shared))
+        Some(InFlight(shared.clone()))
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -243,12 +243,26 @@ impl Connection {
         name: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
     ) -> Result<CallToolResult, PoolError> {
+        let slot = self.reserve().ok_or(PoolError::Reconnect)?;
+        self.call_reserved(slot, name, arguments).await
+    }
+
+    /// Counts a call as in flight before it is made, so the reaper and a concurrent close leave
+    /// the connection alone; `None` once it started closing (fetch a fresh connection).
+    pub(crate) fn reserve(&self) -> Option<InFlight> {
+        InFlight::enter(&self.shared)
+    }
+
+    /// Makes a call in a slot from [`Connection::reserve`].
+    pub(crate) async fn call_reserved(
+        &self,
+        _slot: InFlight,
+        name: &str,
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<CallToolResult, PoolError> {
         if !self.client.tools().iter().any(|tool| tool.name == name) {
             return Err(PoolError::UnknownTool(name.to_owned()));
         }
-        let Some(_guard) = InFlight::enter(&self.shared) else {
-            return Err(PoolError::Reconnect);
-        };
         self.client
             .call_tool(name, arguments, self.shared.call_timeout)
             .await

@@ -93,7 +93,12 @@ impl Actor for PoolGuardian {
     ) -> Result<GuardianState, ActorProcessingErr> {
         let pool = spawn_pool(&args, &myself).await?;
         let slot = Arc::new(RwLock::new(pool));
-        let reaper = spawn_reaper(&args, PoolHandle::new(slot.clone()), &myself).await?;
+        let reaper = spawn_reaper(
+            &args,
+            PoolHandle::new(slot.clone(), args.index.clone()),
+            &myself,
+        )
+        .await?;
         Ok(GuardianState {
             args,
             slot,
@@ -110,7 +115,10 @@ impl Actor for PoolGuardian {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             GuardianMsg::Handle(reply) => {
-                let _ = reply.send(PoolHandle::new(state.slot.clone()));
+                let _ = reply.send(PoolHandle::new(
+                    state.slot.clone(),
+                    state.args.index.clone(),
+                ));
             }
         }
         Ok(())
@@ -149,8 +157,12 @@ impl Actor for PoolGuardian {
         }
         if cell.get_id() == state.reaper.get_id() {
             tracing::error!(cause = %err, "reaper failed; restarting it");
-            state.reaper =
-                spawn_reaper(&state.args, PoolHandle::new(state.slot.clone()), &myself).await?;
+            state.reaper = spawn_reaper(
+                &state.args,
+                PoolHandle::new(state.slot.clone(), state.args.index.clone()),
+                &myself,
+            )
+            .await?;
             return Ok(());
         }
         let current = state
@@ -162,6 +174,8 @@ impl Actor for PoolGuardian {
             return Ok(());
         }
         tracing::error!(cause = %err, "pool supervisor failed; killing its servers and restarting it");
+        // Handles must stop handing out the dead supervisor's connections at once.
+        state.args.index.clear();
         if let Some(registry) = &state.args.registry {
             let killed = registry.reap_leftovers();
             tracing::warn!(killed, "killed process groups of the failed pool");

@@ -153,10 +153,47 @@ pub enum IdleClose {
     NotLive,
 }
 
+/// Ready connections by key, readable without the supervisor: a warm `get_connection` is a
+/// read lock and a hash lookup rather than a mailbox round trip. Only the supervisor writes it;
+/// a fresh supervisor starts it empty.
+#[derive(Clone, Default)]
+pub struct PoolIndex(Arc<std::sync::RwLock<HashMap<ConnKey, Arc<ConnShared>>>>);
+
+impl PoolIndex {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ConnKey, Arc<ConnShared>>> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<ConnKey, Arc<ConnShared>>> {
+        self.0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Forgets every connection (their supervisor is gone).
+    pub(crate) fn clear(&self) {
+        self.write().clear();
+    }
+
+    /// The connection of `key` if it is ready now.
+    fn ready(&self, key: &ConnKey) -> Option<Connection> {
+        let shared = self.read().get(key)?.clone();
+        if shared.state() != ConnState::Ready {
+            return None;
+        }
+        let client = shared.client()?;
+        Some(Connection::new(shared, client))
+    }
+}
+
 /// Everything the pool needs from the outside.
 #[derive(Clone)]
 pub struct PoolArgs {
     pub pool: PoolConfig,
+    /// Shared with every [`PoolHandle`].
+    pub index: PoolIndex,
     pub servers: Arc<std::collections::BTreeMap<String, ServerConfig>>,
     pub credentials: CredentialHandle,
     pub registry: Option<ProcessRegistry>,
@@ -170,6 +207,7 @@ impl PoolArgs {
     ) -> PoolArgs {
         PoolArgs {
             pool: config.pool.clone(),
+            index: PoolIndex::default(),
             servers: Arc::new(config.servers.clone()),
             credentials,
             registry,
@@ -225,6 +263,8 @@ impl Actor for PoolSupervisor {
         _myself: ActorRef<PoolMsg>,
         args: PoolArgs,
     ) -> Result<PoolState, ActorProcessingErr> {
+        // A supervisor replacing a failed one must not serve its predecessor's connections.
+        args.index.clear();
         Ok(PoolState {
             args,
             entries: HashMap::new(),
@@ -321,6 +361,12 @@ fn full_jitter(base: Duration, cap: Duration, attempt: u32) -> Duration {
 }
 
 impl PoolState {
+    /// Drops `key` from the map and from the handles' index.
+    fn forget(&mut self, key: &ConnKey) {
+        self.entries.remove(key);
+        self.args.index.write().remove(key);
+    }
+
     fn server_config(&self, server: &ServerName) -> Option<&ServerConfig> {
         self.args.servers.get(server.as_str())
     }
@@ -416,10 +462,12 @@ impl PoolState {
                 _ => entry.waiters.push(reply),
             }
         } else {
+            let shared = ConnShared::new(key.clone(), self.args.pool.call_timeout);
+            self.args.index.write().insert(key.clone(), shared.clone());
             self.entries.insert(
                 key.clone(),
                 Entry {
-                    shared: ConnShared::new(key.clone(), self.args.pool.call_timeout),
+                    shared,
                     actor: None,
                     waiters: vec![reply],
                     failures: VecDeque::new(),
@@ -592,7 +640,7 @@ impl PoolState {
         }
         entry.actor = None;
         if self.shutting_down {
-            self.entries.remove(&key);
+            self.forget(&key);
             return;
         }
         tracing::warn!(user_id = %key.user, server = %key.server, cause, "Connection {key} crashed");
@@ -645,7 +693,7 @@ impl PoolState {
         entry.actor = None;
         if entry.failed_until.is_none() && entry.shared.state() != ConnState::Restarting {
             let waiters = std::mem::take(&mut entry.waiters);
-            self.entries.remove(key);
+            self.forget(key);
             for waiter in waiters {
                 let _ = waiter.send(Err(PoolError::Reconnect));
             }
@@ -659,12 +707,12 @@ impl PoolState {
         };
         let Some(actor) = entry.actor.take() else {
             // Nothing running (failed or awaiting a restart): forget the key.
-            self.entries.remove(key);
+            self.forget(key);
             return false;
         };
         entry.shared.set_state(ConnState::Closing);
         let waiters = std::mem::take(&mut entry.waiters);
-        self.entries.remove(key);
+        self.forget(key);
         for waiter in waiters {
             let _ = waiter.send(Err(PoolError::Reconnect));
         }
@@ -722,6 +770,10 @@ impl PoolState {
                     .failed_until
                     .is_some_and(|until| until + idle_timeout > now)
         });
+        self.args
+            .index
+            .write()
+            .retain(|key, _| self.entries.contains_key(key));
         tracing::info!(
             count = idle.len(),
             "Cleaned up {} idle MCP connections",
@@ -768,6 +820,7 @@ impl PoolState {
     fn shutdown(&mut self, reply: RpcReplyPort<usize>) {
         self.shutting_down = true;
         let mut closing = Vec::new();
+        self.args.index.write().clear();
         for (key, mut entry) in self.entries.drain() {
             for waiter in entry.waiters.drain(..) {
                 let _ = waiter.send(Err(PoolError::ShuttingDown));
@@ -818,11 +871,15 @@ async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
 #[derive(Clone)]
 pub struct PoolHandle {
     slot: Arc<std::sync::RwLock<ActorRef<PoolMsg>>>,
+    index: PoolIndex,
 }
 
 impl PoolHandle {
-    pub(crate) fn new(slot: Arc<std::sync::RwLock<ActorRef<PoolMsg>>>) -> PoolHandle {
-        PoolHandle { slot }
+    pub(crate) fn new(
+        slot: Arc<std::sync::RwLock<ActorRef<PoolMsg>>>,
+        index: PoolIndex,
+    ) -> PoolHandle {
+        PoolHandle { slot, index }
     }
 
     fn actor(&self) -> ActorRef<PoolMsg> {
@@ -856,6 +913,9 @@ impl PoolHandle {
             user: user.clone(),
             server: server.clone(),
         };
+        if let Some(connection) = self.index.ready(&key) {
+            return Ok(connection);
+        }
         // A connection reaped between lookup and use is fetched again, once.
         for _ in 0..2 {
             let key = key.clone();
@@ -887,16 +947,15 @@ impl PoolHandle {
         tool: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
     ) -> Result<rmcp::model::CallToolResult, PoolError> {
-        let connection = self.get_connection(user, server).await?;
-        match connection.call_tool(tool, arguments.clone()).await {
-            Err(PoolError::Reconnect) => {
-                self.get_connection(user, server)
-                    .await?
-                    .call_tool(tool, arguments)
-                    .await
+        let mut connection = self.get_connection(user, server).await?;
+        let slot = match connection.reserve() {
+            Some(slot) => slot,
+            None => {
+                connection = self.get_connection(user, server).await?;
+                connection.reserve().ok_or(PoolError::Reconnect)?
             }
-            other => other,
-        }
+        };
+        connection.call_reserved(slot, tool, arguments).await
     }
 
     pub async fn close_connection(

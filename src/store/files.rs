@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use super::ids::{ServerName, UserId};
 
 /// Creates `dir` (and parents) with mode 0700; refuses a symlink where a directory should be.
-pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     match std::fs::symlink_metadata(dir) {
         Ok(meta) if meta.file_type().is_symlink() => Err(io::Error::other(format!(
             "{} is a symlink; refusing to follow it",
