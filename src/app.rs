@@ -8,10 +8,11 @@ use ractor::ActorRef;
 
 use crate::actors::{
     CredentialArgs, CredentialError, CredentialHandle, GuardianMsg, PoolArgs, PoolGuardian,
-    PoolHandle,
+    PoolHandle, RefreshArgs, TokenRefreshHandle,
 };
 use crate::config::{Config, ENCRYPTION_KEYS_ENV};
 use crate::mcp::{McpError, ProcessRegistry};
+use crate::oauth::TokenRefresher;
 use crate::store::{CredentialFiles, CredentialSpec, ServerName, Store, StoreError, StoreOptions};
 
 /// Why the application could not start or stop cleanly.
@@ -37,6 +38,8 @@ pub enum AppError {
     Spawn(#[from] ractor::SpawnErr),
     #[error("HTTP authentication: {0}")]
     Auth(#[from] crate::http::AuthSetupError),
+    #[error("OAuth setup: {0}")]
+    OAuth(#[from] crate::oauth::OAuthError),
     #[error("cannot listen on {addr}: {cause}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -106,6 +109,12 @@ impl Storage {
             None,
         )
         .await?;
+        // The refresher writes through a handle without itself attached; everyone else (the
+        // pool, the HTTP facade) gets the handle with it, so they share one single flight.
+        let refresher = TokenRefresher::from_config(config, credentials.clone(), &|var| {
+            std::env::var(var).ok()
+        })?;
+        let credentials = credentials.with_refresher(refresher);
         Ok(Storage { store, credentials })
     }
 
@@ -123,6 +132,8 @@ pub struct App {
     pub pool: PoolHandle,
     guardian: ActorRef<GuardianMsg>,
     registry: ProcessRegistry,
+    /// Background refresh of live sessions' OAuth tokens.
+    pub refresh: Option<TokenRefreshHandle>,
 }
 
 impl App {
@@ -148,12 +159,30 @@ impl App {
         let args =
             PoolArgs::from_config(&config, storage.credentials.clone(), Some(registry.clone()));
         let (pool, guardian) = PoolGuardian::start(args).await?;
+        let refresh = match storage.credentials.refresher() {
+            Some(refresher) => {
+                refresher.attach_pool(pool.clone());
+                let interval = refresher
+                    .min_refresh_before()
+                    .map(TokenRefreshHandle::interval_for);
+                Some(
+                    TokenRefreshHandle::spawn(RefreshArgs {
+                        refresher: refresher.clone(),
+                        pool: pool.clone(),
+                        interval,
+                    })
+                    .await?,
+                )
+            }
+            None => None,
+        };
         Ok(App {
             config,
             storage,
             pool,
             guardian,
             registry,
+            refresh,
         })
     }
 
@@ -188,6 +217,9 @@ impl App {
     /// Closes every connection within `shutdown_grace` (SIGKILLing whatever is left after it),
     /// stops the actor tree, then the credential writer and the database.
     pub async fn stop(self) {
+        if let Some(refresh) = &self.refresh {
+            refresh.stop().await;
+        }
         let grace = self.config.service.shutdown_grace;
         match tokio::time::timeout(grace, self.pool.shutdown()).await {
             Ok(Ok(_)) => {}

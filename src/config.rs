@@ -380,8 +380,18 @@ pub struct ServerConfig {
     /// OAuth client the user's tokens were issued to.
     #[serde(default)]
     pub oauth: Option<OAuthClientConfig>,
+    /// The server reads its token only at start-up: after a token refresh its session is
+    /// restarted between calls (never during one) so it picks up the new token.
+    #[serde(default)]
+    pub restart_on_token_refresh: bool,
 }
 
+/// `[servers.<name>.oauth]`: the OAuth client of a server, its provider's endpoints, and the
+/// connect flow (`POST /v1/oauth/{server}/start`, `GET /v1/oauth/{server}/callback`).
+///
+/// `client_id` alone only describes whose tokens these are (for the credentials file).
+/// `token_url` enables automatic refresh; `authorization_url` (with `token_url`,
+/// `redirect_uri`, `success_redirect` and `error_redirect`) enables the connect flow.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OAuthClientConfig {
@@ -389,6 +399,80 @@ pub struct OAuthClientConfig {
     /// Environment variable holding the client secret (never the secret itself).
     #[serde(default)]
     pub client_secret_env: Option<String>,
+    /// The provider's authorization endpoint (the page the user is sent to).
+    #[serde(default)]
+    pub authorization_url: Option<String>,
+    /// The provider's token endpoint (code exchange and refresh).
+    #[serde(default)]
+    pub token_url: Option<String>,
+    /// Scopes requested in the authorization URL (space-joined).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// This service's callback as registered with the provider:
+    /// `https://<host>/v1/oauth/<server>/callback`.
+    #[serde(default)]
+    pub redirect_uri: Option<String>,
+    /// Provider-specific authorization parameters, e.g. Google's `access_type = "offline"`
+    /// and `prompt = "consent"` (needed to get a refresh token).
+    #[serde(default)]
+    pub extra_auth_params: BTreeMap<String, String>,
+    /// Where the browser goes after a successful connect (`?connected=<server>` is added).
+    #[serde(default)]
+    pub success_redirect: Option<String>,
+    /// Where the browser goes after a failed connect (`?error=<code>&server=<server>`).
+    #[serde(default)]
+    pub error_redirect: Option<String>,
+    /// Access tokens expiring within this are refreshed before use.
+    #[serde(default = "default_refresh_before", with = "humantime_serde")]
+    pub refresh_before: Duration,
+    /// How the client authenticates at the token endpoint.
+    #[serde(default)]
+    pub token_auth_method: TokenAuthMethod,
+    /// Upper bound of one token-endpoint request.
+    #[serde(default = "default_token_timeout", with = "humantime_serde")]
+    pub token_timeout: Duration,
+}
+
+/// Client authentication at the token endpoint (RFC 6749 section 2.3.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenAuthMethod {
+    /// `client_id` and `client_secret` in the form body (Google's documented way).
+    #[default]
+    ClientSecretPost,
+    /// HTTP Basic with the URL-encoded id and secret.
+    ClientSecretBasic,
+}
+
+fn default_refresh_before() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+
+fn default_token_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Authorization parameters mcp-pool sets itself; `extra_auth_params` may not override them.
+const RESERVED_AUTH_PARAMS: &[&str] = &[
+    "response_type",
+    "client_id",
+    "redirect_uri",
+    "scope",
+    "state",
+    "code_challenge",
+    "code_challenge_method",
+];
+
+impl OAuthClientConfig {
+    /// Whether the connect flow is configured (validation guarantees the rest is then set).
+    pub fn connect_flow_enabled(&self) -> bool {
+        self.authorization_url.is_some()
+    }
+}
+
+fn is_http_url(value: &str) -> bool {
+    reqwest::Url::parse(value)
+        .is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some())
 }
 
 impl ServerConfig {
@@ -522,6 +606,7 @@ impl Config {
                          (those are withheld from MCP server processes)",
                     ));
                 }
+                validate_oauth(oauth, &key)?;
             } else if server.credentials_format == CredentialsFormat::GoogleAuthorizedUser {
                 return Err(invalid(
                     key("oauth"),
@@ -661,6 +746,67 @@ impl Config {
     pub fn default_path() -> PathBuf {
         PathBuf::from("config.toml")
     }
+}
+
+fn validate_oauth(
+    oauth: &OAuthClientConfig,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    if oauth.client_id.trim().is_empty() {
+        return Err(invalid(key("oauth.client_id"), "must not be empty"));
+    }
+    for (field, value) in [
+        ("authorization_url", &oauth.authorization_url),
+        ("token_url", &oauth.token_url),
+        ("redirect_uri", &oauth.redirect_uri),
+        ("success_redirect", &oauth.success_redirect),
+        ("error_redirect", &oauth.error_redirect),
+    ] {
+        if let Some(value) = value
+            && !is_http_url(value)
+        {
+            return Err(invalid(
+                key(&format!("oauth.{field}")),
+                "must be an absolute http:// or https:// URL",
+            ));
+        }
+    }
+    if oauth.connect_flow_enabled() {
+        for (field, value) in [
+            ("token_url", &oauth.token_url),
+            ("redirect_uri", &oauth.redirect_uri),
+            ("success_redirect", &oauth.success_redirect),
+            ("error_redirect", &oauth.error_redirect),
+        ] {
+            if value.is_none() {
+                return Err(invalid(
+                    key(&format!("oauth.{field}")),
+                    "is required when oauth.authorization_url is set (the connect flow)",
+                ));
+            }
+        }
+    }
+    for name in oauth.extra_auth_params.keys() {
+        if RESERVED_AUTH_PARAMS.contains(&name.as_str()) {
+            return Err(invalid(
+                key(&format!("oauth.extra_auth_params.{name}")),
+                "is set by mcp-pool itself and cannot be overridden",
+            ));
+        }
+    }
+    if oauth.scopes.iter().any(|s| s.is_empty() || s.contains(' ')) {
+        return Err(invalid(
+            key("oauth.scopes"),
+            "each scope must be non-empty and contain no space",
+        ));
+    }
+    if oauth.token_timeout.is_zero() {
+        return Err(invalid(
+            key("oauth.token_timeout"),
+            "must be longer than zero",
+        ));
+    }
+    Ok(())
 }
 
 fn is_env_name(name: &str) -> bool {
@@ -839,6 +985,57 @@ mod tests {
         assert!(err.contains("timeout"), "{err}");
         let err = Config::parse("[llm]\napi_key = \"sk-x\"\n").unwrap_err();
         assert!(err.contains("api_key"), "{err}");
+    }
+
+    #[test]
+    fn shipped_google_oauth_has_the_real_endpoints() {
+        let config = Config::parse(SHIPPED).unwrap();
+        let oauth = config.servers["google-analytics"].oauth.clone().unwrap();
+        assert_eq!(
+            oauth.authorization_url.as_deref(),
+            Some("https://accounts.google.com/o/oauth2/v2/auth")
+        );
+        assert_eq!(
+            oauth.token_url.as_deref(),
+            Some("https://oauth2.googleapis.com/token")
+        );
+        assert_eq!(
+            oauth.scopes,
+            ["https://www.googleapis.com/auth/analytics.readonly"]
+        );
+        assert_eq!(oauth.extra_auth_params["access_type"], "offline");
+        assert_eq!(oauth.extra_auth_params["prompt"], "consent");
+        assert_eq!(oauth.refresh_before, Duration::from_secs(300));
+        assert_eq!(oauth.token_auth_method, TokenAuthMethod::ClientSecretPost);
+        assert!(oauth.connect_flow_enabled());
+        assert!(!config.servers["google-analytics"].restart_on_token_refresh);
+    }
+
+    #[test]
+    fn oauth_validation_names_the_key() {
+        let server = "[servers.x]\ncommand = \"x\"\ncredentials_env = \"X\"\ncredentials_format = \"token_json\"\n[servers.x.oauth]\nclient_id = \"c\"\n";
+        for (extra, key) in [
+            ("token_url = \"ftp://x\"\n", "servers.x.oauth.token_url"),
+            (
+                "authorization_url = \"https://a/auth\"\n",
+                "servers.x.oauth.token_url",
+            ),
+            (
+                "authorization_url = \"https://a/auth\"\ntoken_url = \"https://a/t\"\nredirect_uri = \"https://me/cb\"\nsuccess_redirect = \"https://app/ok\"\n",
+                "servers.x.oauth.error_redirect",
+            ),
+            (
+                "extra_auth_params = { state = \"x\" }\n",
+                "servers.x.oauth.extra_auth_params.state",
+            ),
+            ("scopes = [\"a b\"]\n", "servers.x.oauth.scopes"),
+            ("token_timeout = \"0s\"\n", "servers.x.oauth.token_timeout"),
+        ] {
+            let err = validation_error(&format!("{server}{extra}"));
+            assert!(err.contains(&format!("`{key}`")), "{extra}: {err}");
+        }
+        let err = Config::parse(&format!("{server}token_auth_method = \"jwt\"\n")).unwrap_err();
+        assert!(err.contains("token_auth_method"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`mcp`]: rmcp client sessions over stdio, child-process hygiene, the bundled demo server.
 //! - [`http`]: the axum facade: auth, one module per resource, `ApiError` → status + JSON.
 //! - [`llm`]: the OpenAI-compatible chat-completions client and the tool-call loop of `/v1/chat`.
+//! - [`oauth`]: the OAuth connect flow (PKCE, server-side state) and automatic token refresh.
 #![deny(unsafe_code)]
 
 pub mod actors;
@@ -17,4 +18,5 @@ pub mod config;
 pub mod http;
 pub mod llm;
 pub mod mcp;
+pub mod oauth;
 pub mod store;

@@ -350,8 +350,9 @@ async fn start_session(
     registry: Option<ProcessRegistry>,
     startup_timeout: Duration,
 ) -> Result<McpSession, PoolError> {
+    // Refreshes OAuth tokens about to expire, then writes the file the server reads.
     let path = credentials
-        .prepare_file(&key.user, &key.server)
+        .prepare_session(&key.user, &key.server)
         .await
         .map_err(|err| match err {
             CredentialError::NotFound(server) => PoolError::NoCredentials(server),

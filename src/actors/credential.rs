@@ -12,6 +12,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::Instrument;
 
+use crate::oauth::TokenRefresher;
 use crate::store::{
     ConnectionInfo, CredentialFiles, CredentialSpec, ServerName, Store, StoreError, Stored,
     TokenUpdate, Tokens, UserId,
@@ -33,6 +34,18 @@ pub enum CredentialError {
     },
     #[error("the credential actor is not running")]
     Unavailable,
+    /// The provider answered `invalid_grant`: the credentials were deactivated and the user
+    /// must connect again.
+    #[error("the authorization for server `{0}` was revoked or expired; reconnect required")]
+    ReconnectRequired(ServerName),
+    /// The access token expired and the token endpoint is failing (5xx, timeout, network);
+    /// the credentials are kept and the refresh is retried with backoff.
+    #[error("cannot refresh the access token for server `{0}` right now")]
+    RefreshUnavailable(ServerName),
+    /// The access token expired and the token endpoint refused the refresh for a reason other
+    /// than `invalid_grant` (e.g. a misconfigured client); the credentials are kept.
+    #[error("the token endpoint refused to refresh the access token for server `{0}`")]
+    RefreshRejected(ServerName),
 }
 
 type Reply<T> = RpcReplyPort<Result<T, CredentialError>>;
@@ -53,6 +66,21 @@ pub enum CredentialMsg {
         expected_version: Option<i64>,
         update: TokenUpdate,
         reply: Reply<ConnectionInfo>,
+    },
+    /// Bump `version` if it is still `expected_version` (a refresh claim across instances).
+    ClaimRefresh {
+        user: UserId,
+        server: ServerName,
+        expected_version: i64,
+        lease: Duration,
+        reply: Reply<Option<i64>>,
+    },
+    /// End a refresh claim that wrote nothing.
+    ReleaseRefresh {
+        user: UserId,
+        server: ServerName,
+        claimed_version: i64,
+        reply: Reply<()>,
     },
     /// Soft delete: row inactive, file removed.
     Deactivate {
@@ -160,6 +188,33 @@ impl Actor for CredentialActor {
                     .update(&user, &server, expected_version, &update)
                     .instrument(span)
                     .await;
+                let _ = reply.send(result);
+            }
+            CredentialMsg::ClaimRefresh {
+                user,
+                server,
+                expected_version,
+                lease,
+                reply,
+            } => {
+                let result = state
+                    .store
+                    .claim_refresh(&user, &server, expected_version, lease)
+                    .await
+                    .map_err(Into::into);
+                let _ = reply.send(result);
+            }
+            CredentialMsg::ReleaseRefresh {
+                user,
+                server,
+                claimed_version,
+                reply,
+            } => {
+                let result = state
+                    .store
+                    .release_refresh(&user, &server, claimed_version)
+                    .await
+                    .map_err(Into::into);
                 let _ = reply.send(result);
             }
             CredentialMsg::Deactivate {
@@ -308,6 +363,11 @@ impl CredentialState {
     }
 
     async fn cleanup(&self, older_than: Duration) -> Result<usize, CredentialError> {
+        // Pending connect flows past their expiry go with the same sweep.
+        let states = self.store.cleanup_oauth_states().await?;
+        if states > 0 {
+            tracing::info!(count = states, "Removed expired OAuth connect states");
+        }
         let removed = self.store.cleanup_inactive(older_than).await?;
         for (user, server) in &removed {
             // Another instance may have re-created the pair since; its file stays.
@@ -339,6 +399,9 @@ impl CredentialState {
 pub struct CredentialHandle {
     actor: ActorRef<CredentialMsg>,
     store: Store,
+    /// Refreshes OAuth tokens before a session starts ([`CredentialHandle::prepare_session`]).
+    /// The refresher itself holds a handle without one, so there is no cycle.
+    refresher: Option<TokenRefresher>,
 }
 
 impl CredentialHandle {
@@ -352,11 +415,44 @@ impl CredentialHandle {
             Some(sup) => Actor::spawn_linked(None, CredentialActor, args, sup).await?,
             None => Actor::spawn(None, CredentialActor, args).await?,
         };
-        Ok((CredentialHandle { actor, store }, join))
+        Ok((
+            CredentialHandle {
+                actor,
+                store,
+                refresher: None,
+            },
+            join,
+        ))
     }
 
     pub fn actor(&self) -> &ActorRef<CredentialMsg> {
         &self.actor
+    }
+
+    /// This handle with `refresher` attached: [`prepare_session`](Self::prepare_session) then
+    /// refreshes tokens about to expire before a session starts.
+    pub fn with_refresher(mut self, refresher: TokenRefresher) -> CredentialHandle {
+        self.refresher = Some(refresher);
+        self
+    }
+
+    /// The attached token refresher, if any.
+    pub fn refresher(&self) -> Option<&TokenRefresher> {
+        self.refresher.as_ref()
+    }
+
+    /// Before a session starts: refreshes the OAuth tokens if they expire within the server's
+    /// `refresh_before` (when a refresher is attached), then (re)writes the credentials file.
+    /// A token that is still valid is used even if refreshing it failed for now.
+    pub async fn prepare_session(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<PathBuf, CredentialError> {
+        if let Some(refresher) = &self.refresher {
+            refresher.before_session(user, server).await?;
+        }
+        self.prepare_file(user, server).await
     }
 
     /// Read access; reads do not need to queue behind writes.
@@ -403,6 +499,43 @@ impl CredentialHandle {
             server,
             expected_version,
             update,
+            reply,
+        })
+        .await
+    }
+
+    /// Claims the refresh of (user, server) at `expected_version` for `lease`; see
+    /// [`Store::claim_refresh`].
+    pub async fn claim_refresh(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        expected_version: i64,
+        lease: Duration,
+    ) -> Result<Option<i64>, CredentialError> {
+        let (user, server) = (user.clone(), server.clone());
+        self.ask(|reply| CredentialMsg::ClaimRefresh {
+            user,
+            server,
+            expected_version,
+            lease,
+            reply,
+        })
+        .await
+    }
+
+    /// Ends a refresh claim that wrote nothing; see [`Store::release_refresh`].
+    pub async fn release_refresh(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        claimed_version: i64,
+    ) -> Result<(), CredentialError> {
+        let (user, server) = (user.clone(), server.clone());
+        self.ask(|reply| CredentialMsg::ReleaseRefresh {
+            user,
+            server,
+            claimed_version,
             reply,
         })
         .await

@@ -6,10 +6,14 @@ pub mod credential;
 pub mod guardian;
 pub mod pool;
 pub mod reaper;
+pub mod refresh;
 
 pub use connection::{ConnKey, ConnState, Connection};
 pub use credential::{
     CredentialActor, CredentialArgs, CredentialError, CredentialHandle, CredentialMsg,
 };
 pub use guardian::{GuardianMsg, PoolGuardian};
-pub use pool::{ConnectionStats, PoolArgs, PoolCounters, PoolError, PoolHandle, PoolStats};
+pub use pool::{
+    ConnectionStats, IdleClose, PoolArgs, PoolCounters, PoolError, PoolHandle, PoolStats,
+};
+pub use refresh::{RefreshArgs, TokenRefreshActor, TokenRefreshHandle};

@@ -134,6 +134,23 @@ pub enum PoolMsg {
     Shutdown {
         reply: RpcReplyPort<usize>,
     },
+    /// Close `key`'s session only between calls (see [`PoolHandle::close_if_idle`]).
+    CloseIfIdle {
+        key: ConnKey,
+        reply: RpcReplyPort<IdleClose>,
+    },
+}
+
+/// What [`PoolHandle::close_if_idle`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleClose {
+    /// The session was ready with no call in flight and is now closing; the next request
+    /// starts a fresh one.
+    Closed,
+    /// A call is in flight, or the session is still starting: ask again later.
+    Busy,
+    /// No live session for the key: nothing to restart.
+    NotLive,
 }
 
 /// Ready connections by key, readable without the supervisor: a warm `get_connection` is a
@@ -295,6 +312,9 @@ impl Actor for PoolSupervisor {
                 let _ = reply.send(state.stats());
             }
             PoolMsg::Shutdown { reply } => state.shutdown(reply),
+            PoolMsg::CloseIfIdle { key, reply } => {
+                let _ = reply.send(state.close_if_idle(&key));
+            }
         }
         Ok(())
     }
@@ -704,6 +724,25 @@ impl PoolState {
         true
     }
 
+    /// Closes `key` only when it is ready with no call in flight: the same `try_begin_close`
+    /// handshake as the idle reaper, so a call and this close never both proceed.
+    fn close_if_idle(&mut self, key: &ConnKey) -> IdleClose {
+        let Some(entry) = self.entries.get(key) else {
+            return IdleClose::NotLive;
+        };
+        if entry.actor.is_none() {
+            return IdleClose::NotLive;
+        }
+        match entry.shared.state() {
+            ConnState::Ready if entry.shared.try_begin_close() => {
+                self.close(key, CloseReason::Requested);
+                IdleClose::Closed
+            }
+            ConnState::Ready | ConnState::Starting | ConnState::Restarting => IdleClose::Busy,
+            ConnState::Failed | ConnState::Closing => IdleClose::NotLive,
+        }
+    }
+
     fn reap_idle(&mut self) -> usize {
         let idle_timeout = self.args.pool.idle_timeout;
         let idle: Vec<ConnKey> = self
@@ -929,6 +968,21 @@ impl PoolHandle {
             server: server.clone(),
         };
         self.ask(|reply| PoolMsg::Close { key, reply }).await
+    }
+
+    /// Closes the session of (user, server) only between calls: never while a call is in
+    /// flight or while it starts (then [`IdleClose::Busy`]: ask again). Used to restart a server
+    /// that reads its token only at start-up after the token was refreshed.
+    pub async fn close_if_idle(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<IdleClose, PoolError> {
+        let key = ConnKey {
+            user: user.clone(),
+            server: server.clone(),
+        };
+        self.ask(|reply| PoolMsg::CloseIfIdle { key, reply }).await
     }
 
     pub async fn close_user_connections(&self, user: &UserId) -> Result<usize, PoolError> {

@@ -313,6 +313,25 @@ fn credential_error(err: &CredentialError) -> ApiError {
             "the credentials were changed concurrently; retry",
         ),
         CredentialError::Store(_) | CredentialError::File { .. } => ApiError::internal(err),
+        CredentialError::ReconnectRequired(server) => ApiError::new(
+            StatusCode::CONFLICT,
+            "reconnect_required",
+            format!(
+                "the authorization for server `{server}` was revoked or expired; connect it again (POST /v1/oauth/{server}/start)"
+            ),
+        ),
+        CredentialError::RefreshUnavailable(server) => ApiError::unavailable(
+            "token_refresh_unavailable",
+            format!(
+                "the access token for server `{server}` expired and the provider is not answering; retry later"
+            ),
+            Duration::from_secs(5),
+        ),
+        CredentialError::RefreshRejected(server) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "token_refresh_failed",
+            format!("the provider refused to refresh the access token for server `{server}`"),
+        ),
         CredentialError::Unavailable => {
             tracing::error!("the credential actor is not running");
             ApiError::unavailable(

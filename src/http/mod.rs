@@ -3,6 +3,7 @@
 //!
 //! - [`connections`]: store, list, inspect and remove the caller's credentials per server.
 //! - [`tools`]: list a server's tools and call one.
+//! - [`oauth`]: the OAuth connect flow (`start`, and the unauthenticated `callback`).
 //! - [`admin`]: pool stats, closing a user's sessions, credential cleanup (admin key).
 //! - [`health`], [`metrics`], [`openapi`]: probes, Prometheus text, the API description.
 //! - [`auth`]: API-key and JWT authentication, the [`AuthUser`] and [`AdminAuth`] extractors.
@@ -19,6 +20,7 @@ pub mod connections;
 pub mod error;
 pub mod health;
 pub mod metrics;
+pub mod oauth;
 pub mod openapi;
 pub mod tools;
 
@@ -137,6 +139,8 @@ pub fn router(state: HttpState) -> Router {
             "/v1/connections/{server}/tools/{tool}/call",
             post(tools::call),
         )
+        .route("/v1/oauth/{server}/start", post(oauth::start))
+        .route("/v1/oauth/{server}/callback", get(oauth::callback))
         .route("/v1/chat", post(chat::chat))
         .route("/v1/stats", get(admin::stats))
         .route(

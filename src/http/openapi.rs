@@ -52,10 +52,11 @@ fn merge(mut base: Value, extra: Value) -> Value {
 /// The document.
 pub fn spec() -> Value {
     let pool_errors = json!({
+        "409": error_response("`reconnect_required`: the OAuth grant was revoked or expired; the credentials were deactivated, connect again"),
         "413": error_response("Body larger than http.max_body_bytes"),
         "429": error_response("Pool full (Retry-After)"),
-        "502": error_response("The MCP server failed or crashed (`retry_safe` tells whether a retry is safe)"),
-        "503": error_response("Circuit open or shutting down (Retry-After)"),
+        "502": error_response("The MCP server failed or crashed (`retry_safe` tells whether a retry is safe), or `token_refresh_failed`"),
+        "503": error_response("Circuit open, shutting down, or `token_refresh_unavailable` (Retry-After)"),
         "504": error_response("Tool call or request timeout")
     });
     json!({
@@ -141,6 +142,42 @@ pub fn spec() -> Value {
                     "responses": merge(merge(json!({
                         "200": json_response("The MCP result", json!({ "$ref": "#/components/schemas/CallResult" }))
                     }), user_errors()), pool_errors.clone())
+                }
+            },
+            "/v1/oauth/{server}/start": {
+                "parameters": [ server_param(), user_header() ],
+                "post": {
+                    "summary": "Start the OAuth connect flow: the URL of the provider's consent page (PKCE S256, single-use state valid 10 minutes)",
+                    "responses": merge(json!({
+                        "200": json_response("Authorization URL", json!({
+                            "type": "object",
+                            "required": ["server", "authorization_url", "expires_at"],
+                            "properties": {
+                                "server": { "type": "string" },
+                                "authorization_url": { "type": "string", "format": "uri" },
+                                "expires_at": { "type": "string", "format": "date-time" }
+                            }
+                        }))
+                    }), user_errors())
+                }
+            },
+            "/v1/oauth/{server}/callback": {
+                "parameters": [ server_param() ],
+                "get": {
+                    "summary": "The provider's redirect target (register it as the OAuth client's redirect URI). Unauthenticated: the single-use state is the proof.",
+                    "security": [],
+                    "parameters": [
+                        { "name": "code", "in": "query", "required": false, "schema": { "type": "string" } },
+                        { "name": "state", "in": "query", "required": false, "schema": { "type": "string" } },
+                        { "name": "error", "in": "query", "required": false, "schema": { "type": "string" }, "description": "Set by the provider instead of code, e.g. access_denied" }
+                    ],
+                    "responses": {
+                        "303": {
+                            "description": "To success_redirect?connected={server}, or to error_redirect?error=<code>&server={server} with code one of invalid_state, state_expired, access_denied, provider_error, invalid_request, token_exchange_failed, provider_unavailable, internal",
+                            "headers": { "Location": { "schema": { "type": "string", "format": "uri" } } }
+                        },
+                        "404": { "$ref": "#/components/responses/NotFound" }
+                    }
                 }
             },
             "/v1/chat": {

@@ -51,6 +51,8 @@ pub enum CryptoError {
 pub enum TokenField {
     Access,
     Refresh,
+    /// The PKCE verifier of a pending OAuth connect flow (`oauth_states`).
+    PkceVerifier,
 }
 
 impl TokenField {
@@ -58,6 +60,7 @@ impl TokenField {
         match self {
             TokenField::Access => b"access_token",
             TokenField::Refresh => b"refresh_token",
+            TokenField::PkceVerifier => b"pkce_verifier",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Persistence: the `mcp_connections` repository, token encryption, credential files.
 //!
-//! - [`repo`]: [`Store`] on SQLite or PostgreSQL, with migrations per backend.
+//! - [`repo`]: [`Store`] on SQLite or PostgreSQL, with migrations per backend; also the
+//!   `oauth_states` of pending OAuth connect flows.
 //! - [`crypto`]: [`Keyring`], XChaCha20-Poly1305 with row-bound associated data.
 //! - [`files`]: [`CredentialFiles`], private, atomically written credential files.
 //! - [`ids`]: validated [`UserId`] and [`ServerName`].
@@ -16,7 +17,8 @@ pub use crypto::{CryptoError, Keyring};
 pub use files::{CredentialFiles, CredentialSpec};
 pub use ids::{IdError, ServerName, UserId};
 pub use repo::{
-    BackendKind, ConnectionInfo, ConnectionRecord, Store, StoreOptions, Stored, TokenUpdate, Tokens,
+    BackendKind, ConnectionInfo, ConnectionRecord, NewOAuthState, OAuthState, Store, StoreOptions,
+    Stored, TokenUpdate, Tokens,
 };
 pub use secret::Secret;
 

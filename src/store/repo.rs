@@ -18,6 +18,8 @@ use super::crypto::{CryptoError, Keyring, TokenField};
 use super::ids::{ServerName, UserId};
 use super::secret::Secret;
 
+pub use oauth_states::{NewOAuthState, OAuthState};
+
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -101,6 +103,9 @@ macro_rules! in_read {
 enum Scope<'a> {
     User(&'a UserId),
     AllUsers,
+    /// The unauthenticated OAuth callback: only the `oauth_states` row with this state hash
+    /// (`migrations/postgres/0003_oauth_states.sql`).
+    OAuthState(&'a str),
 }
 
 async fn set_scope(conn: &mut sqlx::PgConnection, scope: Scope<'_>) -> Result<(), sqlx::Error> {
@@ -113,6 +118,12 @@ async fn set_scope(conn: &mut sqlx::PgConnection, scope: Scope<'_>) -> Result<()
         }
         Scope::AllUsers => {
             sqlx::query("SELECT set_config('app.all_users', 'on', true)")
+                .execute(&mut *conn)
+                .await?
+        }
+        Scope::OAuthState(state_hash) => {
+            sqlx::query("SELECT set_config('app.oauth_state', $1, true)")
+                .bind(state_hash)
                 .execute(&mut *conn)
                 .await?
         }
@@ -434,7 +445,8 @@ impl Store {
                     let raw: RawRow = sqlx::query_as(concat!(
                         "UPDATE mcp_connections SET credentials_path = $1, access_token = $2, \
                          refresh_token = $3, token_expiry = $4, key_version = $5, is_active = TRUE, \
-                         version = version + 1, updated_at = $6 WHERE id = $7 RETURNING ",
+                         version = version + 1, updated_at = $6, refresh_lease_until = NULL \
+                         WHERE id = $7 RETURNING ",
                         columns!()
                     ))
                     .bind(&path)
@@ -546,8 +558,8 @@ impl Store {
             let (access, refresh) = Self::seal(&keyring, user, server, &merged)?;
             let raw: Option<RawRow> = sqlx::query_as(concat!(
                 "UPDATE mcp_connections SET access_token = $1, refresh_token = $2, \
-                 token_expiry = $3, key_version = $4, version = version + 1, updated_at = $5 \
-                 WHERE id = $6 AND version = $7 RETURNING ",
+                 token_expiry = $3, key_version = $4, version = version + 1, updated_at = $5, \
+                 refresh_lease_until = NULL WHERE id = $6 AND version = $7 RETURNING ",
                 columns!()
             ))
             .bind(&access)
@@ -565,6 +577,64 @@ impl Store {
             })?
         });
         self.decrypt_row(raw)
+    }
+
+    /// Claims the right to refresh the active row's tokens: bumps `version` if it is still
+    /// `expected_version`, and returns the new version (`None`: another writer, e.g. another
+    /// instance's claim, got there first). The claimer then writes with
+    /// [`update_tokens`](Self::update_tokens) on the returned version; every other instance sees
+    /// the bump and waits for that write instead of sending its own token request.
+    ///
+    /// The claim also sets a lease (`refresh_lease_until = now + lease`) and fails while
+    /// another claim's lease runs, so an instance that read the row *after* another's claim
+    /// (and so sees the bumped version) cannot claim it again before that instance wrote or its
+    /// lease ran out.
+    pub async fn claim_refresh(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        expected_version: i64,
+        lease: Duration,
+    ) -> Result<Option<i64>, StoreError> {
+        let at = now();
+        let until =
+            at + chrono::Duration::from_std(lease).map_err(|_| StoreError::DurationOutOfRange)?;
+        let claimed: Option<(i64,)> = in_write_tx!(self, Scope::User(user), tx => sqlx::query_as(
+            "UPDATE mcp_connections SET version = version + 1, refresh_lease_until = $4 \
+             WHERE user_id = $1 AND server_name = $2 AND is_active AND version = $3 \
+             AND (refresh_lease_until IS NULL OR refresh_lease_until < $5) \
+             RETURNING version",
+        )
+        .bind(user.as_str())
+        .bind(server.as_str())
+        .bind(expected_version)
+        .bind(until)
+        .bind(at)
+        .fetch_optional(&mut *tx)
+        .await?);
+        Ok(claimed.map(|(version,)| version))
+    }
+
+    /// Ends this instance's refresh claim early (its refresh failed and wrote nothing), if the
+    /// row still has the claimed version: others may claim again at once.
+    pub async fn release_refresh(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        claimed_version: i64,
+    ) -> Result<(), StoreError> {
+        in_write_tx!(self, Scope::User(user), tx => {
+            sqlx::query(
+                "UPDATE mcp_connections SET refresh_lease_until = NULL \
+                 WHERE user_id = $1 AND server_name = $2 AND is_active AND version = $3",
+            )
+            .bind(user.as_str())
+            .bind(server.as_str())
+            .bind(claimed_version)
+            .execute(&mut *tx)
+            .await?;
+        });
+        Ok(())
     }
 
     /// Soft delete: marks the active row inactive. Returns whether there was one.
@@ -672,3 +742,6 @@ impl Store {
         Ok((target, rotated))
     }
 }
+
+// Declared after the macros above, which it uses (macro_rules! scoping is textual).
+mod oauth_states;

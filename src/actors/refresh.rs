@@ -1,0 +1,159 @@
+//! The `TokenRefreshActor`: refreshes the OAuth tokens of live sessions in the background.
+//!
+//! Every tick it lists the pool's ready sessions of servers with a token endpoint and runs
+//! [`TokenRefresher::check_now`] for each, in a task of its own so the mailbox never waits for a
+//! token endpoint. The refresher's per-key single flight makes this safe next to tool calls and
+//! session starts checking the same key. Errors are logged; the handler never fails.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use super::connection::ConnState;
+use super::pool::PoolHandle;
+use crate::oauth::{Freshness, TokenRefresher};
+
+/// Messages of the [`TokenRefreshActor`]; use [`TokenRefreshHandle`].
+pub enum RefreshMsg {
+    /// Sent to itself every interval.
+    Tick,
+    /// Sweep now; replies with how many sessions got new tokens.
+    Sweep { reply: RpcReplyPort<usize> },
+}
+
+pub struct RefreshArgs {
+    pub refresher: TokenRefresher,
+    pub pool: PoolHandle,
+    /// `None`: no ticks (sweeps only on request).
+    pub interval: Option<Duration>,
+}
+
+pub struct RefreshState {
+    refresher: TokenRefresher,
+    pool: PoolHandle,
+    /// Set while a tick's sweep runs, so a slow token endpoint never stacks sweeps.
+    sweeping: Arc<AtomicBool>,
+}
+
+/// See the module docs.
+pub struct TokenRefreshActor;
+
+impl Actor for TokenRefreshActor {
+    type Msg = RefreshMsg;
+    type State = RefreshState;
+    type Arguments = RefreshArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RefreshMsg>,
+        args: RefreshArgs,
+    ) -> Result<RefreshState, ActorProcessingErr> {
+        if let Some(interval) = args.interval {
+            myself.send_interval(interval, || RefreshMsg::Tick);
+        }
+        Ok(RefreshState {
+            refresher: args.refresher,
+            pool: args.pool,
+            sweeping: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<RefreshMsg>,
+        message: RefreshMsg,
+        state: &mut RefreshState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            RefreshMsg::Tick => {
+                if state.sweeping.swap(true, Ordering::SeqCst) {
+                    return Ok(());
+                }
+                let (refresher, pool, sweeping) = (
+                    state.refresher.clone(),
+                    state.pool.clone(),
+                    state.sweeping.clone(),
+                );
+                tokio::spawn(async move {
+                    sweep(&refresher, &pool).await;
+                    sweeping.store(false, Ordering::SeqCst);
+                });
+            }
+            RefreshMsg::Sweep { reply } => {
+                let (refresher, pool) = (state.refresher.clone(), state.pool.clone());
+                tokio::spawn(async move {
+                    let _ = reply.send(sweep(&refresher, &pool).await);
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks every ready session of a managed server; returns how many were refreshed.
+async fn sweep(refresher: &TokenRefresher, pool: &PoolHandle) -> usize {
+    let stats = match pool.stats().await {
+        Ok(stats) => stats,
+        Err(err) => {
+            tracing::warn!(cause = %err, "token refresh sweep: pool stats unavailable");
+            return 0;
+        }
+    };
+    let mut refreshed = 0;
+    for conn in stats.connections {
+        if conn.state != ConnState::Ready || !refresher.manages(&conn.server) {
+            continue;
+        }
+        match refresher.check_now(&conn.user_id, &conn.server).await {
+            Ok(Freshness::Refreshed | Freshness::RefreshedElsewhere) => refreshed += 1,
+            Ok(_) => {}
+            Err(err) => tracing::warn!(
+                user_id = %conn.user_id, server = %conn.server, cause = %err,
+                "Background token refresh failed"
+            ),
+        }
+    }
+    refreshed
+}
+
+/// Typed handle to the [`TokenRefreshActor`].
+#[derive(Clone)]
+pub struct TokenRefreshHandle {
+    actor: ActorRef<RefreshMsg>,
+}
+
+impl TokenRefreshHandle {
+    /// Spawns the actor, unsupervised: its handlers never fail (see the module docs).
+    pub async fn spawn(args: RefreshArgs) -> Result<TokenRefreshHandle, ractor::SpawnErr> {
+        let (actor, _) = Actor::spawn(None, TokenRefreshActor, args).await?;
+        Ok(TokenRefreshHandle { actor })
+    }
+
+    /// The sweep interval for a shortest `refresh_before`: a fifth of it, between 1 s and 60 s,
+    /// so a token is looked at several times before it is due.
+    pub fn interval_for(min_refresh_before: Duration) -> Duration {
+        (min_refresh_before / 5).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+
+    /// Runs one sweep now; returns how many sessions got new tokens.
+    pub async fn sweep_now(&self) -> usize {
+        match self
+            .actor
+            .call(|reply| RefreshMsg::Sweep { reply }, None)
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(count)) => count,
+            _ => 0,
+        }
+    }
+
+    /// Stops the ticks (a sweep already running finishes on its own).
+    pub async fn stop(&self) {
+        let _ = self
+            .actor
+            .stop_and_wait(None, Some(Duration::from_secs(5)))
+            .await;
+    }
+}

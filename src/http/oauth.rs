@@ -1,0 +1,128 @@
+//! `/v1/oauth/{server}`: the connect flow, and the token freshness check before tool use.
+//!
+//! - `POST /v1/oauth/{server}/start` (the user, authenticated) → `{ "authorization_url" }`;
+//!   the chat app sends the user's browser there.
+//! - `GET /v1/oauth/{server}/callback?code&state` (unauthenticated: the single-use state is
+//!   the proof) → `303` to `success_redirect?connected={server}`, or to
+//!   `error_redirect?error=<code>&server={server}`.
+//!
+//! Neither answer ever carries a code, a state, a verifier or a token; failures are logged by
+//! kind only.
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Redirect, Response};
+use chrono::{DateTime, Utc};
+
+use super::error::ApiError;
+use super::{AuthUser, HttpState, ServerParam};
+use crate::oauth::flow::{self, FlowStartError};
+use crate::oauth::{CallbackError, CallbackParams};
+use crate::store::{ServerName, Stored, UserId};
+
+/// Body of a successful `start`.
+#[derive(Debug, serde::Serialize)]
+pub struct StartResponse {
+    pub server: ServerName,
+    /// The provider's page, with PKCE S256 and the single-use state.
+    pub authorization_url: String,
+    /// The state stops working at this instant (10 minutes).
+    pub expires_at: DateTime<Utc>,
+}
+
+fn not_configured(server: &ServerName) -> ApiError {
+    ApiError::not_found(
+        "oauth_not_configured",
+        format!("server `{server}` has no OAuth connect flow configured"),
+    )
+}
+
+/// `POST /v1/oauth/{server}/start`.
+pub async fn start(
+    State(state): State<HttpState>,
+    AuthUser(user): AuthUser,
+    ServerParam(server): ServerParam,
+) -> Result<Json<StartResponse>, ApiError> {
+    let provider = state
+        .credentials
+        .refresher()
+        .and_then(|r| r.provider(&server))
+        .filter(|p| p.connect_flow_enabled())
+        .ok_or_else(|| not_configured(&server))?;
+    let started = flow::start(&state.store, provider, &user)
+        .await
+        .map_err(|err| match err {
+            FlowStartError::NotConfigured => not_configured(&server),
+            FlowStartError::OAuth(err) => ApiError::internal(&err),
+            FlowStartError::Store(err) => ApiError::internal(&err),
+        })?;
+    Ok(Json(StartResponse {
+        server,
+        authorization_url: started.authorization_url,
+        expires_at: started.expires_at,
+    }))
+}
+
+/// `GET /v1/oauth/{server}/callback`. Always a `303` once the server is known to have a
+/// connect flow; the outcome is in the redirect's query.
+pub async fn callback(
+    State(state): State<HttpState>,
+    ServerParam(server): ServerParam,
+    query: Result<Query<CallbackParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Some(refresher) = state.credentials.refresher() else {
+        return Err(not_configured(&server));
+    };
+    let Some(provider) = refresher
+        .provider(&server)
+        .filter(|p| p.connect_flow_enabled())
+        .cloned()
+    else {
+        return Err(not_configured(&server));
+    };
+    let params = query.map(|Query(params)| params).unwrap_or_default();
+    let outcome = flow::complete(refresher, &state.credentials, &server, params).await;
+    let target = match outcome {
+        Ok(connected) => {
+            tracing::Span::current().record("user_id", connected.user.as_str());
+            if connected.stored == Stored::Replaced {
+                close_replaced_session(&state, &connected.user, &server).await;
+            }
+            provider.success_url()
+        }
+        Err(err) => {
+            match &err {
+                CallbackError::Store(_) | CallbackError::Credentials(_) => {
+                    tracing::error!(cause = %err, "OAuth callback failed")
+                }
+                _ => tracing::warn!(code = err.code(), cause = %err, "OAuth callback refused"),
+            }
+            state.metrics.error(err.code());
+            provider.error_url(err.code())
+        }
+    };
+    // Validation guarantees both redirects exist when the flow is enabled.
+    let target = target.ok_or_else(|| not_configured(&server))?;
+    Ok(Redirect::to(target.as_str()).into_response())
+}
+
+/// The running server read the old credentials at start: restart it lazily (as a PUT does).
+async fn close_replaced_session(state: &HttpState, user: &UserId, server: &ServerName) {
+    if let Err(err) = state.pool.close_connection(user, server).await {
+        tracing::warn!(cause = %err, "could not close the session after a reconnect");
+    }
+}
+
+/// Before a tool is listed or called: refresh the caller's OAuth tokens if they expire within
+/// the server's `refresh_before`. An in-memory check unless a refresh is due.
+pub async fn ensure_fresh(
+    state: &HttpState,
+    user: &UserId,
+    server: &ServerName,
+) -> Result<(), ApiError> {
+    if let Some(refresher) = state.credentials.refresher() {
+        refresher.ensure_fresh(user, server).await?;
+    }
+    Ok(())
+}

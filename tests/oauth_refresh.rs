@@ -1,0 +1,344 @@
+//! Automatic token refresh against a real OAuth 2 server (npm `oauth2-mock-server`, which here
+//! also rotates refresh tokens and refuses rotated-away ones with `invalid_grant`).
+//!
+//! Tokens become due without waiting minutes: `refresh_before = "1h"` and the server issues
+//! tokens with `expires_in = 3602`, so a refresh is due two seconds after connecting.
+
+mod common;
+#[path = "common/http.rs"]
+mod http;
+#[path = "common/oauth.rs"]
+mod oauth;
+
+use std::time::Duration;
+
+use http::{TestServer, content_text};
+use mcp_pool::actors::{RefreshArgs, TokenRefreshHandle};
+use mcp_pool::oauth::Freshness;
+use mcp_pool::store::{ConnectionRecord, ServerName, UserId};
+use oauth::{MockOAuth, SUCCESS, oauth_server, path_and_query};
+use serde_json::json;
+
+/// Seconds until a token issued with `expires_in = DUE_EXPIRES_IN` is due.
+const DUE_EXPIRES_IN: u64 = 3602;
+const DUE_AFTER: Duration = Duration::from_millis(2300);
+
+async fn setup() -> (TestServer, MockOAuth) {
+    let mock = MockOAuth::start().await;
+    let extra = format!(
+        "{}{}",
+        oauth_server("gdemo", &mock, "1h", false),
+        oauth_server("grestart", &mock, "1h", true)
+    );
+    let ts = TestServer::start("", &extra, "", &[]).await;
+    (ts, mock)
+}
+
+fn ids(user: &str, server: &str) -> (UserId, ServerName) {
+    (
+        UserId::parse(user).unwrap(),
+        ServerName::parse(server).unwrap(),
+    )
+}
+
+/// The whole connect flow for `user`, with tokens that expire in `expires_in` seconds.
+async fn connect(ts: &TestServer, mock: &MockOAuth, user: &str, server: &str, expires_in: u64) {
+    mock.control(json!({ "expires_in": expires_in })).await;
+    let resp = ts
+        .user(user)
+        .post_json(&format!("/v1/oauth/{server}/start"), &json!({}))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let url = resp.json()["authorization_url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let redirect = mock.authorize(&url).await;
+    let resp = ts.anonymous().get(&path_and_query(&redirect)).await;
+    assert_eq!(
+        resp.headers["location"].to_str().unwrap(),
+        format!("{SUCCESS}?connected={server}")
+    );
+}
+
+async fn record(ts: &TestServer, user: &str, server: &str) -> Option<ConnectionRecord> {
+    let (user, server) = ids(user, server);
+    ts.state.store.get(&user, &server).await.unwrap()
+}
+
+async fn whoami_pid(ts: &TestServer, user: &str, server: &str) -> u64 {
+    let resp = ts.user(user).call(server, "whoami", &json!({})).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let who: serde_json::Value = serde_json::from_str(&content_text(&resp.json())).unwrap();
+    who["pid"].as_u64().unwrap()
+}
+
+fn file_access_token(record: &ConnectionRecord) -> Option<String> {
+    let text = std::fs::read_to_string(&record.info.credentials_path).ok()?;
+    let file: serde_json::Value = serde_json::from_str(&text).ok()?;
+    file["access_token"].as_str().map(str::to_owned)
+}
+
+#[tokio::test]
+async fn tokens_are_refreshed_before_expiry_rotated_and_rewritten_to_the_file() {
+    let (ts, mock) = setup().await;
+    connect(&ts, &mock, "alice", "gdemo", DUE_EXPIRES_IN).await;
+    let pid = whoami_pid(&ts, "alice", "gdemo").await;
+    assert_eq!(mock.refresh_requests().await, 0, "not due yet");
+    let before = record(&ts, "alice", "gdemo").await.unwrap();
+
+    tokio::time::sleep(DUE_AFTER).await;
+    mock.control(json!({ "expires_in": 7200 })).await;
+    assert_eq!(
+        whoami_pid(&ts, "alice", "gdemo").await,
+        pid,
+        "no restart configured"
+    );
+    assert_eq!(mock.refresh_requests().await, 1);
+    let after = record(&ts, "alice", "gdemo").await.unwrap();
+    assert!(after.info.version > before.info.version);
+    assert_ne!(after.tokens.access_token, before.tokens.access_token);
+    // Rotated: the new refresh token replaced the old (which the server now refuses).
+    assert_ne!(after.tokens.refresh_token, before.tokens.refresh_token);
+    assert!(after.tokens.token_expiry.unwrap() > chrono::Utc::now() + chrono::Duration::hours(1));
+    assert_eq!(
+        file_access_token(&after).as_deref(),
+        after.tokens.access_token.as_ref().map(|t| t.expose())
+    );
+    // Fresh now: later calls send nothing.
+    whoami_pid(&ts, "alice", "gdemo").await;
+    assert_eq!(mock.refresh_requests().await, 1);
+
+    // A provider that does not rotate: the old refresh token is kept, and still works.
+    connect(&ts, &mock, "bob", "gdemo", DUE_EXPIRES_IN).await;
+    let bob_before = record(&ts, "bob", "gdemo").await.unwrap();
+    tokio::time::sleep(DUE_AFTER).await;
+    mock.control(json!({ "expires_in": DUE_EXPIRES_IN, "omit_refresh_token": true }))
+        .await;
+    whoami_pid(&ts, "bob", "gdemo").await;
+    let bob_after = record(&ts, "bob", "gdemo").await.unwrap();
+    assert_ne!(
+        bob_after.tokens.access_token,
+        bob_before.tokens.access_token
+    );
+    assert_eq!(
+        bob_after.tokens.refresh_token,
+        bob_before.tokens.refresh_token
+    );
+    assert_eq!(mock.refresh_requests().await, 2);
+    tokio::time::sleep(DUE_AFTER).await;
+    mock.control(json!({ "expires_in": 7200, "omit_refresh_token": false }))
+        .await;
+    whoami_pid(&ts, "bob", "gdemo").await;
+    assert_eq!(mock.refresh_requests().await, 3);
+    assert!(record(&ts, "bob", "gdemo").await.unwrap().info.is_active);
+    ts.stop().await;
+}
+
+#[tokio::test]
+async fn fifty_concurrent_calls_at_expiry_cause_exactly_one_refresh_request() {
+    let (ts, mock) = setup().await;
+    connect(&ts, &mock, "alice", "gdemo", DUE_EXPIRES_IN).await;
+    whoami_pid(&ts, "alice", "gdemo").await;
+    tokio::time::sleep(DUE_AFTER).await;
+    // A slow token endpoint, so every call arrives while the one refresh is in flight.
+    mock.control(json!({ "expires_in": 7200, "delay_ms": 300, "reset_stats": true }))
+        .await;
+    let client = ts.user("alice");
+    let calls: Vec<_> = (0..50)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .call("gdemo", "echo", &json!({ "message": format!("m{i}") }))
+                    .await
+            })
+        })
+        .collect();
+    for call in calls {
+        let resp = call.await.unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    let stats = mock.stats().await;
+    assert_eq!(stats["token_requests"], 1, "{stats}");
+    assert_eq!(stats["by_grant"]["refresh_token"], 1, "{stats}");
+    ts.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_grant_deactivates_closes_the_session_and_asks_for_a_reconnect() {
+    let (ts, mock) = setup().await;
+    connect(&ts, &mock, "alice", "gdemo", DUE_EXPIRES_IN).await;
+    whoami_pid(&ts, "alice", "gdemo").await;
+    let path = record(&ts, "alice", "gdemo")
+        .await
+        .unwrap()
+        .info
+        .credentials_path;
+    tokio::time::sleep(DUE_AFTER).await;
+    mock.control(json!({ "revoke_all": true })).await;
+
+    let resp = ts.user("alice").call("gdemo", "whoami", &json!({})).await;
+    resp.expect_error(409, "reconnect_required");
+    assert!(record(&ts, "alice", "gdemo").await.is_none(), "deactivated");
+    assert!(!path.exists(), "credentials file removed");
+    let (user, server) = ids("alice", "gdemo");
+    let stats = ts.state.pool.stats().await.unwrap();
+    assert!(
+        !stats
+            .connections
+            .iter()
+            .any(|c| c.user_id == user && c.server == server),
+        "session closed"
+    );
+    // Still "reconnect required", not a generic "no credentials", until the user reconnects.
+    ts.user("alice")
+        .call("gdemo", "whoami", &json!({}))
+        .await
+        .expect_error(409, "reconnect_required");
+    connect(&ts, &mock, "alice", "gdemo", 7200).await;
+    whoami_pid(&ts, "alice", "gdemo").await;
+    ts.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_token_endpoint_keeps_the_credentials_and_backs_off() {
+    let (ts, mock) = setup().await;
+    connect(&ts, &mock, "alice", "gdemo", DUE_EXPIRES_IN).await;
+    whoami_pid(&ts, "alice", "gdemo").await;
+    let before = record(&ts, "alice", "gdemo").await.unwrap();
+    tokio::time::sleep(DUE_AFTER).await;
+    mock.control(json!({ "token_status": 500, "reset_stats": true }))
+        .await;
+
+    // Due but not expired: the call goes ahead on the current token.
+    whoami_pid(&ts, "alice", "gdemo").await;
+    let tries = mock.token_requests().await;
+    assert_eq!(tries, 3, "retried with backoff within the request");
+    let kept = record(&ts, "alice", "gdemo").await.unwrap();
+    assert_eq!(kept.tokens, before.tokens);
+    assert_eq!(
+        file_access_token(&kept).as_deref(),
+        before.tokens.access_token.as_ref().map(|t| t.expose())
+    );
+    // Cooling down: the next call sends nothing.
+    whoami_pid(&ts, "alice", "gdemo").await;
+    assert_eq!(mock.token_requests().await, tries);
+
+    // Expired and the provider still down: 503, credentials kept.
+    mock.control(json!({ "token_status": null })).await;
+    connect(&ts, &mock, "bob", "gdemo", 1).await;
+    let bob_before = record(&ts, "bob", "gdemo").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    mock.control(json!({ "token_status": 503 })).await;
+    let resp = ts.user("bob").call("gdemo", "whoami", &json!({})).await;
+    resp.expect_error(503, "token_refresh_unavailable");
+    assert!(resp.headers.contains_key("retry-after"));
+    let bob_kept = record(&ts, "bob", "gdemo").await.unwrap();
+    assert_eq!(bob_kept.tokens, bob_before.tokens);
+    assert!(bob_kept.info.credentials_path.exists());
+
+    // The provider is back: after the cool-down the next call refreshes.
+    mock.control(json!({ "token_status": null, "expires_in": 7200 }))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    whoami_pid(&ts, "bob", "gdemo").await;
+    let bob_after = record(&ts, "bob", "gdemo").await.unwrap();
+    assert_ne!(
+        bob_after.tokens.access_token,
+        bob_before.tokens.access_token
+    );
+    ts.stop().await;
+}
+
+#[tokio::test]
+async fn restart_on_token_refresh_restarts_between_calls_never_during_one() {
+    let (ts, mock) = setup().await;
+    connect(&ts, &mock, "alice", "grestart", DUE_EXPIRES_IN).await;
+    let pid = whoami_pid(&ts, "alice", "grestart").await;
+
+    // A long call, in flight when the refresh happens.
+    let client = ts.user("alice");
+    let long = tokio::spawn(async move {
+        client
+            .call(
+                "grestart",
+                "sleep",
+                &json!({ "ms": DUE_AFTER.as_millis() as u64 + 1500 }),
+            )
+            .await
+    });
+    tokio::time::sleep(DUE_AFTER).await;
+    mock.control(json!({ "expires_in": 7200 })).await;
+    // This call refreshes; the session is busy, so it is not restarted under the long call.
+    assert_eq!(whoami_pid(&ts, "alice", "grestart").await, pid);
+    assert_eq!(mock.refresh_requests().await, 1);
+    let resp = long.await.unwrap();
+    assert_eq!(
+        resp.status,
+        200,
+        "the call in flight completed: {}",
+        resp.text()
+    );
+
+    // Once idle, the session restarts and the new process reads the new token.
+    let (user, server) = ids("alice", "grestart");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut new_pid = pid;
+    while tokio::time::Instant::now() < deadline {
+        let stats = ts.state.pool.stats().await.unwrap();
+        let live = stats
+            .connections
+            .iter()
+            .find(|c| c.user_id == user && c.server == server)
+            .and_then(|c| c.pid);
+        if live.is_none() || live.is_some_and(|p| u64::from(p) != pid) {
+            new_pid = whoami_pid(&ts, "alice", "grestart").await;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_ne!(new_pid, pid, "restarted after the refresh");
+    ts.stop().await;
+}
+
+#[tokio::test]
+async fn session_start_and_the_background_sweep_refresh_too() {
+    let (ts, mock) = setup().await;
+    let refresher = ts.state.credentials.refresher().unwrap().clone();
+
+    // No live session: the pool's start refreshes before spawning the server.
+    connect(&ts, &mock, "alice", "gdemo", DUE_EXPIRES_IN).await;
+    tokio::time::sleep(DUE_AFTER).await;
+    mock.control(json!({ "expires_in": 7200 })).await;
+    let (alice, server) = ids("alice", "gdemo");
+    ts.state
+        .pool
+        .call_tool(&alice, &server, "whoami", None)
+        .await
+        .unwrap();
+    assert_eq!(mock.refresh_requests().await, 1);
+
+    // A live session, no calls: the sweep refreshes it.
+    connect(&ts, &mock, "bob", "gdemo", DUE_EXPIRES_IN).await;
+    whoami_pid(&ts, "bob", "gdemo").await;
+    let sweeper = TokenRefreshHandle::spawn(RefreshArgs {
+        refresher: refresher.clone(),
+        pool: ts.state.pool.clone(),
+        interval: None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(sweeper.sweep_now().await, 0, "not due yet");
+    tokio::time::sleep(DUE_AFTER).await;
+    mock.control(json!({ "expires_in": 7200 })).await;
+    assert_eq!(sweeper.sweep_now().await, 1);
+    assert_eq!(mock.refresh_requests().await, 2);
+    let (bob, _) = ids("bob", "gdemo");
+    assert_eq!(
+        refresher.check_now(&bob, &server).await.unwrap(),
+        Freshness::Fresh
+    );
+    sweeper.stop().await;
+    ts.stop().await;
+}
