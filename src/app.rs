@@ -99,15 +99,12 @@ impl Storage {
             config.credentials.cleanup_interval,
             config.credentials.cleanup_inactive_after,
         ));
-        let (credentials, _) = CredentialHandle::spawn(
-            CredentialArgs {
-                store: store.clone(),
-                files,
-                specs: credential_specs(config),
-                cleanup,
-            },
-            None,
-        )
+        let (credentials, _) = CredentialHandle::spawn(CredentialArgs {
+            store: store.clone(),
+            files,
+            specs: credential_specs(config),
+            cleanup,
+        })
         .await?;
         // The refresher writes through a handle without itself attached; everyone else (the
         // pool, the HTTP facade) gets the handle with it, so they share one single flight.

@@ -741,11 +741,6 @@ impl Config {
     pub fn server(&self, name: &ServerName) -> Option<&ServerConfig> {
         self.servers.get(name.as_str())
     }
-
-    /// The default config path: `--config`, then `MCP_POOL_CONFIG`, then `./config.toml`.
-    pub fn default_path() -> PathBuf {
-        PathBuf::from("config.toml")
-    }
 }
 
 fn validate_oauth(

@@ -40,15 +40,12 @@ async fn instance(config: &Config, store: Store) -> Instance {
             )
         })
         .collect();
-    let (credentials, _) = CredentialHandle::spawn(
-        CredentialArgs {
-            store,
-            files: files.clone(),
-            specs,
-            cleanup: None,
-        },
-        None,
-    )
+    let (credentials, _) = CredentialHandle::spawn(CredentialArgs {
+        store,
+        files: files.clone(),
+        specs,
+        cleanup: None,
+    })
     .await
     .unwrap();
     let refresher = TokenRefresher::from_config(config, credentials.clone(), &|_| None).unwrap();

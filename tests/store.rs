@@ -84,16 +84,21 @@ fn specs() -> BTreeMap<ServerName, CredentialSpec> {
 }
 
 async fn spawn_actor(store: &Store, dir: &Path) -> (CredentialHandle, CredentialFiles) {
+    spawn_actor_with(store, dir, None).await
+}
+
+async fn spawn_actor_with(
+    store: &Store,
+    dir: &Path,
+    cleanup: Option<(Duration, Duration)>,
+) -> (CredentialHandle, CredentialFiles) {
     let files = CredentialFiles::open(common::credentials_dir(dir)).unwrap();
-    let (handle, _) = CredentialHandle::spawn(
-        CredentialArgs {
-            store: store.clone(),
-            files: files.clone(),
-            specs: specs(),
-            cleanup: None,
-        },
-        None,
-    )
+    let (handle, _) = CredentialHandle::spawn(CredentialArgs {
+        store: store.clone(),
+        files: files.clone(),
+        specs: specs(),
+        cleanup,
+    })
     .await
     .unwrap();
     (handle, files)
@@ -596,19 +601,9 @@ async fn missing_file_is_recreated_from_the_database(kind: BackendKind) {
 
 async fn periodic_cleanup_runs_on_its_own(kind: BackendKind) {
     let (store, dir, _) = fresh_store(kind).await;
-    let files = CredentialFiles::open(common::credentials_dir(dir.path())).unwrap();
-    let (handle, _) = CredentialHandle::spawn(
-        CredentialArgs {
-            store: store.clone(),
-            files,
-            specs: specs(),
-            // Every 50 ms, delete inactive rows older than 1 ms.
-            cleanup: Some((Duration::from_millis(50), Duration::from_millis(1))),
-        },
-        None,
-    )
-    .await
-    .unwrap();
+    // Every 50 ms, delete inactive rows older than 1 ms.
+    let cleanup = Some((Duration::from_millis(50), Duration::from_millis(1)));
+    let (handle, _) = spawn_actor_with(&store, dir.path(), cleanup).await;
     let demo = server("demo");
     handle
         .create(&user("old"), &demo, tokens("t", None))

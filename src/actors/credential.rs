@@ -405,16 +405,12 @@ pub struct CredentialHandle {
 }
 
 impl CredentialHandle {
-    /// Spawns the actor (unnamed, unsupervised unless `supervisor` is given).
+    /// Spawns the actor (unnamed and unsupervised: see actors.md for why).
     pub async fn spawn(
         args: CredentialArgs,
-        supervisor: Option<ractor::ActorCell>,
     ) -> Result<(CredentialHandle, tokio::task::JoinHandle<()>), ractor::SpawnErr> {
         let store = args.store.clone();
-        let (actor, join) = match supervisor {
-            Some(sup) => Actor::spawn_linked(None, CredentialActor, args, sup).await?,
-            None => Actor::spawn(None, CredentialActor, args).await?,
-        };
+        let (actor, join) = Actor::spawn(None, CredentialActor, args).await?;
         Ok((
             CredentialHandle {
                 actor,

@@ -56,6 +56,28 @@ pub enum PoolError {
     Unavailable,
 }
 
+impl PoolError {
+    /// The stable, machine-readable code of this error, shared by the HTTP error body and the
+    /// chat trace. (HTTP refines `Mcp` and `Credentials` by their cause.)
+    pub fn code(&self) -> &'static str {
+        match self {
+            PoolError::UnknownServer(_) => "unknown_server",
+            PoolError::NoCredentials(_) => "no_credentials",
+            PoolError::Credentials(_) => "credentials_unavailable",
+            PoolError::PoolFull { .. } => "pool_full",
+            PoolError::CircuitOpen { .. } => "circuit_open",
+            PoolError::StartFailed(_) => "server_start_failed",
+            PoolError::ServerCrashed => "server_crashed",
+            PoolError::CallTimeout(_) => "call_timeout",
+            PoolError::UnknownTool(_) => "unknown_tool",
+            PoolError::Mcp(_) => "server_error",
+            PoolError::Reconnect => "reconnect",
+            PoolError::ShuttingDown => "shutting_down",
+            PoolError::Unavailable => "pool_unavailable",
+        }
+    }
+}
+
 /// How one connection looks in [`PoolStats`].
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ConnectionStats {

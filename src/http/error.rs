@@ -170,23 +170,23 @@ fn secs(after: Duration) -> u64 {
 
 impl From<PoolError> for ApiError {
     fn from(err: PoolError) -> ApiError {
+        let code = err.code();
         match err {
             PoolError::UnknownServer(server) => {
-                ApiError::not_found("unknown_server", format!("unknown server `{server}`"))
+                ApiError::not_found(code, format!("unknown server `{server}`"))
             }
-            PoolError::NoCredentials(server) => ApiError::not_found(
-                "no_credentials",
-                format!("no credentials stored for server `{server}`"),
-            ),
+            PoolError::NoCredentials(server) => {
+                ApiError::not_found(code, format!("no credentials stored for server `{server}`"))
+            }
             PoolError::Credentials(inner) => credential_error(&inner),
             PoolError::PoolFull { retry_after } => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "pool_full",
+                code,
                 "too many open MCP sessions; retry later",
             )
             .with_retry_after(retry_after),
             PoolError::CircuitOpen { retry_after } => ApiError::unavailable(
-                "circuit_open",
+                code,
                 "this MCP server keeps crashing; new sessions are refused for a while",
                 retry_after,
             ),
@@ -195,20 +195,20 @@ impl From<PoolError> for ApiError {
                 tracing::warn!(cause = %cause, "MCP server failed to start");
                 ApiError::new(
                     StatusCode::BAD_GATEWAY,
-                    "server_start_failed",
+                    code,
                     "the MCP server failed to start",
                 )
                 .with_retry_safe(true)
             }
             PoolError::ServerCrashed => ApiError::new(
                 StatusCode::BAD_GATEWAY,
-                "server_crashed",
+                code,
                 "the MCP server exited during the call; the tool may or may not have run",
             )
             .with_retry_safe(false),
             PoolError::CallTimeout(after) => ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
-                "call_timeout",
+                code,
                 format!(
                     "the tool call timed out after {}s and was cancelled; it may have run",
                     after.as_secs()
@@ -216,24 +216,22 @@ impl From<PoolError> for ApiError {
             )
             .with_retry_safe(false),
             PoolError::UnknownTool(tool) => {
-                ApiError::not_found("unknown_tool", format!("unknown tool `{tool}`"))
+                ApiError::not_found(code, format!("unknown tool `{tool}`"))
             }
             PoolError::Mcp(inner) => mcp_error(&inner),
             // The pool already retried once; the caller may simply try again.
             PoolError::Reconnect => ApiError::unavailable(
-                "reconnect",
+                code,
                 "the session was closed while the request was made; retry",
                 Duration::from_secs(1),
             ),
-            PoolError::ShuttingDown => ApiError::unavailable(
-                "shutting_down",
-                "the service is shutting down",
-                Duration::from_secs(5),
-            ),
+            PoolError::ShuttingDown => {
+                ApiError::unavailable(code, "the service is shutting down", Duration::from_secs(5))
+            }
             PoolError::Unavailable => {
                 tracing::error!("the pool actor is not running");
                 ApiError::unavailable(
-                    "pool_unavailable",
+                    code,
                     "the connection pool is restarting",
                     Duration::from_secs(2),
                 )

@@ -199,28 +199,9 @@ impl ChatError {
             ChatError::InvalidRequest(_) => "invalid_request",
             ChatError::Llm(err) => err.code(),
             ChatError::MaxStepsExceeded { .. } => "max_steps_exceeded",
-            ChatError::Pool(err) => pool_error_code(err),
+            ChatError::Pool(err) => err.code(),
             ChatError::Cancelled => "cancelled",
         }
-    }
-}
-
-/// A stable code for a pool error, for skipped servers and failed tool calls.
-pub fn pool_error_code(err: &PoolError) -> &'static str {
-    match err {
-        PoolError::UnknownServer(_) => "unknown_server",
-        PoolError::NoCredentials(_) => "no_credentials",
-        PoolError::Credentials(_) => "credentials_unavailable",
-        PoolError::PoolFull { .. } => "pool_full",
-        PoolError::CircuitOpen { .. } => "circuit_open",
-        PoolError::StartFailed(_) => "start_failed",
-        PoolError::ServerCrashed => "server_crashed",
-        PoolError::CallTimeout(_) => "call_timeout",
-        PoolError::UnknownTool(_) => "unknown_tool",
-        PoolError::Mcp(_) => "mcp_error",
-        PoolError::Reconnect => "reconnect",
-        PoolError::ShuttingDown => "shutting_down",
-        PoolError::Unavailable => "pool_unavailable",
     }
 }
 
@@ -434,10 +415,10 @@ async fn gather_tools(
             Ok(tools) => available.push((server, tools)),
             Err(err) if is_fatal(&err) => return Err(ChatError::Pool(err)),
             Err(err) => {
-                tracing::warn!(server = %server, code = pool_error_code(&err), cause = %err, "skipping a server in chat: no tools");
+                tracing::warn!(server = %server, code = err.code(), cause = %err, "skipping a server in chat: no tools");
                 skipped.push(SkippedServer {
                     server,
-                    code: pool_error_code(&err).to_owned(),
+                    code: err.code().to_owned(),
                     message: err.to_string(),
                 });
             }
@@ -553,7 +534,7 @@ async fn run_one(
                 }
                 Ok(result) => (truncate(result_text(&result), MAX_TOOL_RESULT_CHARS), None),
                 Err(err) => {
-                    let outcome = failure(pool_error_code(&err), &err.to_string());
+                    let outcome = failure(err.code(), &err.to_string());
                     if is_fatal(&err) {
                         fatal = Some(err);
                     }

@@ -691,14 +691,12 @@ impl Store {
     /// Adds a new key version (key-file mode) and re-encrypts every row, active or not, whose
     /// tokens use an older version. Returns (new version, rows re-encrypted).
     pub async fn rotate_key(&self, add_new_version: bool) -> Result<(u32, u64), StoreError> {
-        let keyring = if add_new_version {
-            let mut fresh =
-                Keyring::load(&self.keyring.key_file, self.keyring.env_value.as_deref())?;
-            fresh.add_version()?;
-            self.reload_keyring()?
-        } else {
-            self.reload_keyring()?
-        };
+        if add_new_version {
+            Keyring::load(&self.keyring.key_file, self.keyring.env_value.as_deref())?
+                .add_version()?;
+        }
+        // Reloaded either way: another process may have added a version since start-up.
+        let keyring = self.reload_keyring()?;
         let target = keyring.current_version();
         let mut rotated = 0u64;
         loop {

@@ -58,20 +58,6 @@ pub async fn fresh_store(kind: BackendKind) -> (Store, tempfile::TempDir, StoreO
     (store, dir, options)
 }
 
-/// Polls `check` until it returns true or `limit` passes; returns the last result.
-pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if check() {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 pub fn credentials_dir(dir: &std::path::Path) -> PathBuf {
     dir.join("mcp-credentials")
 }
