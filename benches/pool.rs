@@ -8,7 +8,9 @@
 //! 5. scale: 1,000 live connections (open time, mcp-pool memory per connection, warm latency,
 //!    reaping them all);
 //! 6. isolation: other users' warm-call p99 while one user crash-loops and another's server
-//!    takes 5 s to start.
+//!    takes 5 s to start;
+//! 7. sandbox: the cost of preparing a session's confinement, and a demo server's cold start
+//!    confined vs unconfined.
 //!
 //! Third-party servers come from `.test-servers/env.sh` (missing ones are reported as skipped).
 //! Benchmarks check what they measure (echo replies are compared) but never fail on speed.
@@ -282,7 +284,7 @@ async fn main() {
             env: BTreeMap::new(),
             cwd: None,
         };
-        let direct = McpSession::connect(&launch, Duration::from_secs(30), None)
+        let direct = McpSession::connect(&launch, None, Duration::from_secs(30), None)
             .await
             .expect("direct session");
         bench
@@ -522,4 +524,88 @@ async fn main() {
     }
     println!("\n(crash-and-restart cycles during the loaded run: {crashes})");
     bench.app.stop().await;
+    sandbox_cost(dir.path()).await;
+}
+
+/// Section 7, what confinement adds to a start: `Sandbox::prepare` (state directory, cgroup,
+/// Landlock ruleset) alone, and spawn + initialize + tools/list of the demo server with and
+/// without it.
+async fn sandbox_cost(dir: &std::path::Path) {
+    use mcp_pool::mcp::sandbox::{Sandbox, SandboxSettings, ServerPolicy, SessionPaths};
+    println!("\n## 7. Sandbox set-up per session start\n");
+    let sandbox = Sandbox::new(SandboxSettings {
+        state_dir: dir.join("bench-state"),
+        cgroup_root: "/sys/fs/cgroup".into(),
+        read: Vec::new(),
+        protected: vec![dir.join("data"), std::env::current_dir().unwrap()],
+        instance: "mcp-pool-bench".into(),
+    });
+    if !sandbox.missing().is_empty() {
+        println!("unavailable on this host: {:?}", sandbox.missing());
+    }
+    let program = std::path::PathBuf::from(env!("CARGO_BIN_EXE_mcp-pool"));
+    let args = vec!["demo-server".to_owned()];
+    let creds = dir.join("bench-creds");
+    std::fs::create_dir_all(&creds).unwrap();
+    let policy = ServerPolicy::default();
+    let paths = SessionPaths {
+        user: "bench",
+        server: "demo",
+        program: &program,
+        args: &args,
+        credentials_dir: &creds,
+    };
+    let mut prepare = Vec::new();
+    for _ in 0..200 {
+        let start = Instant::now();
+        let confinement = sandbox.prepare(&policy, paths, false).expect("prepare");
+        prepare.push(start.elapsed());
+        // Dropping an unused confinement removes its cgroup.
+        drop(confinement);
+    }
+    let launch = ServerLaunch {
+        command: program.display().to_string(),
+        args: args.clone(),
+        env: mcp_pool::mcp::base_environment(&[]),
+        cwd: Some(dir.to_owned()),
+    };
+    let (mut confined, mut plain) = (Vec::new(), Vec::new());
+    for _ in 0..30 {
+        let confinement = sandbox.prepare(&policy, paths, false).expect("prepare");
+        let start = Instant::now();
+        let session =
+            McpSession::connect(&launch, Some(confinement), Duration::from_secs(30), None)
+                .await
+                .expect("confined start");
+        confined.push(start.elapsed());
+        session.close(Duration::from_secs(1)).await;
+        let start = Instant::now();
+        let session = McpSession::connect(&launch, None, Duration::from_secs(30), None)
+            .await
+            .expect("plain start");
+        plain.push(start.elapsed());
+        session.close(Duration::from_secs(1)).await;
+    }
+    let (prepare, confined, plain) = (summarize(prepare), summarize(confined), summarize(plain));
+    println!("| step | median | p99 |\n|---|---|---|");
+    println!(
+        "| `Sandbox::prepare` (state dir, cgroup, ruleset) | {} | {} |",
+        us(prepare.median),
+        us(prepare.p99)
+    );
+    println!(
+        "| demo cold start, unconfined | {} | {} |",
+        us(plain.median),
+        us(plain.p99)
+    );
+    println!(
+        "| demo cold start, confined (prepare excluded) | {} | {} |",
+        us(confined.median),
+        us(confined.p99)
+    );
+    println!(
+        "\nconfinement adds {:+.0} µs to the median cold start, plus `prepare`",
+        (confined.median.as_secs_f64() - plain.median.as_secs_f64()) * 1e6
+    );
+    sandbox.shutdown();
 }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 
 use ractor::ActorRef;
 
@@ -11,7 +12,8 @@ use crate::actors::{
     PoolHandle, RefreshArgs, TokenRefreshHandle,
 };
 use crate::config::{Config, ENCRYPTION_KEYS_ENV};
-use crate::mcp::{McpError, ProcessRegistry};
+use crate::mcp::sandbox::SandboxSettings;
+use crate::mcp::{McpError, ProcessRegistry, Sandbox, SandboxMode};
 use crate::oauth::TokenRefresher;
 use crate::store::{CredentialFiles, CredentialSpec, ServerName, Store, StoreError, StoreOptions};
 
@@ -131,6 +133,21 @@ pub struct App {
     registry: ProcessRegistry,
     /// Background refresh of live sessions' OAuth tokens.
     pub refresh: Option<TokenRefreshHandle>,
+    /// Confinement of the servers; its cgroups are removed at the end.
+    sandbox: Arc<Sandbox>,
+}
+
+/// `mcp-pool-<hash>` of the data directory: one cgroup parent per instance, stable across
+/// restarts of the same instance (so it sweeps its own leftovers) and distinct between
+/// instances on one host.
+fn instance_name(data_dir: &std::path::Path) -> String {
+    use sha2::Digest as _;
+    let path = data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| data_dir.to_owned());
+    let digest = sha2::Sha256::digest(path.as_os_str().as_encoded_bytes());
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("mcp-pool-{hex}")
 }
 
 impl App {
@@ -153,8 +170,38 @@ impl App {
             );
         }
         let storage = Storage::open(&config, true).await?;
-        let args =
-            PoolArgs::from_config(&config, storage.credentials.clone(), Some(registry.clone()));
+        // A crash between a file and its row (or an older layout) can leave plaintext
+        // credentials nobody owns; they go before any server could be granted them.
+        match storage.credentials.sweep_orphan_files().await {
+            Ok(0) => {}
+            Ok(count) => tracing::warn!(count, "Removed credential files without an active row"),
+            Err(err) => tracing::warn!(cause = %err, "Cannot sweep orphaned credential files"),
+        }
+        let sandbox = Sandbox::new(SandboxSettings {
+            state_dir: config.sandbox.state_dir.clone(),
+            cgroup_root: config.sandbox.cgroup_root.clone(),
+            read: config.sandbox.read.clone(),
+            protected: config.protected_paths(),
+            instance: instance_name(&config.service.data_dir),
+        });
+        for (name, server) in &config.servers {
+            match server.sandbox_policy(&config.sandbox).mode {
+                SandboxMode::Off => {
+                    tracing::warn!(server = %name, "MCP server runs unconfined (sandbox.mode = off)")
+                }
+                SandboxMode::BestEffort => tracing::info!(
+                    server = %name,
+                    "MCP server runs with whatever confinement the host offers (best_effort)"
+                ),
+                SandboxMode::Enforce => {}
+            }
+        }
+        let args = PoolArgs::from_config(
+            &config,
+            storage.credentials.clone(),
+            Some(registry.clone()),
+            sandbox.clone(),
+        );
         let (pool, guardian) = PoolGuardian::start(args).await?;
         let refresh = match storage.credentials.refresher() {
             Some(refresher) => {
@@ -180,6 +227,7 @@ impl App {
             guardian,
             registry,
             refresh,
+            sandbox,
         })
     }
 
@@ -235,6 +283,7 @@ impl App {
             );
         }
         let _ = self.guardian.stop_and_wait(None, Some(grace)).await;
+        self.sandbox.shutdown();
         self.storage.close().await;
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::mcp::sandbox::{Limits, SandboxMode, ServerPolicy};
 use crate::store::ids::ServerName;
 
 /// Environment variable that overrides `database.url`.
@@ -76,9 +77,119 @@ pub struct Config {
     /// The OpenAI-compatible chat-completions API behind `/v1/chat`.
     #[serde(default)]
     pub llm: LlmConfig,
+    /// How MCP server processes are confined, and their default resource limits.
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
     /// One entry per MCP server users may connect, keyed by server name.
     #[serde(default)]
     pub servers: BTreeMap<String, ServerConfig>,
+    /// The file this config was loaded from (never readable by a server).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// `[sandbox]`: confinement of every MCP server (README, "Security model"). Each server may
+/// override the mode, add paths and change limits in `[servers.<name>.sandbox]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// `enforce` (default), `best_effort` or `off`.
+    pub mode: SandboxMode,
+    /// Root of the private state directories, `<state_dir>/<user>/<server>` (0700): each
+    /// server's HOME, TMPDIR and working directory, kept across restarts.
+    pub state_dir: PathBuf,
+    /// Extra read-only paths for every server.
+    pub read: Vec<PathBuf>,
+    /// Where the cgroup hierarchies are mounted.
+    pub cgroup_root: PathBuf,
+    /// Memory per session (`"512MiB"`, `"1GiB"`); the kernel kills the server past it.
+    pub memory_max: ByteSize,
+    /// Processes and threads per session.
+    pub pids_max: u64,
+    /// Open files per server process (`RLIMIT_NOFILE`).
+    pub nofile: u64,
+    /// CPU weight of a session, 1..=10000 (100 is an ordinary share).
+    pub cpu_weight: u32,
+    /// CPU weight of a session started as a restart after a crash, until it is ready.
+    pub backoff_cpu_weight: u32,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        let limits = Limits::default();
+        Self {
+            mode: SandboxMode::Enforce,
+            state_dir: PathBuf::from("./server-state"),
+            read: Vec::new(),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            memory_max: ByteSize(limits.memory_max.unwrap_or(1 << 30)),
+            pids_max: limits.pids_max.unwrap_or(512),
+            nofile: limits.nofile.unwrap_or(1024),
+            cpu_weight: limits.cpu_weight,
+            backoff_cpu_weight: limits.backoff_cpu_weight,
+        }
+    }
+}
+
+/// `[servers.<name>.sandbox]`: one server's overrides of `[sandbox]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSandboxConfig {
+    /// `off` for a server the operator trusts; `best_effort`; `enforce`.
+    pub mode: Option<SandboxMode>,
+    /// Paths it may read and execute, beyond its program and the system locations.
+    pub read: Vec<PathBuf>,
+    /// Paths it may read and write, beyond its state directory.
+    pub write: Vec<PathBuf>,
+    pub memory_max: Option<ByteSize>,
+    pub pids_max: Option<u64>,
+    pub nofile: Option<u64>,
+    pub cpu_weight: Option<u32>,
+}
+
+/// A size in bytes, written as an integer or with a unit: `"512MiB"`, `"1GiB"`, `"64M"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `"512MiB"`, `"1G"`, `"1048576"`; K/M/G/T are binary multiples either way.
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let number: u64 = number
+            .parse()
+            .map_err(|_| format!("`{text}` is not a size like \"512MiB\""))?;
+        let shift = match unit.trim().trim_end_matches('B').trim_end_matches('i') {
+            "" => 0,
+            "K" | "k" => 10,
+            "M" => 20,
+            "G" => 30,
+            "T" => 40,
+            _ => return Err(format!("`{text}`: unknown unit (use KiB, MiB, GiB or TiB)")),
+        };
+        number
+            .checked_mul(1u64 << shift)
+            .map(ByteSize)
+            .ok_or_else(|| format!("`{text}` is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Bytes(bytes) => Ok(ByteSize(bytes)),
+            Raw::Text(text) => ByteSize::parse(&text).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -384,6 +495,13 @@ pub struct ServerConfig {
     /// restarted between calls (never during one) so it picks up the new token.
     #[serde(default)]
     pub restart_on_token_refresh: bool,
+    /// Variables of the service's environment this server also gets (beyond PATH, locale
+    /// and TZ); `MCP_POOL_*` never passes.
+    #[serde(default)]
+    pub env_passthrough: Vec<String>,
+    /// This server's confinement, over `[sandbox]`.
+    #[serde(default)]
+    pub sandbox: ServerSandboxConfig,
 }
 
 /// `[servers.<name>.oauth]`: the OAuth client of a server, its provider's endpoints, and the
@@ -476,6 +594,23 @@ fn is_http_url(value: &str) -> bool {
 }
 
 impl ServerConfig {
+    /// This server's confinement: its overrides over the `[sandbox]` defaults.
+    pub fn sandbox_policy(&self, defaults: &SandboxConfig) -> ServerPolicy {
+        let own = &self.sandbox;
+        ServerPolicy {
+            mode: own.mode.unwrap_or(defaults.mode),
+            read: own.read.clone(),
+            write: own.write.clone(),
+            limits: Limits {
+                memory_max: Some(own.memory_max.unwrap_or(defaults.memory_max).0),
+                pids_max: Some(own.pids_max.unwrap_or(defaults.pids_max)),
+                nofile: Some(own.nofile.unwrap_or(defaults.nofile)),
+                cpu_weight: own.cpu_weight.unwrap_or(defaults.cpu_weight),
+                backoff_cpu_weight: defaults.backoff_cpu_weight,
+            },
+        }
+    }
+
     /// The program path with `{self}` resolved to the running binary.
     pub fn resolved_command(&self) -> std::io::Result<PathBuf> {
         if self.command == SELF_COMMAND {
@@ -499,7 +634,30 @@ impl Config {
         })?;
         config.apply_env_overrides(|name| std::env::var(name).ok());
         config.validate()?;
+        config.source = Some(path.to_owned());
         Ok(config)
+    }
+
+    /// Everything of the service a server must never reach: the data directory (database,
+    /// keys, process records), the credentials directory, the key and config files, the
+    /// SQLite file wherever it is, and the service's working directory.
+    pub fn protected_paths(&self) -> Vec<PathBuf> {
+        let mut paths = vec![
+            self.service.data_dir.clone(),
+            self.credentials.dir.clone(),
+            self.encryption.key_file.clone(),
+            self.auth.api_key_file.clone(),
+            self.auth.admin_key_file.clone(),
+        ];
+        paths.extend(self.source.clone());
+        if let Some(file) = self.database.url.strip_prefix("sqlite://") {
+            let file = file.split('?').next().unwrap_or(file);
+            paths.push(PathBuf::from(file));
+        }
+        if let Ok(cwd) = std::env::current_dir() {
+            paths.push(cwd);
+        }
+        paths
     }
 
     /// Parses TOML text; the error message carries toml's key path and line.
@@ -575,6 +733,22 @@ impl Config {
         self.validate_http()?;
         self.validate_auth()?;
         self.validate_llm()?;
+        validate_limits(
+            "sandbox",
+            Some(self.sandbox.memory_max),
+            Some(self.sandbox.pids_max),
+            Some(self.sandbox.nofile),
+            Some(self.sandbox.cpu_weight),
+        )?;
+        if !(1..=10_000).contains(&self.sandbox.backoff_cpu_weight) {
+            return Err(invalid(
+                "sandbox.backoff_cpu_weight",
+                "must be between 1 and 10000",
+            ));
+        }
+        if self.sandbox.state_dir.as_os_str().is_empty() {
+            return Err(invalid("sandbox.state_dir", "must not be empty"));
+        }
         for (name, server) in &self.servers {
             let key = |field: &str| format!("servers.{name}.{field}");
             ServerName::parse(name)
@@ -596,6 +770,25 @@ impl Config {
                     ));
                 }
             }
+            for name in &server.env_passthrough {
+                if !is_env_name(name) || name.starts_with("MCP_POOL_") {
+                    return Err(invalid(
+                        key("env_passthrough"),
+                        format!(
+                            "`{name}` must be an environment variable name, and never MCP_POOL_* \
+                             (the service's own secrets)"
+                        ),
+                    ));
+                }
+            }
+            let own = &server.sandbox;
+            validate_limits(
+                &key("sandbox"),
+                own.memory_max,
+                own.pids_max,
+                own.nofile,
+                own.cpu_weight,
+            )?;
             if let Some(oauth) = &server.oauth {
                 if let Some(secret_env) = &oauth.client_secret_env
                     && !(is_env_name(secret_env) && secret_env.starts_with("MCP_POOL_"))
@@ -741,6 +934,49 @@ impl Config {
     pub fn server(&self, name: &ServerName) -> Option<&ServerConfig> {
         self.servers.get(name.as_str())
     }
+}
+
+/// Bounds that keep a server startable and the host safe.
+fn validate_limits(
+    prefix: &str,
+    memory_max: Option<ByteSize>,
+    pids_max: Option<u64>,
+    nofile: Option<u64>,
+    cpu_weight: Option<u32>,
+) -> Result<(), ConfigError> {
+    if let Some(ByteSize(bytes)) = memory_max
+        && bytes < 16 * 1024 * 1024
+    {
+        return Err(invalid(
+            format!("{prefix}.memory_max"),
+            "must be at least 16MiB",
+        ));
+    }
+    if let Some(pids) = pids_max
+        && !(8..=1_000_000).contains(&pids)
+    {
+        return Err(invalid(
+            format!("{prefix}.pids_max"),
+            "must be between 8 and 1000000",
+        ));
+    }
+    if let Some(files) = nofile
+        && !(64..=1_048_576).contains(&files)
+    {
+        return Err(invalid(
+            format!("{prefix}.nofile"),
+            "must be between 64 and 1048576",
+        ));
+    }
+    if let Some(weight) = cpu_weight
+        && !(1..=10_000).contains(&weight)
+    {
+        return Err(invalid(
+            format!("{prefix}.cpu_weight"),
+            "must be between 1 and 10000",
+        ));
+    }
+    Ok(())
 }
 
 fn validate_oauth(

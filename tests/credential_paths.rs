@@ -14,7 +14,8 @@ fn confined(root: &Path, path: &Path) -> bool {
     let Ok(rest) = path.strip_prefix(root) else {
         return false;
     };
-    rest.components().count() == 2 && rest.components().all(|c| matches!(c, Component::Normal(_)))
+    // <user>/<server>/credentials.json
+    rest.components().count() == 3 && rest.components().all(|c| matches!(c, Component::Normal(_)))
 }
 
 /// Arbitrary strings, biased towards the characters that make paths dangerous.

@@ -54,10 +54,10 @@ async fn store_list_call_reuse_and_delete() {
     assert!(echo["duration_ms"].is_u64());
 
     // Two whoami calls answer from the same process: the session is reused.
-    let pid = |resp: &http::Resp| -> u64 {
-        let inner: Value = serde_json::from_str(&content_text(&resp.json())).unwrap();
-        inner["pid"].as_u64().unwrap()
-    };
+    let whoami =
+        |resp: &http::Resp| -> Value { serde_json::from_str(&content_text(&resp.json())).unwrap() };
+    let pid = |resp: &http::Resp| whoami(resp)["pid"].as_u64().unwrap() as u32;
+    let instance = |resp: &http::Resp| whoami(resp)["instance"].as_u64().unwrap();
     let first = alice.call("demo", "whoami", &json!({})).await;
     let second = alice
         .request(
@@ -74,7 +74,7 @@ async fn store_list_call_reuse_and_delete() {
         "empty body = no arguments: {}",
         second.text()
     );
-    assert_eq!(pid(&first), pid(&second), "same session");
+    assert_eq!(instance(&first), instance(&second), "same session");
     assert!(!first.text().contains("secret-access-token"));
 
     // The connection shows its live state, never a token.
@@ -88,12 +88,17 @@ async fn store_list_call_reuse_and_delete() {
     let list = alice.get("/v1/connections").await.json();
     assert_eq!(list["connections"].as_array().unwrap().len(), 1);
 
-    // Admin stats agree on the pid.
+    // Admin stats agree on the pid: the session's leader, whose namespace holds the server.
     let stats = server.admin().get("/v1/stats").await;
     assert_eq!(stats.status, 200, "{}", stats.text());
     let stats = stats.json();
     assert_eq!(stats["total_connections"], 1);
-    assert_eq!(stats["connections"][0]["pid"].as_u64(), Some(pid(&first)));
+    let leader = stats["connections"][0]["pid"].as_u64().unwrap() as u32;
+    assert!(
+        common::host_pid(leader, pid(&first)).is_some_and(common::alive),
+        "the server that answered runs under the session's leader {leader}"
+    );
+    assert_eq!(stats["connections"][0]["sandbox"], "enforced");
 
     // Replacing the credentials closes the live session: the next call gets a new process.
     let replaced = alice.connect("demo").await;
@@ -101,8 +106,8 @@ async fn store_list_call_reuse_and_delete() {
     let third = alice.call("demo", "whoami", &json!({})).await;
     assert_eq!(third.status, 200, "{}", third.text());
     assert_ne!(
-        pid(&third),
-        pid(&first),
+        instance(&third),
+        instance(&first),
         "replacement restarted the session"
     );
 

@@ -15,7 +15,7 @@ fn now() -> i64 {
 
 fn pid_of(resp: &http::Resp) -> u64 {
     let inner: Value = serde_json::from_str(&content_text(&resp.json())).unwrap();
-    inner["pid"].as_u64().unwrap()
+    inner["instance"].as_u64().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

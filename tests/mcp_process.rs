@@ -236,7 +236,7 @@ async fn children_die_with_the_process_that_spawned_them() {
         env: BTreeMap::new(),
         cwd: None,
     };
-    let session = McpSession::connect(&launch, Duration::from_secs(30), None)
+    let session = McpSession::connect(&launch, None, Duration::from_secs(30), None)
         .await
         .expect("connect");
     let spawned = session

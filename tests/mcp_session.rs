@@ -29,7 +29,7 @@ fn demo(extra_args: &[&str]) -> ServerLaunch {
 }
 
 async fn connect() -> McpSession {
-    McpSession::connect(&demo(&[]), STARTUP, None)
+    McpSession::connect(&demo(&[]), None, STARTUP, None)
         .await
         .expect("demo server starts")
 }
@@ -157,7 +157,7 @@ async fn whoami_sees_the_credentials_file() {
         "Debug must not print env values"
     );
 
-    let session = McpSession::connect(&launch, STARTUP, None)
+    let session = McpSession::connect(&launch, None, STARTUP, None)
         .await
         .expect("connect");
     let result = session
@@ -318,7 +318,7 @@ async fn tools_list_changed_refreshes_the_cache() {
 async fn close_kills_grandchildren_and_reaps_the_leader() {
     let dir = tempfile::tempdir().expect("tempdir");
     let registry = ProcessRegistry::open(dir.path().join("pgids")).expect("registry");
-    let session = McpSession::connect(&demo(&[]), STARTUP, Some(&registry))
+    let session = McpSession::connect(&demo(&[]), None, STARTUP, Some(&registry))
         .await
         .expect("connect");
     let pid = session.pid();
@@ -381,7 +381,7 @@ async fn slow_start_times_out_and_leaves_no_process() {
         })
     };
     let started = Instant::now();
-    let result = McpSession::connect(&launch, Duration::from_secs(1), None).await;
+    let result = McpSession::connect(&launch, None, Duration::from_secs(1), None).await;
     assert!(
         matches!(result, Err(McpError::StartupTimeout(_))),
         "{result:?}"
@@ -406,6 +406,6 @@ async fn a_missing_binary_is_a_spawn_error() {
         command: "/nonexistent/mcp-server".to_owned(),
         ..ServerLaunch::default()
     };
-    let result = McpSession::connect(&launch, STARTUP, None).await;
+    let result = McpSession::connect(&launch, None, STARTUP, None).await;
     assert!(matches!(result, Err(McpError::Spawn { .. })), "{result:?}");
 }

@@ -129,7 +129,10 @@ async fn a_key_reuses_its_session_and_users_get_their_own() {
     let whoami: Value =
         serde_json::from_str(&text(&first.call_tool("whoami", None).await.unwrap())).unwrap();
     let rendered = whoami.to_string();
-    assert!(rendered.contains("/creds/alice/demo.json"), "{rendered}");
+    assert!(
+        rendered.contains("/creds/alice/demo/credentials.json"),
+        "{rendered}"
+    );
     assert!(rendered.contains("access_token"), "{rendered}");
     assert!(
         !rendered.contains("token-of-alice"),
@@ -504,9 +507,10 @@ async fn close_and_shutdown_leave_no_process_behind() {
 
     let conn = h.pool().get_connection(&pat, &demo).await.unwrap();
     let leader = conn.pid();
-    let grandchild: u32 = text(&conn.call_tool("spawn_grandchild", None).await.unwrap())
+    let inner: u32 = text(&conn.call_tool("spawn_grandchild", None).await.unwrap())
         .parse()
         .unwrap();
+    let grandchild = common::host_pid(leader, inner).expect("grandchild's host pid");
     assert!(alive(grandchild));
     assert!(h.pool().close_connection(&pat, &demo).await.unwrap());
     assert!(
@@ -523,11 +527,10 @@ async fn close_and_shutdown_leave_no_process_behind() {
     for (user, server) in [(&pat, &demo2), (&quinn, &demo)] {
         let conn = h.pool().get_connection(user, server).await.unwrap();
         pids.push(conn.pid());
-        pids.push(
-            text(&conn.call_tool("spawn_grandchild", None).await.unwrap())
-                .parse()
-                .unwrap(),
-        );
+        let inner = text(&conn.call_tool("spawn_grandchild", None).await.unwrap())
+            .parse()
+            .unwrap();
+        pids.push(common::host_pid(conn.pid(), inner).expect("grandchild's host pid"));
     }
     let registry = h._dir.path().join("data/pgids");
     let closed = h.pool().shutdown().await.unwrap();
@@ -555,12 +558,11 @@ async fn a_failed_supervisor_leaks_no_process_and_the_pool_comes_back() {
     let h = Harness::start("", "").await;
     let (rita, demo) = h.connect("rita", "demo").await;
     let conn = h.pool().get_connection(&rita, &demo).await.unwrap();
-    let (leader, grandchild) = (
-        conn.pid(),
-        text(&conn.call_tool("spawn_grandchild", None).await.unwrap())
-            .parse::<u32>()
-            .unwrap(),
-    );
+    let leader = conn.pid();
+    let inner = text(&conn.call_tool("spawn_grandchild", None).await.unwrap())
+        .parse::<u32>()
+        .unwrap();
+    let grandchild = common::host_pid(leader, inner).expect("grandchild's host pid");
     // Kill the supervisor outright: no cleanup code of its own runs.
     h.pool().supervisor_cell().kill();
     assert!(wait_until(LONG, || async { !alive(leader) && !alive(grandchild) }).await);

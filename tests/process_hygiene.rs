@@ -1,6 +1,6 @@
 //! The real `mcp-pool serve` binary and its children: SIGTERM closes every MCP server (and what
-//! they spawned); after a SIGKILL the servers die with it (PR_SET_PDEATHSIG) and the next start
-//! kills whatever they left behind.
+//! they spawned); after a SIGKILL the servers die with it (PR_SET_PDEATHSIG on the session's
+//! leader and init, whose PID namespace takes every other process with it, detached or not).
 
 mod common;
 #[path = "common/http.rs"]
@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{BIN, alive};
+use common::{BIN, alive, host_pid};
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -26,7 +26,7 @@ fn write_config(dir: &Path) -> std::path::PathBuf {
          [database]\nurl = \"sqlite://{d}/db.sqlite\"\n[credentials]\ndir = {creds:?}\n\
          [encryption]\nkey_file = \"{d}/key\"\n\
          [auth]\napi_key_file = \"{d}/api.key\"\nadmin_key_file = \"{d}/admin.key\"\n\
-         [pool]\nclose_grace = \"1s\"\n\
+         [pool]\nclose_grace = \"1s\"\n[sandbox]\nstate_dir = \"{d}/state\"\n\
          [servers.demo]\ncommand = \"{{self}}\"\nargs = [\"demo-server\", \"--test-tools\"]\n\
          credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n",
         d = data.display(),
@@ -78,6 +78,26 @@ impl Service {
         Service { child, addr, log }
     }
 
+    /// The session leader's pid of `user`'s session, from the admin stats.
+    async fn leader_of(&self, user: &str, data: &Path) -> u32 {
+        let admin_key = std::fs::read_to_string(data.join("admin.key")).unwrap();
+        let admin = http::Client {
+            addr: self.addr,
+            headers: vec![(
+                "authorization".into(),
+                format!("Bearer {}", admin_key.trim()),
+            )],
+        };
+        let stats = admin.get("/v1/stats").await.json();
+        stats["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["user_id"] == user)
+            .and_then(|c| c["pid"].as_u64())
+            .expect("the user's session is in the stats") as u32
+    }
+
     fn client(&self, user: &str) -> http::Client {
         http::Client {
             addr: self.addr,
@@ -127,8 +147,9 @@ fn eventually(check: impl Fn() -> bool) -> bool {
     false
 }
 
-/// Opens a session for `user` and has its server spawn a grandchild; returns (leader, grandchild).
-async fn session_with_grandchild(service: &Service, user: &str) -> (u32, u32) {
+/// Opens a session for `user` and has its server spawn a grandchild; returns the host pids of
+/// (leader, server, grandchild).
+async fn session_with_grandchild(service: &Service, user: &str, data: &Path) -> (u32, u32, u32) {
     let client = service.client(user);
     let stored = client
         .put_json("/v1/connections/demo", &json!({ "access_token": "t" }))
@@ -149,10 +170,12 @@ async fn session_with_grandchild(service: &Service, user: &str) -> (u32, u32) {
         }
     };
     let whoami: Value = serde_json::from_str(&call("whoami").await).unwrap();
-    let leader = whoami["pid"].as_u64().unwrap() as u32;
-    let grandchild: u32 = call("spawn_grandchild").await.parse().unwrap();
-    assert!(alive(leader) && alive(grandchild));
-    (leader, grandchild)
+    let leader = service.leader_of(user, data).await;
+    let server = host_pid(leader, whoami["pid"].as_u64().unwrap() as u32).expect("server pid");
+    let inner: u32 = call("spawn_grandchild").await.parse().unwrap();
+    let grandchild = host_pid(leader, inner).expect("grandchild pid");
+    assert!(alive(leader) && alive(server) && alive(grandchild));
+    (leader, server, grandchild)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,8 +184,9 @@ async fn sigterm_closes_every_server_and_grandchild() {
     let mut service = Service::start(&write_config(dir.path()));
     let mut pids = Vec::new();
     for user in ["ann", "ben"] {
-        let (leader, grandchild) = session_with_grandchild(&service, user).await;
-        pids.extend([leader, grandchild]);
+        let (leader, server, grandchild) =
+            session_with_grandchild(&service, user, &dir.path().join("data")).await;
+        pids.extend([leader, server, grandchild]);
     }
     service.signal(nix::sys::signal::Signal::SIGTERM);
     let status = service.wait();
@@ -184,40 +208,40 @@ async fn sigterm_closes_every_server_and_grandchild() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_sigkill_servers_die_and_the_next_start_kills_their_leftovers() {
+async fn after_sigkill_servers_and_what_they_started_die_with_the_service() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path());
     let mut service = Service::start(&config);
-    let (leader, grandchild) = session_with_grandchild(&service, "cid").await;
+    let (leader, server, grandchild) =
+        session_with_grandchild(&service, "cid", &dir.path().join("data")).await;
 
     service.signal(nix::sys::signal::Signal::SIGKILL);
     service.wait();
-    // The server itself dies with the service (PR_SET_PDEATHSIG)...
-    assert!(
-        eventually(|| !alive(leader)),
-        "the MCP server outlived a SIGKILLed service"
-    );
-    // ...but a process it started is beyond that signal's reach; it is still recorded.
-    assert!(
-        alive(grandchild),
-        "expected the grandchild to survive until the next start"
-    );
+    // The leader dies with the service (PR_SET_PDEATHSIG), the namespace's init with it, and
+    // the kernel then kills everything in the namespace: no next start is needed.
+    for (pid, what) in [
+        (leader, "leader"),
+        (server, "server"),
+        (grandchild, "grandchild"),
+    ] {
+        assert!(
+            eventually(|| !alive(pid)),
+            "the {what} outlived a SIGKILLed service"
+        );
+    }
+    // The record of the group is still there; the next start clears it.
     assert_eq!(
         std::fs::read_dir(dir.path().join("data/pgids"))
             .unwrap()
             .count(),
         1
     );
-
     let mut next = Service::start(&config);
-    assert!(
-        eventually(|| !alive(grandchild)),
-        "the next start did not kill the leftover"
-    );
-    assert!(
-        next.logged("left behind by a previous run"),
-        "{:?}",
-        next.log.lock().unwrap()
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("data/pgids"))
+            .unwrap()
+            .count(),
+        0
     );
     next.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(next.wait().success());

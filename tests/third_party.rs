@@ -96,7 +96,10 @@ async fn server_everything_through_the_pool() {
         .expect("get-env returns the environment as JSON");
     let env = env.as_object().expect("an object of variables");
     let file = env["MCP_POOL_CREDENTIALS_FILE"].as_str().unwrap();
-    assert!(file.ends_with("/vera/everything.json"), "{file}");
+    assert!(
+        file.ends_with("/vera/everything/credentials.json"),
+        "{file}"
+    );
     let leaked: Vec<&String> = env
         .keys()
         .filter(|k| k.starts_with("MCP_POOL_") && *k != "MCP_POOL_CREDENTIALS_FILE")
@@ -173,7 +176,7 @@ async fn google_analytics_mcp_through_the_pool() {
         assert!(names.contains(&expected.to_owned()), "{names:?}");
     }
     // The credentials file is Google's authorized_user format with the user's refresh token.
-    let file = dir.path().join("creds/xena/analytics.json");
+    let file = dir.path().join("creds/xena/analytics/credentials.json");
     let json: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     assert_eq!(json["type"], "authorized_user");
     assert_eq!(json["refresh_token"], "1//test-refresh");

@@ -18,6 +18,9 @@ use tracing::Instrument;
 
 use super::credential::{CredentialError, CredentialHandle};
 use super::pool::{PoolError, PoolMsg};
+use crate::mcp::sandbox::{
+    Sandbox, SandboxError, SandboxStatus, ServerPolicy, SessionPaths, resolve_program,
+};
 use crate::mcp::{ExitReason, McpClient, McpError, McpSession, ProcessRegistry, ServerLaunch};
 use crate::store::{ServerName, UserId};
 
@@ -87,6 +90,8 @@ pub struct ConnShared {
     restarts: AtomicU32,
     client: RwLock<Option<McpClient>>,
     call_timeout: Duration,
+    /// How the current (or last) server process is confined.
+    sandbox: RwLock<Option<SandboxStatus>>,
 }
 
 impl ConnShared {
@@ -101,6 +106,7 @@ impl ConnShared {
             restarts: AtomicU32::new(0),
             client: RwLock::new(None),
             call_timeout,
+            sandbox: RwLock::new(None),
         })
     }
 
@@ -179,6 +185,21 @@ impl ConnShared {
             .client
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = client;
+    }
+
+    /// How the session's server is confined; `None` before its first start.
+    pub fn sandbox(&self) -> Option<SandboxStatus> {
+        self.sandbox
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn set_sandbox(&self, status: SandboxStatus) {
+        *self
+            .sandbox
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(status);
     }
 
     pub fn tool_count(&self) -> usize {
@@ -268,7 +289,10 @@ impl Connection {
             .await
             .map_err(|err| match err {
                 McpError::Timeout(after) => PoolError::CallTimeout(after),
-                McpError::Closed => PoolError::ServerCrashed,
+                McpError::Closed => match self.client.memory_limit_hit() {
+                    Some(limit) => PoolError::MemoryLimit(limit),
+                    None => PoolError::ServerCrashed,
+                },
                 other => PoolError::Mcp(Arc::new(other)),
             })
     }
@@ -306,6 +330,10 @@ pub enum ConnectionMsg {
 pub struct ConnectionArgs {
     pub shared: Arc<ConnShared>,
     pub launch: ServerLaunch,
+    pub sandbox: Arc<Sandbox>,
+    pub policy: ServerPolicy,
+    /// Started as a restart after a crash: runs at the backoff CPU weight until ready.
+    pub restarting: bool,
     /// Environment variable through which the server learns its credentials file.
     pub credentials_env: String,
     pub credentials: CredentialHandle,
@@ -342,14 +370,33 @@ pub struct ChildExited {
     reason: ExitReason,
 }
 
-async fn start_session(
-    key: ConnKey,
-    mut launch: ServerLaunch,
+/// What a session start needs besides the key.
+struct SessionStart {
+    launch: ServerLaunch,
+    sandbox: Arc<Sandbox>,
+    policy: ServerPolicy,
+    restarting: bool,
     credentials_env: String,
     credentials: CredentialHandle,
     registry: Option<ProcessRegistry>,
     startup_timeout: Duration,
+}
+
+async fn start_session(
+    key: ConnKey,
+    start: SessionStart,
+    shared: Arc<ConnShared>,
 ) -> Result<McpSession, PoolError> {
+    let SessionStart {
+        mut launch,
+        sandbox,
+        policy,
+        restarting,
+        credentials_env,
+        credentials,
+        registry,
+        startup_timeout,
+    } = start;
     // Refreshes OAuth tokens about to expire, then writes the file the server reads.
     let path = credentials
         .prepare_session(&key.user, &key.server)
@@ -364,12 +411,51 @@ async fn start_session(
         key.server,
         key.user
     );
+    let start_failed = |err: McpError| PoolError::StartFailed(Arc::new(err));
+    let program = resolve_program(&launch.command, launch.env.get("PATH").map(String::as_str))
+        .ok_or_else(|| {
+            start_failed(McpError::Spawn {
+                command: launch.command.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "program not found or not executable",
+                ),
+            })
+        })?;
+    let credentials_dir = path.parent().unwrap_or(&path).to_owned();
+    let confinement = sandbox
+        .prepare(
+            &policy,
+            SessionPaths {
+                user: key.user.as_str(),
+                server: key.server.as_str(),
+                program: &program,
+                args: &launch.args,
+                credentials_dir: &credentials_dir,
+            },
+            restarting,
+        )
+        .map_err(|err| match err {
+            SandboxError::Unavailable(missing) => PoolError::SandboxUnavailable(missing),
+            other => start_failed(McpError::Sandbox(other)),
+        })?;
+    let state_dir = confinement.state_dir.to_string_lossy().into_owned();
+    launch.command = program.to_string_lossy().into_owned();
+    launch.cwd = Some(confinement.state_dir.clone());
+    launch.env.insert("HOME".to_owned(), state_dir.clone());
+    launch.env.insert("TMPDIR".to_owned(), state_dir);
     launch
         .env
         .insert(credentials_env, path.to_string_lossy().into_owned());
-    McpSession::connect(&launch, startup_timeout, registry.as_ref())
-        .await
-        .map_err(|err| PoolError::StartFailed(Arc::new(err)))
+    shared.set_sandbox(confinement.status.clone());
+    McpSession::connect(
+        &launch,
+        Some(confinement),
+        startup_timeout,
+        registry.as_ref(),
+    )
+    .await
+    .map_err(start_failed)
 }
 
 impl Actor for ConnectionActor {
@@ -387,11 +473,17 @@ impl Actor for ConnectionActor {
         let span = tracing::info_span!("connection", user_id = %key.user, server = %key.server);
         let startup = start_session(
             key,
-            args.launch,
-            args.credentials_env,
-            args.credentials,
-            args.registry,
-            args.startup_timeout,
+            SessionStart {
+                launch: args.launch,
+                sandbox: args.sandbox,
+                policy: args.policy,
+                restarting: args.restarting,
+                credentials_env: args.credentials_env,
+                credentials: args.credentials,
+                registry: args.registry,
+                startup_timeout: args.startup_timeout,
+            },
+            args.shared.clone(),
         );
         tokio::spawn(
             async move {

@@ -111,6 +111,9 @@ pub enum CredentialMsg {
         add_new_version: bool,
         reply: Reply<(u32, u64)>,
     },
+    /// Remove credential files that have no active row (left by a crash between file and
+    /// row, or by an older layout); returns how many. Run at start-up and with each cleanup.
+    SweepOrphanFiles { reply: Reply<usize> },
     /// Periodic cleanup, sent by the actor to itself.
     CleanupTick,
 }
@@ -259,6 +262,9 @@ impl Actor for CredentialActor {
                     .map_err(Into::into);
                 let _ = reply.send(result);
             }
+            CredentialMsg::SweepOrphanFiles { reply } => {
+                let _ = reply.send(state.sweep_orphan_files().await);
+            }
             CredentialMsg::CleanupTick => {
                 if let Some(after) = state.cleanup_after {
                     match state.cleanup(after).await {
@@ -349,15 +355,18 @@ impl CredentialState {
         user: &UserId,
         server: &ServerName,
     ) -> Result<bool, CredentialError> {
-        let found = self.store.deactivate(user, server).await?;
+        // File first: a crash in between leaves an active row whose file the next session
+        // start rewrites, never a plaintext file without a row.
         self.remove_file(user, server)?;
+        let found = self.store.deactivate(user, server).await?;
         tracing::info!(found, "Deactivated credentials");
         Ok(found)
     }
 
     async fn delete(&self, user: &UserId, server: &ServerName) -> Result<u64, CredentialError> {
-        let rows = self.store.delete(user, server).await?;
+        // File first, for the same reason as in `deactivate`.
         self.remove_file(user, server)?;
+        let rows = self.store.delete(user, server).await?;
         tracing::info!(rows, "Deleted credentials");
         Ok(rows)
     }
@@ -375,7 +384,29 @@ impl CredentialState {
                 self.remove_file(user, server)?;
             }
         }
+        let orphans = self.sweep_orphan_files().await?;
+        if orphans > 0 {
+            tracing::warn!(
+                count = orphans,
+                "Removed credential files without an active row"
+            );
+        }
         Ok(removed.len())
+    }
+
+    async fn sweep_orphan_files(&self) -> Result<usize, CredentialError> {
+        let io_error = |cause| CredentialError::File {
+            path: self.files.root().to_owned(),
+            cause,
+        };
+        let mut removed = self.files.remove_legacy_files().map_err(io_error)?;
+        for (user, server) in self.files.list().map_err(io_error)? {
+            if self.store.get(&user, &server).await?.is_none() {
+                self.remove_file(&user, &server)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     async fn prepare_file(
@@ -578,6 +609,12 @@ impl CredentialHandle {
             reply,
         })
         .await
+    }
+
+    /// Removes credential files that have no active row; returns how many.
+    pub async fn sweep_orphan_files(&self) -> Result<usize, CredentialError> {
+        self.ask(|reply| CredentialMsg::SweepOrphanFiles { reply })
+            .await
     }
 
     pub async fn rotate_key(&self, add_new_version: bool) -> Result<(u32, u64), CredentialError> {

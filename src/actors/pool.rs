@@ -20,8 +20,8 @@ use super::connection::{
     ConnectionMsg, StartFailure,
 };
 use super::credential::{CredentialError, CredentialHandle};
-use crate::config::{Config, PoolConfig, ServerConfig};
-use crate::mcp::{McpError, ProcessRegistry, ServerLaunch};
+use crate::config::{Config, PoolConfig, SandboxConfig, ServerConfig};
+use crate::mcp::{McpError, ProcessRegistry, Sandbox, ServerLaunch, base_environment};
 use crate::store::{ServerName, UserId};
 
 /// Why the pool could not serve a request. Cheap to clone: one failed start answers every
@@ -42,6 +42,15 @@ pub enum PoolError {
     StartFailed(Arc<McpError>),
     #[error("MCP server exited during the call; it may or may not have run, and is not retried")]
     ServerCrashed,
+    /// The kernel killed the server at its memory limit (`sandbox.memory_max`) during the call.
+    #[error(
+        "MCP server was killed for exceeding its memory limit of {} MiB during the call; it restarts on the next request",
+        .0 / (1024 * 1024)
+    )]
+    MemoryLimit(u64),
+    /// The server must run confined (`sandbox.mode = "enforce"`) and this host cannot.
+    #[error("MCP server refused to start: {0}")]
+    SandboxUnavailable(String),
     #[error("tool call timed out after {0:?}; the request was cancelled")]
     CallTimeout(Duration),
     #[error("unknown tool `{0}`")]
@@ -68,6 +77,8 @@ impl PoolError {
             PoolError::CircuitOpen { .. } => "circuit_open",
             PoolError::StartFailed(_) => "server_start_failed",
             PoolError::ServerCrashed => "server_crashed",
+            PoolError::MemoryLimit(_) => "server_memory_limit",
+            PoolError::SandboxUnavailable(_) => "sandbox_unavailable",
             PoolError::CallTimeout(_) => "call_timeout",
             PoolError::UnknownTool(_) => "unknown_tool",
             PoolError::Mcp(_) => "server_error",
@@ -90,6 +101,8 @@ pub struct ConnectionStats {
     pub started_at: Option<DateTime<Utc>>,
     pub last_used: Option<DateTime<Utc>>,
     pub in_flight: usize,
+    /// `enforced`, `partial (missing: …)` or `off`; `None` before the first start.
+    pub sandbox: Option<String>,
 }
 
 /// Pool statistics, as the design names them.
@@ -219,6 +232,10 @@ pub struct PoolArgs {
     pub servers: Arc<std::collections::BTreeMap<String, ServerConfig>>,
     pub credentials: CredentialHandle,
     pub registry: Option<ProcessRegistry>,
+    /// Confines every server this pool starts.
+    pub sandbox: Arc<Sandbox>,
+    /// `[sandbox]`: the defaults each server's policy starts from.
+    pub sandbox_defaults: SandboxConfig,
 }
 
 impl PoolArgs {
@@ -226,6 +243,7 @@ impl PoolArgs {
         config: &Config,
         credentials: CredentialHandle,
         registry: Option<ProcessRegistry>,
+        sandbox: Arc<Sandbox>,
     ) -> PoolArgs {
         PoolArgs {
             pool: config.pool.clone(),
@@ -233,6 +251,8 @@ impl PoolArgs {
             servers: Arc::new(config.servers.clone()),
             credentials,
             registry,
+            sandbox,
+            sandbox_defaults: config.sandbox.clone(),
         }
     }
 }
@@ -511,11 +531,13 @@ impl PoolState {
         let Some(server) = self.server_config(&key.server).cloned() else {
             return;
         };
+        let mut env = base_environment(&server.env_passthrough);
+        env.extend(server.env.clone());
         let launch = match server.resolved_command() {
             Ok(command) => ServerLaunch {
                 command: command.to_string_lossy().into_owned(),
                 args: server.args.clone(),
-                env: server.env.clone(),
+                env,
                 cwd: None,
             },
             Err(err) => {
@@ -532,12 +554,16 @@ impl PoolState {
         let Some(entry) = self.entries.get_mut(key) else {
             return;
         };
-        if entry.shared.state() != ConnState::Restarting {
+        let restarting = entry.shared.state() == ConnState::Restarting;
+        if !restarting {
             entry.shared.set_state(ConnState::Starting);
         }
         let args = ConnectionArgs {
             shared: entry.shared.clone(),
             launch,
+            sandbox: self.args.sandbox.clone(),
+            policy: server.sandbox_policy(&self.args.sandbox_defaults),
+            restarting,
             credentials_env: server.credentials_env.clone(),
             credentials: self.args.credentials.clone(),
             registry: self.args.registry.clone(),
@@ -819,6 +845,7 @@ impl PoolState {
                 started_at: entry.shared.started_at(),
                 last_used: entry.shared.last_used(),
                 in_flight: entry.shared.in_flight(),
+                sandbox: entry.shared.sandbox().map(|status| status.to_string()),
             })
             .collect();
         connections.sort_by(|a, b| (&a.user_id, &a.server).cmp(&(&b.user_id, &b.server)));

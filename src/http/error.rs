@@ -171,6 +171,7 @@ fn secs(after: Duration) -> u64 {
 impl From<PoolError> for ApiError {
     fn from(err: PoolError) -> ApiError {
         let code = err.code();
+        let err_text = err.to_string();
         match err {
             PoolError::UnknownServer(server) => {
                 ApiError::not_found(code, format!("unknown server `{server}`"))
@@ -206,6 +207,14 @@ impl From<PoolError> for ApiError {
                 "the MCP server exited during the call; the tool may or may not have run",
             )
             .with_retry_safe(false),
+            PoolError::MemoryLimit(_) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, code, err_text).with_retry_safe(false)
+            }
+            // The message names what the host lacks: the operator's to fix, no secret in it.
+            PoolError::SandboxUnavailable(_) => {
+                tracing::error!(cause = %err_text, "MCP server refused to start unconfined");
+                ApiError::new(StatusCode::BAD_GATEWAY, code, err_text).with_retry_safe(true)
+            }
             PoolError::CallTimeout(after) => ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 code,
@@ -272,6 +281,7 @@ fn mcp_error(err: &McpError) -> ApiError {
         | McpError::StartupTimeout(_)
         | McpError::Handshake(_)
         | McpError::Registry { .. }
+        | McpError::Sandbox(_)
         | McpError::DemoServer(_) => {
             tracing::warn!(cause = %err, "MCP server failed to start");
             ApiError::new(

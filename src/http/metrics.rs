@@ -45,6 +45,12 @@ struct StateLabel {
     state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SandboxLabel {
+    /// `enforced`, `partial` or `off`.
+    sandbox: String,
+}
+
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~65 s: a warm echo is sub-millisecond, a call may take the whole call timeout.
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
@@ -58,6 +64,7 @@ pub struct Metrics {
     errors: Family<CodeLabel, Counter>,
     chat_requests: Counter,
     connections: Family<StateLabel, Gauge>,
+    sandboxes: Family<SandboxLabel, Gauge>,
     spawns: Gauge,
     restarts: Gauge,
     reaped: Gauge,
@@ -108,6 +115,13 @@ impl Metrics {
         );
         let connections = Family::<StateLabel, Gauge>::default();
         registry.register("connections", "MCP sessions by state", connections.clone());
+        let sandboxes = Family::<SandboxLabel, Gauge>::default();
+        registry.register(
+            "sessions_by_sandbox",
+            "Live MCP sessions by confinement: enforced, partial (best_effort on a host that \
+             lacks something) or off",
+            sandboxes.clone(),
+        );
         // The pool's own counters are read at scrape time; exported as gauges because they
         // restart from zero when the pool supervisor is replaced.
         let spawns = Gauge::default();
@@ -141,6 +155,7 @@ impl Metrics {
             errors,
             chat_requests,
             connections,
+            sandboxes,
             spawns,
             restarts,
             reaped,
@@ -200,6 +215,24 @@ impl Metrics {
                 self.connections
                     .get_or_create(&StateLabel {
                         state: state_name(state).to_owned(),
+                    })
+                    .set(count as i64);
+            }
+            for label in ["enforced", "partial", "off"] {
+                let count = stats
+                    .connections
+                    .iter()
+                    .filter(|c| c.pid.is_some())
+                    .filter(|c| {
+                        c.sandbox
+                            .as_deref()
+                            .and_then(|s| s.split_whitespace().next())
+                            == Some(label)
+                    })
+                    .count();
+                self.sandboxes
+                    .get_or_create(&SandboxLabel {
+                        sandbox: label.to_owned(),
                     })
                     .set(count as i64);
             }

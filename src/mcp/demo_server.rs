@@ -171,6 +171,7 @@ impl DemoServer {
                     empty_schema(),
                 ),
             ]);
+            tools.extend(probe_tools());
         }
         tools.extend(self.extra_tools().into_iter().map(|name| {
             tool(
@@ -246,7 +247,7 @@ impl DemoServer {
             args: vec!["3600".to_owned()],
             ..ServerLaunch::default()
         };
-        let spawned = spawn_server(&launch)
+        let spawned = spawn_server(&launch, None)
             .await
             .map_err(|err| ErrorData::internal_error(err.to_string(), None))?;
         let pid = spawned.pgid;
@@ -321,12 +322,225 @@ impl ServerHandler for DemoServer {
                 })
                 .to_string(),
             ),
+            probe if PROBE_TOOLS.contains(&probe) => probe_result(run_probe(probe, &args)),
             other if self.extra_tools().iter().any(|n| n == other) => {
                 text(string_arg(&args, "message")?)
             }
             other => return Err(unknown_tool(other)),
         };
         Ok(result.into())
+    }
+}
+
+// === hostile probes ===
+//
+// What a malicious or prompt-injected server would try, so the tests can show that the sandbox
+// denies it. Each answers `{"ok": true, ...}` or `{"ok": false, "error": ..., "errno": ...}`.
+
+const PROBE_TOOLS: &[&str] = &[
+    "read_file",
+    "write_file",
+    "list_dir",
+    "symlink",
+    "signal",
+    "env",
+    "spawn_detached",
+    "alloc",
+    "fork_many",
+    "privileges",
+];
+
+fn probe_tools() -> Vec<Tool> {
+    let object = |properties: Value, required: &[&str]| json!({ "type": "object", "properties": properties, "required": required });
+    let path = json!({ "path": { "type": "string" } });
+    vec![
+        tool(
+            "read_file",
+            "Reads `path`; returns its size.",
+            object(path.clone(), &["path"]),
+        ),
+        tool(
+            "write_file",
+            "Writes `content` to `path`.",
+            object(
+                json!({ "path": { "type": "string" }, "content": { "type": "string" } }),
+                &["path", "content"],
+            ),
+        ),
+        tool(
+            "list_dir",
+            "Lists the names in `path`.",
+            object(path, &["path"]),
+        ),
+        tool(
+            "symlink",
+            "Creates a symlink `link` pointing at `target`.",
+            object(
+                json!({ "target": { "type": "string" }, "link": { "type": "string" } }),
+                &["target", "link"],
+            ),
+        ),
+        tool(
+            "signal",
+            "Sends `signal` (a number; 0 probes) to `pid`.",
+            object(
+                json!({ "pid": { "type": "integer" }, "signal": { "type": "integer" } }),
+                &["pid", "signal"],
+            ),
+        ),
+        tool(
+            "env",
+            "Names of this server's environment variables.",
+            empty_schema(),
+        ),
+        tool(
+            "privileges",
+            "This process's capability sets and no_new_privs flag (from /proc/self/status).",
+            empty_schema(),
+        ),
+        tool(
+            "spawn_detached",
+            "Starts a process in a new session (setsid) that sleeps an hour, with `marker` as \
+             its argv[0].",
+            object(json!({ "marker": { "type": "string" } }), &["marker"]),
+        ),
+        tool(
+            "alloc",
+            "Allocates and touches `mib` MiB, and keeps it.",
+            object(
+                json!({ "mib": { "type": "integer", "minimum": 1 } }),
+                &["mib"],
+            ),
+        ),
+        tool(
+            "fork_many",
+            "Starts up to `count` sleeping processes; returns how many started, then ends them.",
+            object(
+                json!({ "count": { "type": "integer", "minimum": 1 } }),
+                &["count"],
+            ),
+        ),
+    ]
+}
+
+/// Memory `alloc` keeps, so that it counts against the session until the server dies.
+static HELD: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+fn run_probe(name: &str, args: &JsonObject) -> Result<Value, ErrorData> {
+    let str_arg = |key: &str| string_arg(args, key);
+    let int_arg = |key: &str| {
+        args.get(key)
+            .and_then(Value::as_i64)
+            .ok_or_else(|| invalid(&format!("`{key}` must be an integer")))
+    };
+    let outcome = |result: std::io::Result<Value>| match result {
+        Ok(value) => json!({ "ok": true, "value": value }),
+        Err(err) => json!({ "ok": false, "error": err.to_string(), "errno": err.raw_os_error() }),
+    };
+    Ok(match name {
+        "read_file" => outcome(std::fs::read(str_arg("path")?).map(|bytes| json!(bytes.len()))),
+        "write_file" => {
+            outcome(std::fs::write(str_arg("path")?, str_arg("content")?).map(|()| Value::Null))
+        }
+        "list_dir" => outcome(std::fs::read_dir(str_arg("path")?).map(|entries| {
+            let names: Vec<String> = entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            json!(names)
+        })),
+        "symlink" => outcome(
+            std::os::unix::fs::symlink(str_arg("target")?, str_arg("link")?).map(|()| Value::Null),
+        ),
+        "signal" => {
+            let pid = i32::try_from(int_arg("pid")?).map_err(|_| invalid("bad pid"))?;
+            let signal = int_arg("signal")?;
+            let signal = match signal {
+                0 => None,
+                n => Some(
+                    nix::sys::signal::Signal::try_from(n as i32)
+                        .map_err(|_| invalid("unknown signal"))?,
+                ),
+            };
+            outcome(
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+                    .map(|()| Value::Null)
+                    .map_err(std::io::Error::from),
+            )
+        }
+        "env" => {
+            let mut names: Vec<String> = std::env::vars_os()
+                .map(|(name, _)| name.to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            json!({ "ok": true, "value": names })
+        }
+        "privileges" => outcome(std::fs::read_to_string("/proc/self/status").map(|status| {
+            let fields: serde_json::Map<String, Value> = status
+                .lines()
+                .filter(|line| line.starts_with("Cap") || line.starts_with("NoNewPrivs"))
+                .filter_map(|line| line.split_once(':'))
+                .map(|(key, value)| (key.to_owned(), json!(value.trim())))
+                .collect();
+            Value::Object(fields)
+        })),
+        "spawn_detached" => outcome(
+            std::process::Command::new("setsid")
+                .args(["-f", "sh", "-c", "sleep 3600", &str_arg("marker")?])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .and_then(|status| {
+                    status
+                        .success()
+                        .then_some(Value::Null)
+                        .ok_or_else(|| std::io::Error::other(format!("setsid: {status}")))
+                }),
+        ),
+        "alloc" => {
+            let mib = usize::try_from(int_arg("mib")?).map_err(|_| invalid("bad size"))?;
+            // Touch every page, or the kernel never charges it to the cgroup.
+            let block = vec![1u8; mib * 1024 * 1024];
+            HELD.lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .push(block);
+            json!({ "ok": true, "value": mib })
+        }
+        "fork_many" => {
+            let count = usize::try_from(int_arg("count")?).map_err(|_| invalid("bad count"))?;
+            let mut children = Vec::new();
+            let mut error = None;
+            for _ in 0..count {
+                match std::process::Command::new("sleep")
+                    .arg("60")
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                {
+                    Ok(child) => children.push(child),
+                    Err(err) => {
+                        error = Some(err.to_string());
+                        break;
+                    }
+                }
+            }
+            let started = children.len();
+            for mut child in children {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            json!({ "ok": error.is_none(), "value": started, "error": error })
+        }
+        other => return Err(unknown_tool(other)),
+    })
+}
+
+fn probe_result(value: Result<Value, ErrorData>) -> CallToolResult {
+    match value {
+        Ok(value) => text(value.to_string()),
+        Err(err) => CallToolResult::error(vec![ContentBlock::text(err.message.to_string())]),
     }
 }
 
@@ -379,9 +593,21 @@ fn number_arg(args: &JsonObject, key: &str) -> Result<f64, ErrorData> {
 
 /// What `whoami` reports: never a value from the environment or the credentials file other
 /// than paths and key names.
+/// Names this server process uniquely: inside a PID namespace every server is pid 2, so the
+/// pid alone cannot tell a restarted server from the old one.
+fn instance_id() -> u64 {
+    static ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        let mut bytes = [0u8; 8];
+        let _ = getrandom::fill(&mut bytes);
+        u64::from_ne_bytes(bytes) >> 12
+    })
+}
+
 fn whoami() -> Value {
     json!({
         "pid": std::process::id(),
+        "instance": instance_id(),
         "user": std::env::var(USER_ID_ENV).ok(),
         "credentials_file": describe_credentials(CREDENTIALS_FILE_ENV),
         "google_application_credentials": describe_credentials(GOOGLE_CREDENTIALS_ENV),

@@ -43,6 +43,9 @@ pub enum McpError {
         #[source]
         source: std::io::Error,
     },
+    /// The session's confinement could not be prepared or is unavailable.
+    #[error(transparent)]
+    Sandbox(#[from] super::sandbox::SandboxError),
     /// The demo server failed to start or stopped abnormally.
     #[error("demo server: {0}")]
     DemoServer(String),

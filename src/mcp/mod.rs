@@ -7,6 +7,8 @@
 //! - [`session`]: one rmcp client session ([`McpSession`]) on such a child: start-up under a
 //!   timeout, a cached tool list refreshed on `notifications/tools/list_changed`, tool calls
 //!   with per-call timeouts, an "ended" signal, and an explicit [`McpSession::close`].
+//! - [`sandbox`]: confinement of each server to its own user: Landlock, a PID namespace
+//!   behind a minimal init, no capabilities, and a cgroup with memory, process and CPU limits.
 //! - [`demo_server`]: the MCP server bundled in this binary (`mcp-pool demo-server`), used by
 //!   the tests and as a smoke target.
 //! - [`error`]: [`McpError`], the one error type of this module.
@@ -18,9 +20,13 @@
 pub mod demo_server;
 pub mod error;
 pub mod process;
+pub mod sandbox;
 pub mod session;
 
 pub use demo_server::DemoServerOptions;
 pub use error::McpError;
-pub use process::{ProcessRegistry, ServerLaunch, process_start_time, terminate_group};
+pub use process::{
+    ProcessRegistry, ServerLaunch, base_environment, process_start_time, terminate_group,
+};
+pub use sandbox::{Sandbox, SandboxMode, SandboxStatus};
 pub use session::{ExitReason, McpClient, McpSession};

@@ -30,6 +30,7 @@ use tokio::{process::ChildStderr, sync::oneshot};
 use tracing::{debug, warn};
 
 use super::McpError;
+use super::sandbox::{ChildPlan, confine_child};
 
 /// How often [`terminate_group`] looks whether the group is gone.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
@@ -38,20 +39,32 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// launch sets one explicitly.
 pub const SERVICE_ENV_PREFIX: &str = "MCP_POOL_";
 
+/// What a server inherits of the service's environment: where programs are, and the locale and
+/// time zone, plus the variables its config names in `env_passthrough` (never `MCP_POOL_*`).
+pub fn base_environment(passthrough: &[String]) -> BTreeMap<String, String> {
+    std::env::vars()
+        .filter(|(name, _)| {
+            matches!(name.as_str(), "PATH" | "LANG" | "LANGUAGE" | "TZ")
+                || name.starts_with("LC_")
+                || passthrough.iter().any(|wanted| wanted == name)
+        })
+        .filter(|(name, _)| !name.starts_with(SERVICE_ENV_PREFIX))
+        .collect()
+}
+
 // === ServerLaunch ===
 
 /// How to start one MCP server over stdio.
 ///
-/// The child inherits the service's environment minus every `MCP_POOL_*` variable (the
-/// service's own secrets: database URL, encryption keys, API keys, OAuth client secrets), with
-/// `env` applied on top.
+/// The child starts from an empty environment: `env` is all it gets (see [`base_environment`]
+/// for what a server normally inherits).
 #[derive(Clone, Default)]
 pub struct ServerLaunch {
     /// The program to run, looked up in `PATH` when it has no slash.
     pub command: String,
     /// Its arguments.
     pub args: Vec<String>,
-    /// Extra environment variables; values may be tokens, so `Debug` prints only the keys.
+    /// The whole environment; values may be tokens, so `Debug` prints only the keys.
     pub env: BTreeMap<String, String>,
     /// Working directory; the service's own when `None`.
     pub cwd: Option<PathBuf>,
@@ -92,6 +105,8 @@ pub(crate) struct SpawnedServer {
 /// One spawn request for the spawner thread.
 struct SpawnRequest {
     launch: ServerLaunch,
+    /// The confinement the child applies to itself before exec.
+    plan: Option<ChildPlan>,
     /// tokio registers the child's pipes and SIGCHLD handling with the runtime that is current
     /// during the spawn, so the spawner enters the caller's runtime for each request.
     runtime: tokio::runtime::Handle,
@@ -119,7 +134,7 @@ fn spawner() -> io::Result<mpsc::Sender<SpawnRequest>> {
                 // A panic here would end this thread and, through the death signal, every
                 // server it ever started; process-wrap has `expect`s on its spawn path.
                 let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    spawn_here(&request.launch, parent)
+                    spawn_here(&request.launch, request.plan, parent)
                 }))
                 .unwrap_or_else(|_| Err(io::Error::other("panic while spawning")));
                 // The caller may have given up (its future was dropped); dropping the result
@@ -131,8 +146,12 @@ fn spawner() -> io::Result<mpsc::Sender<SpawnRequest>> {
     Ok(sender)
 }
 
-/// Spawns `launch` as the leader of a new process group, from the spawner thread.
-pub(crate) async fn spawn_server(launch: &ServerLaunch) -> Result<SpawnedServer, McpError> {
+/// Spawns `launch` as the leader of a new process group, from the spawner thread, confined by
+/// `plan` when there is one.
+pub(crate) async fn spawn_server(
+    launch: &ServerLaunch,
+    plan: Option<ChildPlan>,
+) -> Result<SpawnedServer, McpError> {
     let spawn_error = |source| McpError::Spawn {
         command: launch.command.clone(),
         source,
@@ -146,6 +165,7 @@ pub(crate) async fn spawn_server(launch: &ServerLaunch) -> Result<SpawnedServer,
             sender
                 .send(SpawnRequest {
                     launch: launch.clone(),
+                    plan,
                     runtime,
                     reply,
                 })
@@ -160,18 +180,17 @@ pub(crate) async fn spawn_server(launch: &ServerLaunch) -> Result<SpawnedServer,
 }
 
 /// Runs on the spawner thread: builds the command and forks.
-fn spawn_here(launch: &ServerLaunch, parent: Pid) -> io::Result<SpawnedServer> {
+fn spawn_here(
+    launch: &ServerLaunch,
+    plan: Option<ChildPlan>,
+    parent: Pid,
+) -> io::Result<SpawnedServer> {
     let mut command = tokio::process::Command::new(&launch.command);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with(SERVICE_ENV_PREFIX) {
-            command.env_remove(name);
-        }
-    }
-    command.args(&launch.args).envs(&launch.env);
+    command.env_clear().args(&launch.args).envs(&launch.env);
     if let Some(cwd) = &launch.cwd {
         command.current_dir(cwd);
     }
-    die_with_parent(&mut command, parent);
+    prepare_child(&mut command, parent, plan);
     let mut wrap = CommandWrap::from(command);
     wrap.wrap(ProcessGroup::leader());
     let (transport, stderr) = TokioChildProcess::builder(wrap)
@@ -188,15 +207,16 @@ fn spawn_here(launch: &ServerLaunch, parent: Pid) -> io::Result<SpawnedServer> {
     })
 }
 
-/// Makes the child get SIGKILL when the spawner thread (that is, the service) dies.
+/// Makes the child get SIGKILL when the spawner thread (that is, the service) dies, then
+/// confines it with `plan` (see `sandbox::child`).
 ///
-/// This is the only unsafe code in the crate. `pre_exec` is unsafe because the closure runs in
-/// the forked child, where only async-signal-safe calls are allowed: `prctl`, `getppid` and
-/// `_exit` are, and the closure neither allocates nor takes locks (turning an `Errno` into an
-/// `io::Error` stores the raw code only).
+/// `pre_exec` is unsafe because the closure runs in the forked child, where only
+/// async-signal-safe calls are allowed: `prctl`, `getppid` and `_exit` are, the confinement is
+/// written for it, and the closure neither allocates nor takes locks (turning an `Errno` into
+/// an `io::Error` stores the raw code only).
 #[allow(unsafe_code)]
-fn die_with_parent(command: &mut tokio::process::Command, parent: Pid) {
-    // SAFETY: see above; `parent` is a plain integer copied into the closure.
+fn prepare_child(command: &mut tokio::process::Command, parent: Pid, plan: Option<ChildPlan>) {
+    // SAFETY: see above; `parent` is a plain integer and `plan` was built before the fork.
     unsafe {
         command.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
@@ -205,7 +225,11 @@ fn die_with_parent(command: &mut tokio::process::Command, parent: Pid) {
             if nix::unistd::getppid() != parent {
                 nix::libc::_exit(1);
             }
-            Ok(())
+            match &plan {
+                // Between fork and exec, as `confine_child` requires.
+                Some(plan) => confine_child(plan),
+                None => Ok(()),
+            }
         });
     }
 }

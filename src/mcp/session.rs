@@ -24,6 +24,7 @@ use super::{
     process::{
         as_pgid, kill_group_now, spawn_server, terminate_group, wait_group_gone, wait_reaped,
     },
+    sandbox::{Confinement, SandboxStatus, SessionCgroup},
 };
 
 /// How long a `tools/list` refresh after `notifications/tools/list_changed` may take.
@@ -126,12 +127,21 @@ pub struct McpClient {
     peer: Peer<RoleClient>,
     /// Tool list from the last `tools/list`.
     cache: Arc<ToolCache>,
+    /// The session's cgroup, to tell an OOM kill at the memory limit from a crash.
+    cgroup: Option<Arc<SessionCgroup>>,
 }
 
 impl McpClient {
     /// The leader's pid, which is also the process group id.
     pub fn pid(&self) -> u32 {
         self.pgid
+    }
+
+    /// `Some(limit in bytes)` when the kernel killed a process of this session at its memory
+    /// limit: the reason a call failed, if its transport closed.
+    pub fn memory_limit_hit(&self) -> Option<u64> {
+        let cgroup = self.cgroup.as_ref()?;
+        (cgroup.oom_kills() > 0).then(|| cgroup.memory_max.unwrap_or(0))
     }
 
     /// A handle for arbitrary requests; clones share the session.
@@ -192,6 +202,8 @@ pub struct McpSession {
     registry: Option<ProcessRegistry>,
     /// Set by `close`, so that `Drop` knows there is nothing left to do.
     closed: bool,
+    /// How the server is confined.
+    sandbox: SandboxStatus,
 }
 
 impl std::fmt::Debug for McpSession {
@@ -207,13 +219,27 @@ impl std::fmt::Debug for McpSession {
 impl McpSession {
     /// Starts the server, runs the `initialize` handshake and lists its tools, all within
     /// `startup_timeout`; on any failure the whole process group is killed and reaped.
+    ///
+    /// With a `confinement` the server runs inside it (see [`super::sandbox`]); its cgroup is
+    /// removed when the session ends.
     pub async fn connect(
         launch: &ServerLaunch,
+        confinement: Option<Confinement>,
         startup_timeout: Duration,
         registry: Option<&ProcessRegistry>,
     ) -> Result<McpSession, McpError> {
         let deadline = tokio::time::Instant::now() + startup_timeout;
-        let spawned = spawn_server(launch).await?;
+        let (plan, cgroup, sandbox, ready_cpu_weight) = match confinement {
+            Some(c) => (c.plan, c.cgroup, c.status, c.ready_cpu_weight),
+            None => (None, None, SandboxStatus::Off, None),
+        };
+        let spawned = match spawn_server(launch, plan).await {
+            Ok(spawned) => spawned,
+            Err(err) => {
+                remove_cgroup(cgroup).await;
+                return Err(err);
+            }
+        };
         let pgid = spawned.pgid;
         let start_time = spawned.start_time;
         debug!(pgid, command = %launch.command, "spawned MCP server");
@@ -237,12 +263,14 @@ impl McpSession {
                 Ok(Ok(running)) => running,
                 Ok(Err(err)) => {
                     fail_start(pgid, start_time, registry).await;
+                    remove_cgroup(cgroup).await;
                     return Err(McpError::Handshake(Box::new(err)));
                 }
                 Err(_) => {
                     // Dropping the `serve` future dropped the transport, whose cleanup task
                     // kills and reaps the leader; `fail_start` takes care of the rest.
                     fail_start(pgid, start_time, registry).await;
+                    remove_cgroup(cgroup).await;
                     return Err(McpError::StartupTimeout(startup_timeout));
                 }
             };
@@ -255,12 +283,17 @@ impl McpSession {
             // Awaiting the service task lets rmcp reap the leader it owns.
             let _ = tokio::time::timeout(FAILED_START_REAP, running.cancel()).await;
             fail_start(pgid, start_time, registry).await;
+            remove_cgroup(cgroup).await;
             return Err(err);
+        }
+        if let (Some(cgroup), Some(weight)) = (&cgroup, ready_cpu_weight) {
+            cgroup.set_cpu_weight(weight);
         }
 
         let peer = running.peer().clone();
         let cancel = running.cancellation_token();
         let (ended_tx, ended) = watch::channel(None);
+        let session_cgroup = cgroup.clone();
         tokio::spawn(async move {
             let reason = match running.waiting().await {
                 Ok(QuitReason::Cancelled) => ExitReason::Cancelled,
@@ -274,21 +307,34 @@ impl McpSession {
                 info!(pgid, ?reason, "MCP session ended");
             }
             let _ = ended_tx.send(Some(reason));
+            // Once the leader is reaped, nothing of the session may remain in its cgroup.
+            remove_cgroup(session_cgroup).await;
         });
 
         Ok(McpSession {
             pgid,
-            client: McpClient { pgid, peer, cache },
+            client: McpClient {
+                pgid,
+                peer,
+                cache,
+                cgroup,
+            },
             cancel: Some(cancel),
             ended,
             registry: registry.cloned(),
             closed: false,
+            sandbox,
         })
     }
 
     /// The leader's pid, which is also the process group id.
     pub fn pid(&self) -> u32 {
         self.pgid
+    }
+
+    /// How the server is confined.
+    pub fn sandbox(&self) -> &SandboxStatus {
+        &self.sandbox
     }
 
     /// The calling side, to hand out to callers.
@@ -413,6 +459,14 @@ async fn fail_start(pgid: u32, start_time: Option<u64>, registry: Option<&Proces
         && let Err(err) = registry.unregister(pgid)
     {
         warn!(pgid, cause = %err, "cannot remove the process group record");
+    }
+}
+
+/// Kills what is left in a session's cgroup and removes it (on a blocking thread: removal
+/// waits for killed processes to exit).
+async fn remove_cgroup(cgroup: Option<Arc<SessionCgroup>>) {
+    if let Some(cgroup) = cgroup {
+        let _ = tokio::task::spawn_blocking(move || cgroup.remove()).await;
     }
 }
 

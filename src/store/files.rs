@@ -1,8 +1,13 @@
-//! Private credential files: one per (user, server) at `<root>/<user_id>/<server>.json`.
+//! Private credential files: one per (user, server) at
+//! `<root>/<user_id>/<server>/credentials.json`.
 //!
 //! The mapping is injective because neither identifier can contain `/` (see [`super::ids`]), and
 //! confined because neither can be `.`/`..` or start with a dot. Directories are 0700, files 0600,
 //! and every write is atomic: a crash leaves the old file or the new one, never a torn one.
+//!
+//! Each file has a directory of its own because a confined server is granted its credentials
+//! through that directory: Landlock rules attach to inodes, and an atomic rewrite replaces the
+//! file's inode, so a rule on the file itself would lose it at the first token refresh.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -71,6 +76,9 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
+/// The name of the file inside each (user, server) directory.
+pub const CREDENTIALS_FILE_NAME: &str = "credentials.json";
+
 /// The credentials directory.
 #[derive(Debug, Clone)]
 pub struct CredentialFiles {
@@ -89,36 +97,78 @@ impl CredentialFiles {
         &self.root
     }
 
+    /// The directory that holds only the credentials file of (user, server).
+    pub fn dir_for(&self, user: &UserId, server: &ServerName) -> PathBuf {
+        self.root.join(user.as_str()).join(server.as_str())
+    }
+
     /// Where the credentials of (user, server) live. Pure: creates nothing.
     pub fn path_for(&self, user: &UserId, server: &ServerName) -> PathBuf {
-        self.root
-            .join(user.as_str())
-            .join(format!("{}.json", server.as_str()))
+        self.dir_for(user, server).join(CREDENTIALS_FILE_NAME)
     }
 
     /// Atomically writes the file for (user, server); returns its path.
     pub fn write(&self, user: &UserId, server: &ServerName, bytes: &[u8]) -> io::Result<PathBuf> {
         create_private_dir(&self.root.join(user.as_str()))?;
+        create_private_dir(&self.dir_for(user, server))?;
         let path = self.path_for(user, server);
         write_atomic(&path, bytes)?;
         Ok(path)
     }
 
-    /// Removes the file for (user, server); a missing file is not an error.
+    /// Removes the file for (user, server) and its directory; a missing file is not an error.
     pub fn remove(&self, user: &UserId, server: &ServerName) -> io::Result<()> {
-        let path = self.path_for(user, server);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {
-                if let Some(dir) = path.parent() {
-                    File::open(dir)?.sync_all()?;
-                    // Leave no empty per-user directory behind; failure (not empty) is fine.
-                    let _ = std::fs::remove_dir(dir);
-                }
-                Ok(())
-            }
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(err) => Err(err),
+        let dir = self.dir_for(user, server);
+        match std::fs::remove_file(dir.join(CREDENTIALS_FILE_NAME)) {
+            Ok(()) => File::open(&dir)?.sync_all()?,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err),
         }
+        // Leave no empty directory behind; failure (not empty, or gone) is fine.
+        let _ = std::fs::remove_dir(&dir);
+        let _ = std::fs::remove_dir(self.root.join(user.as_str()));
+        Ok(())
+    }
+
+    /// Every (user, server) that has a credentials directory, as raw names; what is not a
+    /// valid pair is skipped (nothing else is written here).
+    pub fn list(&self) -> io::Result<Vec<(UserId, ServerName)>> {
+        let mut pairs = Vec::new();
+        for user_entry in std::fs::read_dir(&self.root)?.flatten() {
+            let Ok(user) = UserId::parse(&user_entry.file_name().to_string_lossy()) else {
+                continue;
+            };
+            let Ok(servers) = std::fs::read_dir(user_entry.path()) else {
+                continue;
+            };
+            for server_entry in servers.flatten() {
+                if let Ok(server) = ServerName::parse(&server_entry.file_name().to_string_lossy()) {
+                    pairs.push((user.clone(), server));
+                }
+            }
+        }
+        Ok(pairs)
+    }
+
+    /// Removes `<root>/<user>/<server>.json` files of the layout before per-pair directories
+    /// (their pairs get a file in the new place at the next session start); returns how many.
+    pub fn remove_legacy_files(&self) -> io::Result<usize> {
+        let mut removed = 0;
+        for user_entry in std::fs::read_dir(&self.root)?.flatten() {
+            let Ok(entries) = std::fs::read_dir(user_entry.path()) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let is_file = entry
+                    .file_type()
+                    .is_ok_and(|t| t.is_file() || t.is_symlink());
+                if is_file && entry.file_name().to_string_lossy().ends_with(".json") {
+                    std::fs::remove_file(entry.path())?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Whether a regular file (not a symlink) exists for (user, server).

@@ -97,7 +97,10 @@ pub fn test_config(dir: &std::path::Path, pool: &str, extra: &str) -> mcp_pool::
         data = dir.join("data").display(),
         creds = dir.join("creds").display(),
     );
-    let config = mcp_pool::config::Config::parse(&text).expect("test config parses");
+    let mut config = mcp_pool::config::Config::parse(&text).expect("test config parses");
+    if config.sandbox.state_dir == mcp_pool::config::SandboxConfig::default().state_dir {
+        config.sandbox.state_dir = dir.join("state");
+    }
     config.validate().expect("test config validates");
     config
 }
@@ -116,4 +119,28 @@ pub fn alive(pid: u32) -> bool {
 /// Whether `pid` has no /proc entry at all (reaped).
 pub fn gone(pid: u32) -> bool {
     !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The host pid of the process that is `inner` inside the PID namespace of the session whose
+/// leader is `leader`: servers run as pid 2 of a namespace of their own, and report that pid.
+/// Without such a namespace `inner` is already the host pid.
+pub fn host_pid(leader: u32, inner: u32) -> Option<u32> {
+    let ns = std::fs::read_link(format!("/proc/{leader}/ns/pid_for_children")).ok()?;
+    if std::fs::read_link("/proc/self/ns/pid").ok()? == ns {
+        return Some(inner);
+    }
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/ns/pid")).is_ok_and(|link| link == ns)
+                && std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .ok()
+                    .and_then(|status| {
+                        let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
+                        line.split_whitespace().last()?.parse::<u32>().ok()
+                    })
+                    == Some(inner)
+        })
 }

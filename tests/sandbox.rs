@@ -1,0 +1,425 @@
+//! Confinement of MCP servers (README, "Security model"): a hostile server, run for one user
+//! while another user's session is live, reaches nothing of that user or of the service, and
+//! its resource use stays inside its limits. The hostile server is the demo server's
+//! `--test-tools` probes (`read_file`, `write_file`, `signal`, `env`, `spawn_detached`,
+//! `alloc`, `fork_many`, ...); every probe runs in a real confined process.
+
+mod common;
+#[path = "common/http.rs"]
+mod http;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{alive, host_pid};
+use http::{Client, TestServer, content_text};
+use serde_json::{Value, json};
+
+const EACCES: i64 = 13;
+
+/// Runs a probe tool and returns its `{"ok", "value", "error", "errno"}` report.
+async fn probe(client: &Client, tool: &str, args: Value) -> Value {
+    let resp = client.call("demo", tool, &args).await;
+    assert_eq!(resp.status, 200, "{tool}: {}", resp.text());
+    serde_json::from_str(&content_text(&resp.json())).expect("probe answers JSON")
+}
+
+/// Asserts the probe was refused, and returns its errno.
+fn denied(report: &Value, what: &str) -> i64 {
+    assert_eq!(report["ok"], false, "{what} was allowed: {report}");
+    report["errno"].as_i64().unwrap_or(0)
+}
+
+async fn whoami(client: &Client, server: &str) -> Value {
+    let resp = client.call(server, "whoami", &json!({})).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    serde_json::from_str(&content_text(&resp.json())).unwrap()
+}
+
+async fn leader_of(ts: &TestServer, user: &str, server: &str) -> u32 {
+    let stats = ts.admin().get("/v1/stats").await.json();
+    stats["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["user_id"] == user && c["server"] == server)
+        .and_then(|c| c["pid"].as_u64())
+        .expect("session in stats") as u32
+}
+
+/// Host pids of processes whose command line contains `marker`.
+fn pids_with_marker(marker: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains(marker))
+        })
+        .filter(|pid| alive(*pid))
+        .collect()
+}
+
+async fn eventually(check: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
+
+fn path(dir: &Path, rel: &str) -> String {
+    dir.join(rel).display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_server_reaches_nothing_of_other_users_or_the_service() {
+    let ts = TestServer::api_key().await;
+    let dir = ts.dir.path().to_owned();
+    let alice = ts.user("alice");
+    let mallory = ts.user("mallory");
+    assert_eq!(alice.connect("demo").await.status, 201);
+    assert_eq!(mallory.connect("demo").await.status, 201);
+    // Alice's session is live while mallory probes.
+    let alices = whoami(&alice, "demo").await;
+    let alice_server = host_pid(
+        leader_of(&ts, "alice", "demo").await,
+        alices["pid"].as_u64().unwrap() as u32,
+    )
+    .unwrap();
+    let mallorys = whoami(&mallory, "demo").await;
+    let own_credentials = mallorys["credentials_file"]["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let alice_credentials = path(&dir, "creds/alice/demo/credentials.json");
+    assert!(
+        Path::new(&alice_credentials).is_file(),
+        "alice's file exists"
+    );
+    let service = std::process::id();
+
+    // Reading: other users' credentials, every key file, the database, the config, the
+    // service's and the other server's environment.
+    let config_file = std::env::current_dir().unwrap().join("config.toml");
+    let mut reads = vec![
+        alice_credentials.clone(),
+        path(&dir, "data/key"),
+        path(&dir, "data/api.key"),
+        path(&dir, "data/admin.key"),
+        path(&dir, "data/db.sqlite"),
+        config_file.display().to_string(),
+        format!("/proc/{service}/environ"),
+        format!("/proc/{alice_server}/environ"),
+        format!("/proc/{alice_server}/fd/0"),
+        "/etc/shadow".to_owned(),
+    ];
+    reads.retain(|p| !p.starts_with("/proc") || Path::new(p).exists());
+    for target in &reads {
+        if !target.starts_with("/proc") {
+            assert!(Path::new(target).exists(), "probe target {target} exists");
+        }
+        let report = probe(&mallory, "read_file", json!({ "path": target })).await;
+        denied(&report, &format!("reading {target}"));
+    }
+    // Listing the data and credentials directories is refused too.
+    for target in [path(&dir, "data"), path(&dir, "creds")] {
+        let report = probe(&mallory, "list_dir", json!({ "path": target })).await;
+        assert_eq!(denied(&report, &format!("listing {target}")), EACCES);
+    }
+    // Its /proc holds only its own namespace: no service, no other server.
+    let procs = probe(&mallory, "list_dir", json!({ "path": "/proc" })).await;
+    let pids: Vec<u64> = procs["value"]
+        .as_array()
+        .expect("own /proc is readable")
+        .iter()
+        .filter_map(|n| n.as_str()?.parse().ok())
+        .collect();
+    assert!(pids.contains(&1) && pids.contains(&2), "{pids:?}");
+    assert!(
+        !pids.contains(&u64::from(service)) || service <= 2,
+        "the service is visible: {pids:?}"
+    );
+
+    // Writing into the data directory, the credentials directory, /tmp.
+    for target in [
+        path(&dir, "data/planted"),
+        path(&dir, "creds/alice/demo/credentials.json"),
+        "/tmp/mcp-pool-sandbox-probe".to_owned(),
+    ] {
+        let report = probe(
+            &mallory,
+            "write_file",
+            json!({ "path": target, "content": "x" }),
+        )
+        .await;
+        assert_eq!(denied(&report, &format!("writing {target}")), EACCES);
+        assert!(!Path::new(&path(&dir, "data/planted")).exists());
+    }
+
+    // Signalling the service and the other server (signal 0 only probes; SIGTERM would be
+    // fatal if it went through).
+    for (pid, what) in [(service, "the service"), (alice_server, "alice's server")] {
+        let report = probe(&mallory, "signal", json!({ "pid": pid, "signal": 15 })).await;
+        denied(&report, &format!("signalling {what}"));
+    }
+    assert!(alive(alice_server), "alice's server survived");
+    assert_eq!(whoami(&alice, "demo").await["instance"], alices["instance"]);
+
+    // A symlink planted in its own state directory does not lead anywhere new.
+    let state = dir.join("state/mallory/demo");
+    let link = state.join("alice-creds");
+    let planted = probe(
+        &mallory,
+        "symlink",
+        json!({ "target": alice_credentials, "link": link.display().to_string() }),
+    )
+    .await;
+    assert_eq!(
+        planted["ok"], true,
+        "its own directory is writable: {planted}"
+    );
+    let report = probe(
+        &mallory,
+        "read_file",
+        json!({ "path": link.display().to_string() }),
+    )
+    .await;
+    assert_eq!(denied(&report, "reading through a planted symlink"), EACCES);
+
+    // What it may do: read its own credentials, use its state directory.
+    let own = probe(&mallory, "read_file", json!({ "path": own_credentials })).await;
+    assert_eq!(own["ok"], true, "{own}");
+    assert!(own["value"].as_u64().unwrap() > 0);
+    let scratch = state.join("scratch.txt").display().to_string();
+    let wrote = probe(
+        &mallory,
+        "write_file",
+        json!({ "path": scratch, "content": "mine" }),
+    )
+    .await;
+    assert_eq!(wrote["ok"], true, "{wrote}");
+    assert_eq!(std::fs::read_to_string(&scratch).unwrap(), "mine");
+
+    // Its environment is the allowlist only.
+    let env = probe(&mallory, "env", json!({})).await;
+    let names: Vec<&str> = env["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    for name in &names {
+        assert!(
+            matches!(
+                *name,
+                "PATH"
+                    | "LANG"
+                    | "LANGUAGE"
+                    | "TZ"
+                    | "HOME"
+                    | "TMPDIR"
+                    | "MCP_POOL_CREDENTIALS_FILE"
+            ) || name.starts_with("LC_"),
+            "unexpected variable {name} in {names:?}"
+        );
+    }
+    for name in ["PATH", "HOME", "TMPDIR", "MCP_POOL_CREDENTIALS_FILE"] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+    assert!(
+        std::env::var_os("MCP_POOL_TEST_EVERYTHING").is_some()
+            && !names.contains(&"MCP_POOL_TEST_EVERYTHING"),
+        "the service's own variables stay behind"
+    );
+
+    // No capabilities, no_new_privs set.
+    let privileges = probe(&mallory, "privileges", json!({})).await;
+    let privileges = &privileges["value"];
+    for set in ["CapEff", "CapPrm", "CapBnd", "CapAmb"] {
+        assert_eq!(privileges[set], "0000000000000000", "{set}: {privileges}");
+    }
+    assert_eq!(privileges["NoNewPrivs"], "1");
+
+    // Stats say how each session is confined.
+    let stats = ts.admin().get("/v1/stats").await.json();
+    for c in stats["connections"].as_array().unwrap() {
+        assert_eq!(c["sandbox"], "enforced", "{c}");
+    }
+    ts.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_grandchild_dies_with_its_session() {
+    let ts = TestServer::api_key().await;
+    let user = ts.user("dora");
+    assert_eq!(user.connect("demo").await.status, 201);
+    let marker = format!("mcp-pool-detached-{}", std::process::id());
+    let spawned = probe(&user, "spawn_detached", json!({ "marker": marker })).await;
+    assert_eq!(spawned["ok"], true, "{spawned}");
+    assert!(
+        eventually(|| !pids_with_marker(&marker).is_empty()).await,
+        "the detached process runs"
+    );
+    let detached = pids_with_marker(&marker);
+    // It really left the session's process group and session.
+    let leader = leader_of(&ts, "dora", "demo").await;
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", detached[0])).unwrap();
+    let pgrp: u32 = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(pgrp, leader, "setsid left the group");
+
+    let closed = user.delete("/v1/connections/demo").await;
+    assert_eq!(closed.status, 200, "{}", closed.text());
+    assert!(
+        eventually(|| detached.iter().all(|pid| !alive(*pid))).await,
+        "the detached process outlived its session"
+    );
+    ts.stop().await;
+}
+
+fn limited_server(name: &str, sandbox: &str) -> String {
+    format!(
+        "[servers.{name}]\ncommand = {bin:?}\nargs = [\"demo-server\", \"--test-tools\"]\n\
+         credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n\
+         [servers.{name}.sandbox]\n{sandbox}\n",
+        bin = common::BIN
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_past_the_limit_fails_the_call_clearly_and_the_server_restarts() {
+    let ts = TestServer::start(
+        "",
+        &limited_server("small", "memory_max = \"64MiB\""),
+        "",
+        &[],
+    )
+    .await;
+    let user = ts.user("erin");
+    assert_eq!(user.connect("small").await.status, 201);
+    let before = whoami(&user, "small").await;
+    // Under the limit: fine.
+    let ok = user.call("small", "alloc", &json!({ "mib": 8 })).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    // Past it: the kernel kills the server; the call says why.
+    let over = user.call("small", "alloc", &json!({ "mib": 256 })).await;
+    over.expect_error(502, "server_memory_limit");
+    assert!(over.text().contains("64 MiB"), "{}", over.text());
+    // The restart works.
+    let mut after = None;
+    for _ in 0..100 {
+        let resp = user.call("small", "whoami", &json!({})).await;
+        if resp.status == 200 {
+            after = Some(serde_json::from_str::<Value>(&content_text(&resp.json())).unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = after.expect("the server came back");
+    assert_ne!(after["instance"], before["instance"], "a new process");
+    ts.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_bomb_stays_inside_its_pids_limit() {
+    let ts = TestServer::start("", &limited_server("tiny", "pids_max = 16"), "", &[]).await;
+    let bomber = ts.user("fred");
+    let other = ts.user("gina");
+    assert_eq!(bomber.connect("tiny").await.status, 201);
+    assert_eq!(other.connect("demo").await.status, 201);
+    whoami(&other, "demo").await;
+
+    let (bomb_args, echo_args) = (json!({ "count": 200 }), json!({ "message": "still here" }));
+    let (bomb, echo) = tokio::join!(
+        bomber.call("tiny", "fork_many", &bomb_args),
+        other.call("demo", "echo", &echo_args),
+    );
+    assert_eq!(bomb.status, 200, "{}", bomb.text());
+    let report: Value = serde_json::from_str(&content_text(&bomb.json())).unwrap();
+    let started = report["value"].as_u64().unwrap();
+    assert!(
+        started < 16,
+        "started {started} processes past pids_max: {report}"
+    );
+    assert!(report["error"].is_string(), "the fork failed: {report}");
+    assert_eq!(echo.status, 200, "{}", echo.text());
+    assert_eq!(content_text(&echo.json()), "still here");
+    // The bomber itself survives its failed forks.
+    whoami(&bomber, "tiny").await;
+    ts.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modes_enforce_refuses_best_effort_degrades_off_is_reported() {
+    // A cgroup root without controllers stands for a host without cgroup limits.
+    let nowhere = tempfile::tempdir().unwrap();
+    let servers = [
+        limited_server("strict", "mode = \"enforce\""),
+        limited_server("lenient", "mode = \"best_effort\""),
+        limited_server("trusted", "mode = \"off\""),
+    ]
+    .join("\n");
+    let ts = TestServer::start(
+        "",
+        &format!(
+            "{servers}\n[sandbox]\ncgroup_root = {root:?}\nstate_dir = {state:?}\n",
+            root = nowhere.path().display().to_string(),
+            state = PathBuf::from(nowhere.path())
+                .join("state")
+                .display()
+                .to_string(),
+        ),
+        "",
+        &[],
+    )
+    .await;
+    let user = ts.user("hana");
+    for server in ["strict", "lenient", "trusted"] {
+        assert_eq!(user.connect(server).await.status, 201);
+    }
+    let refused = user.call("strict", "whoami", &json!({})).await;
+    refused.expect_error(502, "sandbox_unavailable");
+    assert!(refused.text().contains("cgroup"), "{}", refused.text());
+    whoami(&user, "lenient").await;
+    whoami(&user, "trusted").await;
+    let stats = ts.admin().get("/v1/stats").await.json();
+    let status = |server: &str| {
+        stats["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["server"] == server)
+            .map(|c| c["sandbox"].clone())
+            .unwrap_or(Value::Null)
+    };
+    assert!(
+        status("lenient").as_str().unwrap().starts_with("partial"),
+        "{}",
+        status("lenient")
+    );
+    assert_eq!(status("trusted"), "off");
+    // best_effort still applies what the host has: Landlock keeps the data directory out.
+    let dir = ts.dir.path().to_owned();
+    let resp = user
+        .call(
+            "lenient",
+            "read_file",
+            &json!({ "path": path(&dir, "data/key") }),
+        )
+        .await;
+    let report: Value = serde_json::from_str(&content_text(&resp.json())).unwrap();
+    assert_eq!(denied(&report, "best_effort reading the key"), EACCES);
+    ts.stop().await;
+}
