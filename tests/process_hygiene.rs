@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{BIN, alive, host_pid};
+use common::{BIN, alive, host_pid, pids_with_marker};
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -147,35 +147,45 @@ fn eventually(check: impl Fn() -> bool) -> bool {
     false
 }
 
-/// Opens a session for `user` and has its server spawn a grandchild; returns the host pids of
-/// (leader, server, grandchild).
-async fn session_with_grandchild(service: &Service, user: &str, data: &Path) -> (u32, u32, u32) {
+/// Opens a session for `user` and has its server spawn a grandchild in its process group and
+/// one that detaches (`setsid`); returns the host pids of (leader, server, grandchild,
+/// detached).
+async fn session_with_grandchild(
+    service: &Service,
+    user: &str,
+    data: &Path,
+) -> (u32, u32, u32, u32) {
     let client = service.client(user);
     let stored = client
         .put_json("/v1/connections/demo", &json!({ "access_token": "t" }))
         .await;
     assert_eq!(stored.status, 201, "{}", stored.text());
-    let call = |tool: &'static str| {
+    let call_with = |tool: &'static str, args: Value| {
         let client = client.clone();
         async move {
             let response = client
-                .post_json(
-                    &format!("/v1/connections/demo/tools/{tool}/call"),
-                    &json!({}),
-                )
+                .post_json(&format!("/v1/connections/demo/tools/{tool}/call"), &args)
                 .await;
             assert_eq!(response.status, 200, "{}", response.text());
             let body: Value = response.json();
             body["content"][0]["text"].as_str().unwrap().to_owned()
         }
     };
+    let call = |tool: &'static str| call_with(tool, json!({}));
     let whoami: Value = serde_json::from_str(&call("whoami").await).unwrap();
     let leader = service.leader_of(user, data).await;
     let server = host_pid(leader, whoami["pid"].as_u64().unwrap() as u32).expect("server pid");
     let inner: u32 = call("spawn_grandchild").await.parse().unwrap();
     let grandchild = host_pid(leader, inner).expect("grandchild pid");
-    assert!(alive(leader) && alive(server) && alive(grandchild));
-    (leader, server, grandchild)
+    let marker = format!("detached-{user}-{}", std::process::id());
+    let detached: Value =
+        serde_json::from_str(&call_with("spawn_detached", json!({ "marker": marker })).await)
+            .unwrap();
+    assert_eq!(detached["ok"], true, "{detached}");
+    assert!(eventually(|| pids_with_marker(&marker).len() == 1));
+    let detached = pids_with_marker(&marker)[0];
+    assert!(alive(leader) && alive(server) && alive(grandchild) && alive(detached));
+    (leader, server, grandchild, detached)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,9 +194,9 @@ async fn sigterm_closes_every_server_and_grandchild() {
     let mut service = Service::start(&write_config(dir.path()));
     let mut pids = Vec::new();
     for user in ["ann", "ben"] {
-        let (leader, server, grandchild) =
+        let (leader, server, grandchild, detached) =
             session_with_grandchild(&service, user, &dir.path().join("data")).await;
-        pids.extend([leader, server, grandchild]);
+        pids.extend([leader, server, grandchild, detached]);
     }
     service.signal(nix::sys::signal::Signal::SIGTERM);
     let status = service.wait();
@@ -212,7 +222,7 @@ async fn after_sigkill_servers_and_what_they_started_die_with_the_service() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path());
     let mut service = Service::start(&config);
-    let (leader, server, grandchild) =
+    let (leader, server, grandchild, detached) =
         session_with_grandchild(&service, "cid", &dir.path().join("data")).await;
 
     service.signal(nix::sys::signal::Signal::SIGKILL);

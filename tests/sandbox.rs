@@ -11,7 +11,7 @@ mod http;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{alive, host_pid};
+use common::{alive, host_pid, pids_with_marker};
 use http::{Client, TestServer, content_text};
 use serde_json::{Value, json};
 
@@ -47,21 +47,7 @@ async fn leader_of(ts: &TestServer, user: &str, server: &str) -> u32 {
         .expect("session in stats") as u32
 }
 
-/// Host pids of processes whose command line contains `marker`.
-fn pids_with_marker(marker: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains(marker))
-        })
-        .filter(|pid| alive(*pid))
-        .collect()
-}
-
-async fn eventually(check: impl Fn() -> bool) -> bool {
+async fn eventually(mut check: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while tokio::time::Instant::now() < deadline {
         if check() {
@@ -245,11 +231,16 @@ async fn a_hostile_server_reaches_nothing_of_other_users_or_the_service() {
     }
     assert_eq!(privileges["NoNewPrivs"], "1");
 
-    // Stats say how each session is confined.
+    // Stats and metrics say how each session is confined.
     let stats = ts.admin().get("/v1/stats").await.json();
     for c in stats["connections"].as_array().unwrap() {
         assert_eq!(c["sandbox"], "enforced", "{c}");
     }
+    let metrics = ts.anonymous().get("/metrics").await.text();
+    assert!(
+        metrics.contains("mcp_pool_sessions_by_sandbox{sandbox=\"enforced\"} 2"),
+        "{metrics}"
+    );
     ts.stop().await;
 }
 
@@ -421,5 +412,72 @@ async fn modes_enforce_refuses_best_effort_degrades_off_is_reported() {
         .await;
     let report: Value = serde_json::from_str(&content_text(&resp.json())).unwrap();
     assert_eq!(denied(&report, "best_effort reading the key"), EACCES);
+    ts.stop().await;
+}
+
+/// The CPU weight of `pid`'s cgroup, as cgroup v1 `cpu.shares` (1024 = weight 100) or v2
+/// `cpu.weight`.
+fn cpu_weight_of(pid: u32) -> Option<u64> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    for line in cgroups.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        if controllers.split(',').any(|c| c == "cpu") {
+            let file = format!("/sys/fs/cgroup/cpu{path}/cpu.shares");
+            return std::fs::read_to_string(file).ok()?.trim().parse().ok();
+        }
+        if controllers.is_empty() {
+            let file = format!("/sys/fs/cgroup{path}/cpu.weight");
+            if let Ok(text) = std::fs::read_to_string(file) {
+                return text.trim().parse().ok();
+            }
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_a_crash_runs_at_the_backoff_cpu_weight_until_ready() {
+    let server = format!(
+        "[servers.slowcrash]\ncommand = {bin:?}\n\
+         args = [\"demo-server\", \"--test-tools\", \"--slow-start\", \"2s\"]\n\
+         credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n",
+        bin = common::BIN
+    );
+    let ts = TestServer::start("", &server, "", &[]).await;
+    let user = ts.user("ivy");
+    assert_eq!(user.connect("slowcrash").await.status, 201);
+    let first = whoami(&user, "slowcrash").await;
+    let leader = leader_of(&ts, "ivy", "slowcrash").await;
+    let first_server = host_pid(leader, first["pid"].as_u64().unwrap() as u32).unwrap();
+    let normal = cpu_weight_of(first_server).expect("the session has a cpu cgroup");
+    assert_eq!(normal, 1024, "weight 100 as cpu.shares");
+
+    user.call("slowcrash", "crash", &json!({}))
+        .await
+        .expect_error(502, "server_crashed");
+    // The pool restarts it on its own; during its 2 s start it runs at the backoff weight.
+    let mut restarting = None;
+    assert!(
+        eventually(|| {
+            // The new server process (its leader is a fork of this test, named like it).
+            restarting = pids_with_marker("--slow-start")
+                .into_iter()
+                .find(|pid| *pid != first_server)
+                .and_then(|pid| Some((pid, cpu_weight_of(pid)?)));
+            restarting.is_some()
+        })
+        .await,
+        "the restart began"
+    );
+    let (new_server, weight) = restarting.unwrap();
+    assert_eq!(weight, 102, "backoff weight 10 as cpu.shares");
+    let second = whoami(&user, "slowcrash").await;
+    assert_ne!(second["instance"], first["instance"]);
+    assert_eq!(
+        cpu_weight_of(new_server),
+        Some(1024),
+        "normal weight once ready"
+    );
     ts.stop().await;
 }

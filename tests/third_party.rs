@@ -62,6 +62,15 @@ fn args(value: Value) -> Option<serde_json::Map<String, Value>> {
     value.as_object().cloned()
 }
 
+/// Every live session of `app` runs fully confined (enforce mode, no declared paths needed).
+async fn assert_all_enforced(app: &App) {
+    let stats = app.pool.stats().await.unwrap();
+    assert!(!stats.connections.is_empty());
+    for conn in &stats.connections {
+        assert_eq!(conn.sandbox.as_deref(), Some("enforced"), "{}", conn.server);
+    }
+}
+
 fn ids(user: &str, server: &str) -> (UserId, ServerName) {
     (
         UserId::parse(user).unwrap(),
@@ -75,6 +84,7 @@ async fn server_everything_through_the_pool() {
     let app = app_with_credentials(dir.path(), "vera", &["everything"]).await;
     let (vera, everything) = ids("vera", "everything");
     let conn = app.pool.get_connection(&vera, &everything).await.unwrap();
+    assert_all_enforced(&app).await;
     let names: Vec<String> = conn.tools().iter().map(|t| t.name.to_string()).collect();
     for expected in ["echo", "get-sum", "get-env"] {
         assert!(names.contains(&expected.to_owned()), "{names:?}");
@@ -124,6 +134,7 @@ async fn mcp_server_time_through_the_pool() {
     let app = app_with_credentials(dir.path(), "walt", &["time"]).await;
     let (walt, time) = ids("walt", "time");
     let tools = app.pool.list_tools(&walt, &time).await.unwrap();
+    assert_all_enforced(&app).await;
     let names: Vec<String> = tools.iter().map(|t| t.name.to_string()).collect();
     assert!(names.contains(&"get_current_time".to_owned()), "{names:?}");
     assert!(names.contains(&"convert_time".to_owned()), "{names:?}");
@@ -166,6 +177,7 @@ async fn google_analytics_mcp_through_the_pool() {
     let app = app_with_credentials(dir.path(), "xena", &["analytics"]).await;
     let (xena, analytics) = ids("xena", "analytics");
     let conn = app.pool.get_connection(&xena, &analytics).await.unwrap();
+    assert_all_enforced(&app).await;
     let names: Vec<String> = conn.tools().iter().map(|t| t.name.to_string()).collect();
     for expected in [
         "get_account_summaries",
@@ -203,5 +215,54 @@ async fn google_analytics_mcp_through_the_pool() {
             "{err:?}"
         ),
     }
+    app.stop().await;
+}
+
+/// A server started the way READMEs tell people to, through `npx`, still works confined: npm
+/// runs from /usr, reads the declared prefix, and writes its cache under the session's HOME.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_started_through_npx_runs_confined() {
+    let everything = required_env("MCP_POOL_TEST_EVERYTHING");
+    // <prefix>/node_modules/@modelcontextprotocol/server-everything/dist/index.js
+    let prefix = std::path::Path::new(&everything)
+        .ancestors()
+        .nth(5)
+        .unwrap()
+        .display()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let server = format!(
+        "[servers.npx]\ncommand = \"npx\"\n\
+         args = [\"--offline\", \"--prefix\", {prefix:?}, \"mcp-server-everything\", \"stdio\"]\n\
+         credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n\
+         [servers.npx.sandbox]\nmode = \"enforce\"\nread = [{prefix:?}]\n"
+    );
+    let app = App::build(test_config(dir.path(), "", &server))
+        .await
+        .unwrap();
+    let (wren, npx) = ids("wren", "npx");
+    app.storage
+        .credentials
+        .create(
+            &wren,
+            &npx,
+            Tokens {
+                access_token: Some(Secret::new("t")),
+                refresh_token: None,
+                token_expiry: None,
+            },
+        )
+        .await
+        .unwrap();
+    let echoed = app
+        .pool
+        .call_tool(&wren, &npx, "echo", args(json!({ "message": "via npx" })))
+        .await
+        .unwrap();
+    assert_eq!(text(&echoed), "Echo: via npx");
+    let stats = app.pool.stats().await.unwrap();
+    assert_eq!(stats.connections[0].sandbox.as_deref(), Some("enforced"));
+    // npm's cache went to the session's private HOME, not to the service's.
+    assert!(dir.path().join("state/wren/npx/.npm").is_dir());
     app.stop().await;
 }

@@ -144,3 +144,20 @@ pub fn host_pid(leader: u32, inner: u32) -> Option<u32> {
                     == Some(inner)
         })
 }
+
+/// Host pids of the running processes whose command line contains `marker`.
+pub fn pids_with_marker(marker: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains(marker))
+                })
+                .filter(|pid| alive(*pid))
+                .collect()
+        })
+        .unwrap_or_default()
+}
