@@ -233,6 +233,7 @@ async fn after_sigkill_servers_and_what_they_started_die_with_the_service() {
         (leader, "leader"),
         (server, "server"),
         (grandchild, "grandchild"),
+        (detached, "setsid grandchild"),
     ] {
         assert!(
             eventually(|| !alive(pid)),
