@@ -12,6 +12,8 @@
 //! 7. sandbox: the cost of preparing a session's confinement, and a demo server's cold start
 //!    confined vs unconfined.
 //!
+//! `cargo bench --bench pool -- sandbox` runs section 7 alone.
+//!
 //! Third-party servers come from `.test-servers/env.sh` (missing ones are reported as skipped).
 //! Benchmarks check what they measure (echo replies are compared) but never fail on speed.
 
@@ -214,6 +216,11 @@ fn users(prefix: &str, count: usize) -> Vec<UserId> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
+    // `cargo bench --bench pool -- sandbox`: section 7 alone.
+    if std::env::args().any(|arg| arg == "sandbox") {
+        sandbox_cost(dir.path()).await;
+        return;
+    }
     let (servers, skipped) = servers();
     let app = App::build(config(dir.path(), &servers)).await.expect("app");
     let bench = Bench {

@@ -230,6 +230,7 @@ async fn a_hostile_server_reaches_nothing_of_other_users_or_the_service() {
         assert_eq!(privileges[set], "0000000000000000", "{set}: {privileges}");
     }
     assert_eq!(privileges["NoNewPrivs"], "1");
+    assert_eq!(privileges["MaxOpenFiles"], "1024", "sandbox.nofile");
 
     // Stats and metrics say how each session is confined.
     let stats = ts.admin().get("/v1/stats").await.json();

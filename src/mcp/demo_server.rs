@@ -395,7 +395,7 @@ fn probe_tools() -> Vec<Tool> {
         ),
         tool(
             "privileges",
-            "This process's capability sets and no_new_privs flag (from /proc/self/status).",
+            "This process's capability sets, no_new_privs flag and open-files limit.",
             empty_schema(),
         ),
         tool(
@@ -475,15 +475,22 @@ fn run_probe(name: &str, args: &JsonObject) -> Result<Value, ErrorData> {
             names.sort();
             json!({ "ok": true, "value": names })
         }
-        "privileges" => outcome(std::fs::read_to_string("/proc/self/status").map(|status| {
-            let fields: serde_json::Map<String, Value> = status
-                .lines()
-                .filter(|line| line.starts_with("Cap") || line.starts_with("NoNewPrivs"))
-                .filter_map(|line| line.split_once(':'))
-                .map(|(key, value)| (key.to_owned(), json!(value.trim())))
-                .collect();
-            Value::Object(fields)
-        })),
+        "privileges" => outcome(
+            std::fs::read_to_string("/proc/self/status").and_then(|status| {
+                let mut fields: serde_json::Map<String, Value> = status
+                    .lines()
+                    .filter(|line| line.starts_with("Cap") || line.starts_with("NoNewPrivs"))
+                    .filter_map(|line| line.split_once(':'))
+                    .map(|(key, value)| (key.to_owned(), json!(value.trim())))
+                    .collect();
+                let limits = std::fs::read_to_string("/proc/self/limits")?;
+                if let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) {
+                    let soft = line.split_whitespace().nth(3).unwrap_or_default();
+                    fields.insert("MaxOpenFiles".to_owned(), json!(soft));
+                }
+                Ok(Value::Object(fields))
+            }),
+        ),
         "spawn_detached" => outcome(
             std::process::Command::new("setsid")
                 .args(["-f", "sh", "-c", "sleep 3600", &str_arg("marker")?])
