@@ -329,10 +329,10 @@ async fn session_start_and_the_background_sweep_refresh_too() {
     })
     .await
     .unwrap();
-    assert_eq!(sweeper.sweep_now().await, 0, "not due yet");
+    assert_eq!(sweeper.sweep_now().await.unwrap(), 0, "not due yet");
     tokio::time::sleep(DUE_AFTER).await;
     mock.control(json!({ "expires_in": 7200 })).await;
-    assert_eq!(sweeper.sweep_now().await, 1);
+    assert_eq!(sweeper.sweep_now().await.unwrap(), 1);
     assert_eq!(mock.refresh_requests().await, 2);
     let (bob, _) = ids("bob", "gdemo");
     assert_eq!(

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{BIN, alive};
+use common::{BIN, alive, wait_until};
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -116,15 +116,24 @@ impl Service {
     }
 }
 
-fn eventually(check: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + LONG;
-    while Instant::now() < deadline {
-        if check() {
-            return true;
+impl Drop for Service {
+    /// A failing test must not leak a running `serve` (and its servers): stop it the graceful
+    /// way first, so it closes its children, and SIGKILL it only if that does not end it.
+    fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
         }
-        std::thread::sleep(Duration::from_millis(25));
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + LONG;
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
-    false
 }
 
 /// Opens a session for `user` and has its server spawn a grandchild; returns (leader, grandchild).
@@ -173,7 +182,10 @@ async fn sigterm_closes_every_server_and_grandchild() {
         service.log.lock().unwrap()
     );
     for pid in pids {
-        assert!(eventually(|| !alive(pid)), "pid {pid} outlived the service");
+        assert!(
+            wait_until(LONG, || std::future::ready(!alive(pid))).await,
+            "pid {pid} outlived the service"
+        );
     }
     assert_eq!(
         std::fs::read_dir(dir.path().join("data/pgids"))
@@ -194,7 +206,7 @@ async fn after_sigkill_servers_die_and_the_next_start_kills_their_leftovers() {
     service.wait();
     // The server itself dies with the service (PR_SET_PDEATHSIG)...
     assert!(
-        eventually(|| !alive(leader)),
+        wait_until(LONG, || std::future::ready(!alive(leader))).await,
         "the MCP server outlived a SIGKILLed service"
     );
     // ...but a process it started is beyond that signal's reach; it is still recorded.
@@ -211,7 +223,7 @@ async fn after_sigkill_servers_die_and_the_next_start_kills_their_leftovers() {
 
     let mut next = Service::start(&config);
     assert!(
-        eventually(|| !alive(grandchild)),
+        wait_until(LONG, || std::future::ready(!alive(grandchild))).await,
         "the next start did not kill the leftover"
     );
     assert!(

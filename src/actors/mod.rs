@@ -12,8 +12,8 @@ pub use connection::{ConnKey, ConnState, Connection};
 pub use credential::{
     CredentialActor, CredentialArgs, CredentialError, CredentialHandle, CredentialMsg,
 };
-pub use guardian::{GuardianMsg, PoolGuardian};
+pub use guardian::{GuardianMsg, PoolGuardian, PoolTree};
 pub use pool::{
     ConnectionStats, IdleClose, PoolArgs, PoolCounters, PoolError, PoolHandle, PoolStats,
 };
-pub use refresh::{RefreshArgs, TokenRefreshActor, TokenRefreshHandle};
+pub use refresh::{RefreshArgs, SweepError, TokenRefreshActor, TokenRefreshHandle};

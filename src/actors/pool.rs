@@ -894,14 +894,29 @@ async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
 pub struct PoolHandle {
     slot: Arc<std::sync::RwLock<ActorRef<PoolMsg>>>,
     index: PoolIndex,
+    /// The `PoolGuardian`: once it has given up, no supervisor will come back.
+    guardian: ActorCell,
 }
 
 impl PoolHandle {
     pub(crate) fn new(
         slot: Arc<std::sync::RwLock<ActorRef<PoolMsg>>>,
         index: PoolIndex,
+        guardian: ActorCell,
     ) -> PoolHandle {
-        PoolHandle { slot, index }
+        PoolHandle {
+            slot,
+            index,
+            guardian,
+        }
+    }
+
+    /// Whether the pool can take requests now: its guardian runs and so does the current
+    /// supervisor (false for the moment between a supervisor's failure and its replacement,
+    /// and for good once the guardian gave up).
+    pub fn is_available(&self) -> bool {
+        let running = |cell: &ActorCell| cell.get_status() == ractor::ActorStatus::Running;
+        running(&self.guardian) && running(&self.actor().get_cell())
     }
 
     fn actor(&self) -> ActorRef<PoolMsg> {

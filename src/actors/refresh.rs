@@ -12,15 +12,27 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::connection::ConnState;
-use super::pool::PoolHandle;
+use super::pool::{PoolError, PoolHandle};
 use crate::oauth::{Freshness, TokenRefresher};
+
+/// Why a sweep on request could not run. (A failed refresh of one session is no sweep
+/// failure: it is logged, and the sweep goes on with the next.)
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error("the token refresh actor is not running")]
+    Unavailable,
+    #[error("cannot list the pool's sessions: {0}")]
+    Pool(#[from] PoolError),
+}
 
 /// Messages of the [`TokenRefreshActor`]; use [`TokenRefreshHandle`].
 pub enum RefreshMsg {
     /// Sent to itself every interval.
     Tick,
     /// Sweep now; replies with how many sessions got new tokens.
-    Sweep { reply: RpcReplyPort<usize> },
+    Sweep {
+        reply: RpcReplyPort<Result<usize, SweepError>>,
+    },
 }
 
 pub struct RefreshArgs {
@@ -77,7 +89,9 @@ impl Actor for TokenRefreshActor {
                     state.sweeping.clone(),
                 );
                 tokio::spawn(async move {
-                    sweep(&refresher, &pool).await;
+                    if let Err(err) = sweep(&refresher, &pool).await {
+                        tracing::warn!(cause = %err, "token refresh sweep skipped");
+                    }
                     sweeping.store(false, Ordering::SeqCst);
                 });
             }
@@ -93,14 +107,8 @@ impl Actor for TokenRefreshActor {
 }
 
 /// Checks every ready session of a managed server; returns how many were refreshed.
-async fn sweep(refresher: &TokenRefresher, pool: &PoolHandle) -> usize {
-    let stats = match pool.stats().await {
-        Ok(stats) => stats,
-        Err(err) => {
-            tracing::warn!(cause = %err, "token refresh sweep: pool stats unavailable");
-            return 0;
-        }
-    };
+async fn sweep(refresher: &TokenRefresher, pool: &PoolHandle) -> Result<usize, SweepError> {
+    let stats = pool.stats().await?;
     let mut refreshed = 0;
     for conn in stats.connections {
         if conn.state != ConnState::Ready || !refresher.manages(&conn.server) {
@@ -115,7 +123,7 @@ async fn sweep(refresher: &TokenRefresher, pool: &PoolHandle) -> usize {
             ),
         }
     }
-    refreshed
+    Ok(refreshed)
 }
 
 /// Typed handle to the [`TokenRefreshActor`].
@@ -138,14 +146,14 @@ impl TokenRefreshHandle {
     }
 
     /// Runs one sweep now; returns how many sessions got new tokens.
-    pub async fn sweep_now(&self) -> usize {
+    pub async fn sweep_now(&self) -> Result<usize, SweepError> {
         match self
             .actor
             .call(|reply| RefreshMsg::Sweep { reply }, None)
             .await
         {
-            Ok(ractor::rpc::CallResult::Success(count)) => count,
-            _ => 0,
+            Ok(ractor::rpc::CallResult::Success(result)) => result,
+            _ => Err(SweepError::Unavailable),
         }
     }
 

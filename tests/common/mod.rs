@@ -117,3 +117,28 @@ pub fn alive(pid: u32) -> bool {
 pub fn gone(pid: u32) -> bool {
     !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
+
+// === polling ===
+
+/// How long a test waits for a state that should come "soon": long enough that only a real hang
+/// exceeds it on a loaded two-core machine, never a bound that a slow run can trip.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Polls an async condition every 20 ms until it holds (`true`) or `limit` passes (`false`).
+/// The one polling helper of the suite: tests wait on the state itself, never a fixed time.
+pub async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
