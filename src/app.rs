@@ -110,12 +110,6 @@ impl Storage {
             cleanup,
         })
         .await?;
-        // The refresher writes through a handle without itself attached; everyone else (the
-        // pool, the HTTP facade) gets the handle with it, so they share one single flight.
-        let refresher = TokenRefresher::from_config(config, credentials.clone(), &|var| {
-            std::env::var(var).ok()
-        })?;
-        let credentials = credentials.with_refresher(refresher);
         Ok(Storage { store, credentials })
     }
 
@@ -159,30 +153,34 @@ impl App {
             );
         }
         let storage = Storage::open(&config, true).await?;
-        let args =
-            PoolArgs::from_config(&config, storage.credentials.clone(), Some(registry.clone()));
+        // Token freshness has one owner, the pool; the refresher writes through the
+        // credential writer like everyone else.
+        let refresher = TokenRefresher::from_config(
+            &config,
+            std::sync::Arc::new(storage.credentials.clone()),
+            &|var| std::env::var(var).ok(),
+        )?;
+        let interval = refresher
+            .min_refresh_before()
+            .map(TokenRefreshHandle::interval_for);
+        let args = PoolArgs::from_config(
+            &config,
+            storage.credentials.clone(),
+            Some(refresher),
+            Some(registry.clone()),
+        );
         let PoolTree {
             pool,
             guardian,
             ended,
         } = PoolGuardian::start(args).await?;
-        let refresh = match storage.credentials.refresher() {
-            Some(refresher) => {
-                refresher.attach_pool(pool.clone());
-                let interval = refresher
-                    .min_refresh_before()
-                    .map(TokenRefreshHandle::interval_for);
-                Some(
-                    TokenRefreshHandle::spawn(RefreshArgs {
-                        refresher: refresher.clone(),
-                        pool: pool.clone(),
-                        interval,
-                    })
-                    .await?,
-                )
-            }
-            None => None,
-        };
+        let refresh = Some(
+            TokenRefreshHandle::spawn(RefreshArgs {
+                pool: pool.clone(),
+                interval,
+            })
+            .await?,
+        );
         Ok(App {
             config,
             storage,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::store::ids::ServerName;
+use crate::ids::ServerName;
 
 /// Environment variable that overrides `database.url`.
 pub const DATABASE_URL_ENV: &str = "MCP_POOL_DATABASE_URL";
@@ -431,6 +431,10 @@ pub struct OAuthClientConfig {
     /// Upper bound of one token-endpoint request.
     #[serde(default = "default_token_timeout", with = "humantime_serde")]
     pub token_timeout: Duration,
+    /// After a refresh failed transiently (5xx, timeout, network), the key waits this long
+    /// before it is tried again, doubling with each further failure (up to 60 times this).
+    #[serde(default = "default_refresh_cooldown", with = "humantime_serde")]
+    pub refresh_cooldown: Duration,
 }
 
 /// Client authentication at the token endpoint (RFC 6749 section 2.3.1).
@@ -450,6 +454,10 @@ fn default_refresh_before() -> Duration {
 
 fn default_token_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_refresh_cooldown() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// Authorization parameters mcp-pool sets itself; `extra_auth_params` may not override them.
@@ -798,6 +806,12 @@ fn validate_oauth(
     if oauth.token_timeout.is_zero() {
         return Err(invalid(
             key("oauth.token_timeout"),
+            "must be longer than zero",
+        ));
+    }
+    if oauth.refresh_cooldown.is_zero() {
+        return Err(invalid(
+            key("oauth.refresh_cooldown"),
             "must be longer than zero",
         ));
     }

@@ -177,7 +177,8 @@ async fn a_slow_start_for_one_user_does_not_delay_another() {
          credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n",
         common::BIN
     );
-    let h = Harness::start_with("startup_timeout = \"2h\"", &glacial, |config| {
+    let h = Harness::start_with("", &glacial, |config| {
+        config.pool.startup_timeout = Duration::from_secs(7200);
         config.service.shutdown_grace = Duration::from_secs(2);
     })
     .await;

@@ -34,7 +34,8 @@ async fn a_server_that_will_not_close_is_sigkilled_when_the_shutdown_grace_runs_
          credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n"
     );
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path(), "close_grace = \"60s\"", &stubborn);
+    let mut config = test_config(dir.path(), "", &stubborn);
+    config.pool.close_grace = Duration::from_secs(60);
     config.service.shutdown_grace = Duration::from_secs(2);
     let app = App::build(config).await.expect("app starts");
     let (user, server) = ids("lou", "stubborn");

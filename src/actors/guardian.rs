@@ -112,7 +112,7 @@ impl Actor for PoolGuardian {
         let slot = Arc::new(RwLock::new(pool));
         let reaper = spawn_reaper(
             &args,
-            PoolHandle::new(slot.clone(), args.index.clone(), myself.get_cell()),
+            PoolHandle::new(slot.clone(), &args, myself.get_cell()),
             &myself,
         )
         .await?;
@@ -134,7 +134,7 @@ impl Actor for PoolGuardian {
             GuardianMsg::Handle(reply) => {
                 let _ = reply.send(PoolHandle::new(
                     state.slot.clone(),
-                    state.args.index.clone(),
+                    &state.args,
                     myself.get_cell(),
                 ));
             }
@@ -183,11 +183,7 @@ impl Actor for PoolGuardian {
             tracing::error!(cause = %err, "reaper failed; restarting it");
             state.reaper = spawn_reaper(
                 &state.args,
-                PoolHandle::new(
-                    state.slot.clone(),
-                    state.args.index.clone(),
-                    myself.get_cell(),
-                ),
+                PoolHandle::new(state.slot.clone(), &state.args, myself.get_cell()),
                 &myself,
             )
             .await?;

@@ -14,6 +14,6 @@ pub use credential::{
 };
 pub use guardian::{GuardianMsg, PoolGuardian, PoolTree};
 pub use pool::{
-    ConnectionStats, IdleClose, PoolArgs, PoolCounters, PoolError, PoolHandle, PoolStats,
+    ConnectionStats, PoolArgs, PoolCounters, PoolError, PoolHandle, PoolStats, RefreshRestart,
 };
 pub use refresh::{RefreshArgs, SweepError, TokenRefreshActor, TokenRefreshHandle};

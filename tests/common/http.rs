@@ -405,3 +405,27 @@ impl TestServer {
         }
     }
 }
+
+impl TestServer {
+    /// Sets the stored access token of (user, server) to expire `expires_in` from now (negative:
+    /// already expired), as if that much time had passed: with a `refresh_before` of an hour,
+    /// anything shorter is due at once, so no test waits for a token to become due. The
+    /// refresher's in-memory "fresh until" is dropped too, as storing new credentials does.
+    pub async fn set_token_expiry(&self, user: &str, server: &str, expires_in: chrono::Duration) {
+        let user = mcp_pool::store::UserId::parse(user).unwrap();
+        let server = mcp_pool::store::ServerName::parse(server).unwrap();
+        let update = mcp_pool::store::TokenUpdate {
+            access_token: None,
+            refresh_token: None,
+            token_expiry: Some(chrono::Utc::now() + expires_in),
+        };
+        self.state
+            .credentials
+            .update(&user, &server, None, update)
+            .await
+            .expect("the expiry is stored");
+        if let Some(refresher) = self.state.pool.refresher() {
+            refresher.forget(&user, &server);
+        }
+    }
+}
