@@ -356,7 +356,7 @@ async fn start_session(
     // for now), then writes the file the server reads.
     if let Some(refresher) = &refresher {
         refresher
-            .before_session(&key.user, &key.server)
+            .check_now(&key.user, &key.server)
             .await
             .map_err(PoolError::from_credentials)?;
     }

@@ -8,12 +8,8 @@ pub mod pool;
 pub mod reaper;
 pub mod refresh;
 
-pub use connection::{ConnKey, ConnState, Connection};
-pub use credential::{
-    CredentialActor, CredentialArgs, CredentialError, CredentialHandle, CredentialMsg,
-};
+pub use connection::ConnState;
+pub use credential::{CredentialArgs, CredentialError, CredentialHandle};
 pub use guardian::{GuardianMsg, PoolGuardian, PoolTree};
-pub use pool::{
-    ConnectionStats, PoolArgs, PoolCounters, PoolError, PoolHandle, PoolStats, RefreshRestart,
-};
-pub use refresh::{RefreshArgs, SweepError, TokenRefreshActor, TokenRefreshHandle};
+pub use pool::{ConnectionStats, PoolArgs, PoolError, PoolHandle, PoolStats};
+pub use refresh::{RefreshArgs, TokenRefreshHandle};

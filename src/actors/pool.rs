@@ -66,24 +66,46 @@ impl PoolError {
         }
     }
 
-    /// The stable, machine-readable code of this error, shared by the HTTP error body and the
-    /// chat trace. (HTTP refines `Mcp` and `Credentials` by their cause.)
+    /// The stable, machine-readable code of this error, the one mapping shared by the HTTP
+    /// error body and the chat trace (`tests/error_codes.rs` holds HTTP to it), so a revoked
+    /// grant is `reconnect_required` for every caller.
     pub fn code(&self) -> &'static str {
         match self {
             PoolError::UnknownServer(_) => "unknown_server",
             PoolError::NoCredentials(_) => "no_credentials",
-            PoolError::Credentials(_) => "credentials_unavailable",
+            PoolError::Credentials(cause) => cause.code(),
             PoolError::PoolFull { .. } => "pool_full",
             PoolError::CircuitOpen { .. } => "circuit_open",
             PoolError::StartFailed(_) => "server_start_failed",
             PoolError::ServerCrashed => "server_crashed",
             PoolError::CallTimeout(_) => "call_timeout",
             PoolError::UnknownTool(_) => "unknown_tool",
-            PoolError::Mcp(_) => "server_error",
+            PoolError::Mcp(cause) => mcp_code(cause),
             PoolError::Reconnect => "reconnect",
             PoolError::ShuttingDown => "shutting_down",
             PoolError::Unavailable => "pool_unavailable",
         }
+    }
+}
+
+/// The code of an MCP error met during a call, by its cause.
+fn mcp_code(err: &McpError) -> &'static str {
+    match err {
+        McpError::Server(data) if data.code == rmcp::model::ErrorCode::INVALID_PARAMS => {
+            "invalid_arguments"
+        }
+        McpError::Server(data) if data.code == rmcp::model::ErrorCode::METHOD_NOT_FOUND => {
+            "unknown_tool"
+        }
+        McpError::Server(_) => "server_error",
+        McpError::Timeout(_) => "call_timeout",
+        McpError::Closed => "server_crashed",
+        McpError::Spawn { .. }
+        | McpError::StartupTimeout(_)
+        | McpError::Handshake(_)
+        | McpError::Registry { .. }
+        | McpError::DemoServer(_) => "server_start_failed",
+        McpError::Protocol(_) => "server_protocol_error",
     }
 }
 

@@ -215,17 +215,8 @@ impl TokenRefresher {
         self.check(ConnKey::new(user, server), true).await
     }
 
-    /// Before a session starts: like [`ensure_fresh`](Self::ensure_fresh) but always reads the
-    /// row (the session is about to read the file).
-    pub async fn before_session(
-        &self,
-        user: &UserId,
-        server: &ServerName,
-    ) -> Result<Freshness, CredentialError> {
-        self.check(ConnKey::new(user, server), false).await
-    }
-
-    /// The background sweep: always reads the row.
+    /// Before a session starts (it is about to read the file) and in the background sweep:
+    /// like [`ensure_fresh`](Self::ensure_fresh) but always reads the row.
     pub async fn check_now(
         &self,
         user: &UserId,

@@ -23,8 +23,8 @@ pub use files::{CredentialFiles, CredentialSpec};
 // its import moves to `crate::ids` with that rewrite).
 use crate::ids;
 pub use repo::{
-    BackendKind, ConnectionInfo, ConnectionRecord, NewOAuthState, OAuthState, Store, StoreOptions,
-    Stored, TokenUpdate, Tokens,
+    BackendKind, ConnectionInfo, ConnectionRecord, NewOAuthState, Store, StoreOptions, Stored,
+    TokenUpdate, Tokens,
 };
 pub use secret::Secret;
 pub use writer::{BoxFuture, CredentialError, CredentialWriter};

@@ -44,6 +44,25 @@ pub enum CredentialError {
     RefreshRejected(ServerName),
 }
 
+impl CredentialError {
+    /// The stable, machine-readable code of this error: the `error.code` of an HTTP body and
+    /// the `code` of a chat trace alike (through `PoolError::code`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            CredentialError::UnknownServer(_) => "unknown_server",
+            CredentialError::NotFound(_) | CredentialError::Store(StoreError::NotFound) => {
+                "no_credentials"
+            }
+            CredentialError::Store(StoreError::Conflict { .. }) => "conflict",
+            CredentialError::Store(_) | CredentialError::File { .. } => "internal",
+            CredentialError::Unavailable => "credentials_unavailable",
+            CredentialError::ReconnectRequired(_) => "reconnect_required",
+            CredentialError::RefreshUnavailable(_) => "token_refresh_unavailable",
+            CredentialError::RefreshRejected(_) => "token_refresh_failed",
+        }
+    }
+}
+
 /// Writes of credentials: each one to the row and the credentials file together, one at a
 /// time. Reads go straight to [`CredentialWriter::store`].
 pub trait CredentialWriter: Send + Sync + 'static {

@@ -258,20 +258,25 @@ impl Client {
         self
     }
 
-    pub async fn request(
+    /// Sends one request on a new connection; returns the response head with its body unread,
+    /// and the connection's task.
+    async fn send(
         &self,
         method: &str,
         path: &str,
         content_type: Option<&str>,
         body: Vec<u8>,
-    ) -> Resp {
+    ) -> (
+        hyper::Response<hyper::body::Incoming>,
+        tokio::task::JoinHandle<Result<(), hyper::Error>>,
+    ) {
         let stream = tokio::net::TcpStream::connect(self.addr)
             .await
             .expect("connect");
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .expect("handshake");
-        tokio::spawn(conn);
+        let connection = tokio::spawn(conn);
         let mut builder = hyper::Request::builder()
             .method(method)
             .uri(path)
@@ -283,7 +288,21 @@ impl Client {
             builder = builder.header("content-type", ct);
         }
         let request = builder.body(Full::new(Bytes::from(body))).expect("request");
-        let response = sender.send_request(request).await.expect("response");
+        let response = tokio::time::timeout(PATIENCE, sender.send_request(request))
+            .await
+            .expect("a response head within patience")
+            .expect("response");
+        (response, connection)
+    }
+
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Resp {
+        let (response, _) = self.send(method, path, content_type, body).await;
         let (parts, body) = response.into_parts();
         let body = body.collect().await.expect("body").to_bytes();
         Resp {
@@ -296,28 +315,10 @@ impl Client {
     /// Sends a JSON POST and returns as soon as the response head arrives; the body is read
     /// as it comes (server-sent events).
     pub async fn post_streaming(&self, path: &str, body: &Value) -> Streaming {
-        let stream = tokio::net::TcpStream::connect(self.addr)
-            .await
-            .expect("connect");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("handshake");
-        let connection = tokio::spawn(conn);
-        let mut builder = hyper::Request::builder()
-            .method("POST")
-            .uri(path)
-            .header("host", self.addr.to_string())
-            .header("content-type", "application/json");
-        for (name, value) in &self.headers {
-            builder = builder.header(name, value);
-        }
-        let request = builder
-            .body(Full::new(Bytes::from(body.to_string())))
-            .expect("request");
-        let response = tokio::time::timeout(PATIENCE, sender.send_request(request))
-            .await
-            .expect("a response head within patience")
-            .expect("response");
+        let body = body.to_string().into_bytes();
+        let (response, connection) = self
+            .send("POST", path, Some("application/json"), body)
+            .await;
         let (parts, body) = response.into_parts();
         Streaming {
             status: parts.status.as_u16(),
