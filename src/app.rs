@@ -9,7 +9,7 @@ use ractor::ActorRef;
 
 use crate::actors::{
     CredentialArgs, CredentialError, CredentialHandle, GuardianMsg, PoolArgs, PoolGuardian,
-    PoolHandle, RefreshArgs, TokenRefreshHandle,
+    PoolHandle, PoolTree, RefreshArgs, TokenRefreshHandle,
 };
 use crate::config::{Config, ENCRYPTION_KEYS_ENV};
 use crate::mcp::sandbox::SandboxSettings;
@@ -47,6 +47,10 @@ pub enum AppError {
         addr: std::net::SocketAddr,
         cause: std::io::Error,
     },
+    /// The pool tree kept failing and its guardian gave up: the service stopped so that its
+    /// process manager can start it afresh.
+    #[error("the connection pool failed repeatedly and was given up; the service stopped")]
+    PoolFailed,
 }
 
 /// Store options from config and the process environment.
@@ -108,12 +112,6 @@ impl Storage {
             cleanup,
         })
         .await?;
-        // The refresher writes through a handle without itself attached; everyone else (the
-        // pool, the HTTP facade) gets the handle with it, so they share one single flight.
-        let refresher = TokenRefresher::from_config(config, credentials.clone(), &|var| {
-            std::env::var(var).ok()
-        })?;
-        let credentials = credentials.with_refresher(refresher);
         Ok(Storage { store, credentials })
     }
 
@@ -130,6 +128,8 @@ pub struct App {
     pub storage: Storage,
     pub pool: PoolHandle,
     guardian: ActorRef<GuardianMsg>,
+    /// The guardian's task; taken by [`App::serve`], which watches it.
+    guardian_ended: Option<tokio::task::JoinHandle<()>>,
     registry: ProcessRegistry,
     /// Background refresh of live sessions' OAuth tokens.
     pub refresh: Option<TokenRefreshHandle>,
@@ -196,66 +196,128 @@ impl App {
                 SandboxMode::Enforce => {}
             }
         }
+        // Token freshness has one owner, the pool; the refresher writes through the
+        // credential writer like everyone else.
+        let refresher = TokenRefresher::from_config(
+            &config,
+            std::sync::Arc::new(storage.credentials.clone()),
+            &|var| std::env::var(var).ok(),
+        )?;
+        let interval = refresher
+            .min_refresh_before()
+            .map(TokenRefreshHandle::interval_for);
         let args = PoolArgs::from_config(
             &config,
             storage.credentials.clone(),
+            Some(refresher),
             Some(registry.clone()),
             sandbox.clone(),
         );
-        let (pool, guardian) = PoolGuardian::start(args).await?;
-        let refresh = match storage.credentials.refresher() {
-            Some(refresher) => {
-                refresher.attach_pool(pool.clone());
-                let interval = refresher
-                    .min_refresh_before()
-                    .map(TokenRefreshHandle::interval_for);
-                Some(
-                    TokenRefreshHandle::spawn(RefreshArgs {
-                        refresher: refresher.clone(),
-                        pool: pool.clone(),
-                        interval,
-                    })
-                    .await?,
-                )
-            }
-            None => None,
-        };
+        let PoolTree {
+            pool,
+            guardian,
+            ended,
+        } = PoolGuardian::start(args).await?;
+        let refresh = Some(
+            TokenRefreshHandle::spawn(RefreshArgs {
+                pool: pool.clone(),
+                interval,
+            })
+            .await?,
+        );
         Ok(App {
             config,
             storage,
             pool,
             guardian,
+            guardian_ended: Some(ended),
             registry,
             refresh,
             sandbox,
         })
     }
 
-    /// Serves the HTTP facade until `shutdown` resolves and in-flight requests drained, then
-    /// stops everything in order (see actors.md).
+    /// The HTTP facade's state, with authentication from the `[auth]` section and `env` for
+    /// the variables it names (`MCP_POOL_API_KEY`, `MCP_POOL_ADMIN_KEY`, the JWT secret);
+    /// production passes `std::env::var`.
+    pub fn http_state(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<crate::http::HttpState, AppError> {
+        let auth = crate::http::Auth::from_config(&self.config.auth, env)?;
+        Ok(crate::http::HttpState::new(
+            self.pool.clone(),
+            self.storage.credentials.clone(),
+            self.storage.store.clone(),
+            std::sync::Arc::new(self.config.clone()),
+            auth,
+        ))
+    }
+
+    /// Binds `service.listen` and serves until `shutdown` resolves (see [`App::serve`]).
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), AppError> {
-        let state = crate::http::HttpState::from_app(&self)?;
+        let state = self.http_state(|name| std::env::var(name).ok())?;
         let addr = self.config.service.listen;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|cause| AppError::Listen { addr, cause })?;
+        self.serve(listener, state, shutdown).await
+    }
+
+    /// Serves the HTTP facade on `listener` until `shutdown` resolves or the pool tree gives
+    /// up, drains in-flight requests, then stops everything in order (see actors.md). Returns
+    /// [`AppError::PoolFailed`] in the second case, so the process exits non-zero.
+    pub async fn serve(
+        mut self,
+        listener: tokio::net::TcpListener,
+        state: crate::http::HttpState,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), AppError> {
         // The bound address, not the configured one: port 0 picks a free port.
-        let bound = listener.local_addr().unwrap_or(addr);
+        let bound = listener.local_addr().unwrap_or(self.config.service.listen);
         tracing::info!(
             listen = %bound,
             backend = ?self.storage.store.kind(),
             servers = ?self.config.servers.keys().collect::<Vec<_>>(),
             "mcp-pool started"
         );
-        if let Err(err) = crate::http::serve(listener, state, shutdown).await {
+        // The guardian ends before `stop` only when it gave up: then the pool will never serve
+        // again, and running on would answer 503 forever.
+        let pool_failed = tokio_util::sync::CancellationToken::new();
+        let watcher = {
+            let (ended, pool_failed) = (self.guardian_ended.take(), pool_failed.clone());
+            tokio::spawn(async move {
+                if let Some(ended) = ended {
+                    let _ = ended.await;
+                    pool_failed.cancel();
+                }
+            })
+        };
+        let stop_serving = {
+            let pool_failed = pool_failed.clone();
+            async move {
+                tokio::select! {
+                    () = shutdown => {}
+                    () = pool_failed.cancelled() => {
+                        tracing::error!("The connection pool was given up; shutting down");
+                    }
+                }
+            }
+        };
+        if let Err(err) = crate::http::serve(listener, state, stop_serving).await {
             tracing::error!(cause = %err, "HTTP server failed");
         }
+        watcher.abort();
+        let failed = pool_failed.is_cancelled();
         tracing::info!("Shutting down");
         self.stop().await;
         tracing::info!("mcp-pool stopped");
+        if failed {
+            return Err(AppError::PoolFailed);
+        }
         Ok(())
     }
 

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::ids::ServerName;
 use crate::mcp::sandbox::{Limits, SandboxMode, ServerPolicy};
-use crate::store::ids::ServerName;
 
 /// Environment variable that overrides `database.url`.
 pub const DATABASE_URL_ENV: &str = "MCP_POOL_DATABASE_URL";
@@ -549,6 +549,10 @@ pub struct OAuthClientConfig {
     /// Upper bound of one token-endpoint request.
     #[serde(default = "default_token_timeout", with = "humantime_serde")]
     pub token_timeout: Duration,
+    /// After a refresh failed transiently (5xx, timeout, network), the key waits this long
+    /// before it is tried again, doubling with each further failure (up to 60 times this).
+    #[serde(default = "default_refresh_cooldown", with = "humantime_serde")]
+    pub refresh_cooldown: Duration,
 }
 
 /// Client authentication at the token endpoint (RFC 6749 section 2.3.1).
@@ -568,6 +572,10 @@ fn default_refresh_before() -> Duration {
 
 fn default_token_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_refresh_cooldown() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// Authorization parameters mcp-pool sets itself; `extra_auth_params` may not override them.
@@ -1037,6 +1045,12 @@ fn validate_oauth(
             "must be longer than zero",
         ));
     }
+    if oauth.refresh_cooldown.is_zero() {
+        return Err(invalid(
+            key("oauth.refresh_cooldown"),
+            "must be longer than zero",
+        ));
+    }
     Ok(())
 }
 
@@ -1098,19 +1112,83 @@ mod tests {
         assert!(err.contains("servers.../x"), "{err}");
     }
 
+    /// The defaults compiled into the code (an empty file), key by key as README's
+    /// configuration table documents them: a changed default changes this test.
     #[test]
-    fn auth_and_http_defaults_are_the_embedded_ones() {
-        let config = Config::parse(SHIPPED).unwrap();
-        assert_eq!(config.auth.mode, AuthMode::ApiKey);
-        assert_eq!(config.auth.api_key_file, PathBuf::from("./data/api.key"));
+    fn code_defaults_are_the_documented_ones() {
+        let config = Config::parse("").expect("an empty config parses");
+        config.validate().expect("the code defaults validate");
+        let secs = Duration::from_secs;
+        let s = &config.service;
+        assert_eq!(s.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
+        assert_eq!(s.data_dir, PathBuf::from("./data"));
+        assert_eq!(s.shutdown_grace, secs(10));
+        let d = &config.database;
+        assert_eq!(d.url, "sqlite://./data/mcp-pool.db");
+        assert_eq!((d.max_connections, d.busy_timeout), (8, secs(5)));
+        let c = &config.credentials;
+        assert_eq!(c.dir, PathBuf::from("./mcp-credentials"));
+        assert_eq!(c.cleanup_inactive_after, secs(30 * 86400));
+        assert_eq!(c.cleanup_interval, secs(86400));
         assert_eq!(
-            config.auth.admin_key_file,
-            PathBuf::from("./data/admin.key")
+            config.encryption.key_file,
+            PathBuf::from("./data/encryption.key")
         );
-        assert!(config.auth.jwt.is_none());
-        assert_eq!(config.http.request_timeout, Duration::from_secs(120));
-        assert_eq!(config.http.max_body_bytes, 1024 * 1024);
-        assert_eq!(config.http.shutdown_delay, Duration::ZERO);
+        let p = &config.pool;
+        assert_eq!(
+            (p.idle_timeout, p.reap_interval, p.call_timeout),
+            (secs(3600), secs(1800), secs(60))
+        );
+        assert_eq!((p.startup_timeout, p.close_grace), (secs(30), secs(3)));
+        assert_eq!((p.max_connections, p.max_connections_per_user), (1000, 10));
+        assert_eq!(
+            (p.restart_backoff_base, p.restart_backoff_cap),
+            (Duration::from_millis(200), secs(30))
+        );
+        assert_eq!(
+            (p.max_restarts, p.restart_window, p.failed_cooldown),
+            (5, secs(60), secs(300))
+        );
+        let a = &config.auth;
+        assert_eq!(a.mode, AuthMode::ApiKey);
+        assert_eq!(a.api_key_file, PathBuf::from("./data/api.key"));
+        assert_eq!(a.admin_key_file, PathBuf::from("./data/admin.key"));
+        assert!(a.jwt.is_none());
+        let h = &config.http;
+        assert_eq!(
+            (h.request_timeout, h.max_body_bytes, h.shutdown_delay),
+            (secs(120), 1024 * 1024, Duration::ZERO)
+        );
+        let l = &config.llm;
+        assert_eq!(
+            (l.base_url.as_str(), l.model.as_str()),
+            ("https://api.openai.com/v1", "gpt-4o-mini")
+        );
+        assert_eq!(l.api_key_env, "MCP_POOL_LLM_API_KEY");
+        assert_eq!(
+            (l.timeout, l.max_steps, l.max_parallel_tool_calls),
+            (secs(120), 8, 4)
+        );
+        assert!(config.servers.is_empty());
+    }
+
+    /// The shipped file states the same values as the code (it is a working default, not a
+    /// second set of defaults).
+    #[test]
+    fn the_shipped_file_agrees_with_the_code_defaults() {
+        let shipped = Config::parse(SHIPPED).unwrap();
+        let code = Config::parse("").unwrap();
+        assert_eq!(
+            format!("{:?}", shipped.service),
+            format!("{:?}", code.service)
+        );
+        assert_eq!(format!("{:?}", shipped.pool), format!("{:?}", code.pool));
+        assert_eq!(format!("{:?}", shipped.auth), format!("{:?}", code.auth));
+        assert_eq!(format!("{:?}", shipped.http), format!("{:?}", code.http));
+        assert_eq!(
+            format!("{:?}", shipped.credentials),
+            format!("{:?}", code.credentials)
+        );
     }
 
     fn validation_error(text: &str) -> String {

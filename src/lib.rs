@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`app`]: wiring of store, actors and facade; `run_until_stopped`.
 //! - [`config`]: `config.toml`, humantime durations, validated once at start-up.
+//! - [`ids`]: validated user ids and server names, and the (user, server) key; a leaf module.
 //! - [`store`]: the `mcp_connections` repository (SQLite or PostgreSQL), token encryption,
 //!   private credential files.
 //! - [`actors`]: the ractor actor tree; each actor file holds its message enum and typed handle.
@@ -16,6 +17,7 @@ pub mod actors;
 pub mod app;
 pub mod config;
 pub mod http;
+pub mod ids;
 pub mod llm;
 pub mod mcp;
 pub mod oauth;

@@ -2,12 +2,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::BIN;
+use common::{BIN, PATIENCE};
 
 fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     let data = dir.join("data");
@@ -26,14 +27,55 @@ fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     path
 }
 
-fn run(config: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env_remove("MCP_POOL_DATABASE_URL")
-        .output()
+/// Waits for `child` to exit, for at most `limit`; kills it and fails the test otherwise.
+fn wait_bounded(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `Command::output`, bounded: a hung command fails the test instead of hanging it.
+fn output_bounded(command: &mut Command) -> Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    // Drained in threads so a chatty child never blocks on a full pipe.
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let status = wait_bounded(&mut child, PATIENCE, &format!("{command:?}"));
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+fn run(config: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = output_bounded(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env_remove("MCP_POOL_DATABASE_URL"),
+    );
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -44,12 +86,12 @@ fn run(config: &Path, args: &[&str]) -> (bool, String, String) {
 #[test]
 fn shipped_config_checks_out() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(BIN)
-        .current_dir(root)
-        .args(["check-config"])
-        .env_remove("MCP_POOL_CONFIG")
-        .output()
-        .unwrap();
+    let out = output_bounded(
+        Command::new(BIN)
+            .current_dir(root)
+            .args(["check-config"])
+            .env_remove("MCP_POOL_CONFIG"),
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -91,14 +133,178 @@ fn invalid_configs_exit_non_zero_naming_the_key() {
     assert!(!ok && stderr.contains("missing.toml"), "{stderr}");
 }
 
+/// Stores credentials for `(user, "demo")` through the library, as the service would; returns
+/// the row's credentials file.
+async fn store_credentials(config: &Path, users: &[&str]) -> Vec<std::path::PathBuf> {
+    use mcp_pool::store::{Secret, ServerName, Tokens, UserId};
+    let text = std::fs::read_to_string(config).unwrap();
+    let config = mcp_pool::config::Config::parse(&text).unwrap();
+    let storage = mcp_pool::app::Storage::open(&config, false).await.unwrap();
+    let mut files = Vec::new();
+    for user in users {
+        let tokens = Tokens {
+            access_token: Some(Secret::new(format!("access-of-{user}"))),
+            refresh_token: Some(Secret::new(format!("refresh-of-{user}"))),
+            token_expiry: None,
+        };
+        let user = UserId::parse(user).unwrap();
+        let demo = ServerName::parse("demo").unwrap();
+        let (info, _) = storage
+            .credentials
+            .create(&user, &demo, tokens)
+            .await
+            .unwrap();
+        files.push(info.credentials_path);
+    }
+    storage.close().await;
+    files
+}
+
+/// Reads `user`'s demo row back through the library: (key version, decrypted access token).
+async fn stored_row(config: &Path, user: &str) -> Option<(u32, String)> {
+    use mcp_pool::store::{ServerName, UserId};
+    let text = std::fs::read_to_string(config).unwrap();
+    let config = mcp_pool::config::Config::parse(&text).unwrap();
+    let store = mcp_pool::store::Store::connect(&mcp_pool::app::store_options(&config))
+        .await
+        .unwrap();
+    let user = UserId::parse(user).unwrap();
+    let demo = ServerName::parse("demo").unwrap();
+    let record = store.get(&user, &demo).await.unwrap();
+    let version = store
+        .list(Some(&user), true)
+        .await
+        .unwrap()
+        .first()
+        .map(|row| row.key_version);
+    store.close().await;
+    let record = record?;
+    Some((
+        version.expect("a listed row"),
+        record.tokens.access_token.unwrap().expose().to_owned(),
+    ))
+}
+
 #[test]
 fn operator_commands_manage_credentials() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "");
     let (ok, _, stderr) = run(&config, &["migrate"]);
     assert!(ok, "{stderr}");
     let (ok, stdout, _) = run(&config, &["credentials", "list"]);
     assert!(ok && stdout.contains("0 rows"), "{stdout}");
+    let files = runtime.block_on(store_credentials(&config, &["alice", "bob"]));
+
+    // Real rows: listed without a token.
+    let (ok, stdout, stderr) = run(&config, &["credentials", "list"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("2 rows"), "{stdout}");
+    assert!(
+        stdout.contains("alice") && stdout.contains("bob"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("access-of-") && !stdout.contains("refresh-of-"),
+        "{stdout}"
+    );
+
+    // --no-new-key with every row on the newest key: nothing to do.
+    let (ok, stdout, stderr) = run(&config, &["credentials", "rotate-key", "--no-new-key"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("key version 1 now encrypts; re-encrypted 0 rows"),
+        "{stdout}"
+    );
+    // An operator adds key version 2 by hand: --no-new-key moves both rows onto it.
+    let key_file = dir.path().join("data/key");
+    let mut keys = std::fs::read_to_string(&key_file).unwrap();
+    use base64::Engine as _;
+    let new_key = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+    keys.push_str(&format!("2:{new_key}\n"));
+    std::fs::write(&key_file, keys).unwrap();
+    let (ok, stdout, stderr) = run(&config, &["credentials", "rotate-key", "--no-new-key"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("key version 2 now encrypts; re-encrypted 2 rows"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&key_file).unwrap().lines().count(),
+        2
+    );
+    // Plain rotate-key adds version 3 and re-encrypts again.
+    let (ok, stdout, stderr) = run(&config, &["credentials", "rotate-key"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("key version 3 now encrypts; re-encrypted 2 rows"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&key_file).unwrap().lines().count(),
+        3
+    );
+    assert_eq!(
+        runtime.block_on(stored_row(&config, "bob")),
+        Some((3, "access-of-bob".to_owned())),
+        "re-encrypted rows still decrypt"
+    );
+
+    // Deactivate a real row: inactive, its file gone, the other row untouched.
+    assert!(files[0].exists() && files[1].exists());
+    let (ok, stdout, stderr) = run(
+        &config,
+        &[
+            "credentials",
+            "deactivate",
+            "--user",
+            "alice",
+            "--server",
+            "demo",
+        ],
+    );
+    assert!(
+        ok && stdout.contains("deactivated alice/demo"),
+        "{stdout}{stderr}"
+    );
+    assert!(!files[0].exists(), "alice's credentials file removed");
+    assert!(files[1].exists());
+    let (_, stdout, _) = run(&config, &["credentials", "list"]);
+    assert!(
+        stdout.contains("1 rows") && !stdout.contains("alice"),
+        "{stdout}"
+    );
+    let (_, stdout, _) = run(&config, &["credentials", "list", "--all"]);
+    assert!(stdout.contains("2 rows"), "{stdout}");
+    // Cleanup keeps an inactive row younger than the threshold.
+    let (ok, stdout, _) = run(
+        &config,
+        &["credentials", "cleanup", "--inactive-for", "30d"],
+    );
+    assert!(ok && stdout.contains("deleted 0"), "{stdout}");
+    // Delete a real row.
+    let (ok, stdout, stderr) = run(
+        &config,
+        &[
+            "credentials",
+            "delete",
+            "--user",
+            "alice",
+            "--server",
+            "demo",
+        ],
+    );
+    assert!(
+        ok && stdout.contains("deleted 1 rows for alice/demo"),
+        "{stdout}{stderr}"
+    );
+    let (_, stdout, _) = run(&config, &["credentials", "list", "--all"]);
+    assert!(
+        stdout.contains("1 rows") && !stdout.contains("alice"),
+        "{stdout}"
+    );
+    assert_eq!(runtime.block_on(stored_row(&config, "alice")), None);
+
     // Bad identifiers are refused with a clear message.
     let (ok, _, stderr) = run(
         &config,
@@ -124,21 +330,47 @@ fn operator_commands_manage_credentials() {
         ],
     );
     assert!(!ok && stderr.contains("no active credentials"), "{stderr}");
-    let (ok, stdout, _) = run(
-        &config,
-        &["credentials", "cleanup", "--inactive-for", "30d"],
-    );
-    assert!(ok && stdout.contains("deleted 0"), "{stdout}");
-    let (ok, stdout, stderr) = run(&config, &["credentials", "rotate-key"]);
-    assert!(ok, "{stderr}");
-    assert!(stdout.contains("key version 2"), "{stdout}");
-    let key = std::fs::read_to_string(dir.path().join("data/key")).unwrap();
-    assert_eq!(key.lines().count(), 2, "a second key version was added");
     let (ok, _, stderr) = run(
         &config,
         &["credentials", "cleanup", "--inactive-for", "soon"],
     );
     assert!(!ok && stderr.contains("inactive-for"), "{stderr}");
+}
+
+/// Lines of a child's stderr, read in a thread, so a test waits for them with a bound.
+fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (bounded) for a line matching `wanted`; the lines seen, up to and including it.
+fn wait_for_line(lines: &mpsc::Receiver<String>, wanted: &str) -> Vec<String> {
+    let deadline = Instant::now() + PATIENCE;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                let found = line.contains(wanted);
+                seen.push(line);
+                if found {
+                    return seen;
+                }
+            }
+            Err(_) => panic!(
+                "no line with {wanted:?} within {PATIENCE:?}:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
 }
 
 #[test]
@@ -157,12 +389,8 @@ fn serve_shuts_down_cleanly_on_sigterm_and_sigint() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let started = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .any(|line| line.contains("mcp-pool started"));
-        assert!(started, "serve did not start");
+        let lines = stderr_lines(&mut child);
+        wait_for_line(&lines, "mcp-pool started");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("data"))
             .unwrap()
@@ -174,26 +402,11 @@ fn serve_shuts_down_cleanly_on_sigterm_and_sigint() {
             "the data directory holds keys: private"
         );
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
-        let rest: Vec<String> = lines.map_while(Result::ok).collect();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve did not exit after {signal}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let rest = wait_for_line(&lines, "mcp-pool stopped");
+        let status = wait_bounded(&mut child, PATIENCE, &format!("serve after {signal}"));
         assert!(
             status.success(),
             "{signal}: {status:?}\n{}",
-            rest.join("\n")
-        );
-        assert!(
-            rest.iter().any(|l| l.contains("mcp-pool stopped")),
-            "{}",
             rest.join("\n")
         );
     }

@@ -364,3 +364,64 @@ async fn rs256_tokens_are_verified_against_the_jwks_file() {
     }
     server.stop().await;
 }
+
+fn es_token(claims: &Value, kid: Option<&str>) -> String {
+    let pem = std::fs::read(fixture("es256-test-private.pem")).unwrap();
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, claims, &EncodingKey::from_ec_pem(&pem).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn es256_tokens_are_verified_against_the_jwks_file() {
+    let jwks = fixture("es256-test-jwks.json");
+    let server = TestServer::start(
+        "",
+        "",
+        &format!("mode = \"jwt\"\n[auth.jwt]\nalgorithm = \"ES256\"\njwks_file = {jwks:?}\n"),
+        &[],
+    )
+    .await;
+    let claims = |sub: &str, exp: i64| json!({ "sub": sub, "exp": exp });
+    // The verified `sub` is the acting user: Fay's credentials are hers alone.
+    let fay = server.bearer(&es_token(&claims("fay", now() + 600), Some("test-es256")));
+    assert_eq!(fay.connect("demo").await.status, 201);
+    let listed = fay.get("/v1/connections").await;
+    assert_eq!(listed.status, 200, "{}", listed.text());
+    assert_eq!(
+        listed.json()["connections"][0]["server"],
+        "demo",
+        "{}",
+        listed.text()
+    );
+    let gus = server.bearer(&es_token(&claims("gus", now() + 600), None));
+    let listed = gus.get("/v1/connections").await;
+    assert_eq!(listed.status, 200, "no kid: tried against every key");
+    assert_eq!(listed.json()["connections"], json!([]), "{}", listed.text());
+
+    for (why, token) in [
+        (
+            "expired",
+            es_token(&claims("fay", now() - 3600), Some("test-es256")),
+        ),
+        (
+            "unknown kid",
+            es_token(&claims("fay", now() + 600), Some("other")),
+        ),
+        (
+            "an RS256 token where ES256 is configured",
+            rs_token(&claims("fay", now() + 600), Some("test-es256")),
+        ),
+        (
+            "hs256 keyed with the public JWKS",
+            hs_token(
+                &claims("fay", now() + 600),
+                &std::fs::read_to_string(&jwks).unwrap(),
+            ),
+        ),
+    ] {
+        let resp = server.bearer(&token).get("/v1/connections").await;
+        assert_eq!(resp.status, 401, "{why}: {}", resp.text());
+    }
+    server.stop().await;
+}

@@ -7,9 +7,13 @@ mod fake_llm;
 #[path = "common/http.rs"]
 mod http;
 
+use std::sync::Arc;
+
+use common::{PATIENCE, wait_until};
 use fake_llm::{FakeLlm, Reply};
 use http::TestServer;
 use serde_json::{Value, json};
+use tokio::sync::Semaphore;
 
 fn llm_section(fake: &FakeLlm) -> String {
     format!(
@@ -100,41 +104,49 @@ async fn chat_runs_the_tool_loop_with_the_callers_tools() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_streams_events_in_order() {
+    // The model's final answer waits at a gate the test opens: events that arrive before the
+    // test opens it were streamed, not buffered until the end.
+    let gate = Arc::new(Semaphore::new(0));
     let fake = FakeLlm::start([
         Reply::calls(&[("call_1", "demo__echo", json!({ "message": "streamed" }))]),
-        Reply::text("Here is the streamed answer."),
+        Reply::Gate(
+            gate.clone(),
+            Box::new(Reply::text("Here is the streamed answer.")),
+        ),
     ])
     .await;
     let server = server_with(&fake).await;
     let carol = server.user("carol");
-    carol
+    let stored = carol
         .put_json("/v1/connections/demo", &json!({ "access_token": "c" }))
         .await;
-    let response = carol
-        .post_json("/v1/chat", &json!({ "message": "go", "stream": true }))
+    assert_eq!(stored.status, 201, "{}", stored.text());
+    let mut stream = carol
+        .post_streaming("/v1/chat", &json!({ "message": "go", "stream": true }))
         .await;
-    assert_eq!(response.status, 200, "{}", response.text());
-    let content_type = response.headers["content-type"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    assert_eq!(stream.status, 200);
+    let content_type = stream.headers["content-type"].to_str().unwrap().to_owned();
     assert!(
         content_type.starts_with("text/event-stream"),
         "{content_type}"
     );
 
     let mut events: Vec<(String, Value)> = Vec::new();
-    let text = response.text();
-    for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
-        let name = block
-            .lines()
-            .find_map(|l| l.strip_prefix("event: "))
-            .map(str::to_owned);
-        let data = block.lines().find_map(|l| l.strip_prefix("data: "));
-        if let (Some(name), Some(data)) = (name, data) {
-            events.push((name, serde_json::from_str(data).unwrap()));
-        }
+    while !events.iter().any(|(name, _)| name == "tool_call_finished") {
+        let event = stream.next_event().await.expect("the tool events arrive");
+        events.push(event);
     }
+    assert!(
+        !events
+            .iter()
+            .any(|(name, _)| name == "text_delta" || name == "done"),
+        "nothing of the gated answer yet: {events:?}"
+    );
+    gate.add_permits(1);
+    while let Some(event) = stream.next_event().await {
+        events.push(event);
+    }
+
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     let started = names
         .iter()
@@ -146,6 +158,7 @@ async fn chat_streams_events_in_order() {
         .expect("finished");
     let first_text = names.iter().position(|n| *n == "text_delta").expect("text");
     assert!(started < finished && finished < first_text, "{names:?}");
+    assert_eq!(events[finished].1["is_error"], false, "{events:?}");
     assert_eq!(names.last(), Some(&"done"), "{names:?}");
     let streamed: String = events
         .iter()
@@ -157,6 +170,56 @@ async fn chat_streams_events_in_order() {
         events.last().unwrap().1["reply"],
         "Here is the streamed answer."
     );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_chat_is_cancelled_when_the_client_disconnects() {
+    // A tool call far longer than the test: only a cancellation ends it in time.
+    let fake = FakeLlm::start([
+        Reply::calls(&[("call_1", "demo__sleep", json!({ "ms": 600_000 }))]),
+        Reply::text("nobody is listening"),
+    ])
+    .await;
+    let server = TestServer::start("call_timeout = \"1h\"", &llm_section(&fake), "", &[]).await;
+    let dan = server.user("dan");
+    let stored = dan
+        .put_json("/v1/connections/demo", &json!({ "access_token": "d" }))
+        .await;
+    assert_eq!(stored.status, 201, "{}", stored.text());
+    let mut stream = dan
+        .post_streaming("/v1/chat", &json!({ "message": "sleep", "stream": true }))
+        .await;
+    assert_eq!(stream.status, 200);
+    loop {
+        let (name, _) = stream.next_event().await.expect("the call starts");
+        if name == "tool_call_started" {
+            break;
+        }
+    }
+    let pool = &server.state.pool;
+    let in_flight = || async {
+        let stats = pool.stats().await.unwrap();
+        stats.connections.iter().map(|c| c.in_flight).sum::<usize>()
+    };
+    assert!(wait_until(PATIENCE, || async { in_flight().await == 1 }).await);
+
+    drop(stream);
+    // The chat's running tool call is cancelled on the server, and the model is not asked
+    // again for the answer nobody would read.
+    let cancelled = wait_until(PATIENCE, || async {
+        let stats = dan.call("demo", "stats", &json!({})).await;
+        assert_eq!(stats.status, 200, "{}", stats.text());
+        let stats: Value = serde_json::from_str(&http::content_text(&stats.json())).unwrap();
+        stats["cancelled_sleeps"] == 1
+    })
+    .await;
+    assert!(
+        cancelled,
+        "the tool call was cancelled when the client left"
+    );
+    assert!(wait_until(PATIENCE, || async { in_flight().await == 0 }).await);
+    assert_eq!(fake.requests().len(), 1, "the model was not asked again");
     server.stop().await;
 }
 

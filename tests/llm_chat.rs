@@ -531,7 +531,9 @@ async fn one_steps_calls_run_concurrently_up_to_the_limit() {
             .close_connection(&h.user, &server_name("demo"))
             .await
             .unwrap();
-        let sleep = |id: &str| (id.to_owned(), json!({"ms": 400}));
+        // Long enough that only a hang of seconds between dispatching the calls could keep
+        // them from overlapping.
+        let sleep = |id: &str| (id.to_owned(), json!({"ms": 5000}));
         let sleeps: Vec<(String, Value)> = vec![sleep("s1"), sleep("s2"), sleep("s3")];
         let calls: Vec<(&str, &str, Value)> = sleeps
             .iter()

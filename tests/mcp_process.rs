@@ -1,5 +1,7 @@
 //! Process-group hygiene: terminate_group, the ProcessRegistry backstop, PR_SET_PDEATHSIG.
 
+mod common;
+
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader},
@@ -8,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{PATIENCE, wait_until};
 use mcp_pool::mcp::{
     McpSession, ProcessRegistry, ServerLaunch, process_start_time, terminate_group,
 };
@@ -17,20 +20,6 @@ use nix::{
 };
 
 // === helpers ===
-
-/// Polls `check` every 20 ms for up to 10 s.
-async fn eventually(mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if check() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -86,7 +75,10 @@ async fn terminate_group_escalates_to_sigkill_and_tolerates_a_dead_group() {
     assert!(started.elapsed() < Duration::from_secs(30));
     let status = shell.wait().expect("wait");
     assert_eq!(status.signal(), Some(Signal::SIGKILL as i32), "{status:?}");
-    assert!(eventually(|| !running(member)).await, "member survived");
+    assert!(
+        wait_until(PATIENCE, || std::future::ready(!running(member))).await,
+        "member survived"
+    );
 
     // Already gone: returns at once, signals nothing.
     let started = Instant::now();
@@ -184,7 +176,10 @@ async fn registry_kills_the_orphans_of_a_dead_leader() {
     assert!(running(orphan));
 
     assert_eq!(registry.reap_leftovers(), 1);
-    assert!(eventually(|| !running(orphan)).await, "orphan survived");
+    assert!(
+        wait_until(PATIENCE, || std::future::ready(!running(orphan))).await,
+        "orphan survived"
+    );
 }
 
 #[test]
@@ -268,7 +263,7 @@ async fn children_die_with_the_process_that_spawned_them() {
 
     kill(Pid::from_raw(server), Signal::SIGKILL).expect("kill the server");
     assert!(
-        eventually(|| !running(child)).await,
+        wait_until(PATIENCE, || std::future::ready(!running(child))).await,
         "child outlived its parent: {:?}",
         state(child)
     );

@@ -1,11 +1,14 @@
 //! McpSession against the real bundled demo server (`mcp-pool demo-server --test-tools`).
 
+mod common;
+
 use std::{
     collections::BTreeMap,
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use common::{PATIENCE, wait_until};
 use mcp_pool::mcp::{ExitReason, McpError, McpSession, ProcessRegistry, ServerLaunch};
 use rmcp::model::CallToolResult;
 use serde_json::{Value, json};
@@ -48,20 +51,6 @@ fn text(result: &CallToolResult) -> String {
         .iter()
         .filter_map(|block| block.as_text().map(|t| t.text.clone()))
         .collect()
-}
-
-/// Polls `check` every 20 ms for up to 10 s.
-async fn eventually(mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if check() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// `/proc/<pid>/stat` state letter, or `None` when the pid does not exist (reaped).
@@ -230,15 +219,13 @@ async fn a_timed_out_call_is_cancelled_and_the_session_lives_on() {
     assert_eq!(text(&echoed), "still here");
 
     // The server saw `notifications/cancelled` and stopped sleeping.
-    let mut cancelled = 0;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cancelled == 0 && Instant::now() < deadline {
+    let cancelled = wait_until(PATIENCE, || async {
         let stats = session.call_tool("stats", None, CALL).await.expect("stats");
         let stats: Value = serde_json::from_str(&text(&stats)).expect("json");
-        cancelled = stats["cancelled_sleeps"].as_u64().unwrap_or(0);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(cancelled, 1);
+        stats["cancelled_sleeps"] == 1
+    })
+    .await;
+    assert!(cancelled, "the server counted one cancelled sleep");
     session.close(Duration::from_secs(5)).await;
 }
 
@@ -275,7 +262,7 @@ async fn a_crash_fails_in_flight_calls_promptly_and_signals_the_end() {
     assert_eq!(reason, Some(ExitReason::TransportClosed));
     assert_eq!(session.closed().await, ExitReason::TransportClosed);
     assert!(
-        eventually(|| state(pid).is_none()).await,
+        wait_until(PATIENCE, || std::future::ready(state(pid).is_none())).await,
         "crashed leader not reaped"
     );
     let later = session
@@ -356,7 +343,7 @@ async fn kill_now_ends_the_session() {
         .await
         .expect("ended promptly");
     assert_eq!(reason, ExitReason::TransportClosed);
-    assert!(eventually(|| state(pid).is_none()).await);
+    assert!(wait_until(PATIENCE, || std::future::ready(state(pid).is_none())).await);
     session.close(Duration::from_secs(1)).await;
 }
 

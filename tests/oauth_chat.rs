@@ -1,5 +1,6 @@
-//! `/v1/chat` refreshes tokens that are due before its tool loop runs: a real OAuth server
-//! (npm `oauth2-mock-server`), the real pool and demo server, and a scripted LLM.
+//! `/v1/chat` gets fresh tokens before each of its tool calls (the pool checks them, not the
+//! chat): a real OAuth server (npm `oauth2-mock-server`), the real pool and demo server, and a
+//! scripted LLM.
 
 mod common;
 #[path = "common/fake_llm.rs"]
@@ -9,18 +10,30 @@ mod http;
 #[path = "common/oauth.rs"]
 mod oauth;
 
-use std::time::Duration;
+use std::sync::Arc;
 
 use fake_llm::{FakeLlm, Reply};
 use http::TestServer;
 use oauth::{MockOAuth, SUCCESS, oauth_server, path_and_query};
 use serde_json::json;
+use tokio::sync::Semaphore;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chat_refreshes_a_due_token_before_calling_tools() {
+async fn a_chat_refreshes_a_token_that_became_due_before_its_next_tool_call() {
     let mock = MockOAuth::start().await;
+    // The model's second step waits at a gate, so the test can make the token due between the
+    // chat's two tool calls.
+    let gate = Arc::new(Semaphore::new(0));
     let llm = FakeLlm::start([
-        Reply::calls(&[("call_1", "gdemo__echo", json!({ "message": "fresh" }))]),
+        Reply::calls(&[("call_1", "gdemo__echo", json!({ "message": "first" }))]),
+        Reply::Gate(
+            gate.clone(),
+            Box::new(Reply::calls(&[(
+                "call_2",
+                "gdemo__echo",
+                json!({ "message": "second" }),
+            )])),
+        ),
         Reply::text("done"),
     ])
     .await;
@@ -31,8 +44,8 @@ async fn a_chat_refreshes_a_due_token_before_calling_tools() {
         fake_llm::MODEL
     );
     let ts = TestServer::start("", &extra, "", &[]).await;
-    // Connect with a token that is due for refresh two seconds from now.
-    mock.control(json!({ "expires_in": 3602 })).await;
+    // Connect with a token that has two hours left: not due (refresh_before is one hour).
+    mock.control(json!({ "expires_in": 7200 })).await;
     let start = ts
         .user("alice")
         .post_json("/v1/oauth/gdemo/start", &json!({}))
@@ -48,29 +61,45 @@ async fn a_chat_refreshes_a_due_token_before_calling_tools() {
         back.headers["location"].to_str().unwrap(),
         format!("{SUCCESS}?connected=gdemo")
     );
-    // A live session first, so only the chat's own check can trigger the refresh.
-    let warm = ts
-        .user("alice")
-        .call("gdemo", "echo", &json!({ "message": "x" }))
-        .await;
-    assert_eq!(warm.status, 200, "{}", warm.text());
-    tokio::time::sleep(Duration::from_millis(2300)).await;
     mock.control(json!({ "expires_in": 7200, "reset_stats": true }))
         .await;
 
-    let chat = ts
+    let mut chat = ts
         .user("alice")
-        .post_json(
+        .post_streaming(
             "/v1/chat",
-            &json!({ "message": "hi", "servers": ["gdemo"] }),
+            &json!({ "message": "hi", "servers": ["gdemo"], "stream": true }),
         )
         .await;
-    assert_eq!(chat.status, 200, "{}", chat.text());
-    assert_eq!(chat.json()["reply"], "done");
+    assert_eq!(chat.status, 200);
+    loop {
+        let (name, event) = chat.next_event().await.expect("the first call finishes");
+        if name == "tool_call_finished" {
+            assert_eq!(event["is_error"], false, "{event}");
+            break;
+        }
+    }
+    assert_eq!(mock.refresh_requests().await, 0, "nothing was due yet");
+    // The token becomes due while the model thinks; its next tool call refreshes it first.
+    ts.set_token_expiry("alice", "gdemo", chrono::Duration::minutes(30))
+        .await;
+    gate.add_permits(1);
+    let mut finished = Vec::new();
+    let mut reply = None;
+    while let Some((name, event)) = chat.next_event().await {
+        match name.as_str() {
+            "tool_call_finished" => finished.push(event),
+            "done" => reply = Some(event["reply"].clone()),
+            _ => {}
+        }
+    }
+    assert_eq!(reply, Some(json!("done")));
+    assert_eq!(finished.len(), 1);
+    assert_eq!(finished[0]["is_error"], false, "{:?}", finished);
     assert_eq!(
         mock.refresh_requests().await,
         1,
-        "the chat refreshed the due token once"
+        "the chat's second tool call refreshed the due token once"
     );
     ts.stop().await;
 }

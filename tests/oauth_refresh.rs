@@ -1,8 +1,9 @@
 //! Automatic token refresh against a real OAuth 2 server (npm `oauth2-mock-server`, which here
 //! also rotates refresh tokens and refuses rotated-away ones with `invalid_grant`).
 //!
-//! Tokens become due without waiting minutes: `refresh_before = "1h"` and the server issues
-//! tokens with `expires_in = 3602`, so a refresh is due two seconds after connecting.
+//! No test waits for a token to become due: tokens are issued with two hours left against a
+//! `refresh_before` of one hour (not due, however slow the machine), and a test makes one due
+//! by storing an expiry inside that hour (`TestServer::set_token_expiry`).
 
 mod common;
 #[path = "common/http.rs"]
@@ -10,8 +11,8 @@ mod http;
 #[path = "common/oauth.rs"]
 mod oauth;
 
-use std::time::Duration;
-
+use chrono::Duration as Span;
+use common::{PATIENCE, wait_until};
 use http::{TestServer, content_text};
 use mcp_pool::actors::{RefreshArgs, TokenRefreshHandle};
 use mcp_pool::oauth::Freshness;
@@ -19,19 +20,30 @@ use mcp_pool::store::{ConnectionRecord, ServerName, UserId};
 use oauth::{MockOAuth, SUCCESS, oauth_server, path_and_query};
 use serde_json::json;
 
-/// Seconds until a token issued with `expires_in = DUE_EXPIRES_IN` is due.
-const DUE_EXPIRES_IN: u64 = 3602;
-const DUE_AFTER: Duration = Duration::from_millis(2300);
+/// Tokens issued with this many seconds left are not due (`refresh_before` is one hour).
+const NOT_DUE: u64 = 7200;
 
-async fn setup() -> (TestServer, MockOAuth) {
+/// `gdemo` and `grestart` (restarted after a refresh), both with `refresh_before = "1h"`, plus
+/// `more` server tables.
+async fn setup_with(more: impl FnOnce(&MockOAuth) -> String) -> (TestServer, MockOAuth) {
     let mock = MockOAuth::start().await;
     let extra = format!(
-        "{}{}",
+        "{}{}{}",
         oauth_server("gdemo", &mock, "1h", false),
-        oauth_server("grestart", &mock, "1h", true)
+        oauth_server("grestart", &mock, "1h", true),
+        more(&mock)
     );
     let ts = TestServer::start("", &extra, "", &[]).await;
     (ts, mock)
+}
+
+async fn setup() -> (TestServer, MockOAuth) {
+    setup_with(|_| String::new()).await
+}
+
+/// Due (inside the one-hour `refresh_before`) but not expired.
+fn due() -> Span {
+    Span::minutes(30)
 }
 
 fn ids(user: &str, server: &str) -> (UserId, ServerName) {
@@ -82,13 +94,12 @@ fn file_access_token(record: &ConnectionRecord) -> Option<String> {
 #[tokio::test]
 async fn tokens_are_refreshed_before_expiry_rotated_and_rewritten_to_the_file() {
     let (ts, mock) = setup().await;
-    connect(&ts, &mock, "alice", "gdemo", DUE_EXPIRES_IN).await;
+    connect(&ts, &mock, "alice", "gdemo", NOT_DUE).await;
     let pid = whoami_pid(&ts, "alice", "gdemo").await;
     assert_eq!(mock.refresh_requests().await, 0, "not due yet");
-    let before = record(&ts, "alice", "gdemo").await.unwrap();
 
-    tokio::time::sleep(DUE_AFTER).await;
-    mock.control(json!({ "expires_in": 7200 })).await;
+    ts.set_token_expiry("alice", "gdemo", due()).await;
+    let before = record(&ts, "alice", "gdemo").await.unwrap();
     assert_eq!(
         whoami_pid(&ts, "alice", "gdemo").await,
         pid,
@@ -110,10 +121,10 @@ async fn tokens_are_refreshed_before_expiry_rotated_and_rewritten_to_the_file() 
     assert_eq!(mock.refresh_requests().await, 1);
 
     // A provider that does not rotate: the old refresh token is kept, and still works.
-    connect(&ts, &mock, "bob", "gdemo", DUE_EXPIRES_IN).await;
+    connect(&ts, &mock, "bob", "gdemo", NOT_DUE).await;
+    ts.set_token_expiry("bob", "gdemo", due()).await;
     let bob_before = record(&ts, "bob", "gdemo").await.unwrap();
-    tokio::time::sleep(DUE_AFTER).await;
-    mock.control(json!({ "expires_in": DUE_EXPIRES_IN, "omit_refresh_token": true }))
+    mock.control(json!({ "expires_in": NOT_DUE, "omit_refresh_token": true }))
         .await;
     whoami_pid(&ts, "bob", "gdemo").await;
     let bob_after = record(&ts, "bob", "gdemo").await.unwrap();
@@ -126,8 +137,8 @@ async fn tokens_are_refreshed_before_expiry_rotated_and_rewritten_to_the_file() 
         bob_before.tokens.refresh_token
     );
     assert_eq!(mock.refresh_requests().await, 2);
-    tokio::time::sleep(DUE_AFTER).await;
-    mock.control(json!({ "expires_in": 7200, "omit_refresh_token": false }))
+    ts.set_token_expiry("bob", "gdemo", due()).await;
+    mock.control(json!({ "expires_in": NOT_DUE, "omit_refresh_token": false }))
         .await;
     whoami_pid(&ts, "bob", "gdemo").await;
     assert_eq!(mock.refresh_requests().await, 3);
@@ -138,9 +149,9 @@ async fn tokens_are_refreshed_before_expiry_rotated_and_rewritten_to_the_file() 
 #[tokio::test]
 async fn fifty_concurrent_calls_at_expiry_cause_exactly_one_refresh_request() {
     let (ts, mock) = setup().await;
-    connect(&ts, &mock, "alice", "gdemo", DUE_EXPIRES_IN).await;
+    connect(&ts, &mock, "alice", "gdemo", NOT_DUE).await;
     whoami_pid(&ts, "alice", "gdemo").await;
-    tokio::time::sleep(DUE_AFTER).await;
+    ts.set_token_expiry("alice", "gdemo", due()).await;
     // A slow token endpoint, so every call arrives while the one refresh is in flight.
     mock.control(json!({ "expires_in": 7200, "delay_ms": 300, "reset_stats": true }))
         .await;
@@ -168,14 +179,14 @@ async fn fifty_concurrent_calls_at_expiry_cause_exactly_one_refresh_request() {
 #[tokio::test]
 async fn invalid_grant_deactivates_closes_the_session_and_asks_for_a_reconnect() {
     let (ts, mock) = setup().await;
-    connect(&ts, &mock, "alice", "gdemo", DUE_EXPIRES_IN).await;
+    connect(&ts, &mock, "alice", "gdemo", NOT_DUE).await;
     whoami_pid(&ts, "alice", "gdemo").await;
     let path = record(&ts, "alice", "gdemo")
         .await
         .unwrap()
         .info
         .credentials_path;
-    tokio::time::sleep(DUE_AFTER).await;
+    ts.set_token_expiry("alice", "gdemo", due()).await;
     mock.control(json!({ "revoke_all": true })).await;
 
     let resp = ts.user("alice").call("gdemo", "whoami", &json!({})).await;
@@ -203,33 +214,42 @@ async fn invalid_grant_deactivates_closes_the_session_and_asks_for_a_reconnect()
 
 #[tokio::test]
 async fn a_failing_token_endpoint_keeps_the_credentials_and_backs_off() {
-    let (ts, mock) = setup().await;
-    connect(&ts, &mock, "alice", "gdemo", DUE_EXPIRES_IN).await;
-    whoami_pid(&ts, "alice", "gdemo").await;
-    let before = record(&ts, "alice", "gdemo").await.unwrap();
-    tokio::time::sleep(DUE_AFTER).await;
+    // `gcool` cools down for ten minutes after a failed refresh: only a hang that long could
+    // let a retry through the window this test looks at.
+    let (ts, mock) = setup_with(|mock| {
+        format!(
+            "{}refresh_cooldown = \"10m\"\n",
+            oauth_server("gcool", mock, "1h", false)
+        )
+    })
+    .await;
+    connect(&ts, &mock, "alice", "gcool", NOT_DUE).await;
+    whoami_pid(&ts, "alice", "gcool").await;
+    ts.set_token_expiry("alice", "gcool", due()).await;
+    let before = record(&ts, "alice", "gcool").await.unwrap();
     mock.control(json!({ "token_status": 500, "reset_stats": true }))
         .await;
 
     // Due but not expired: the call goes ahead on the current token.
-    whoami_pid(&ts, "alice", "gdemo").await;
+    whoami_pid(&ts, "alice", "gcool").await;
     let tries = mock.token_requests().await;
     assert_eq!(tries, 3, "retried with backoff within the request");
-    let kept = record(&ts, "alice", "gdemo").await.unwrap();
+    let kept = record(&ts, "alice", "gcool").await.unwrap();
     assert_eq!(kept.tokens, before.tokens);
     assert_eq!(
         file_access_token(&kept).as_deref(),
         before.tokens.access_token.as_ref().map(|t| t.expose())
     );
-    // Cooling down: the next call sends nothing.
-    whoami_pid(&ts, "alice", "gdemo").await;
+    // Cooling down: the next calls send nothing.
+    whoami_pid(&ts, "alice", "gcool").await;
+    whoami_pid(&ts, "alice", "gcool").await;
     assert_eq!(mock.token_requests().await, tries);
 
-    // Expired and the provider still down: 503, credentials kept.
+    // Expired and the provider still down: 503, credentials kept (`gdemo` cools down for 1 s).
     mock.control(json!({ "token_status": null })).await;
-    connect(&ts, &mock, "bob", "gdemo", 1).await;
+    connect(&ts, &mock, "bob", "gdemo", NOT_DUE).await;
+    ts.set_token_expiry("bob", "gdemo", Span::minutes(-1)).await;
     let bob_before = record(&ts, "bob", "gdemo").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
     mock.control(json!({ "token_status": 503 })).await;
     let resp = ts.user("bob").call("gdemo", "whoami", &json!({})).await;
     resp.expect_error(503, "token_refresh_unavailable");
@@ -238,11 +258,19 @@ async fn a_failing_token_endpoint_keeps_the_credentials_and_backs_off() {
     assert_eq!(bob_kept.tokens, bob_before.tokens);
     assert!(bob_kept.info.credentials_path.exists());
 
-    // The provider is back: after the cool-down the next call refreshes.
-    mock.control(json!({ "token_status": null, "expires_in": 7200 }))
+    // The provider is back: once the cool-down is over a call refreshes (calls during it are
+    // refused without a token request and do not extend it).
+    mock.control(json!({ "token_status": null, "expires_in": NOT_DUE }))
         .await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    whoami_pid(&ts, "bob", "gdemo").await;
+    let refreshed = wait_until(PATIENCE, || async {
+        ts.user("bob")
+            .call("gdemo", "whoami", &json!({}))
+            .await
+            .status
+            == 200
+    })
+    .await;
+    assert!(refreshed, "a call after the cool-down refreshed");
     let bob_after = record(&ts, "bob", "gdemo").await.unwrap();
     assert_ne!(
         bob_after.tokens.access_token,
@@ -254,34 +282,28 @@ async fn a_failing_token_endpoint_keeps_the_credentials_and_backs_off() {
 #[tokio::test]
 async fn restart_on_token_refresh_restarts_between_calls_never_during_one() {
     let (ts, mock) = setup().await;
-    connect(&ts, &mock, "alice", "grestart", DUE_EXPIRES_IN).await;
+    connect(&ts, &mock, "alice", "grestart", NOT_DUE).await;
     let pid = whoami_pid(&ts, "alice", "grestart").await;
-    // The session's leader as the pool reports it (the server itself is pid 2 of its own
-    // namespace, so `whoami_pid` tells processes apart by their instance id instead).
-    let leader = {
-        let (user, server) = ids("alice", "grestart");
+    let (user, server) = ids("alice", "grestart");
+    let in_flight = || async {
         let stats = ts.state.pool.stats().await.unwrap();
         stats
             .connections
             .iter()
             .find(|c| c.user_id == user && c.server == server)
-            .and_then(|c| c.pid)
-            .unwrap()
+            .map(|c| c.in_flight)
     };
 
     // A long call, in flight when the refresh happens.
     let client = ts.user("alice");
     let long = tokio::spawn(async move {
         client
-            .call(
-                "grestart",
-                "sleep",
-                &json!({ "ms": DUE_AFTER.as_millis() as u64 + 1500 }),
-            )
+            .call("grestart", "sleep", &json!({ "ms": 5000 }))
             .await
     });
-    tokio::time::sleep(DUE_AFTER).await;
-    mock.control(json!({ "expires_in": 7200 })).await;
+    assert!(wait_until(PATIENCE, || async { in_flight().await == Some(1) }).await);
+    ts.set_token_expiry("alice", "grestart", due()).await;
+    mock.control(json!({ "expires_in": NOT_DUE })).await;
     // This call refreshes; the session is busy, so it is not restarted under the long call.
     assert_eq!(whoami_pid(&ts, "alice", "grestart").await, pid);
     assert_eq!(mock.refresh_requests().await, 1);
@@ -292,37 +314,27 @@ async fn restart_on_token_refresh_restarts_between_calls_never_during_one() {
         "the call in flight completed: {}",
         resp.text()
     );
+    assert_eq!(content_text(&resp.json()), "slept 5000 ms");
 
-    // Once idle, the session restarts and the new process reads the new token.
-    let (user, server) = ids("alice", "grestart");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let mut new_pid = pid;
-    while tokio::time::Instant::now() < deadline {
-        let stats = ts.state.pool.stats().await.unwrap();
-        let live = stats
-            .connections
-            .iter()
-            .find(|c| c.user_id == user && c.server == server)
-            .and_then(|c| c.pid);
-        if live.is_none() || live.is_some_and(|p| p != leader) {
-            new_pid = whoami_pid(&ts, "alice", "grestart").await;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // When that last call ended, the session was closed; the next call starts a new process,
+    // which reads the new token.
+    let closed = wait_until(PATIENCE, || async { in_flight().await.is_none() }).await;
+    assert!(closed, "the session restarts once no call is in flight");
+    let new_pid = whoami_pid(&ts, "alice", "grestart").await;
     assert_ne!(new_pid, pid, "restarted after the refresh");
+    assert_eq!(mock.refresh_requests().await, 1, "no second refresh");
     ts.stop().await;
 }
 
 #[tokio::test]
-async fn session_start_and_the_background_sweep_refresh_too() {
-    let (ts, mock) = setup().await;
-    let refresher = ts.state.credentials.refresher().unwrap().clone();
+async fn session_start_and_the_periodic_sweep_refresh_too() {
+    // `gsweep`'s short `refresh_before` makes the service's own sweep tick every second.
+    let (ts, mock) = setup_with(|mock| oauth_server("gsweep", mock, "5s", false)).await;
 
     // No live session: the pool's start refreshes before spawning the server.
-    connect(&ts, &mock, "alice", "gdemo", DUE_EXPIRES_IN).await;
-    tokio::time::sleep(DUE_AFTER).await;
-    mock.control(json!({ "expires_in": 7200 })).await;
+    connect(&ts, &mock, "alice", "gdemo", NOT_DUE).await;
+    ts.set_token_expiry("alice", "gdemo", due()).await;
+    mock.control(json!({ "expires_in": NOT_DUE })).await;
     let (alice, server) = ids("alice", "gdemo");
     ts.state
         .pool
@@ -331,26 +343,32 @@ async fn session_start_and_the_background_sweep_refresh_too() {
         .unwrap();
     assert_eq!(mock.refresh_requests().await, 1);
 
-    // A live session, no calls: the sweep refreshes it.
-    connect(&ts, &mock, "bob", "gdemo", DUE_EXPIRES_IN).await;
-    whoami_pid(&ts, "bob", "gdemo").await;
+    // A live session, no calls: a sweep on request finds nothing due...
+    connect(&ts, &mock, "bob", "gsweep", NOT_DUE).await;
+    whoami_pid(&ts, "bob", "gsweep").await;
     let sweeper = TokenRefreshHandle::spawn(RefreshArgs {
-        refresher: refresher.clone(),
         pool: ts.state.pool.clone(),
         interval: None,
     })
     .await
     .unwrap();
-    assert_eq!(sweeper.sweep_now().await, 0, "not due yet");
-    tokio::time::sleep(DUE_AFTER).await;
-    mock.control(json!({ "expires_in": 7200 })).await;
-    assert_eq!(sweeper.sweep_now().await, 1);
-    assert_eq!(mock.refresh_requests().await, 2);
-    let (bob, _) = ids("bob", "gdemo");
+    assert_eq!(sweeper.sweep_now().await.unwrap(), 0, "not due yet");
+    sweeper.stop().await;
     assert_eq!(
-        refresher.check_now(&bob, &server).await.unwrap(),
+        sweeper.sweep_now().await.unwrap_err().to_string(),
+        "the token refresh actor is not running",
+        "a stopped sweeper says so instead of answering 0"
+    );
+    // ...and once the token is due, the service's periodic sweep refreshes it with nobody
+    // calling anything.
+    ts.set_token_expiry("bob", "gsweep", Span::seconds(3)).await;
+    let swept = wait_until(PATIENCE, || async { mock.refresh_requests().await == 2 }).await;
+    assert!(swept, "the periodic sweep refreshed Bob's live session");
+    let (bob, gsweep) = ids("bob", "gsweep");
+    let refresher = ts.state.pool.refresher().unwrap();
+    assert_eq!(
+        refresher.check_now(&bob, &gsweep).await.unwrap(),
         Freshness::Fresh
     );
-    sweeper.stop().await;
     ts.stop().await;
 }

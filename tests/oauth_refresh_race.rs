@@ -48,9 +48,11 @@ async fn instance(config: &Config, store: Store) -> Instance {
     })
     .await
     .unwrap();
-    let refresher = TokenRefresher::from_config(config, credentials.clone(), &|_| None).unwrap();
+    let refresher =
+        TokenRefresher::from_config(config, std::sync::Arc::new(credentials.clone()), &|_| None)
+            .unwrap();
     Instance {
-        credentials: credentials.with_refresher(refresher.clone()),
+        credentials,
         refresher,
         files,
         _dir: dir,

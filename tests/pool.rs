@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{alive, gone, test_config};
+use common::{alive, gone, test_config, wait_until};
 use mcp_pool::actors::{ConnState, PoolError, PoolHandle};
 use mcp_pool::app::App;
 use mcp_pool::store::{Secret, ServerName, Tokens, UserId};
@@ -23,8 +23,18 @@ struct Harness {
 
 impl Harness {
     async fn start(pool: &str, extra: &str) -> Harness {
+        Harness::start_with(pool, extra, |_| {}).await
+    }
+
+    /// Like `start`, with a last say on the config.
+    async fn start_with(
+        pool: &str,
+        extra: &str,
+        adjust: impl FnOnce(&mut mcp_pool::config::Config),
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let config = test_config(dir.path(), pool, extra);
+        let mut config = test_config(dir.path(), pool, extra);
+        adjust(&mut config);
         let app = App::build(config).await.expect("app starts");
         Harness { app, _dir: dir }
     }
@@ -97,22 +107,6 @@ async fn echo(pool: &PoolHandle, user: &UserId, server: &ServerName, message: &s
     text(&result)
 }
 
-/// Polls an async condition (bounded), so tests never depend on the machine's speed.
-async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    false
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_reuses_its_session_and_users_get_their_own() {
     let h = Harness::start("", "").await;
@@ -179,8 +173,19 @@ async fn a_hundred_concurrent_first_requests_start_one_process() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_start_for_one_user_does_not_delay_another() {
-    let h = Harness::start("", "").await;
-    let (dave, slow) = h.connect("dave", "slow").await;
+    // A server whose start outlasts the test: whatever Erin does, Dave's start is still running,
+    // however slow the machine. Its start is cut short by the shutdown grace at the end.
+    let glacial = format!(
+        "[servers.glacial]\ncommand = {:?}\nargs = [\"demo-server\", \"--slow-start\", \"1h\"]\n\
+         credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n",
+        common::BIN
+    );
+    let h = Harness::start_with("", &glacial, |config| {
+        config.pool.startup_timeout = Duration::from_secs(7200);
+        config.service.shutdown_grace = Duration::from_secs(2);
+    })
+    .await;
+    let (dave, slow) = h.connect("dave", "glacial").await;
     let (erin, demo) = h.connect("erin", "demo").await;
     assert_eq!(echo(h.pool(), &erin, &demo, "warm").await, "warm");
 
@@ -200,13 +205,16 @@ async fn a_slow_start_for_one_user_does_not_delay_another() {
             format!("m{i}")
         );
     }
-    // Erin's twenty warm calls completed while Dave's server was still in its 8 s start.
+    // Erin's twenty warm calls completed while Dave's request still waits for its start.
     assert_eq!(h.state_of(&dave, &slow).await, Some(ConnState::Starting));
-    assert!(
-        slow_start.await.unwrap().is_ok(),
-        "the slow server does start"
-    );
+    assert!(!slow_start.is_finished(), "Dave's start ended early");
     h.stop().await;
+    // The waiting request is answered at shutdown rather than left hanging.
+    let answered = tokio::time::timeout(LONG, slow_start).await;
+    assert!(
+        matches!(answered, Ok(Ok(Err(_)))),
+        "the waiter got an error at shutdown: {answered:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,7 +368,8 @@ async fn a_crash_loop_trips_the_circuit_and_recovers_after_the_cool_down() {
     assert_eq!(echo(h.pool(), &judy, &demo, "x").await, "x");
 
     let mut crashes = 0;
-    let circuit_open = loop {
+    let (asked_at, circuit_open) = loop {
+        let asked_at = Instant::now();
         match h.pool().get_connection(&ivan, &demo).await {
             Ok(conn) => {
                 let crashed = conn.call_tool("crash", None).await;
@@ -373,7 +382,7 @@ async fn a_crash_loop_trips_the_circuit_and_recovers_after_the_cool_down() {
                 })
                 .await;
             }
-            Err(PoolError::CircuitOpen { retry_after }) => break retry_after,
+            Err(PoolError::CircuitOpen { retry_after }) => break (asked_at, retry_after),
             Err(other) => panic!("unexpected {other:?}"),
         }
     };
@@ -381,7 +390,10 @@ async fn a_crash_loop_trips_the_circuit_and_recovers_after_the_cool_down() {
         crashes, 3,
         "max_restarts = 2: the third crash trips the circuit"
     );
-    assert!(circuit_open <= Duration::from_secs(3));
+    assert!(
+        circuit_open > Duration::ZERO && circuit_open <= Duration::from_secs(3),
+        "{circuit_open:?}"
+    );
     assert_eq!(h.state_of(&ivan, &demo).await, Some(ConnState::Failed));
     // Another key is untouched by Ivan's crash loop.
     assert_eq!(
@@ -389,13 +401,46 @@ async fn a_crash_loop_trips_the_circuit_and_recovers_after_the_cool_down() {
         "still fine"
     );
 
-    // After the cool-down one probe start is allowed; it works, and the key is healthy again.
+    // During the cool-down every request is refused; the first success comes no earlier than
+    // the cool-down the pool announced (it was computed after `asked_at`).
+    let refused = std::cell::Cell::new(0);
     let recovered = wait_until(LONG, || async {
-        h.pool().get_connection(&ivan, &demo).await.is_ok()
+        match h.pool().get_connection(&ivan, &demo).await {
+            Ok(_) => true,
+            Err(PoolError::CircuitOpen { .. }) => {
+                refused.set(refused.get() + 1);
+                false
+            }
+            Err(other) => panic!("unexpected {other:?}"),
+        }
     })
     .await;
-    assert!(recovered);
+    assert!(recovered, "one probe start is allowed after the cool-down");
+    let waited = asked_at.elapsed();
+    assert!(
+        waited >= circuit_open,
+        "recovered after {waited:?}, before the announced cool-down of {circuit_open:?}"
+    );
+    assert!(
+        refused.get() > 0,
+        "requests during the cool-down were refused"
+    );
+    let probe = h.pool().get_connection(&ivan, &demo).await.unwrap();
     assert_eq!(echo(h.pool(), &ivan, &demo, "ok").await, "ok");
+
+    // The probe cleared the history: with the three old failures still inside the 60 s
+    // window, one more crash would trip the circuit again; instead it restarts.
+    assert!(probe.call_tool("crash", None).await.is_err());
+    let restarted = wait_until(LONG, || async {
+        match h.pool().get_connection(&ivan, &demo).await {
+            Ok(conn) => conn.pid() != probe.pid(),
+            Err(PoolError::CircuitOpen { .. }) => panic!("the old failures were still counted"),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(restarted, "the crash after recovery was restarted");
+    assert_eq!(echo(h.pool(), &ivan, &demo, "again").await, "again");
     h.stop().await;
 }
 

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{BIN, alive, host_pid, pids_with_marker};
+use common::{BIN, alive, host_pid, pids_with_marker, wait_until};
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -136,15 +136,24 @@ impl Service {
     }
 }
 
-fn eventually(check: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + LONG;
-    while Instant::now() < deadline {
-        if check() {
-            return true;
+impl Drop for Service {
+    /// A failing test must not leak a running `serve` (and its servers): stop it the graceful
+    /// way first, so it closes its children, and SIGKILL it only if that does not end it.
+    fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
         }
-        std::thread::sleep(Duration::from_millis(25));
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + LONG;
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
-    false
 }
 
 /// Opens a session for `user` and has its server spawn a grandchild in its process group and
@@ -182,7 +191,12 @@ async fn session_with_grandchild(
         serde_json::from_str(&call_with("spawn_detached", json!({ "marker": marker })).await)
             .unwrap();
     assert_eq!(detached["ok"], true, "{detached}");
-    assert!(eventually(|| pids_with_marker(&marker).len() == 1));
+    assert!(
+        wait_until(LONG, || std::future::ready(
+            pids_with_marker(&marker).len() == 1
+        ))
+        .await
+    );
     let detached = pids_with_marker(&marker)[0];
     assert!(alive(leader) && alive(server) && alive(grandchild) && alive(detached));
     (leader, server, grandchild, detached)
@@ -207,7 +221,10 @@ async fn sigterm_closes_every_server_and_grandchild() {
         service.log.lock().unwrap()
     );
     for pid in pids {
-        assert!(eventually(|| !alive(pid)), "pid {pid} outlived the service");
+        assert!(
+            wait_until(LONG, || std::future::ready(!alive(pid))).await,
+            "pid {pid} outlived the service"
+        );
     }
     assert_eq!(
         std::fs::read_dir(dir.path().join("data/pgids"))
@@ -236,7 +253,7 @@ async fn after_sigkill_servers_and_what_they_started_die_with_the_service() {
         (detached, "setsid grandchild"),
     ] {
         assert!(
-            eventually(|| !alive(pid)),
+            wait_until(LONG, || std::future::ready(!alive(pid))).await,
             "the {what} outlived a SIGKILLed service"
         );
     }

@@ -11,7 +11,7 @@ mod http;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{alive, host_pid, pids_with_marker};
+use common::{PATIENCE, alive, host_pid, pids_with_marker, wait_until};
 use http::{Client, TestServer, content_text};
 use serde_json::{Value, json};
 
@@ -45,17 +45,6 @@ async fn leader_of(ts: &TestServer, user: &str, server: &str) -> u32 {
         .find(|c| c["user_id"] == user && c["server"] == server)
         .and_then(|c| c["pid"].as_u64())
         .expect("session in stats") as u32
-}
-
-async fn eventually(mut check: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::time::Instant::now() < deadline {
-        if check() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    false
 }
 
 fn path(dir: &Path, rel: &str) -> String {
@@ -254,7 +243,10 @@ async fn a_detached_grandchild_dies_with_its_session() {
     let spawned = probe(&user, "spawn_detached", json!({ "marker": marker })).await;
     assert_eq!(spawned["ok"], true, "{spawned}");
     assert!(
-        eventually(|| !pids_with_marker(&marker).is_empty()).await,
+        wait_until(PATIENCE, || std::future::ready(
+            !pids_with_marker(&marker).is_empty()
+        ))
+        .await,
         "the detached process runs"
     );
     let detached = pids_with_marker(&marker);
@@ -275,7 +267,10 @@ async fn a_detached_grandchild_dies_with_its_session() {
     let closed = user.delete("/v1/connections/demo").await;
     assert_eq!(closed.status, 200, "{}", closed.text());
     assert!(
-        eventually(|| detached.iter().all(|pid| !alive(*pid))).await,
+        wait_until(PATIENCE, || std::future::ready(
+            detached.iter().all(|pid| !alive(*pid))
+        ))
+        .await,
         "the detached process outlived its session"
     );
     ts.stop().await;
@@ -310,16 +305,22 @@ async fn memory_past_the_limit_fails_the_call_clearly_and_the_server_restarts() 
     over.expect_error(502, "server_memory_limit");
     assert!(over.text().contains("64 MiB"), "{}", over.text());
     // The restart works.
-    let mut after = None;
-    for _ in 0..100 {
-        let resp = user.call("small", "whoami", &json!({})).await;
-        if resp.status == 200 {
-            after = Some(serde_json::from_str::<Value>(&content_text(&resp.json())).unwrap());
-            break;
+    let after = std::sync::Mutex::new(None::<Value>);
+    let came_back = wait_until(PATIENCE, || {
+        let (user, after) = (&user, &after);
+        async move {
+            let resp = user.call("small", "whoami", &json!({})).await;
+            if resp.status != 200 {
+                return false;
+            }
+            let who = serde_json::from_str(&content_text(&resp.json())).unwrap();
+            *after.lock().unwrap() = Some(who);
+            true
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let after = after.expect("the server came back");
+    })
+    .await;
+    assert!(came_back, "the server came back");
+    let after = after.into_inner().unwrap().unwrap();
     assert_ne!(after["instance"], before["instance"], "a new process");
     ts.stop().await;
 }
@@ -460,13 +461,12 @@ async fn a_restart_after_a_crash_runs_at_the_backoff_cpu_weight_until_ready() {
     // The pool restarts it on its own; during its 2 s start it runs at the backoff weight.
     let mut restarting = None;
     assert!(
-        eventually(|| {
-            // The new server process (its leader is a fork of this test, named like it).
+        wait_until(PATIENCE, || {
             restarting = pids_with_marker("--slow-start")
                 .into_iter()
                 .find(|pid| *pid != first_server)
                 .and_then(|pid| Some((pid, cpu_weight_of(pid)?)));
-            restarting.is_some()
+            std::future::ready(restarting.is_some())
         })
         .await,
         "the restart began"

@@ -194,27 +194,27 @@ async fn google_analytics_mcp_through_the_pool() {
     assert_eq!(json["refresh_token"], "1//test-refresh");
 
     // Offline, Google's API is unreachable: the tool reports an error result, and it got past
-    // loading credentials (so it found and parsed the file the pool handed it).
+    // loading credentials (so it found and parsed the file the pool handed it). The outer bound
+    // is far above the call timeout; a timeout is a failure, not a pass.
     let call = tokio::time::timeout(
         Duration::from_secs(120),
         conn.call_tool("get_account_summaries", None),
     )
     .await
     .expect("the call ends within the call timeout");
-    match call {
-        Ok(result) => {
-            let body = text(&result);
-            assert!(body.contains("error"), "{body}");
-            assert!(
-                !body.contains("default credentials were not found"),
-                "{body}"
-            );
-        }
-        Err(err) => assert!(
-            matches!(err, mcp_pool::actors::PoolError::CallTimeout(_)),
-            "{err:?}"
-        ),
-    }
+    let result = call.expect("the tool answers (a timed-out call proves nothing)");
+    let body = text(&result);
+    assert_eq!(result.is_error, Some(true), "{body}");
+    assert!(
+        !body.contains("default credentials were not found"),
+        "{body}"
+    );
+    // It got as far as using them: offline, the Admin API's host does not resolve; with a
+    // network, Google refuses the test refresh token.
+    assert!(
+        body.contains("analyticsadmin.googleapis.com") || body.contains("invalid_grant"),
+        "{body}"
+    );
     app.stop().await;
 }
 

@@ -6,7 +6,6 @@
 //! Tool calls never pass through the mailbox: callers get a [`Connection`] holding a cloneable
 //! [`McpClient`], and bookkeeping (last use, calls in flight) is done with atomics.
 
-use std::fmt;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -16,32 +15,14 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rmcp::model::{CallToolResult, Tool};
 use tracing::Instrument;
 
-use super::credential::{CredentialError, CredentialHandle};
+use super::credential::CredentialHandle;
 use super::pool::{PoolError, PoolMsg};
+pub use crate::ids::ConnKey;
 use crate::mcp::sandbox::{
     Sandbox, SandboxError, SandboxStatus, ServerPolicy, SessionPaths, resolve_program,
 };
 use crate::mcp::{ExitReason, McpClient, McpError, McpSession, ProcessRegistry, ServerLaunch};
-use crate::store::{ServerName, UserId};
-
-/// The pool key: one live session per (user, server).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnKey {
-    pub user: UserId,
-    pub server: ServerName,
-}
-
-impl fmt::Display for ConnKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.user, self.server)
-    }
-}
-
-impl fmt::Debug for ConnKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
+use crate::oauth::TokenRefresher;
 
 /// Life-cycle state of a connection as reported in stats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -92,6 +73,8 @@ pub struct ConnShared {
     call_timeout: Duration,
     /// How the current (or last) server process is confined.
     sandbox: RwLock<Option<SandboxStatus>>,
+    /// Notified when the last call in flight ends (see [`ConnShared::calls_ended`]).
+    calls_ended: tokio::sync::Notify,
 }
 
 impl ConnShared {
@@ -107,6 +90,7 @@ impl ConnShared {
             client: RwLock::new(None),
             call_timeout,
             sandbox: RwLock::new(None),
+            calls_ended: tokio::sync::Notify::new(),
         })
     }
 
@@ -146,6 +130,19 @@ impl ConnShared {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once no call is in flight (at once if none is): woken by the end of the last
+    /// call, never by polling.
+    pub(crate) async fn calls_ended(&self) {
+        loop {
+            // Registered before the check: a call ending in between still wakes it.
+            let ended = self.calls_ended.notified();
+            if self.in_flight() == 0 {
+                return;
+            }
+            ended.await;
+        }
     }
 
     pub fn restarts(&self) -> u32 {
@@ -230,7 +227,9 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.calls_ended.notify_waiters();
+        }
     }
 }
 
@@ -337,6 +336,8 @@ pub struct ConnectionArgs {
     /// Environment variable through which the server learns its credentials file.
     pub credentials_env: String,
     pub credentials: CredentialHandle,
+    /// Refreshes OAuth tokens about to expire before the server reads them.
+    pub refresher: Option<TokenRefresher>,
     pub registry: Option<ProcessRegistry>,
     pub startup_timeout: Duration,
     pub close_grace: Duration,
@@ -378,6 +379,7 @@ struct SessionStart {
     restarting: bool,
     credentials_env: String,
     credentials: CredentialHandle,
+    refresher: Option<TokenRefresher>,
     registry: Option<ProcessRegistry>,
     startup_timeout: Duration,
 }
@@ -394,17 +396,22 @@ async fn start_session(
         restarting,
         credentials_env,
         credentials,
+        refresher,
         registry,
         startup_timeout,
     } = start;
-    // Refreshes OAuth tokens about to expire, then writes the file the server reads.
+    // Refreshes OAuth tokens about to expire (a token still valid is used even if that failed
+    // for now), then writes the file the server reads.
+    if let Some(refresher) = &refresher {
+        refresher
+            .check_now(&key.user, &key.server)
+            .await
+            .map_err(PoolError::from_credentials)?;
+    }
     let path = credentials
-        .prepare_session(&key.user, &key.server)
+        .prepare_file(&key.user, &key.server)
         .await
-        .map_err(|err| match err {
-            CredentialError::NotFound(server) => PoolError::NoCredentials(server),
-            other => PoolError::Credentials(Arc::new(other)),
-        })?;
+        .map_err(PoolError::from_credentials)?;
     tracing::info!(
         credentials = %path.display(),
         "Starting MCP server {} for user {}",
@@ -480,6 +487,7 @@ impl Actor for ConnectionActor {
                 restarting: args.restarting,
                 credentials_env: args.credentials_env,
                 credentials: args.credentials,
+                refresher: args.refresher,
                 registry: args.registry,
                 startup_timeout: args.startup_timeout,
             },

@@ -12,41 +12,12 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::Instrument;
 
-use crate::oauth::TokenRefresher;
 use crate::store::{
-    ConnectionInfo, CredentialFiles, CredentialSpec, ServerName, Store, StoreError, Stored,
-    TokenUpdate, Tokens, UserId,
+    BoxFuture, ConnectionInfo, CredentialFiles, CredentialSpec, CredentialWriter, ServerName,
+    Store, StoreError, Stored, TokenUpdate, Tokens, UserId,
 };
 
-/// Why a credential operation failed. Never carries a token.
-#[derive(Debug, thiserror::Error)]
-pub enum CredentialError {
-    #[error("unknown server `{0}`")]
-    UnknownServer(ServerName),
-    #[error("no active credentials for server `{0}`")]
-    NotFound(ServerName),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("credentials file {path}: {cause}")]
-    File {
-        path: PathBuf,
-        cause: std::io::Error,
-    },
-    #[error("the credential actor is not running")]
-    Unavailable,
-    /// The provider answered `invalid_grant`: the credentials were deactivated and the user
-    /// must connect again.
-    #[error("the authorization for server `{0}` was revoked or expired; reconnect required")]
-    ReconnectRequired(ServerName),
-    /// The access token expired and the token endpoint is failing (5xx, timeout, network);
-    /// the credentials are kept and the refresh is retried with backoff.
-    #[error("cannot refresh the access token for server `{0}` right now")]
-    RefreshUnavailable(ServerName),
-    /// The access token expired and the token endpoint refused the refresh for a reason other
-    /// than `invalid_grant` (e.g. a misconfigured client); the credentials are kept.
-    #[error("the token endpoint refused to refresh the access token for server `{0}`")]
-    RefreshRejected(ServerName),
-}
+pub use crate::store::CredentialError;
 
 type Reply<T> = RpcReplyPort<Result<T, CredentialError>>;
 
@@ -430,9 +401,6 @@ impl CredentialState {
 pub struct CredentialHandle {
     actor: ActorRef<CredentialMsg>,
     store: Store,
-    /// Refreshes OAuth tokens before a session starts ([`CredentialHandle::prepare_session`]).
-    /// The refresher itself holds a handle without one, so there is no cycle.
-    refresher: Option<TokenRefresher>,
 }
 
 impl CredentialHandle {
@@ -442,44 +410,7 @@ impl CredentialHandle {
     ) -> Result<(CredentialHandle, tokio::task::JoinHandle<()>), ractor::SpawnErr> {
         let store = args.store.clone();
         let (actor, join) = Actor::spawn(None, CredentialActor, args).await?;
-        Ok((
-            CredentialHandle {
-                actor,
-                store,
-                refresher: None,
-            },
-            join,
-        ))
-    }
-
-    pub fn actor(&self) -> &ActorRef<CredentialMsg> {
-        &self.actor
-    }
-
-    /// This handle with `refresher` attached: [`prepare_session`](Self::prepare_session) then
-    /// refreshes tokens about to expire before a session starts.
-    pub fn with_refresher(mut self, refresher: TokenRefresher) -> CredentialHandle {
-        self.refresher = Some(refresher);
-        self
-    }
-
-    /// The attached token refresher, if any.
-    pub fn refresher(&self) -> Option<&TokenRefresher> {
-        self.refresher.as_ref()
-    }
-
-    /// Before a session starts: refreshes the OAuth tokens if they expire within the server's
-    /// `refresh_before` (when a refresher is attached), then (re)writes the credentials file.
-    /// A token that is still valid is used even if refreshing it failed for now.
-    pub async fn prepare_session(
-        &self,
-        user: &UserId,
-        server: &ServerName,
-    ) -> Result<PathBuf, CredentialError> {
-        if let Some(refresher) = &self.refresher {
-            refresher.before_session(user, server).await?;
-        }
-        self.prepare_file(user, server).await
+        Ok((CredentialHandle { actor, store }, join))
     }
 
     /// Read access; reads do not need to queue behind writes.
@@ -631,5 +562,83 @@ impl CredentialHandle {
             .actor
             .drain_and_wait(Some(Duration::from_secs(30)))
             .await;
+    }
+}
+
+/// The writer as `oauth` sees it: `oauth` depends on `store`, not on the actors.
+impl CredentialWriter for CredentialHandle {
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn create<'a>(
+        &'a self,
+        user: &'a UserId,
+        server: &'a ServerName,
+        tokens: Tokens,
+    ) -> BoxFuture<'a, Result<(ConnectionInfo, Stored), CredentialError>> {
+        Box::pin(CredentialHandle::create(self, user, server, tokens))
+    }
+
+    fn update<'a>(
+        &'a self,
+        user: &'a UserId,
+        server: &'a ServerName,
+        expected_version: Option<i64>,
+        update: TokenUpdate,
+    ) -> BoxFuture<'a, Result<ConnectionInfo, CredentialError>> {
+        Box::pin(CredentialHandle::update(
+            self,
+            user,
+            server,
+            expected_version,
+            update,
+        ))
+    }
+
+    fn claim_refresh<'a>(
+        &'a self,
+        user: &'a UserId,
+        server: &'a ServerName,
+        expected_version: i64,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Option<i64>, CredentialError>> {
+        Box::pin(CredentialHandle::claim_refresh(
+            self,
+            user,
+            server,
+            expected_version,
+            lease,
+        ))
+    }
+
+    fn release_refresh<'a>(
+        &'a self,
+        user: &'a UserId,
+        server: &'a ServerName,
+        claimed_version: i64,
+    ) -> BoxFuture<'a, Result<(), CredentialError>> {
+        Box::pin(CredentialHandle::release_refresh(
+            self,
+            user,
+            server,
+            claimed_version,
+        ))
+    }
+
+    fn deactivate<'a>(
+        &'a self,
+        user: &'a UserId,
+        server: &'a ServerName,
+    ) -> BoxFuture<'a, Result<bool, CredentialError>> {
+        Box::pin(CredentialHandle::deactivate(self, user, server))
+    }
+
+    fn prepare_file<'a>(
+        &'a self,
+        user: &'a UserId,
+        server: &'a ServerName,
+    ) -> BoxFuture<'a, Result<PathBuf, CredentialError>> {
+        Box::pin(CredentialHandle::prepare_file(self, user, server))
     }
 }

@@ -6,6 +6,11 @@
 //! [`ProcessRegistry`](crate::mcp::ProcessRegistry), so no server outlives its session, and
 //! starts a fresh, empty supervisor. Handles read the current supervisor from a shared slot,
 //! so callers never hold a dead reference.
+//!
+//! When the guardian itself gives up (too many failures in its window) it fails: the
+//! [`PoolTree::ended`] future resolves, and the application shuts down and exits non-zero so
+//! that systemd or Kubernetes restarts the process. Until then `PoolHandle::is_available`
+//! reports the pool as unavailable (and `/readyz` with it).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, RwLock};
@@ -37,12 +42,20 @@ pub struct GuardianState {
 /// See the module docs.
 pub struct PoolGuardian;
 
+/// The running pool tree: the handle callers use, the guardian at its root, and the guardian's
+/// task, which ends only when the guardian stops (on purpose) or gives up.
+pub struct PoolTree {
+    pub pool: PoolHandle,
+    pub guardian: ActorRef<GuardianMsg>,
+    /// Resolves when the guardian's task ends. Kept rather than dropped: outside shutdown, its
+    /// end means the pool is gone for good, and the process must not keep running without it.
+    pub ended: tokio::task::JoinHandle<()>,
+}
+
 impl PoolGuardian {
-    /// Spawns the guardian and the tree under it; returns the pool handle.
-    pub async fn start(
-        args: PoolArgs,
-    ) -> Result<(PoolHandle, ActorRef<GuardianMsg>), ractor::SpawnErr> {
-        let (guardian, _) = Actor::spawn(None, PoolGuardian, args).await?;
+    /// Spawns the guardian and the tree under it.
+    pub async fn start(args: PoolArgs) -> Result<PoolTree, ractor::SpawnErr> {
+        let (guardian, ended) = Actor::spawn(None, PoolGuardian, args).await?;
         let handle = guardian
             .call(GuardianMsg::Handle, None)
             .await
@@ -54,7 +67,11 @@ impl PoolGuardian {
             .ok_or_else(|| {
                 ractor::SpawnErr::StartupFailed("pool guardian did not answer".into())
             })?;
-        Ok((handle, guardian))
+        Ok(PoolTree {
+            pool: handle,
+            guardian,
+            ended,
+        })
     }
 }
 
@@ -95,7 +112,7 @@ impl Actor for PoolGuardian {
         let slot = Arc::new(RwLock::new(pool));
         let reaper = spawn_reaper(
             &args,
-            PoolHandle::new(slot.clone(), args.index.clone()),
+            PoolHandle::new(slot.clone(), &args, myself.get_cell()),
             &myself,
         )
         .await?;
@@ -109,7 +126,7 @@ impl Actor for PoolGuardian {
 
     async fn handle(
         &self,
-        _myself: ActorRef<GuardianMsg>,
+        myself: ActorRef<GuardianMsg>,
         message: GuardianMsg,
         state: &mut GuardianState,
     ) -> Result<(), ActorProcessingErr> {
@@ -117,7 +134,8 @@ impl Actor for PoolGuardian {
             GuardianMsg::Handle(reply) => {
                 let _ = reply.send(PoolHandle::new(
                     state.slot.clone(),
-                    state.args.index.clone(),
+                    &state.args,
+                    myself.get_cell(),
                 ));
             }
         }
@@ -153,13 +171,19 @@ impl Actor for PoolGuardian {
                 "pool tree failed {} times within {GUARDIAN_WINDOW:?}; giving up",
                 state.failures.len()
             );
+            // Nothing will serve the pool's sessions any more: kill their servers now rather
+            // than leave them to the application's shutdown (which does it again, harmlessly).
+            state.args.index.clear();
+            if let Some(registry) = &state.args.registry {
+                registry.reap_leftovers();
+            }
             return Err(format!("pool tree keeps failing: {err}").into());
         }
         if cell.get_id() == state.reaper.get_id() {
             tracing::error!(cause = %err, "reaper failed; restarting it");
             state.reaper = spawn_reaper(
                 &state.args,
-                PoolHandle::new(state.slot.clone(), state.args.index.clone()),
+                PoolHandle::new(state.slot.clone(), &state.args, myself.get_cell()),
                 &myself,
             )
             .await?;

@@ -8,12 +8,8 @@ pub mod pool;
 pub mod reaper;
 pub mod refresh;
 
-pub use connection::{ConnKey, ConnState, Connection};
-pub use credential::{
-    CredentialActor, CredentialArgs, CredentialError, CredentialHandle, CredentialMsg,
-};
-pub use guardian::{GuardianMsg, PoolGuardian};
-pub use pool::{
-    ConnectionStats, IdleClose, PoolArgs, PoolCounters, PoolError, PoolHandle, PoolStats,
-};
-pub use refresh::{RefreshArgs, TokenRefreshActor, TokenRefreshHandle};
+pub use connection::ConnState;
+pub use credential::{CredentialArgs, CredentialError, CredentialHandle};
+pub use guardian::{GuardianMsg, PoolGuardian, PoolTree};
+pub use pool::{ConnectionStats, PoolArgs, PoolError, PoolHandle, PoolStats};
+pub use refresh::{RefreshArgs, TokenRefreshHandle};

@@ -22,6 +22,7 @@ use super::connection::{
 use super::credential::{CredentialError, CredentialHandle};
 use crate::config::{Config, PoolConfig, SandboxConfig, ServerConfig};
 use crate::mcp::{McpError, ProcessRegistry, Sandbox, ServerLaunch, base_environment};
+use crate::oauth::{Freshness, TokenRefresher};
 use crate::store::{ServerName, UserId};
 
 /// Why the pool could not serve a request. Cheap to clone: one failed start answers every
@@ -66,13 +67,22 @@ pub enum PoolError {
 }
 
 impl PoolError {
-    /// The stable, machine-readable code of this error, shared by the HTTP error body and the
-    /// chat trace. (HTTP refines `Mcp` and `Credentials` by their cause.)
+    /// A credential problem as the pool reports it: no stored credentials are their own case.
+    pub(crate) fn from_credentials(err: CredentialError) -> PoolError {
+        match err {
+            CredentialError::NotFound(server) => PoolError::NoCredentials(server),
+            other => PoolError::Credentials(Arc::new(other)),
+        }
+    }
+
+    /// The stable, machine-readable code of this error, the one mapping shared by the HTTP
+    /// error body and the chat trace (`tests/error_codes.rs` holds HTTP to it), so a revoked
+    /// grant is `reconnect_required` for every caller.
     pub fn code(&self) -> &'static str {
         match self {
             PoolError::UnknownServer(_) => "unknown_server",
             PoolError::NoCredentials(_) => "no_credentials",
-            PoolError::Credentials(_) => "credentials_unavailable",
+            PoolError::Credentials(cause) => cause.code(),
             PoolError::PoolFull { .. } => "pool_full",
             PoolError::CircuitOpen { .. } => "circuit_open",
             PoolError::StartFailed(_) => "server_start_failed",
@@ -81,11 +91,33 @@ impl PoolError {
             PoolError::SandboxUnavailable(_) => "sandbox_unavailable",
             PoolError::CallTimeout(_) => "call_timeout",
             PoolError::UnknownTool(_) => "unknown_tool",
-            PoolError::Mcp(_) => "server_error",
+            PoolError::Mcp(cause) => mcp_code(cause),
             PoolError::Reconnect => "reconnect",
             PoolError::ShuttingDown => "shutting_down",
             PoolError::Unavailable => "pool_unavailable",
         }
+    }
+}
+
+/// The code of an MCP error met during a call, by its cause.
+fn mcp_code(err: &McpError) -> &'static str {
+    match err {
+        McpError::Server(data) if data.code == rmcp::model::ErrorCode::INVALID_PARAMS => {
+            "invalid_arguments"
+        }
+        McpError::Server(data) if data.code == rmcp::model::ErrorCode::METHOD_NOT_FOUND => {
+            "unknown_tool"
+        }
+        McpError::Server(_) => "server_error",
+        McpError::Timeout(_) => "call_timeout",
+        McpError::Closed => "server_crashed",
+        McpError::Spawn { .. }
+        | McpError::StartupTimeout(_)
+        | McpError::Handshake(_)
+        | McpError::Registry { .. }
+        | McpError::Sandbox(_)
+        | McpError::DemoServer(_) => "server_start_failed",
+        McpError::Protocol(_) => "server_protocol_error",
     }
 }
 
@@ -169,22 +201,29 @@ pub enum PoolMsg {
     Shutdown {
         reply: RpcReplyPort<usize>,
     },
-    /// Close `key`'s session only between calls (see [`PoolHandle::close_if_idle`]).
-    CloseIfIdle {
+    /// `key`'s tokens were refreshed and its server reads them only at start-up: restart its
+    /// session between calls, never during one.
+    RestartAfterRefresh {
         key: ConnKey,
-        reply: RpcReplyPort<IdleClose>,
+        reply: RpcReplyPort<RefreshRestart>,
+    },
+    /// The last call in flight on `key`'s session ended (sent by a watcher that
+    /// `RestartAfterRefresh` armed).
+    CallsEnded {
+        key: ConnKey,
     },
 }
 
-/// What [`PoolHandle::close_if_idle`] did.
+/// What [`PoolMsg::RestartAfterRefresh`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdleClose {
+pub enum RefreshRestart {
     /// The session was ready with no call in flight and is now closing; the next request
-    /// starts a fresh one.
-    Closed,
-    /// A call is in flight, or the session is still starting: ask again later.
-    Busy,
-    /// No live session for the key: nothing to restart.
+    /// starts a fresh one, which reads the new tokens.
+    Now,
+    /// Calls are in flight (or the session is still starting): it is closed when the last of
+    /// them ends (or once it is ready).
+    AfterCalls,
+    /// No live session for the key: the next start reads the new tokens anyway.
     NotLive,
 }
 
@@ -231,6 +270,9 @@ pub struct PoolArgs {
     pub index: PoolIndex,
     pub servers: Arc<std::collections::BTreeMap<String, ServerConfig>>,
     pub credentials: CredentialHandle,
+    /// Token freshness has one owner, the pool: it consults the refresher before every tool
+    /// call, tool listing and session start. `None`: no OAuth tokens to look after.
+    pub refresher: Option<TokenRefresher>,
     pub registry: Option<ProcessRegistry>,
     /// Confines every server this pool starts.
     pub sandbox: Arc<Sandbox>,
@@ -242,6 +284,7 @@ impl PoolArgs {
     pub fn from_config(
         config: &Config,
         credentials: CredentialHandle,
+        refresher: Option<TokenRefresher>,
         registry: Option<ProcessRegistry>,
         sandbox: Arc<Sandbox>,
     ) -> PoolArgs {
@@ -250,6 +293,7 @@ impl PoolArgs {
             index: PoolIndex::default(),
             servers: Arc::new(config.servers.clone()),
             credentials,
+            refresher,
             registry,
             sandbox,
             sandbox_defaults: config.sandbox.clone(),
@@ -268,6 +312,8 @@ struct Entry {
     failed_until: Option<Instant>,
     /// Whether this key has ever been ready: only those restart in the background.
     ever_ready: bool,
+    /// Set while the session must restart after a token refresh, once no call is in flight.
+    restart_pending: bool,
 }
 
 impl Entry {
@@ -326,7 +372,7 @@ impl Actor for PoolSupervisor {
             PoolMsg::GetConnection { key, reply } => {
                 state.get_connection(&myself, key, reply).await
             }
-            PoolMsg::Ready { actor, connection } => state.on_ready(actor, connection),
+            PoolMsg::Ready { actor, connection } => state.on_ready(&myself, actor, connection),
             PoolMsg::Restart { key } => state.on_restart(&myself, key).await,
             PoolMsg::Close { key, reply } => {
                 let _ = reply.send(state.close(&key, CloseReason::Requested));
@@ -354,8 +400,17 @@ impl Actor for PoolSupervisor {
                 let _ = reply.send(state.stats());
             }
             PoolMsg::Shutdown { reply } => state.shutdown(reply),
-            PoolMsg::CloseIfIdle { key, reply } => {
-                let _ = reply.send(state.close_if_idle(&key));
+            PoolMsg::RestartAfterRefresh { key, reply } => {
+                let _ = reply.send(state.restart_after_refresh(&myself, &key));
+            }
+            PoolMsg::CallsEnded { key } => {
+                if state
+                    .entries
+                    .get(&key)
+                    .is_some_and(|entry| entry.restart_pending)
+                {
+                    state.restart_after_refresh(&myself, &key);
+                }
             }
         }
         Ok(())
@@ -515,6 +570,7 @@ impl PoolState {
                     failures: VecDeque::new(),
                     failed_until: None,
                     ever_ready: false,
+                    restart_pending: false,
                 },
             );
         }
@@ -558,6 +614,8 @@ impl PoolState {
         if !restarting {
             entry.shared.set_state(ConnState::Starting);
         }
+        // This incarnation reads the tokens as they are now: no restart for an earlier refresh.
+        entry.restart_pending = false;
         let args = ConnectionArgs {
             shared: entry.shared.clone(),
             launch,
@@ -566,6 +624,7 @@ impl PoolState {
             restarting,
             credentials_env: server.credentials_env.clone(),
             credentials: self.args.credentials.clone(),
+            refresher: self.args.refresher.clone(),
             registry: self.args.registry.clone(),
             startup_timeout: self.args.pool.startup_timeout,
             close_grace: self.args.pool.close_grace,
@@ -603,13 +662,18 @@ impl PoolState {
         entry.runs(actor).then_some((key, entry))
     }
 
-    fn on_ready(&mut self, actor: ActorId, connection: Connection) {
-        let Some((_, entry)) = self.entry_of(actor) else {
+    fn on_ready(&mut self, myself: &ActorRef<PoolMsg>, actor: ActorId, connection: Connection) {
+        let Some((key, entry)) = self.entry_of(actor) else {
             return;
         };
         entry.ever_ready = true;
         for waiter in entry.waiters.drain(..) {
             let _ = waiter.send(Ok(connection.clone()));
+        }
+        // Tokens were refreshed while this session started: it may have read the old ones.
+        if entry.restart_pending {
+            let key = key.clone();
+            self.restart_after_refresh(myself, &key);
         }
     }
 
@@ -772,22 +836,45 @@ impl PoolState {
         true
     }
 
-    /// Closes `key` only when it is ready with no call in flight: the same `try_begin_close`
-    /// handshake as the idle reaper, so a call and this close never both proceed.
-    fn close_if_idle(&mut self, key: &ConnKey) -> IdleClose {
-        let Some(entry) = self.entries.get(key) else {
-            return IdleClose::NotLive;
+    /// Restarts `key`'s session after a token refresh, between calls: closes it now if it is
+    /// ready with no call in flight (the `try_begin_close` handshake the idle reaper uses, so a
+    /// call and this close never both proceed); otherwise marks it and closes it when the last
+    /// call in flight ends (a watcher sends `CallsEnded`) or when a starting session is ready.
+    fn restart_after_refresh(
+        &mut self,
+        myself: &ActorRef<PoolMsg>,
+        key: &ConnKey,
+    ) -> RefreshRestart {
+        let Some(entry) = self.entries.get_mut(key) else {
+            return RefreshRestart::NotLive;
         };
         if entry.actor.is_none() {
-            return IdleClose::NotLive;
+            return RefreshRestart::NotLive;
         }
         match entry.shared.state() {
             ConnState::Ready if entry.shared.try_begin_close() => {
+                entry.restart_pending = false;
+                tracing::info!(user_id = %key.user, server = %key.server, "Restarting the session after a token refresh");
                 self.close(key, CloseReason::Requested);
-                IdleClose::Closed
+                RefreshRestart::Now
             }
-            ConnState::Ready | ConnState::Starting | ConnState::Restarting => IdleClose::Busy,
-            ConnState::Failed | ConnState::Closing => IdleClose::NotLive,
+            ConnState::Ready => {
+                entry.restart_pending = true;
+                // Woken by the last call's end, not by polling; a call ends within its timeout.
+                let (shared, myself, key) = (entry.shared.clone(), myself.clone(), key.clone());
+                tokio::spawn(async move {
+                    shared.calls_ended().await;
+                    let _ = myself.send_message(PoolMsg::CallsEnded { key });
+                });
+                RefreshRestart::AfterCalls
+            }
+            ConnState::Starting => {
+                entry.restart_pending = true;
+                RefreshRestart::AfterCalls
+            }
+            ConnState::Restarting | ConnState::Failed | ConnState::Closing => {
+                RefreshRestart::NotLive
+            }
         }
     }
 
@@ -921,14 +1008,36 @@ async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
 pub struct PoolHandle {
     slot: Arc<std::sync::RwLock<ActorRef<PoolMsg>>>,
     index: PoolIndex,
+    /// The `PoolGuardian`: once it has given up, no supervisor will come back.
+    guardian: ActorCell,
+    refresher: Option<TokenRefresher>,
 }
 
 impl PoolHandle {
     pub(crate) fn new(
         slot: Arc<std::sync::RwLock<ActorRef<PoolMsg>>>,
-        index: PoolIndex,
+        args: &PoolArgs,
+        guardian: ActorCell,
     ) -> PoolHandle {
-        PoolHandle { slot, index }
+        PoolHandle {
+            slot,
+            index: args.index.clone(),
+            guardian,
+            refresher: args.refresher.clone(),
+        }
+    }
+
+    /// The token refresher the pool consults (its OAuth providers serve the connect flow too).
+    pub fn refresher(&self) -> Option<&TokenRefresher> {
+        self.refresher.as_ref()
+    }
+
+    /// Whether the pool can take requests now: its guardian runs and so does the current
+    /// supervisor (false for the moment between a supervisor's failure and its replacement,
+    /// and for good once the guardian gave up).
+    pub fn is_available(&self) -> bool {
+        let running = |cell: &ActorCell| cell.get_status() == ractor::ActorStatus::Running;
+        running(&self.guardian) && running(&self.actor().get_cell())
     }
 
     fn actor(&self) -> ActorRef<PoolMsg> {
@@ -979,16 +1088,19 @@ impl PoolHandle {
         Err(PoolError::Reconnect)
     }
 
-    /// The cached tool list; a restart in progress is waited for transparently.
+    /// The cached tool list; a restart in progress is waited for transparently. OAuth tokens
+    /// due for a refresh are refreshed first.
     pub async fn list_tools(
         &self,
         user: &UserId,
         server: &ServerName,
     ) -> Result<Arc<Vec<rmcp::model::Tool>>, PoolError> {
+        self.ensure_fresh(user, server).await?;
         Ok(self.get_connection(user, server).await?.tools())
     }
 
-    /// Calls a tool. Retried only if the connection was closed before the call was sent.
+    /// Calls a tool, after refreshing OAuth tokens due for a refresh (an in-memory check when
+    /// none is). Retried only if the connection was closed before the call was sent.
     pub async fn call_tool(
         &self,
         user: &UserId,
@@ -996,6 +1108,7 @@ impl PoolHandle {
         tool: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
     ) -> Result<rmcp::model::CallToolResult, PoolError> {
+        self.ensure_fresh(user, server).await?;
         let mut connection = self.get_connection(user, server).await?;
         let slot = match connection.reserve() {
             Some(slot) => slot,
@@ -1019,19 +1132,69 @@ impl PoolHandle {
         self.ask(|reply| PoolMsg::Close { key, reply }).await
     }
 
-    /// Closes the session of (user, server) only between calls: never while a call is in
-    /// flight or while it starts (then [`IdleClose::Busy`]: ask again). Used to restart a server
-    /// that reads its token only at start-up after the token was refreshed.
-    pub async fn close_if_idle(
+    // === token freshness ===
+
+    /// Before a session is used: refreshes its OAuth tokens if they expire within the server's
+    /// `refresh_before`. Cheap when they do not (no database read, no message).
+    async fn ensure_fresh(&self, user: &UserId, server: &ServerName) -> Result<(), PoolError> {
+        let Some(refresher) = &self.refresher else {
+            return Ok(());
+        };
+        let checked = refresher.ensure_fresh(user, server).await;
+        self.settle_freshness(user, server, checked).await?;
+        Ok(())
+    }
+
+    /// The background sweep's check of one live session: always reads the row, and acts on
+    /// the outcome like a call would.
+    pub async fn refresh_now(
         &self,
         user: &UserId,
         server: &ServerName,
-    ) -> Result<IdleClose, PoolError> {
-        let key = ConnKey {
-            user: user.clone(),
-            server: server.clone(),
+    ) -> Result<Freshness, PoolError> {
+        let Some(refresher) = &self.refresher else {
+            return Ok(Freshness::Unmanaged);
         };
-        self.ask(|reply| PoolMsg::CloseIfIdle { key, reply }).await
+        let checked = refresher.check_now(user, server).await;
+        self.settle_freshness(user, server, checked).await
+    }
+
+    /// What a freshness check means for the session: a server that reads its token only at
+    /// start-up is restarted between calls after a refresh (the first attempt before this
+    /// returns, so the caller's own call runs on the new session when nothing else is in
+    /// flight); a revoked grant closes the session, which must not go on with the old token.
+    async fn settle_freshness(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        checked: Result<Freshness, CredentialError>,
+    ) -> Result<Freshness, PoolError> {
+        match checked {
+            Ok(fresh @ (Freshness::Refreshed | Freshness::RefreshedElsewhere))
+                if self
+                    .refresher
+                    .as_ref()
+                    .is_some_and(|r| r.restarts_on_refresh(server)) =>
+            {
+                let key = ConnKey::new(user, server);
+                if let Err(err) = self
+                    .ask(|reply| PoolMsg::RestartAfterRefresh { key, reply })
+                    .await
+                {
+                    tracing::warn!(cause = %err, "could not restart the session after a token refresh");
+                }
+                Ok(fresh)
+            }
+            Ok(fresh) => Ok(fresh),
+            Err(err) => {
+                if matches!(err, CredentialError::ReconnectRequired(_))
+                    && let Err(close) = self.close_connection(user, server).await
+                {
+                    tracing::warn!(cause = %close, "could not close the session after invalid_grant");
+                }
+                Err(PoolError::from_credentials(err))
+            }
+        }
     }
 
     pub async fn close_user_connections(&self, user: &UserId) -> Result<usize, PoolError> {

@@ -1,8 +1,9 @@
 //! The `TokenRefreshActor`: refreshes the OAuth tokens of live sessions in the background.
 //!
-//! Every tick it lists the pool's ready sessions of servers with a token endpoint and runs
-//! [`TokenRefresher::check_now`] for each, in a task of its own so the mailbox never waits for a
-//! token endpoint. The refresher's per-key single flight makes this safe next to tool calls and
+//! Every tick it lists the pool's ready sessions of servers with a token endpoint and has the
+//! pool check each ([`PoolHandle::refresh_now`]: the refresher's `check_now`, then a restart or
+//! close as the outcome requires), in a task of its own so the mailbox never waits for a token
+//! endpoint. The refresher's per-key single flight makes this safe next to tool calls and
 //! session starts checking the same key. Errors are logged; the handler never fails.
 
 use std::sync::Arc;
@@ -12,26 +13,37 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::connection::ConnState;
-use super::pool::PoolHandle;
-use crate::oauth::{Freshness, TokenRefresher};
+use super::pool::{PoolError, PoolHandle};
+use crate::oauth::Freshness;
+
+/// Why a sweep on request could not run. (A failed refresh of one session is no sweep
+/// failure: it is logged, and the sweep goes on with the next.)
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error("the token refresh actor is not running")]
+    Unavailable,
+    #[error("cannot list the pool's sessions: {0}")]
+    Pool(#[from] PoolError),
+}
 
 /// Messages of the [`TokenRefreshActor`]; use [`TokenRefreshHandle`].
 pub enum RefreshMsg {
     /// Sent to itself every interval.
     Tick,
     /// Sweep now; replies with how many sessions got new tokens.
-    Sweep { reply: RpcReplyPort<usize> },
+    Sweep {
+        reply: RpcReplyPort<Result<usize, SweepError>>,
+    },
 }
 
 pub struct RefreshArgs {
-    pub refresher: TokenRefresher,
+    /// The pool, whose refresher (`PoolHandle::refresher`) knows the providers.
     pub pool: PoolHandle,
     /// `None`: no ticks (sweeps only on request).
     pub interval: Option<Duration>,
 }
 
 pub struct RefreshState {
-    refresher: TokenRefresher,
     pool: PoolHandle,
     /// Set while a tick's sweep runs, so a slow token endpoint never stacks sweeps.
     sweeping: Arc<AtomicBool>,
@@ -54,7 +66,6 @@ impl Actor for TokenRefreshActor {
             myself.send_interval(interval, || RefreshMsg::Tick);
         }
         Ok(RefreshState {
-            refresher: args.refresher,
             pool: args.pool,
             sweeping: Arc::new(AtomicBool::new(false)),
         })
@@ -71,20 +82,18 @@ impl Actor for TokenRefreshActor {
                 if state.sweeping.swap(true, Ordering::SeqCst) {
                     return Ok(());
                 }
-                let (refresher, pool, sweeping) = (
-                    state.refresher.clone(),
-                    state.pool.clone(),
-                    state.sweeping.clone(),
-                );
+                let (pool, sweeping) = (state.pool.clone(), state.sweeping.clone());
                 tokio::spawn(async move {
-                    sweep(&refresher, &pool).await;
+                    if let Err(err) = sweep(&pool).await {
+                        tracing::warn!(cause = %err, "token refresh sweep skipped");
+                    }
                     sweeping.store(false, Ordering::SeqCst);
                 });
             }
             RefreshMsg::Sweep { reply } => {
-                let (refresher, pool) = (state.refresher.clone(), state.pool.clone());
+                let pool = state.pool.clone();
                 tokio::spawn(async move {
-                    let _ = reply.send(sweep(&refresher, &pool).await);
+                    let _ = reply.send(sweep(&pool).await);
                 });
             }
         }
@@ -93,20 +102,17 @@ impl Actor for TokenRefreshActor {
 }
 
 /// Checks every ready session of a managed server; returns how many were refreshed.
-async fn sweep(refresher: &TokenRefresher, pool: &PoolHandle) -> usize {
-    let stats = match pool.stats().await {
-        Ok(stats) => stats,
-        Err(err) => {
-            tracing::warn!(cause = %err, "token refresh sweep: pool stats unavailable");
-            return 0;
-        }
+async fn sweep(pool: &PoolHandle) -> Result<usize, SweepError> {
+    let Some(refresher) = pool.refresher() else {
+        return Ok(0);
     };
+    let stats = pool.stats().await?;
     let mut refreshed = 0;
     for conn in stats.connections {
         if conn.state != ConnState::Ready || !refresher.manages(&conn.server) {
             continue;
         }
-        match refresher.check_now(&conn.user_id, &conn.server).await {
+        match pool.refresh_now(&conn.user_id, &conn.server).await {
             Ok(Freshness::Refreshed | Freshness::RefreshedElsewhere) => refreshed += 1,
             Ok(_) => {}
             Err(err) => tracing::warn!(
@@ -115,7 +121,7 @@ async fn sweep(refresher: &TokenRefresher, pool: &PoolHandle) -> usize {
             ),
         }
     }
-    refreshed
+    Ok(refreshed)
 }
 
 /// Typed handle to the [`TokenRefreshActor`].
@@ -138,14 +144,14 @@ impl TokenRefreshHandle {
     }
 
     /// Runs one sweep now; returns how many sessions got new tokens.
-    pub async fn sweep_now(&self) -> usize {
+    pub async fn sweep_now(&self) -> Result<usize, SweepError> {
         match self
             .actor
             .call(|reply| RefreshMsg::Sweep { reply }, None)
             .await
         {
-            Ok(ractor::rpc::CallResult::Success(count)) => count,
-            _ => 0,
+            Ok(ractor::rpc::CallResult::Success(result)) => result,
+            _ => Err(SweepError::Unavailable),
         }
     }
 

@@ -96,14 +96,6 @@ pub async fn chat(
         ));
     };
     let servers = chat_servers(&state, &user, request.servers.as_deref()).await?;
-    // Tokens due soon are refreshed before the loop starts calling tools (cheap when they are
-    // not). A server whose refresh fails is not fatal here: the loop reports it as skipped if
-    // it cannot serve, like any other unavailable server.
-    for server in &servers {
-        if let Err(err) = super::oauth::ensure_fresh(&state, &user, server).await {
-            tracing::warn!(server = %server, code = err.code(), "token refresh before chat failed");
-        }
-    }
     if !request.stream {
         let outcome = run_chat(&llm, &state.pool, &user, servers, request, None).await?;
         return Ok(Json(outcome).into_response());

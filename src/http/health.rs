@@ -1,4 +1,5 @@
-//! Probes: `/healthz` (the process answers) and `/readyz` (database reachable, not shutting down).
+//! Probes: `/healthz` (the process answers) and `/readyz` (pool running, database reachable,
+//! not shutting down).
 
 use std::time::Duration;
 
@@ -22,6 +23,11 @@ pub async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<serde_j
             Json(serde_json::json!({ "status": reason })),
         )
     };
+    // Checked first: a pool that was given up also starts a shutdown, and the probe should say
+    // which of the two it is.
+    if !state.pool.is_available() {
+        return unready("pool_unavailable");
+    }
     if state.is_shutting_down() {
         return unready("shutting_down");
     }

@@ -98,20 +98,6 @@ impl HttpState {
         }
     }
 
-    /// The state of a running [`App`](crate::app::App), with authentication from its `[auth]`
-    /// section and the process environment (`MCP_POOL_API_KEY`, `MCP_POOL_ADMIN_KEY`, the JWT
-    /// secret variable).
-    pub fn from_app(app: &crate::app::App) -> Result<HttpState, AuthSetupError> {
-        let auth = Auth::from_config(&app.config.auth, |name| std::env::var(name).ok())?;
-        Ok(HttpState::new(
-            app.pool.clone(),
-            app.storage.credentials.clone(),
-            app.storage.store.clone(),
-            Arc::new(app.config.clone()),
-            auth,
-        ))
-    }
-
     /// Marks the service as shutting down (readiness fails from now on).
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);

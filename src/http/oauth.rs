@@ -1,4 +1,4 @@
-//! `/v1/oauth/{server}`: the connect flow, and the token freshness check before tool use.
+//! `/v1/oauth/{server}`: the connect flow. (Token freshness before tool use is the pool's.)
 //!
 //! - `POST /v1/oauth/{server}/start` (the user, authenticated) → `{ "authorization_url" }`;
 //!   the chat app sends the user's browser there.
@@ -45,7 +45,7 @@ pub async fn start(
     ServerParam(server): ServerParam,
 ) -> Result<Json<StartResponse>, ApiError> {
     let provider = state
-        .credentials
+        .pool
         .refresher()
         .and_then(|r| r.provider(&server))
         .filter(|p| p.connect_flow_enabled())
@@ -71,7 +71,7 @@ pub async fn callback(
     ServerParam(server): ServerParam,
     query: Result<Query<CallbackParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Some(refresher) = state.credentials.refresher() else {
+    let Some(refresher) = state.pool.refresher() else {
         return Err(not_configured(&server));
     };
     let Some(provider) = refresher
@@ -112,17 +112,4 @@ async fn close_replaced_session(state: &HttpState, user: &UserId, server: &Serve
     if let Err(err) = state.pool.close_connection(user, server).await {
         tracing::warn!(cause = %err, "could not close the session after a reconnect");
     }
-}
-
-/// Before a tool is listed or called: refresh the caller's OAuth tokens if they expire within
-/// the server's `refresh_before`. An in-memory check unless a refresh is due.
-pub async fn ensure_fresh(
-    state: &HttpState,
-    user: &UserId,
-    server: &ServerName,
-) -> Result<(), ApiError> {
-    if let Some(refresher) = state.credentials.refresher() {
-        refresher.ensure_fresh(user, server).await?;
-    }
-    Ok(())
 }

@@ -73,7 +73,6 @@ pub async fn list(
     AuthUser(user): AuthUser,
     ServerParam(server): ServerParam,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    super::oauth::ensure_fresh(&state, &user, &server).await?;
     let tools = state.pool.list_tools(&user, &server).await?;
     let tools: Vec<ToolView> = tools.iter().map(ToolView::from).collect();
     Ok(Json(
@@ -111,7 +110,6 @@ pub async fn call(
         }
     })?;
     let arguments = parse_arguments(&body)?;
-    super::oauth::ensure_fresh(&state, &user, &server).await?;
     let started = Instant::now();
     let result = state.pool.call_tool(&user, &server, &tool, arguments).await;
     let elapsed = started.elapsed();

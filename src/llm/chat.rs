@@ -329,7 +329,7 @@ async fn chat_loop(
             content: completion.content.filter(|text| !text.is_empty()),
             tool_calls: completion.tool_calls,
         });
-        let results = run_tool_calls(
+        let Some(results) = run_tool_calls(
             pool,
             user,
             &tools,
@@ -338,7 +338,10 @@ async fn chat_loop(
             llm.max_parallel_tool_calls(),
             events,
         )
-        .await;
+        .await
+        else {
+            return Err(ChatError::Cancelled);
+        };
         let mut fatal = None;
         for result in results {
             messages.push(Message::Tool {
@@ -451,7 +454,8 @@ struct CallResult {
 }
 
 /// Runs a step's tool calls concurrently (at most `parallel` at once); results come back in
-/// the model's order.
+/// the model's order. `None` when the streaming client went away meanwhile (the calls still
+/// running were cancelled).
 async fn run_tool_calls(
     pool: &PoolHandle,
     user: &UserId,
@@ -460,7 +464,7 @@ async fn run_tool_calls(
     step: u32,
     parallel: usize,
     events: Option<&mpsc::Sender<ChatEvent>>,
-) -> Vec<CallResult> {
+) -> Option<Vec<CallResult>> {
     let permits = Arc::new(Semaphore::new(parallel.max(1)));
     let mut tasks = JoinSet::new();
     let count = calls.len();
@@ -476,13 +480,27 @@ async fn run_tool_calls(
         });
     }
     let mut results: Vec<Option<CallResult>> = (0..count).map(|_| None).collect();
-    while let Some(joined) = tasks.join_next().await {
+    loop {
+        let joined = match events {
+            // A streaming client that went away cancels the calls still running: dropping
+            // them sends `notifications/cancelled` to their servers, instead of letting a
+            // long tool run on for nobody.
+            Some(events) => tokio::select! {
+                joined = tasks.join_next() => joined,
+                () = events.closed() => {
+                    tasks.abort_all();
+                    return None;
+                }
+            },
+            None => tasks.join_next().await,
+        };
+        let Some(joined) = joined else { break };
         match joined {
             Ok((index, result)) => results[index] = Some(result),
             Err(err) => tracing::error!(cause = %err, "a tool call task panicked"),
         }
     }
-    results.into_iter().flatten().collect()
+    Some(results.into_iter().flatten().collect())
 }
 
 async fn run_one(

@@ -144,11 +144,6 @@ impl McpClient {
         (cgroup.oom_kills() > 0).then(|| cgroup.memory_max.unwrap_or(0))
     }
 
-    /// A handle for arbitrary requests; clones share the session.
-    pub fn peer(&self) -> Peer<RoleClient> {
-        self.peer.clone()
-    }
-
     /// The cached tool list.
     pub fn tools(&self) -> Arc<Vec<Tool>> {
         self.cache.get()
@@ -340,11 +335,6 @@ impl McpSession {
     /// The calling side, to hand out to callers.
     pub fn client(&self) -> McpClient {
         self.client.clone()
-    }
-
-    /// A handle for arbitrary requests; clones share the session.
-    pub fn peer(&self) -> Peer<RoleClient> {
-        self.client.peer()
     }
 
     /// The cached tool list.

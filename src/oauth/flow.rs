@@ -13,9 +13,9 @@ use chrono::{DateTime, Utc};
 
 use super::provider::Provider;
 use super::{OAuthError, TokenRefresher, pkce};
-use crate::actors::credential::{CredentialError, CredentialHandle};
 use crate::store::{
-    ConnectionInfo, NewOAuthState, Secret, ServerName, Store, StoreError, Stored, Tokens, UserId,
+    ConnectionInfo, CredentialError, CredentialWriter, NewOAuthState, Secret, ServerName, Store,
+    StoreError, Stored, Tokens, UserId,
 };
 
 /// How long a started flow may take (the user's time on the provider's page).
@@ -138,7 +138,7 @@ pub struct Connected {
 /// Completes the flow whose callback reached `server`'s route.
 pub async fn complete(
     refresher: &TokenRefresher,
-    credentials: &CredentialHandle,
+    credentials: &dyn CredentialWriter,
     server: &ServerName,
     params: CallbackParams,
 ) -> Result<Connected, CallbackError> {

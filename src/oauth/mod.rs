@@ -21,8 +21,8 @@ pub mod refresh;
 
 use std::time::Duration;
 
-pub use flow::{CallbackError, CallbackParams, Connected, FlowStartError, STATE_TTL, StartedFlow};
-pub use provider::{Provider, TokenResponse};
+pub use flow::{CallbackError, CallbackParams};
+pub use provider::Provider;
 pub use refresh::{Freshness, TokenRefresher};
 
 /// Why a request to the provider failed. Carries the provider's error *code* at most, never a

@@ -52,6 +52,7 @@ pub struct Provider {
     refresh_before: Duration,
     auth_method: TokenAuthMethod,
     timeout: Duration,
+    cooldown: Duration,
     http: reqwest::Client,
 }
 
@@ -132,6 +133,7 @@ impl Provider {
             refresh_before: config.refresh_before,
             auth_method: config.token_auth_method,
             timeout: config.token_timeout,
+            cooldown: config.refresh_cooldown,
             http,
         })
     }
@@ -143,6 +145,11 @@ impl Provider {
     /// Access tokens expiring within this are refreshed.
     pub fn refresh_before(&self) -> Duration {
         self.refresh_before
+    }
+
+    /// The first wait after a refresh that failed transiently (`refresh_cooldown`).
+    pub fn cooldown(&self) -> Duration {
+        self.cooldown
     }
 
     /// Upper bound of one token request.

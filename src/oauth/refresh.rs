@@ -27,11 +27,16 @@
 //!
 //! A transient failure (5xx, timeout, network) keeps the credentials, is retried with backoff
 //! within the request, and then the key backs off for a while (calls keep using a token that
-//! has not expired yet). `invalid_grant` deactivates the credentials, closes the session and
-//! answers "reconnect required" until new credentials are stored.
+//! has not expired yet). `invalid_grant` deactivates the credentials and answers "reconnect
+//! required" until new credentials are stored.
+//!
+//! The refresher only looks after tokens: it never touches a session. Freshness has one owner,
+//! the pool (`actors::pool`), which consults it before every tool call, tool listing and session
+//! start (and in its background sweep), and acts on the outcome (restarts a `restart_on_token_refresh` server between calls,
+//! closes the session of a revoked grant). So `oauth` depends on `store`, not on the actors.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -39,23 +44,21 @@ use tokio::time::Instant;
 
 use super::OAuthError;
 use super::provider::{Provider, TokenResponse, http_client};
-use crate::actors::connection::ConnKey;
-use crate::actors::credential::{CredentialError, CredentialHandle};
-use crate::actors::pool::{IdleClose, PoolHandle};
 use crate::config::Config;
-use crate::store::{ServerName, StoreError, TokenUpdate, Tokens, UserId};
+use crate::ids::ConnKey;
+use crate::store::{
+    CredentialError, CredentialWriter, ServerName, StoreError, TokenUpdate, Tokens, UserId,
+};
 
 /// Token requests per refresh before giving up for now.
 const ATTEMPTS: u32 = 3;
 /// Backoff between those attempts: full jitter over `base·2^n`, capped.
 const RETRY_BASE: Duration = Duration::from_millis(200);
 const RETRY_CAP: Duration = Duration::from_secs(2);
-/// After a refresh that failed transiently, the key is not retried for `base·2^failures`
-/// (capped): an outage at the provider must not turn every tool call into token requests.
-const COOL_DOWN_BASE: Duration = Duration::from_secs(1);
-const COOL_DOWN_CAP: Duration = Duration::from_secs(60);
-/// How long a restart after a refresh waits for the session to be between calls.
-const RESTART_WAIT: Duration = Duration::from_secs(300);
+/// After a refresh that failed transiently, the key is not retried for
+/// `refresh_cooldown·2^failures`, capped at this many times `refresh_cooldown`: an outage at
+/// the provider must not turn every tool call into token requests.
+const COOL_DOWN_CAP_FACTOR: u32 = 60;
 
 /// What a freshness check found or did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +84,8 @@ struct Backoff {
 }
 
 struct Inner {
-    /// A handle *without* a refresher attached (the pool gets the one with it): no cycle.
-    credentials: CredentialHandle,
+    /// The single writer of credentials (the `CredentialActor`'s handle).
+    credentials: Arc<dyn CredentialWriter>,
     providers: BTreeMap<ServerName, Arc<Provider>>,
     restart_on_refresh: BTreeSet<ServerName>,
     /// One async mutex per key being checked; entries go when nobody holds or waits for them.
@@ -93,8 +96,6 @@ struct Inner {
     backoff: Mutex<HashMap<ConnKey, Backoff>>,
     /// Keys whose grant was rejected: "reconnect required" until new credentials are stored.
     reconnect_required: Mutex<HashSet<ConnKey>>,
-    /// Set once the pool runs (it is built after the credential side).
-    pool: OnceLock<PoolHandle>,
 }
 
 /// See the module docs. Cheap to clone; one per process (its locks are the single flight).
@@ -145,7 +146,7 @@ impl TokenRefresher {
     /// come from `env` (`std::env::var` in production).
     pub fn from_config(
         config: &Config,
-        credentials: CredentialHandle,
+        credentials: Arc<dyn CredentialWriter>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<TokenRefresher, OAuthError> {
         let http = http_client()?;
@@ -175,15 +176,8 @@ impl TokenRefresher {
                 fresh_until: Mutex::new(HashMap::new()),
                 backoff: Mutex::new(HashMap::new()),
                 reconnect_required: Mutex::new(HashSet::new()),
-                pool: OnceLock::new(),
             }),
         })
-    }
-
-    /// Lets the refresher close sessions (`invalid_grant`) and restart those of servers with
-    /// `restart_on_token_refresh`. Later calls are ignored.
-    pub fn attach_pool(&self, pool: PoolHandle) {
-        let _ = self.inner.pool.set(pool);
     }
 
     /// The OAuth client of `server`, if it has a token endpoint.
@@ -194,6 +188,12 @@ impl TokenRefresher {
     /// Whether `server`'s tokens are refreshed here.
     pub fn manages(&self, server: &ServerName) -> bool {
         self.inner.providers.contains_key(server)
+    }
+
+    /// Whether `server` reads its token only at start-up (`restart_on_token_refresh`): its
+    /// session must be restarted, between calls, after a refresh.
+    pub fn restarts_on_refresh(&self, server: &ServerName) -> bool {
+        self.inner.restart_on_refresh.contains(server)
     }
 
     /// The shortest `refresh_before` of all servers, for the background sweep's interval.
@@ -212,32 +212,22 @@ impl TokenRefresher {
         user: &UserId,
         server: &ServerName,
     ) -> Result<Freshness, CredentialError> {
-        self.check(key(user, server), true, Caller::Call).await
+        self.check(ConnKey::new(user, server), true).await
     }
 
-    /// Before a session starts: like [`ensure_fresh`](Self::ensure_fresh) but always reads the
-    /// row, and never restarts the session (it is starting with the fresh file).
-    pub async fn before_session(
-        &self,
-        user: &UserId,
-        server: &ServerName,
-    ) -> Result<Freshness, CredentialError> {
-        self.check(key(user, server), false, Caller::SessionStart)
-            .await
-    }
-
-    /// The background sweep: always reads the row.
+    /// Before a session starts (it is about to read the file) and in the background sweep:
+    /// like [`ensure_fresh`](Self::ensure_fresh) but always reads the row.
     pub async fn check_now(
         &self,
         user: &UserId,
         server: &ServerName,
     ) -> Result<Freshness, CredentialError> {
-        self.check(key(user, server), false, Caller::Sweep).await
+        self.check(ConnKey::new(user, server), false).await
     }
 
     /// Forgets what is known about the key: new credentials were stored (connect flow).
     pub fn forget(&self, user: &UserId, server: &ServerName) {
-        let key = key(user, server);
+        let key = ConnKey::new(user, server);
         lock(&self.inner.fresh_until).remove(&key);
         lock(&self.inner.backoff).remove(&key);
         lock(&self.inner.reconnect_required).remove(&key);
@@ -245,12 +235,7 @@ impl TokenRefresher {
 
     // === the single flight ===
 
-    async fn check(
-        &self,
-        key: ConnKey,
-        use_cache: bool,
-        caller: Caller,
-    ) -> Result<Freshness, CredentialError> {
+    async fn check(&self, key: ConnKey, use_cache: bool) -> Result<Freshness, CredentialError> {
         let Some(provider) = self.inner.providers.get(&key.server).cloned() else {
             return Ok(Freshness::Unmanaged);
         };
@@ -267,7 +252,7 @@ impl TokenRefresher {
             .clone();
         let result = {
             let _guard = mutex.lock().await;
-            self.check_locked(&key, &provider, caller).await
+            self.check_locked(&key, &provider).await
         };
         // Drop the key's mutex from the map once only the map and this caller hold it. Under the
         // map's lock nobody can clone it meanwhile; a later caller makes a new one, which is
@@ -283,7 +268,6 @@ impl TokenRefresher {
         &self,
         key: &ConnKey,
         provider: &Provider,
-        caller: Caller,
     ) -> Result<Freshness, CredentialError> {
         let store = self.inner.credentials.store();
         let Some(record) = store.get(&key.user, &key.server).await? else {
@@ -320,9 +304,7 @@ impl TokenRefresher {
             .claim_refresh(&key.user, &key.server, record.info.version, lease(provider))
             .await?
         else {
-            return self
-                .wait_for_other_refresh(key, provider, expiry, caller)
-                .await;
+            return self.wait_for_other_refresh(key, provider, expiry).await;
         };
         let mut last_error = None;
         for attempt in 0..ATTEMPTS {
@@ -330,9 +312,9 @@ impl TokenRefresher {
                 tokio::time::sleep(jitter(RETRY_BASE, RETRY_CAP, attempt - 1)).await;
             }
             match provider.refresh(&refresh_token).await {
-                Ok(tokens) => return self.store_refreshed(key, version, tokens, caller).await,
+                Ok(tokens) => return self.store_refreshed(key, version, tokens).await,
                 Err(OAuthError::InvalidGrant) => {
-                    return self.on_invalid_grant(key, version, caller).await;
+                    return self.on_invalid_grant(key, version).await;
                 }
                 Err(err) if err.is_transient() => {
                     tracing::warn!(
@@ -373,7 +355,6 @@ impl TokenRefresher {
         key: &ConnKey,
         provider: &Provider,
         expiry: Option<DateTime<Utc>>,
-        caller: Caller,
     ) -> Result<Freshness, CredentialError> {
         let lease = lease(provider);
         let deadline = Instant::now() + lease;
@@ -386,7 +367,7 @@ impl TokenRefresher {
             if refresh_due(&record.tokens, provider.refresh_before())
                 .is_none_or(|due| Utc::now() < due)
             {
-                return self.adopt_stored(key, caller).await;
+                return self.adopt_stored(key).await;
             }
         }
         self.not_refreshed(key, expiry, Some(OAuthError::Timeout(lease)))
@@ -403,9 +384,14 @@ impl TokenRefresher {
         if let Some(error) = &error {
             let mut backoffs = lock(&self.inner.backoff);
             let failures = backoffs.get(key).map_or(0, |b| b.failures) + 1;
-            let wait = COOL_DOWN_BASE
+            let base = self
+                .inner
+                .providers
+                .get(&key.server)
+                .map_or(Duration::from_secs(1), |p| p.cooldown());
+            let wait = base
                 .saturating_mul(2u32.saturating_pow((failures - 1).min(16)))
-                .min(COOL_DOWN_CAP);
+                .min(base.saturating_mul(COOL_DOWN_CAP_FACTOR));
             backoffs.insert(
                 key.clone(),
                 Backoff {
@@ -434,7 +420,6 @@ impl TokenRefresher {
         key: &ConnKey,
         version: i64,
         tokens: TokenResponse,
-        caller: Caller,
     ) -> Result<Freshness, CredentialError> {
         let rotated = tokens.refresh_token.is_some();
         let update = TokenUpdate {
@@ -456,7 +441,6 @@ impl TokenRefresher {
                     user_id = %key.user, server = %key.server, version = info.version, rotated,
                     "Refreshed the access token"
                 );
-                self.restart_if_needed(key, caller).await;
                 Ok(Freshness::Refreshed)
             }
             Err(CredentialError::Store(StoreError::Conflict { .. })) => {
@@ -464,7 +448,7 @@ impl TokenRefresher {
                     user_id = %key.user, server = %key.server,
                     "Tokens were written concurrently; using the stored ones"
                 );
-                self.adopt_stored(key, caller).await
+                self.adopt_stored(key).await
             }
             Err(CredentialError::NotFound(_)) => Ok(Freshness::Unmanaged),
             Err(other) => Err(other),
@@ -473,11 +457,7 @@ impl TokenRefresher {
 
     /// Another writer won: use its tokens, and rewrite this instance's credentials file from
     /// the row (the winner may have written only its own).
-    async fn adopt_stored(
-        &self,
-        key: &ConnKey,
-        caller: Caller,
-    ) -> Result<Freshness, CredentialError> {
+    async fn adopt_stored(&self, key: &ConnKey) -> Result<Freshness, CredentialError> {
         let store = self.inner.credentials.store();
         let Some(record) = store.get(&key.user, &key.server).await? else {
             return Ok(Freshness::Unmanaged);
@@ -488,21 +468,21 @@ impl TokenRefresher {
             .await?;
         lock(&self.inner.backoff).remove(key);
         self.remember_expiry(key, record.tokens.token_expiry);
-        self.restart_if_needed(key, caller).await;
         Ok(Freshness::RefreshedElsewhere)
     }
 
+    /// The grant is gone: deactivate the credentials and answer "reconnect required" (the
+    /// pool closes the session on that answer).
     async fn on_invalid_grant(
         &self,
         key: &ConnKey,
         version: i64,
-        caller: Caller,
     ) -> Result<Freshness, CredentialError> {
         let store = self.inner.credentials.store();
         let current = store.get(&key.user, &key.server).await?;
         if current.as_ref().is_some_and(|r| r.info.version != version) {
             // Rotated away by a concurrent winner, or replaced by a reconnect: not revoked.
-            return self.adopt_stored(key, caller).await;
+            return self.adopt_stored(key).await;
         }
         tracing::warn!(
             user_id = %key.user, server = %key.server,
@@ -515,13 +495,6 @@ impl TokenRefresher {
             .credentials
             .deactivate(&key.user, &key.server)
             .await?;
-        // A starting session fails on its own with the error below; a live one is closed.
-        if caller != Caller::SessionStart
-            && let Some(pool) = self.inner.pool.get()
-            && let Err(err) = pool.close_connection(&key.user, &key.server).await
-        {
-            tracing::warn!(cause = %err, "could not close the session after invalid_grant");
-        }
         Err(CredentialError::ReconnectRequired(key.server.clone()))
     }
 
@@ -537,63 +510,10 @@ impl TokenRefresher {
         });
         lock(&self.inner.fresh_until).insert(key.clone(), until);
     }
-
-    /// Servers that read their token only at start-up are restarted between calls. The first
-    /// attempt is made before returning (so the caller's own call runs on the new session when
-    /// nothing else is in flight); while calls are in flight it is retried in the background.
-    async fn restart_if_needed(&self, key: &ConnKey, caller: Caller) {
-        if caller == Caller::SessionStart || !self.inner.restart_on_refresh.contains(&key.server) {
-            return;
-        }
-        let Some(pool) = self.inner.pool.get().cloned() else {
-            return;
-        };
-        match pool.close_if_idle(&key.user, &key.server).await {
-            Ok(IdleClose::Busy) => {}
-            Ok(IdleClose::Closed) => {
-                tracing::info!(user_id = %key.user, server = %key.server, "Restarting the session after a token refresh");
-                return;
-            }
-            Ok(IdleClose::NotLive) | Err(_) => return,
-        }
-        let key = key.clone();
-        tokio::spawn(async move {
-            let deadline = Instant::now() + RESTART_WAIT;
-            loop {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                match pool.close_if_idle(&key.user, &key.server).await {
-                    Ok(IdleClose::Busy) if Instant::now() < deadline => continue,
-                    Ok(IdleClose::Busy) => {
-                        tracing::warn!(user_id = %key.user, server = %key.server, "Session stayed busy; not restarted after the token refresh");
-                    }
-                    Ok(IdleClose::Closed) => {
-                        tracing::info!(user_id = %key.user, server = %key.server, "Restarting the session after a token refresh");
-                    }
-                    Ok(IdleClose::NotLive) | Err(_) => {}
-                }
-                return;
-            }
-        });
-    }
-}
-
-/// Who asked; decides whether the session is closed or restarted afterwards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Caller {
-    Call,
-    SessionStart,
-    Sweep,
 }
 
 /// How long a refresh claim holds off other instances: the claimer's worst case (every attempt
 /// timing out, plus the backoff between them).
 fn lease(provider: &Provider) -> Duration {
     provider.timeout().saturating_add(RETRY_CAP) * ATTEMPTS
-}
-
-fn key(user: &UserId, server: &ServerName) -> ConnKey {
-    ConnKey {
-        user: user.clone(),
-        server: server.clone(),
-    }
 }

@@ -14,8 +14,8 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 
 use super::files::{create_private_dir, write_atomic};
-use super::ids::{ServerName, UserId};
 use super::secret::Secret;
+use crate::ids::{ServerName, UserId};
 
 const NONCE_LEN: usize = 24;
 const KEY_LEN: usize = 32;

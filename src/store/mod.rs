@@ -4,23 +4,30 @@
 //!   `oauth_states` of pending OAuth connect flows.
 //! - [`crypto`]: [`Keyring`], XChaCha20-Poly1305 with row-bound associated data.
 //! - [`files`]: [`CredentialFiles`], private, atomically written credential files.
-//! - [`ids`]: validated [`UserId`] and [`ServerName`].
+//! - validated [`UserId`] and [`ServerName`] live in [`crate::ids`] (re-exported here, since
+//!   every repository call takes them).
 //! - [`secret`]: [`Secret`], a string whose `Debug`/`Display` print `[REDACTED]`.
+//! - [`writer`]: [`CredentialWriter`], the single writer of credentials as `oauth` sees it
+//!   (the `CredentialActor` implements it), and [`CredentialError`].
 
 pub mod crypto;
 pub mod files;
-pub mod ids;
 pub mod repo;
 pub mod secret;
+pub mod writer;
 
+pub use crate::ids::{IdError, ServerName, UserId};
 pub use crypto::{CryptoError, Keyring};
 pub use files::{CredentialFiles, CredentialSpec};
-pub use ids::{IdError, ServerName, UserId};
+// `files.rs` still names the ids as `super::ids::..` (it is being rewritten on another branch;
+// its import moves to `crate::ids` with that rewrite).
+use crate::ids;
 pub use repo::{
-    BackendKind, ConnectionInfo, ConnectionRecord, NewOAuthState, OAuthState, Store, StoreOptions,
-    Stored, TokenUpdate, Tokens,
+    BackendKind, ConnectionInfo, ConnectionRecord, NewOAuthState, Store, StoreOptions, Stored,
+    TokenUpdate, Tokens,
 };
 pub use secret::Secret;
+pub use writer::{BoxFuture, CredentialError, CredentialWriter};
 
 /// Why a repository operation failed. Never carries a token.
 #[derive(Debug, thiserror::Error)]

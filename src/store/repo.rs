@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use super::StoreError;
 use super::crypto::{CryptoError, Keyring, TokenField};
-use super::ids::{ServerName, UserId};
 use super::secret::Secret;
+use crate::ids::{ServerName, UserId};
 
 pub use oauth_states::{NewOAuthState, OAuthState};
 

@@ -53,6 +53,9 @@ pub enum Reply {
     },
     /// Sleeps this long, then answers with the inner reply.
     Delay(Duration, Box<Reply>),
+    /// Waits for a permit of the semaphore (the test adds one to let the answer go), then
+    /// answers with the inner reply: the test decides when, not the clock.
+    Gate(Arc<tokio::sync::Semaphore>, Box<Reply>),
 }
 
 /// A tool call the fake model makes.
@@ -203,9 +206,19 @@ async fn completions(
     let Some(mut reply) = reply else {
         return error_response(500, "fake LLM: the script has no reply left");
     };
-    while let Reply::Delay(delay, inner) = reply {
-        tokio::time::sleep(delay).await;
-        reply = *inner;
+    loop {
+        match reply {
+            Reply::Delay(delay, inner) => {
+                tokio::time::sleep(delay).await;
+                reply = *inner;
+            }
+            Reply::Gate(gate, inner) => {
+                // Never closed; a failed acquire would only open the gate.
+                let _ = gate.acquire().await.map(|permit| permit.forget());
+                reply = *inner;
+            }
+            _ => break,
+        }
     }
     match reply {
         Reply::Error { status, message } => error_response(status, &message),
@@ -221,7 +234,7 @@ async fn completions(
             .into_response(),
         Reply::Text(_) | Reply::ToolCalls { .. } if stream => sse_response(&reply),
         Reply::Text(_) | Reply::ToolCalls { .. } => axum::Json(completion(&reply)).into_response(),
-        Reply::Delay(..) => unreachable!("delays are unwrapped above"),
+        Reply::Delay(..) | Reply::Gate(..) => unreachable!("unwrapped above"),
     }
 }
 

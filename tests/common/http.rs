@@ -1,31 +1,87 @@
-//! Helpers of the HTTP tests: the real router of a real `App` on a loopback port (port 0), and a
+//! Helpers of the HTTP tests: a real `App` served on a loopback port (port 0), and a
 //! small HTTP/1.1 client on hyper (no TLS stack needed on loopback).
 //! Include with `mod common; #[path = "common/http.rs"] mod http;`.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use mcp_pool::app::App;
-use mcp_pool::http::{Auth, HttpState};
+use mcp_pool::app::{App, AppError};
+use mcp_pool::http::HttpState;
 use serde_json::Value;
 
-use super::common::test_config;
+use super::common::{PATIENCE, test_config};
 
-/// A running facade: `App::build` + `mcp_pool::http::serve` on 127.0.0.1:0.
+/// A running service: `App::build`, then `App::serve` on 127.0.0.1:0, exactly as `serve` runs
+/// it (only the listener and the environment differ), so tests exercise the production wiring.
 pub struct TestServer {
+    /// The bound address (port 0 picked a free port).
     pub addr: SocketAddr,
     pub service_key: String,
     pub admin_key: String,
+    /// A clone of the state the router serves: the pool, credentials and store handles.
     pub state: HttpState,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-    app: Option<App>,
+    /// `App::serve`: ends after the drain and `App::stop`.
+    server: Option<tokio::task::JoinHandle<Result<(), AppError>>>,
     pub dir: tempfile::TempDir,
+}
+
+/// Builds the app from `test_config(dir, pool, extra)` and serves it on a free loopback port.
+/// `env` stands in for the process environment.
+pub async fn spawn_app(
+    dir: tempfile::TempDir,
+    pool: &str,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> TestServer {
+    let config = test_config(dir.path(), pool, extra);
+    let env: HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let api_key_mode = config.auth.mode == mcp_pool::config::AuthMode::ApiKey;
+    let (api_key_file, admin_key_file) = (
+        config.auth.api_key_file.clone(),
+        config.auth.admin_key_file.clone(),
+    );
+    let app = App::build(config).await.expect("app starts");
+    let state = app.http_state(|name| env.get(name).cloned()).expect("auth");
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .expect("key file created")
+            .trim()
+            .to_owned()
+    };
+    let admin_key = env
+        .get("MCP_POOL_ADMIN_KEY")
+        .cloned()
+        .unwrap_or_else(|| read(&admin_key_file));
+    let service_key = match (api_key_mode, env.get("MCP_POOL_API_KEY")) {
+        (false, _) => String::new(),
+        (true, Some(key)) => key.clone(),
+        (true, None) => read(&api_key_file),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.serve(listener, state.clone(), async move {
+        let _ = rx.await;
+    }));
+    TestServer {
+        addr,
+        service_key,
+        admin_key,
+        state,
+        shutdown: Some(tx),
+        server: Some(server),
+        dir,
+    }
 }
 
 impl TestServer {
@@ -37,50 +93,7 @@ impl TestServer {
             "[auth]\napi_key_file = \"{d}/data/api.key\"\nadmin_key_file = \"{d}/data/admin.key\"\n{auth}\n",
             d = dir.path().display()
         );
-        let config = test_config(dir.path(), pool, &format!("{extra}\n{auth_section}"));
-        let env: HashMap<String, String> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let auth = Auth::from_config(&config.auth, |name| env.get(name).cloned()).expect("auth");
-        let read = |path: &str| {
-            std::fs::read_to_string(dir.path().join(path))
-                .expect("key file created")
-                .trim()
-                .to_owned()
-        };
-        let admin_key = read("data/admin.key");
-        let service_key = if config.auth.mode == mcp_pool::config::AuthMode::ApiKey {
-            read("data/api.key")
-        } else {
-            String::new()
-        };
-        let app = App::build(config).await.expect("app starts");
-        let state = HttpState::new(
-            app.pool.clone(),
-            app.storage.credentials.clone(),
-            app.storage.store.clone(),
-            Arc::new(app.config.clone()),
-            auth,
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(mcp_pool::http::serve(listener, state.clone(), async move {
-            let _ = rx.await;
-        }));
-        TestServer {
-            addr,
-            service_key,
-            admin_key,
-            state,
-            shutdown: Some(tx),
-            server: Some(server),
-            app: Some(app),
-            dir,
-        }
+        spawn_app(dir, pool, &format!("{extra}\n{auth_section}"), env).await
     }
 
     /// API-key mode with no extras.
@@ -130,12 +143,14 @@ impl TestServer {
     /// Stops serving (drain), then the app, in the production order.
     pub async fn stop(mut self) {
         self.begin_shutdown();
-        if let Some(server) = self.server.take() {
-            server.await.expect("server task").expect("serve");
-        }
-        if let Some(app) = self.app.take() {
-            app.stop().await;
-        }
+        self.stopped().await.expect("the app stops cleanly");
+    }
+
+    /// Waits for `App::serve` to return (after a shutdown, or on its own when the pool was
+    /// given up) and hands back its result.
+    pub async fn stopped(&mut self) -> Result<(), AppError> {
+        let server = self.server.take().expect("still serving");
+        server.await.expect("server task")
     }
 }
 
@@ -182,6 +197,53 @@ impl Resp {
     }
 }
 
+/// A response whose body is read as it arrives. Dropping it closes the connection, as a client
+/// that goes away does.
+pub struct Streaming {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    body: hyper::body::Incoming,
+    buffer: String,
+    connection: tokio::task::JoinHandle<Result<(), hyper::Error>>,
+}
+
+impl Streaming {
+    /// The next server-sent event as `(event name, JSON data)`, waiting for it at most
+    /// `PATIENCE`; `None` once the stream ended. Comments (keep-alives) are skipped.
+    pub async fn next_event(&mut self) -> Option<(String, Value)> {
+        loop {
+            while let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let name = block.lines().find_map(|l| l.strip_prefix("event: "));
+                let data = block.lines().find_map(|l| l.strip_prefix("data: "));
+                if let (Some(name), Some(data)) = (name, data) {
+                    let data = serde_json::from_str(data)
+                        .unwrap_or_else(|err| panic!("event data is not JSON ({err}): {data}"));
+                    return Some((name.to_owned(), data));
+                }
+            }
+            let frame = tokio::time::timeout(PATIENCE, self.body.frame())
+                .await
+                .expect("more of the stream within patience");
+            match frame {
+                None => return None,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buffer.push_str(&String::from_utf8_lossy(&data));
+                    }
+                }
+                Some(Err(err)) => panic!("stream failed: {err}"),
+            }
+        }
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
 /// A client with fixed headers; one connection per request.
 #[derive(Clone)]
 pub struct Client {
@@ -196,20 +258,25 @@ impl Client {
         self
     }
 
-    pub async fn request(
+    /// Sends one request on a new connection; returns the response head with its body unread,
+    /// and the connection's task.
+    async fn send(
         &self,
         method: &str,
         path: &str,
         content_type: Option<&str>,
         body: Vec<u8>,
-    ) -> Resp {
+    ) -> (
+        hyper::Response<hyper::body::Incoming>,
+        tokio::task::JoinHandle<Result<(), hyper::Error>>,
+    ) {
         let stream = tokio::net::TcpStream::connect(self.addr)
             .await
             .expect("connect");
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .expect("handshake");
-        tokio::spawn(conn);
+        let connection = tokio::spawn(conn);
         let mut builder = hyper::Request::builder()
             .method(method)
             .uri(path)
@@ -221,13 +288,44 @@ impl Client {
             builder = builder.header("content-type", ct);
         }
         let request = builder.body(Full::new(Bytes::from(body))).expect("request");
-        let response = sender.send_request(request).await.expect("response");
+        let response = tokio::time::timeout(PATIENCE, sender.send_request(request))
+            .await
+            .expect("a response head within patience")
+            .expect("response");
+        (response, connection)
+    }
+
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Resp {
+        let (response, _) = self.send(method, path, content_type, body).await;
         let (parts, body) = response.into_parts();
         let body = body.collect().await.expect("body").to_bytes();
         Resp {
             status: parts.status.as_u16(),
             headers: parts.headers,
             body,
+        }
+    }
+
+    /// Sends a JSON POST and returns as soon as the response head arrives; the body is read
+    /// as it comes (server-sent events).
+    pub async fn post_streaming(&self, path: &str, body: &Value) -> Streaming {
+        let body = body.to_string().into_bytes();
+        let (response, connection) = self
+            .send("POST", path, Some("application/json"), body)
+            .await;
+        let (parts, body) = response.into_parts();
+        Streaming {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+            buffer: String::new(),
+            connection,
         }
     }
 
@@ -297,4 +395,38 @@ pub fn content_text(body: &Value) -> String {
                 .join("")
         })
         .unwrap_or_default()
+}
+
+impl TestServer {
+    /// Leaves the service behind without waiting for it (its task is aborted): for a test
+    /// that ends while the service sits in a long `shutdown_delay`.
+    pub fn abandon(mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+impl TestServer {
+    /// Sets the stored access token of (user, server) to expire `expires_in` from now (negative:
+    /// already expired), as if that much time had passed: with a `refresh_before` of an hour,
+    /// anything shorter is due at once, so no test waits for a token to become due. The
+    /// refresher's in-memory "fresh until" is dropped too, as storing new credentials does.
+    pub async fn set_token_expiry(&self, user: &str, server: &str, expires_in: chrono::Duration) {
+        let user = mcp_pool::store::UserId::parse(user).unwrap();
+        let server = mcp_pool::store::ServerName::parse(server).unwrap();
+        let update = mcp_pool::store::TokenUpdate {
+            access_token: None,
+            refresh_token: None,
+            token_expiry: Some(chrono::Utc::now() + expires_in),
+        };
+        self.state
+            .credentials
+            .update(&user, &server, None, update)
+            .await
+            .expect("the expiry is stored");
+        if let Some(refresher) = self.state.pool.refresher() {
+            refresher.forget(&user, &server);
+        }
+    }
 }

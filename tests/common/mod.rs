@@ -161,3 +161,28 @@ pub fn pids_with_marker(marker: &str) -> Vec<u32> {
         })
         .unwrap_or_default()
 }
+
+// === polling ===
+
+/// How long a test waits for a state that should come "soon": long enough that only a real hang
+/// exceeds it on a loaded two-core machine, never a bound that a slow run can trip.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Polls an async condition every 20 ms until it holds (`true`) or `limit` passes (`false`).
+/// The one polling helper of the suite: tests wait on the state itself, never a fixed time.
+pub async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -8,9 +8,9 @@
 use chrono::{DateTime, Utc};
 
 use super::{Backend, Scope, Store, now, set_scope};
+use crate::ids::{ServerName, UserId};
 use crate::store::StoreError;
 use crate::store::crypto::TokenField;
-use crate::store::ids::{ServerName, UserId};
 use crate::store::secret::Secret;
 
 /// A flow to remember.
