@@ -9,7 +9,6 @@ mod common;
 mod http;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use common::{PATIENCE, alive, host_pid, pids_with_marker, wait_until};
 use http::{Client, TestServer, content_text};

@@ -1,7 +1,7 @@
 //! Private credential files: one per (user, server) at
 //! `<root>/<user_id>/<server>/credentials.json`.
 //!
-//! The mapping is injective because neither identifier can contain `/` (see [`super::ids`]), and
+//! The mapping is injective because neither identifier can contain `/` (see [`crate::ids`]), and
 //! confined because neither can be `.`/`..` or start with a dot. Directories are 0700, files 0600,
 //! and every write is atomic: a crash leaves the old file or the new one, never a torn one.
 //!
@@ -14,7 +14,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::ids::{ServerName, UserId};
+use crate::ids::{ServerName, UserId};
 
 /// Creates `dir` (and parents) with mode 0700; refuses a symlink where a directory should be.
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {

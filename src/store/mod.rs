@@ -19,9 +19,6 @@ pub mod writer;
 pub use crate::ids::{IdError, ServerName, UserId};
 pub use crypto::{CryptoError, Keyring};
 pub use files::{CredentialFiles, CredentialSpec};
-// `files.rs` still names the ids as `super::ids::..` (it is being rewritten on another branch;
-// its import moves to `crate::ids` with that rewrite).
-use crate::ids;
 pub use repo::{
     BackendKind, ConnectionInfo, ConnectionRecord, NewOAuthState, Store, StoreOptions, Stored,
     TokenUpdate, Tokens,
