@@ -23,8 +23,10 @@ async fn probe(client: &Client, tool: &str, args: Value) -> Value {
     serde_json::from_str(&content_text(&resp.json())).expect("probe answers JSON")
 }
 
-/// Asserts the probe was refused, and returns its errno.
+/// Asserts the probe was refused, and returns its errno. Each probe and its answer is printed
+/// (`cargo nextest run --test sandbox --no-capture` lists them).
 fn denied(report: &Value, what: &str) -> i64 {
+    eprintln!("probe: {what} -> {}", report["error"]);
     assert_eq!(report["ok"], false, "{what} was allowed: {report}");
     report["errno"].as_i64().unwrap_or(0)
 }
