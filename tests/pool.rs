@@ -654,9 +654,10 @@ async fn sixty_four_concurrent_calls_on_one_connection_run_concurrently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_never_starts_trips_the_circuit_too() {
+    // A program that exists but exits at once: every start fails its handshake.
     let h = Harness::start(
         "max_restarts = 2\nfailed_cooldown = \"1h\"",
-        "[servers.broken]\ncommand = \"/nonexistent/mcp-server\"\n\
+        "[servers.broken]\ncommand = \"/bin/false\"\n\
          credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n",
     )
     .await;
@@ -676,5 +677,29 @@ async fn a_server_that_never_starts_trips_the_circuit_too() {
         refused.map(|c| c.pid())
     );
     assert_eq!(h.state_of(&yara, &broken).await, Some(ConnState::Failed));
+    h.stop().await;
+}
+
+/// A program that is not installed is a configuration problem, not a crash: every request gets
+/// `ServerProgramNotFound` naming the server and the program, and the circuit never opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_program_is_reported_and_never_trips_the_circuit() {
+    let h = Harness::start(
+        "max_restarts = 1\nfailed_cooldown = \"1h\"",
+        "[servers.ghost]\ncommand = \"/nonexistent/mcp-server\"\n\
+         credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n",
+    )
+    .await;
+    let (zoe, ghost) = h.connect("zoe", "ghost").await;
+    for attempt in 1..=4 {
+        match h.pool().get_connection(&zoe, &ghost).await {
+            Err(PoolError::ServerProgramNotFound { server, problem }) => {
+                assert_eq!(server, ghost);
+                assert!(problem.contains("`/nonexistent/mcp-server`"), "{problem}");
+            }
+            other => panic!("attempt {attempt}: {:?}", other.map(|c| c.pid())),
+        }
+    }
+    assert_ne!(h.state_of(&zoe, &ghost).await, Some(ConnState::Failed));
     h.stop().await;
 }

@@ -93,12 +93,7 @@ impl Actor for PoolGuardian {
     ) -> Result<GuardianState, ActorProcessingErr> {
         let pool = spawn_pool(&args, &myself).await?;
         let slot = Arc::new(RwLock::new(pool));
-        let reaper = spawn_reaper(
-            &args,
-            PoolHandle::new(slot.clone(), args.index.clone()),
-            &myself,
-        )
-        .await?;
+        let reaper = spawn_reaper(&args, PoolHandle::new(slot.clone(), &args), &myself).await?;
         Ok(GuardianState {
             args,
             slot,
@@ -115,10 +110,7 @@ impl Actor for PoolGuardian {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             GuardianMsg::Handle(reply) => {
-                let _ = reply.send(PoolHandle::new(
-                    state.slot.clone(),
-                    state.args.index.clone(),
-                ));
+                let _ = reply.send(PoolHandle::new(state.slot.clone(), &state.args));
             }
         }
         Ok(())
@@ -159,7 +151,7 @@ impl Actor for PoolGuardian {
             tracing::error!(cause = %err, "reaper failed; restarting it");
             state.reaper = spawn_reaper(
                 &state.args,
-                PoolHandle::new(state.slot.clone(), state.args.index.clone()),
+                PoolHandle::new(state.slot.clone(), &state.args),
                 &myself,
             )
             .await?;

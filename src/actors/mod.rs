@@ -3,6 +3,7 @@
 
 pub mod connection;
 pub mod credential;
+pub mod fairness;
 pub mod guardian;
 pub mod pool;
 pub mod reaper;

@@ -20,6 +20,7 @@ use super::connection::{
     ConnectionMsg, StartFailure,
 };
 use super::credential::{CredentialError, CredentialHandle};
+use super::fairness::{MAX_ARGUMENT_DEPTH, UserCallLimiter, arguments_depth};
 use crate::config::{Config, PoolConfig, ServerConfig};
 use crate::mcp::{McpError, ProcessRegistry, ServerLaunch};
 use crate::store::{ServerName, UserId};
@@ -40,6 +41,19 @@ pub enum PoolError {
     CircuitOpen { retry_after: Duration },
     #[error("MCP server failed to start: {0}")]
     StartFailed(Arc<McpError>),
+    /// The server's configured program is not installed (or not executable) on this host.
+    #[error("MCP server `{server}` cannot start: {problem}")]
+    ServerProgramNotFound {
+        server: ServerName,
+        /// What is wrong, naming the program (e.g. "program `pipx` was not found in PATH").
+        problem: String,
+    },
+    /// The user already has `pool.max_in_flight_per_user` calls in flight.
+    #[error("too many tool calls in flight for this user; retry in {}s", retry_after.as_secs().max(1))]
+    TooManyCalls { retry_after: Duration },
+    /// The arguments nest deeper than [`MAX_ARGUMENT_DEPTH`]; nothing was sent.
+    #[error("tool arguments nest deeper than {max} levels")]
+    ArgumentsTooDeep { max: usize },
     #[error("MCP server exited during the call; it may or may not have run, and is not retried")]
     ServerCrashed,
     #[error("tool call timed out after {0:?}; the request was cancelled")]
@@ -67,6 +81,9 @@ impl PoolError {
             PoolError::PoolFull { .. } => "pool_full",
             PoolError::CircuitOpen { .. } => "circuit_open",
             PoolError::StartFailed(_) => "server_start_failed",
+            PoolError::ServerProgramNotFound { .. } => "server_program_not_found",
+            PoolError::TooManyCalls { .. } => "too_many_calls",
+            PoolError::ArgumentsTooDeep { .. } => "arguments_too_deep",
             PoolError::ServerCrashed => "server_crashed",
             PoolError::CallTimeout(_) => "call_timeout",
             PoolError::UnknownTool(_) => "unknown_tool",
@@ -79,7 +96,7 @@ impl PoolError {
 }
 
 /// How one connection looks in [`PoolStats`].
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct ConnectionStats {
     pub user_id: UserId,
     pub server: ServerName,
@@ -93,7 +110,7 @@ pub struct ConnectionStats {
 }
 
 /// Pool statistics, as the design names them.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct PoolStats {
     /// Keys with a live or starting session (failed keys excluded).
     pub total_connections: usize,
@@ -108,7 +125,7 @@ pub struct PoolStats {
 
 /// Monotonic event counts of one supervisor incarnation (a supervisor restart resets them,
 /// which Prometheus reads as a counter reset).
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, utoipa::ToSchema)]
 pub struct PoolCounters {
     /// `ConnectionActor`s spawned (first starts, restarts, probes).
     pub spawns: u64,
@@ -219,6 +236,8 @@ pub struct PoolArgs {
     pub servers: Arc<std::collections::BTreeMap<String, ServerConfig>>,
     pub credentials: CredentialHandle,
     pub registry: Option<ProcessRegistry>,
+    /// Tool calls in flight per user, shared with every [`PoolHandle`].
+    pub user_calls: UserCallLimiter,
 }
 
 impl PoolArgs {
@@ -233,6 +252,7 @@ impl PoolArgs {
             servers: Arc::new(config.servers.clone()),
             credentials,
             registry,
+            user_calls: UserCallLimiter::new(config.pool.max_in_flight_per_user),
         }
     }
 }
@@ -511,7 +531,9 @@ impl PoolState {
         let Some(server) = self.server_config(&key.server).cloned() else {
             return;
         };
-        let launch = match server.resolved_command() {
+        // Checked before every spawn: a missing program is a configuration problem, reported
+        // as such and not counted as a crash (nothing ran).
+        let launch = match server.resolve_program() {
             Ok(command) => ServerLaunch {
                 command: command.to_string_lossy().into_owned(),
                 args: server.args.clone(),
@@ -519,12 +541,13 @@ impl PoolState {
                 cwd: None,
             },
             Err(err) => {
+                tracing::debug!(server = %key.server, cause = %err, "MCP server program not found");
                 self.fail_waiters(
                     key,
-                    PoolError::StartFailed(Arc::new(McpError::Spawn {
-                        command: server.command.clone(),
-                        source: err,
-                    })),
+                    PoolError::ServerProgramNotFound {
+                        server: key.server.clone(),
+                        problem: err.to_string(),
+                    },
                 );
                 return;
             }
@@ -894,14 +917,19 @@ async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
 pub struct PoolHandle {
     slot: Arc<std::sync::RwLock<ActorRef<PoolMsg>>>,
     index: PoolIndex,
+    user_calls: UserCallLimiter,
 }
 
 impl PoolHandle {
     pub(crate) fn new(
         slot: Arc<std::sync::RwLock<ActorRef<PoolMsg>>>,
-        index: PoolIndex,
+        args: &PoolArgs,
     ) -> PoolHandle {
-        PoolHandle { slot, index }
+        PoolHandle {
+            slot,
+            index: args.index.clone(),
+            user_calls: args.user_calls.clone(),
+        }
     }
 
     fn actor(&self) -> ActorRef<PoolMsg> {
@@ -962,6 +990,9 @@ impl PoolHandle {
     }
 
     /// Calls a tool. Retried only if the connection was closed before the call was sent.
+    /// Refused at once, before anything starts, when the arguments nest deeper than
+    /// [`MAX_ARGUMENT_DEPTH`] or the user already has `pool.max_in_flight_per_user` calls in
+    /// flight.
     pub async fn call_tool(
         &self,
         user: &UserId,
@@ -969,6 +1000,18 @@ impl PoolHandle {
         tool: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
     ) -> Result<rmcp::model::CallToolResult, PoolError> {
+        if arguments_depth(arguments.as_ref()) > MAX_ARGUMENT_DEPTH {
+            return Err(PoolError::ArgumentsTooDeep {
+                max: MAX_ARGUMENT_DEPTH,
+            });
+        }
+        // Held until the call returns (or its future is dropped).
+        let _permit = self
+            .user_calls
+            .try_acquire(user)
+            .ok_or(PoolError::TooManyCalls {
+                retry_after: Duration::from_secs(1),
+            })?;
         let mut connection = self.get_connection(user, server).await?;
         let slot = match connection.reserve() {
             Some(slot) => slot,

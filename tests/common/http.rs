@@ -38,20 +38,29 @@ impl TestServer {
             d = dir.path().display()
         );
         let config = test_config(dir.path(), pool, &format!("{extra}\n{auth_section}"));
+        TestServer::start_with(dir, config, env).await
+    }
+
+    /// A facade on `config` (whose key files must lie under `dir`); `env` as in `start`.
+    pub async fn start_with(
+        dir: tempfile::TempDir,
+        config: mcp_pool::config::Config,
+        env: &[(&str, &str)],
+    ) -> TestServer {
         let env: HashMap<String, String> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let auth = Auth::from_config(&config.auth, |name| env.get(name).cloned()).expect("auth");
-        let read = |path: &str| {
-            std::fs::read_to_string(dir.path().join(path))
+        let read = |path: &std::path::Path| {
+            std::fs::read_to_string(path)
                 .expect("key file created")
                 .trim()
                 .to_owned()
         };
-        let admin_key = read("data/admin.key");
+        let admin_key = read(&config.auth.admin_key_file);
         let service_key = if config.auth.mode == mcp_pool::config::AuthMode::ApiKey {
-            read("data/api.key")
+            read(&config.auth.api_key_file)
         } else {
             String::new()
         };
