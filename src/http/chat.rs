@@ -92,7 +92,7 @@ async fn chat_servers(
         (status = 200, description = "The final reply with a trace of tool calls; with `stream: true`, server-sent events instead (`server_skipped`, `text_delta`, `tool_call_started`, `tool_call_finished`, then `done` or `error`)",
             content(
                 (ChatOutcome = "application/json"),
-                (String = "text/event-stream"),
+                (super::openapi::ChatStreamEvent = "text/event-stream"),
             )),
         (status = 400, description = "`malformed_json`, `invalid_body`, `invalid_request`, `missing_user_id`, `invalid_user_id` or `duplicate_header`", body = ErrorBody),
         (status = 401, description = "Missing or invalid key or token", body = ErrorBody),

@@ -177,27 +177,35 @@ pub fn spec_for(config: &Config) -> Value {
     let servers: Vec<&String> = config.servers.keys().collect();
     let api_key = config.auth.mode == AuthMode::ApiKey;
     let user_header = serde_json::to_value(user_header()).unwrap_or_default();
-    if let Some(paths) = doc["paths"].as_object_mut() {
-        for operation in paths
-            .values_mut()
-            .filter_map(Value::as_object_mut)
-            .flat_map(|item| item.values_mut())
+    // `get`/`get_mut` only: indexing a `Value` mutably would insert `null`s.
+    let operations = doc
+        .get_mut("paths")
+        .and_then(Value::as_object_mut)
+        .into_iter()
+        .flat_map(|paths| paths.values_mut())
+        .filter_map(Value::as_object_mut)
+        .flat_map(|item| item.iter_mut())
+        .filter(|(method, _)| HTTP_METHODS.contains(&method.as_str()))
+        .filter_map(|(_, operation)| operation.as_object_mut());
+    for operation in operations {
+        let for_users = operation
+            .get("security")
+            .and_then(Value::as_array)
+            .is_some_and(|reqs| reqs.iter().any(|r| r.get(USER_SECURITY).is_some()));
+        if let Some(params) = operation
+            .get_mut("parameters")
+            .and_then(Value::as_array_mut)
         {
-            let for_users = operation["security"]
-                .as_array()
-                .is_some_and(|reqs| reqs.iter().any(|r| r.get(USER_SECURITY).is_some()));
-            if let Some(params) = operation["parameters"].as_array_mut() {
-                for param in params.iter_mut() {
-                    if param["name"] == "server" && param["in"] == "path" {
-                        param["schema"] = json!({ "type": "string", "enum": servers });
-                    }
+            for param in params.iter_mut() {
+                if param["name"] == "server" && param["in"] == "path" {
+                    param["schema"] = json!({ "type": "string", "enum": servers });
                 }
             }
-            if api_key && for_users {
-                match operation["parameters"].as_array_mut() {
-                    Some(params) => params.push(user_header.clone()),
-                    None => operation["parameters"] = json!([user_header.clone()]),
-                }
+        }
+        if api_key && for_users {
+            let params = operation.entry("parameters").or_insert_with(|| json!([]));
+            if let Some(params) = params.as_array_mut() {
+                params.push(user_header.clone());
             }
         }
     }
@@ -209,6 +217,33 @@ pub fn spec_for(config: &Config) -> Value {
         ]);
     }
     doc
+}
+
+const HTTP_METHODS: [&str; 8] = [
+    "get", "put", "post", "delete", "options", "head", "patch", "trace",
+];
+
+/// One server-sent event of a streamed chat, as a client reads it off the wire.
+#[derive(serde::Serialize, ToSchema)]
+#[allow(dead_code)] // a schema only: the stream is written by `http::chat`
+pub struct ChatStreamEvent {
+    /// The event's type (the same as `type` inside `data`).
+    event: ChatStreamEventName,
+    /// The event as JSON; `done` carries the whole chat outcome.
+    #[schema(content_media_type = "application/json")]
+    data: String,
+}
+
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum ChatStreamEventName {
+    ServerSkipped,
+    ToolCallStarted,
+    ToolCallFinished,
+    TextDelta,
+    Done,
+    Error,
 }
 
 fn user_header() -> Parameter {
