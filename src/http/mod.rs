@@ -307,10 +307,11 @@ pub async fn serve(
 }
 
 /// Refused connections answered at the same time at most; past this they are closed unanswered
-/// (each answer holds a file descriptor for up to [`REFUSAL_LINGER`]).
+/// (each answer holds a file descriptor for up to twice [`REFUSAL_LINGER`]).
 const MAX_REFUSING: usize = 64;
-/// How long a refused connection is kept to read what the client sent, so that closing it does
-/// not reset the connection before the client read the 503.
+/// How long a refused connection waits for the request head before the 503, and then for the
+/// client to close, so that closing it does not reset the connection before the client read
+/// the 503.
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 struct ConnectionLimits {
@@ -342,11 +343,24 @@ fn refuse_connection(stream: tokio::net::TcpStream, limits: &ConnectionLimits, s
              retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
+        // Answer after the request head (or after the linger, for a client that sends none), so
+        // an HTTP client sees a response to its request rather than an unsolicited one; then
+        // read what else it sends until it closes, so closing does not reset the connection.
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
         let _ = tokio::time::timeout(REFUSAL_LINGER, async {
             stream.write_all(response.as_bytes()).await?;
             stream.shutdown().await?;
-            let mut sink = [0u8; 1024];
-            while stream.read(&mut sink).await? > 0 {}
+            while stream.read(&mut buf).await? > 0 {}
             Ok::<(), std::io::Error>(())
         })
         .await;

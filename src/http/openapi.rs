@@ -116,7 +116,7 @@ pub struct ErrorDetail {
 #[openapi(
     info(
         title = "mcp-pool",
-        description = "Persistent per-user MCP sessions for a chat backend. The acting user comes from authentication only (X-User-Id with the service key in api_key mode, the JWT's sub in jwt mode). Every route may also answer 503 `too_many_connections` when http.max_open_connections are open."
+        description = "Persistent per-user MCP sessions for a chat backend. The acting user comes from authentication only (X-User-Id with the service key in api_key mode, the JWT's sub in jwt mode). Every route may also answer 503 `too_many_connections` when http.max_open_connections are open; a method a path does not list answers 405 `method_not_allowed` with `Allow`, and an unknown path 404 `not_found`."
     ),
     paths(
         super::connections::list,
@@ -358,7 +358,7 @@ mod tests {
 
     #[test]
     fn every_user_route_requires_the_user_header_in_api_key_mode() {
-        let config = Config::parse("").unwrap();
+        let config = Config::parse(include_str!("../../config.toml")).unwrap();
         let doc = spec_for(&config);
         let call = &doc["paths"]["/v1/connections/{server}/tools/{tool}/call"]["post"];
         let params = call["parameters"].as_array().unwrap();
@@ -373,6 +373,22 @@ mod tests {
             stats["parameters"]
                 .as_array()
                 .is_none_or(|p| p.iter().all(|p| p["name"] != "X-User-Id"))
+        );
+        // The `{server}` parameter lists exactly the configured servers.
+        let server = &params.iter().find(|p| p["name"] == "server").unwrap()["schema"];
+        assert_eq!(server["enum"], json!(["demo", "google-analytics"]));
+        // No operation carries a `null` where a list belongs.
+        assert!(!doc.to_string().contains("\"parameters\":null"));
+
+        let jwt = Config::parse(
+            "[auth]\nmode = \"jwt\"\n[auth.jwt]\nalgorithm = \"HS256\"\nsecret_env = \"S\"\n",
+        )
+        .unwrap();
+        let doc = spec_for(&jwt);
+        let params = doc["paths"]["/v1/connections"]["get"]["parameters"].as_array();
+        assert!(
+            params.is_none_or(|p| p.iter().all(|p| p["name"] != "X-User-Id")),
+            "{params:?}"
         );
     }
 }
