@@ -15,7 +15,7 @@ use crate::store::UserId;
 
 /// `GET /v1/stats`: the pool stats, every user included.
 #[utoipa::path(
-    get, path = "/v1/stats", tag = "admin",
+    get, path = "/v1/stats", operation_id = "pool_stats", tag = "admin",
     security(("admin" = [])),
     responses(
         (status = 200, description = "Pool statistics", body = PoolStats),
@@ -57,7 +57,7 @@ pub struct UserClosed {
 /// `DELETE /v1/admin/users/{user}/connections`: closes the user's live sessions (their
 /// credentials stay).
 #[utoipa::path(
-    delete, path = "/v1/admin/users/{user}/connections", tag = "admin",
+    delete, path = "/v1/admin/users/{user}/connections", operation_id = "close_user_sessions", tag = "admin",
     security(("admin" = [])),
     params(("user" = UserId, Path, description = "The user whose sessions to close")),
     responses(
@@ -101,7 +101,7 @@ pub struct CleanupDone {
 /// `POST /v1/admin/credentials/cleanup`: hard-deletes credentials inactive for longer than
 /// `inactive_for`.
 #[utoipa::path(
-    post, path = "/v1/admin/credentials/cleanup", tag = "admin",
+    post, path = "/v1/admin/credentials/cleanup", operation_id = "cleanup_credentials", tag = "admin",
     security(("admin" = [])),
     request_body = CleanupRequest,
     responses(

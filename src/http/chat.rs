@@ -85,7 +85,7 @@ async fn chat_servers(
 
 /// `POST /v1/chat`.
 #[utoipa::path(
-    post, path = "/v1/chat", tag = "chat",
+    post, path = "/v1/chat", operation_id = "chat", tag = "chat",
     security(("bearer" = [])),
     request_body = ChatRequest,
     responses(

@@ -124,7 +124,7 @@ fn view_all(infos: &[ConnectionInfo], live: &[ConnectionStats]) -> Vec<Connectio
 /// `PUT /v1/connections/{server}`: 201 when new, 200 when replaced (the live session is
 /// closed so the next call starts with the new credentials).
 #[utoipa::path(
-    put, path = "/v1/connections/{server}", tag = "connections",
+    put, path = "/v1/connections/{server}", operation_id = "put_connection", tag = "connections",
     security(("bearer" = [])),
     params(("server" = ServerName, Path, description = "A configured server")),
     request_body = PutConnection,
@@ -214,7 +214,7 @@ pub struct ConnectionList {
 
 /// `GET /v1/connections`.
 #[utoipa::path(
-    get, path = "/v1/connections", tag = "connections",
+    get, path = "/v1/connections", operation_id = "list_connections", tag = "connections",
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The caller's active credentials with live session state", body = ConnectionList),
@@ -237,7 +237,7 @@ pub async fn list(
 
 /// `GET /v1/connections/{server}`.
 #[utoipa::path(
-    get, path = "/v1/connections/{server}", tag = "connections",
+    get, path = "/v1/connections/{server}", operation_id = "get_connection", tag = "connections",
     security(("bearer" = [])),
     params(("server" = ServerName, Path, description = "A configured server")),
     responses(
@@ -286,7 +286,7 @@ pub struct Removed {
 
 /// `DELETE /v1/connections/{server}[?purge=true]`: deactivate (or delete) and close.
 #[utoipa::path(
-    delete, path = "/v1/connections/{server}", tag = "connections",
+    delete, path = "/v1/connections/{server}", operation_id = "delete_connection", tag = "connections",
     security(("bearer" = [])),
     params(("server" = ServerName, Path, description = "A configured server"), DeleteQuery),
     responses(

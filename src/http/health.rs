@@ -39,7 +39,7 @@ pub enum ProbeStatus {
 
 /// `GET /healthz`: the process answers.
 #[utoipa::path(
-    get, path = "/healthz", tag = "meta", security(()),
+    get, path = "/healthz", operation_id = "healthz", tag = "meta", security(()),
     responses(
         (status = 200, description = "The process answers", body = Probe),
         (status = 503, description = "`too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
@@ -53,7 +53,7 @@ pub async fn healthz() -> Json<Probe> {
 
 /// `GET /readyz`: the database answers and shutdown has not begun.
 #[utoipa::path(
-    get, path = "/readyz", tag = "meta", security(()),
+    get, path = "/readyz", operation_id = "readyz", tag = "meta", security(()),
     responses(
         (status = 200, description = "Ready", body = Probe),
         (status = 503, description = "Not ready (`shutting_down`, `database_unreachable`), or the `too_many_connections` error body", body = inline(ProbeOrError)),

@@ -42,7 +42,7 @@ fn not_configured(server: &ServerName) -> ApiError {
 
 /// `POST /v1/oauth/{server}/start`.
 #[utoipa::path(
-    post, path = "/v1/oauth/{server}/start", tag = "oauth",
+    post, path = "/v1/oauth/{server}/start", operation_id = "oauth_start", tag = "oauth",
     security(("bearer" = [])),
     params(("server" = ServerName, Path, description = "A configured server")),
     responses(
@@ -82,7 +82,7 @@ pub async fn start(
 /// `GET /v1/oauth/{server}/callback`. Always a `303` once the server is known to have a
 /// connect flow; the outcome is in the redirect's query.
 #[utoipa::path(
-    get, path = "/v1/oauth/{server}/callback", tag = "oauth",
+    get, path = "/v1/oauth/{server}/callback", operation_id = "oauth_callback", tag = "oauth",
     security(()),
     params(
         ("server" = ServerName, Path, description = "A configured server"),

@@ -260,7 +260,7 @@ fn user_header() -> Parameter {
 
 /// `GET /openapi.json`: this document, for the running configuration.
 #[utoipa::path(
-    get, path = "/openapi.json", tag = "meta", security(()),
+    get, path = "/openapi.json", operation_id = "openapi", tag = "meta", security(()),
     responses(
         (status = 200, description = "OpenAPI 3.1", body = Object),
         (status = 503, description = "`too_many_connections`", body = ErrorBody),
@@ -377,6 +377,18 @@ mod tests {
         // The `{server}` parameter lists exactly the configured servers.
         let server = &params.iter().find(|p| p["name"] == "server").unwrap()["schema"];
         assert_eq!(server["enum"], json!(["demo", "google-analytics"]));
+        // Operation ids are unique (they name client functions).
+        let mut ids: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|item| item.as_object().unwrap().values())
+            .filter_map(|op| op["operationId"].as_str())
+            .collect();
+        let count = ids.len();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!((ids.len(), count), (16, 16), "{ids:?}");
         // No operation carries a `null` where a list belongs.
         assert!(!doc.to_string().contains("\"parameters\":null"));
 

@@ -90,7 +90,7 @@ pub struct ToolList {
 
 /// `GET /v1/connections/{server}/tools`: starts the session if none is live.
 #[utoipa::path(
-    get, path = "/v1/connections/{server}/tools", tag = "tools",
+    get, path = "/v1/connections/{server}/tools", operation_id = "list_tools", tag = "tools",
     security(("bearer" = [])),
     params(("server" = ServerName, Path, description = "A configured server")),
     responses(
@@ -137,7 +137,7 @@ pub struct CallResponse {
 /// `POST /v1/connections/{server}/tools/{tool}/call`: the body is the arguments object (an
 /// empty body means no arguments).
 #[utoipa::path(
-    post, path = "/v1/connections/{server}/tools/{tool}/call", tag = "tools",
+    post, path = "/v1/connections/{server}/tools/{tool}/call", operation_id = "call_tool", tag = "tools",
     security(("bearer" = [])),
     params(
         ("server" = ServerName, Path, description = "A configured server"),
