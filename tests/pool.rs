@@ -703,3 +703,52 @@ async fn a_missing_program_is_reported_and_never_trips_the_circuit() {
     assert_ne!(h.state_of(&zoe, &ghost).await, Some(ConnState::Failed));
     h.stop().await;
 }
+
+/// A server whose program disappears while its session runs (an upgrade, a removed venv): the
+/// crash's restart finds no program, and the next request is told so at once instead of
+/// waiting for a restart that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_removed_before_a_restart_is_reported_not_awaited() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("vanishing-server");
+    std::os::unix::fs::symlink(common::BIN, &link).unwrap();
+    let h = Harness::start(
+        "restart_backoff_base = \"10ms\"\nrestart_backoff_cap = \"50ms\"",
+        &format!(
+            "[servers.vanishing]\ncommand = {link:?}\nargs = [\"demo-server\", \"--test-tools\"]\n\
+             credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n"
+        ),
+    )
+    .await;
+    let (una, vanishing) = h.connect("una", "vanishing").await;
+    let conn = h.pool().get_connection(&una, &vanishing).await.unwrap();
+    std::fs::remove_file(&link).unwrap();
+    assert!(conn.call_tool("crash", None).await.is_err());
+    // Wait for the supervisor to notice the crash before asking again.
+    assert!(
+        wait_until(LONG, || async {
+            h.state_of(&una, &vanishing).await != Some(ConnState::Ready)
+        })
+        .await
+    );
+    let answer = tokio::time::timeout(LONG, h.pool().get_connection(&una, &vanishing))
+        .await
+        .expect("answered, not left waiting");
+    match answer {
+        Err(PoolError::ServerProgramNotFound { server, problem }) => {
+            assert_eq!(server, vanishing);
+            assert!(problem.contains("vanishing-server"), "{problem}");
+        }
+        other => panic!("{:?}", other.map(|c| c.pid())),
+    }
+    // And again, now that the key has no restart pending.
+    let again = tokio::time::timeout(LONG, h.pool().get_connection(&una, &vanishing))
+        .await
+        .expect("answered");
+    assert!(
+        matches!(again, Err(PoolError::ServerProgramNotFound { .. })),
+        "{:?}",
+        again.map(|c| c.pid())
+    );
+    h.stop().await;
+}

@@ -542,6 +542,15 @@ impl PoolState {
             },
             Err(err) => {
                 tracing::debug!(server = %key.server, cause = %err, "MCP server program not found");
+                // Like missing credentials: not retried in the background. A key whose restart
+                // found the program gone must not stay "restarting" with nothing scheduled, or
+                // its next request would wait for a start that never comes.
+                if let Some(entry) = self.entries.get_mut(key) {
+                    entry.ever_ready = false;
+                    if entry.shared.state() == ConnState::Restarting {
+                        entry.shared.set_state(ConnState::Starting);
+                    }
+                }
                 self.fail_waiters(
                     key,
                     PoolError::ServerProgramNotFound {
