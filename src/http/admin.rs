@@ -7,7 +7,7 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 
 use super::error::ApiError;
-use super::openapi::ErrorBody;
+use super::openapi::{AdminAuthErrors, ErrorBody};
 use super::{AdminAuth, HttpState, path_param};
 use crate::actors::PoolStats;
 use crate::config::MIN_CLEANUP_AGE;
@@ -19,8 +19,7 @@ use crate::store::UserId;
     security(("admin" = [])),
     responses(
         (status = 200, description = "Pool statistics", body = PoolStats),
-        (status = 401, description = "Missing or invalid admin key", body = ErrorBody),
-        (status = 403, description = "A user credential on an admin route", body = ErrorBody),
+        AdminAuthErrors,
         (status = 503, description = "`pool_unavailable` or `too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
     )
 )]
@@ -63,8 +62,7 @@ pub struct UserClosed {
     responses(
         (status = 200, description = "Closed", body = UserClosed),
         (status = 400, description = "`invalid_user_id`", body = ErrorBody),
-        (status = 401, description = "Missing or invalid admin key", body = ErrorBody),
-        (status = 403, description = "A user credential on an admin route", body = ErrorBody),
+        AdminAuthErrors,
         (status = 503, description = "`pool_unavailable` or `too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
     )
 )]
@@ -107,8 +105,7 @@ pub struct CleanupDone {
     responses(
         (status = 200, description = "Deleted", body = CleanupDone),
         (status = 400, description = "`malformed_json`, `invalid_body` or `invalid_duration` (not humantime, or under 1h)", body = ErrorBody),
-        (status = 401, description = "Missing or invalid admin key", body = ErrorBody),
-        (status = 403, description = "A user credential on an admin route", body = ErrorBody),
+        AdminAuthErrors,
         (status = 413, description = "Body larger than http.max_body_bytes", body = ErrorBody),
         (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
         (status = 503, description = "`credentials_unavailable` or `too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),

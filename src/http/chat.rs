@@ -15,7 +15,7 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::ApiError;
-use super::openapi::ErrorBody;
+use super::openapi::{ErrorBody, UserAuthErrors};
 use super::{AuthUser, HttpState};
 use crate::llm::ChatOutcome;
 use crate::llm::{ChatError, ChatEvent, ChatRequest, run_chat};
@@ -95,8 +95,7 @@ async fn chat_servers(
                 (super::openapi::ChatStreamEvent = "text/event-stream"),
             )),
         (status = 400, description = "`malformed_json`, `invalid_body`, `invalid_request`, `missing_user_id`, `invalid_user_id` or `duplicate_header`", body = ErrorBody),
-        (status = 401, description = "Missing or invalid key or token", body = ErrorBody),
-        (status = 403, description = "The admin key cannot act as a user", body = ErrorBody),
+        UserAuthErrors,
         (status = 404, description = "`unknown_server` in `servers`", body = ErrorBody),
         (status = 413, description = "Body larger than http.max_body_bytes", body = ErrorBody),
         (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),

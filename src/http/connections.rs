@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 
 use super::error::ApiError;
-use super::openapi::ErrorBody;
+use super::openapi::{ErrorBody, UserAuthErrors};
 use super::{AuthUser, HttpState, ServerParam};
 use crate::actors::{ConnState, ConnectionStats};
 use crate::store::{ConnectionInfo, Secret, ServerName, Stored, Tokens, UserId};
@@ -132,8 +132,7 @@ fn view_all(infos: &[ConnectionInfo], live: &[ConnectionStats]) -> Vec<Connectio
         (status = 200, description = "Replaced (the live session was closed)", body = ConnectionView),
         (status = 201, description = "Created", body = ConnectionView),
         (status = 400, description = "Bad body (`malformed_json`, `invalid_body`, `field_too_long`, `client_mismatch`) or identity (`missing_user_id`, `invalid_user_id`, `duplicate_header`, `invalid_server_name`)", body = ErrorBody),
-        (status = 401, description = "Missing or invalid key or token", body = ErrorBody),
-        (status = 403, description = "The admin key cannot act as a user", body = ErrorBody),
+        UserAuthErrors,
         (status = 404, description = "`unknown_server`", body = ErrorBody),
         (status = 413, description = "Body larger than http.max_body_bytes", body = ErrorBody),
         (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
@@ -219,8 +218,7 @@ pub struct ConnectionList {
     responses(
         (status = 200, description = "The caller's active credentials with live session state", body = ConnectionList),
         (status = 400, description = "`missing_user_id`, `invalid_user_id` or `duplicate_header`", body = ErrorBody),
-        (status = 401, description = "Missing or invalid key or token", body = ErrorBody),
-        (status = 403, description = "The admin key cannot act as a user", body = ErrorBody),
+        UserAuthErrors,
         (status = 503, description = "`too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
     )
 )]
@@ -243,8 +241,7 @@ pub async fn list(
     responses(
         (status = 200, description = "The connection with live session state", body = ConnectionView),
         (status = 400, description = "`missing_user_id`, `invalid_user_id`, `duplicate_header` or `invalid_server_name`", body = ErrorBody),
-        (status = 401, description = "Missing or invalid key or token", body = ErrorBody),
-        (status = 403, description = "The admin key cannot act as a user", body = ErrorBody),
+        UserAuthErrors,
         (status = 404, description = "`unknown_server` or `no_credentials`", body = ErrorBody),
         (status = 503, description = "`too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
     )
@@ -292,8 +289,7 @@ pub struct Removed {
     responses(
         (status = 200, description = "Deactivated (or purged) and the session closed", body = Removed),
         (status = 400, description = "`invalid_query`, `missing_user_id`, `invalid_user_id`, `duplicate_header` or `invalid_server_name`", body = ErrorBody),
-        (status = 401, description = "Missing or invalid key or token", body = ErrorBody),
-        (status = 403, description = "The admin key cannot act as a user", body = ErrorBody),
+        UserAuthErrors,
         (status = 404, description = "`unknown_server` or `no_credentials`", body = ErrorBody),
         (status = 503, description = "`credentials_unavailable` or `too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
     )

@@ -8,6 +8,10 @@
 //! - [`health`], [`metrics`], [`openapi`]: probes, Prometheus text, the API description.
 //! - [`auth`]: API-key and JWT authentication, the [`AuthUser`] and [`AdminAuth`] extractors.
 //! - [`error`]: [`ApiError`], every failure as a status plus `{ "error": { "code", "message" } }`.
+//! - [`logging`]: refused requests logged at DEBUG, summarised at WARN once per code and window.
+//!
+//! [`serve`] runs the router on hyper's HTTP/1.1 connections with a header-read timeout and a
+//! cap on open connections (excess ones get an immediate 503).
 //!
 //! Layers, outermost first: a tracing span per request (`method`, `route`, and `user_id`/`server`
 //! once known), error counting, panic catching (a panic becomes a generic 500), the request

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use chrono::{DateTime, Utc};
 
 use super::error::ApiError;
-use super::openapi::ErrorBody;
+use super::openapi::{ErrorBody, UserAuthErrors};
 use super::{AuthUser, HttpState, ServerParam};
 use crate::oauth::flow::{self, FlowStartError};
 use crate::oauth::{CallbackError, CallbackParams};
@@ -48,8 +48,7 @@ fn not_configured(server: &ServerName) -> ApiError {
     responses(
         (status = 200, description = "The provider's consent page for the user's browser (PKCE S256, single-use state valid 10 minutes)", body = StartResponse),
         (status = 400, description = "`missing_user_id`, `invalid_user_id`, `duplicate_header` or `invalid_server_name`", body = ErrorBody),
-        (status = 401, description = "Missing or invalid key or token", body = ErrorBody),
-        (status = 403, description = "The admin key cannot act as a user", body = ErrorBody),
+        UserAuthErrors,
         (status = 404, description = "`unknown_server` or `oauth_not_configured`", body = ErrorBody),
         (status = 503, description = "`too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
     )

@@ -112,6 +112,58 @@ pub struct ErrorDetail {
     retry_after_secs: Option<u64>,
 }
 
+// === response sets shared by several routes ===
+
+/// What every user route answers to a bad credential.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // documentation only: the errors are `ApiError`s
+pub enum UserAuthErrors {
+    #[response(status = 401, description = "Missing or invalid key or token")]
+    Unauthorized(ErrorBody),
+    #[response(status = 403, description = "The admin key cannot act as a user")]
+    Forbidden(ErrorBody),
+}
+
+/// What every admin route answers to a bad credential.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum AdminAuthErrors {
+    #[response(status = 401, description = "Missing or invalid admin key")]
+    Unauthorized(ErrorBody),
+    #[response(status = 403, description = "A user credential on an admin route")]
+    Forbidden(ErrorBody),
+}
+
+/// What a route that uses (and may start) the caller's MCP session answers when that fails.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum SessionErrors {
+    #[response(
+        status = 409,
+        description = "`reconnect_required`: the OAuth grant was revoked or expired; connect again"
+    )]
+    ReconnectRequired(ErrorBody),
+    #[response(
+        status = 429,
+        description = "`pool_full`, or `too_many_calls` (pool.max_in_flight_per_user) on a tool call",
+        headers(("Retry-After" = u64))
+    )]
+    TooMany(ErrorBody),
+    #[response(
+        status = 502,
+        description = "The MCP server failed (`server_start_failed`, `server_program_not_found`, `server_crashed`, `server_error`, `server_protocol_error`, `token_refresh_failed`); `retry_safe` says whether a retry could run the tool twice"
+    )]
+    ServerFailed(ErrorBody),
+    #[response(
+        status = 503,
+        description = "`circuit_open`, `shutting_down`, `reconnect`, `pool_unavailable`, `token_refresh_unavailable`, `credentials_unavailable` or `too_many_connections`",
+        headers(("Retry-After" = u64))
+    )]
+    Unavailable(ErrorBody),
+    #[response(status = 504, description = "`call_timeout` or `request_timeout`")]
+    Timeout(ErrorBody),
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(

@@ -9,7 +9,7 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 
 use super::error::ApiError;
-use super::openapi::ErrorBody;
+use super::openapi::{ErrorBody, SessionErrors, UserAuthErrors};
 use super::{AuthUser, HttpState, ServerParam, path_param};
 use crate::actors::PoolError;
 use crate::actors::fairness::{MAX_ARGUMENT_DEPTH, arguments_depth};
@@ -96,14 +96,9 @@ pub struct ToolList {
     responses(
         (status = 200, description = "The server's tools (from the session's cache)", body = ToolList),
         (status = 400, description = "`missing_user_id`, `invalid_user_id`, `duplicate_header` or `invalid_server_name`", body = ErrorBody),
-        (status = 401, description = "Missing or invalid key or token", body = ErrorBody),
-        (status = 403, description = "The admin key cannot act as a user", body = ErrorBody),
+        UserAuthErrors,
         (status = 404, description = "`unknown_server` or `no_credentials`", body = ErrorBody),
-        (status = 409, description = "`reconnect_required`: the OAuth grant was revoked or expired; connect again", body = ErrorBody),
-        (status = 429, description = "`pool_full`", body = ErrorBody, headers(("Retry-After" = u64))),
-        (status = 502, description = "The MCP server failed (`server_start_failed`, `server_program_not_found`, `server_crashed`, `server_error`, `server_protocol_error`, `token_refresh_failed`); `retry_safe` says whether a retry could run the tool twice", body = ErrorBody),
-        (status = 503, description = "`circuit_open`, `shutting_down`, `reconnect`, `pool_unavailable`, `token_refresh_unavailable`, `credentials_unavailable` or `too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
-        (status = 504, description = "`call_timeout` or `request_timeout`", body = ErrorBody),
+        SessionErrors,
     )
 )]
 pub async fn list(
@@ -147,15 +142,10 @@ pub struct CallResponse {
     responses(
         (status = 200, description = "The MCP result (`is_error` when the tool itself failed)", body = CallResponse),
         (status = 400, description = "`malformed_json`, `invalid_body`, `arguments_too_deep`, `invalid_tool_name`, `invalid_arguments` (the server refused them), `missing_user_id`, `invalid_user_id`, `duplicate_header` or `invalid_server_name`", body = ErrorBody),
-        (status = 401, description = "Missing or invalid key or token", body = ErrorBody),
-        (status = 403, description = "The admin key cannot act as a user", body = ErrorBody),
+        UserAuthErrors,
         (status = 404, description = "`unknown_server`, `no_credentials` or `unknown_tool`", body = ErrorBody),
         (status = 413, description = "Body larger than http.max_body_bytes", body = ErrorBody),
-        (status = 409, description = "`reconnect_required`: the OAuth grant was revoked or expired; connect again", body = ErrorBody),
-        (status = 429, description = "`pool_full`, or `too_many_calls` (pool.max_in_flight_per_user)", body = ErrorBody, headers(("Retry-After" = u64))),
-        (status = 502, description = "The MCP server failed (`server_start_failed`, `server_program_not_found`, `server_crashed`, `server_error`, `server_protocol_error`, `token_refresh_failed`); `retry_safe` says whether a retry could run the tool twice", body = ErrorBody),
-        (status = 503, description = "`circuit_open`, `shutting_down`, `reconnect`, `pool_unavailable`, `token_refresh_unavailable`, `credentials_unavailable` or `too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
-        (status = 504, description = "`call_timeout` or `request_timeout`", body = ErrorBody),
+        SessionErrors,
     )
 )]
 pub async fn call(
