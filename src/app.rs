@@ -51,6 +51,73 @@ pub enum AppError {
     /// process manager can start it afresh.
     #[error("the connection pool failed repeatedly and was given up; the service stopped")]
     PoolFailed,
+    #[error(
+        "the configured capacity needs {needed} open files ({per_session} per session × \
+         pool.max_connections = {sessions}, + http.max_open_connections = {http}, \
+         + database.max_connections = {database}, + {headroom} spare), but RLIMIT_NOFILE allows \
+         only {limit} (hard limit); lower pool.max_connections or http.max_open_connections, or \
+         raise the hard limit (systemd LimitNOFILE=, ulimit -Hn)"
+    )]
+    OpenFiles {
+        needed: u64,
+        limit: u64,
+        per_session: u64,
+        sessions: usize,
+        http: usize,
+        database: u32,
+        headroom: u64,
+    },
+    #[error("cannot read or raise RLIMIT_NOFILE: {0}")]
+    Rlimit(std::io::Error),
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (the common soft default of 1,024 fits
+/// only about 250 sessions) and refuses to start when even the hard limit cannot hold what the
+/// configuration allows ([`Config::required_open_files`]). Returns the new soft limit.
+pub fn raise_open_files_limit(config: &Config) -> Result<u64, AppError> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)
+        .map_err(|errno| AppError::Rlimit(std::io::Error::from(errno)))?;
+    let needed = config.required_open_files();
+    if needed > hard {
+        return Err(AppError::OpenFiles {
+            needed,
+            limit: hard,
+            per_session: crate::config::FDS_PER_SESSION,
+            sessions: config.pool.max_connections,
+            http: config.http.max_open_connections,
+            database: config.database.max_connections,
+            headroom: crate::config::FDS_HEADROOM,
+        });
+    }
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+            .map_err(|errno| AppError::Rlimit(std::io::Error::from(errno)))?;
+        tracing::debug!(
+            from = soft,
+            to = hard,
+            needed,
+            "Raised the soft RLIMIT_NOFILE"
+        );
+    }
+    Ok(hard)
+}
+
+/// Warns once per configured server whose program cannot be found, naming both. Start-up goes
+/// on: other servers may work, and requests for this one get `server_program_not_found`.
+pub fn warn_missing_programs(config: &Config) -> usize {
+    let mut missing = 0;
+    for (name, server) in &config.servers {
+        if let Err(err) = server.resolve_program() {
+            missing += 1;
+            tracing::warn!(
+                server = %name,
+                program = %err.program,
+                "MCP server `{name}` cannot start on this host: {err}; its requests will fail with server_program_not_found until it is installed"
+            );
+        }
+    }
+    missing
 }
 
 /// Store options from config and the process environment.
@@ -153,6 +220,8 @@ fn instance_name(data_dir: &std::path::Path) -> String {
 impl App {
     /// Opens storage, kills servers left behind by a previous crash, and starts the pool.
     pub async fn build(config: Config) -> Result<App, AppError> {
+        raise_open_files_limit(&config)?;
+        warn_missing_programs(&config);
         // Keys, the SQLite file and process records live here: private before anything else.
         crate::store::files::create_private_dir(&config.service.data_dir).map_err(|cause| {
             AppError::DataDir {

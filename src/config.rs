@@ -27,6 +27,9 @@ pub const ADMIN_KEY_ENV: &str = "MCP_POOL_ADMIN_KEY";
 pub const LLM_API_KEY_ENV: &str = "MCP_POOL_LLM_API_KEY";
 /// `command = "{self}"` runs the mcp-pool binary itself (the bundled demo server).
 pub const SELF_COMMAND: &str = "{self}";
+/// The shortest age after which inactive credentials may be deleted (config, CLI and admin
+/// route alike): anything shorter is almost certainly a typo that would delete fresh rows.
+pub const MIN_CLEANUP_AGE: Duration = Duration::from_secs(3600);
 
 /// Why a configuration could not be used. Each variant names the key.
 #[derive(Debug, thiserror::Error)]
@@ -310,6 +313,9 @@ pub struct PoolConfig {
     /// How long a failed key refuses requests before one probe start is allowed.
     #[serde(with = "humantime_serde")]
     pub failed_cooldown: Duration,
+    /// Tool calls one user may have in flight at once, across all servers; more are refused
+    /// at once with `429 too_many_calls` (and `Retry-After`), so one user cannot crowd out others.
+    pub max_in_flight_per_user: usize,
 }
 
 impl Default for PoolConfig {
@@ -327,6 +333,7 @@ impl Default for PoolConfig {
             max_restarts: 5,
             restart_window: Duration::from_secs(60),
             failed_cooldown: Duration::from_secs(5 * 60),
+            max_in_flight_per_user: 16,
         }
     }
 }
@@ -417,6 +424,14 @@ pub struct HttpConfig {
     /// load balancer stops routing here before the listener closes. Zero in the embedded default.
     #[serde(with = "humantime_serde")]
     pub shutdown_delay: Duration,
+    /// A connection must deliver a request's whole header within this, counted from when the
+    /// server starts waiting for it (a fresh connection, or a kept-alive one after its last
+    /// response); otherwise it is closed. Bounds slow-header clients and idle keep-alives.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Open client connections at most. Past it, a new connection gets an immediate
+    /// `503 too_many_connections` (with `Retry-After`) and is closed: refused, never queued.
+    pub max_open_connections: usize,
 }
 
 impl Default for HttpConfig {
@@ -425,6 +440,8 @@ impl Default for HttpConfig {
             request_timeout: Duration::from_secs(120),
             max_body_bytes: 1024 * 1024,
             shutdown_delay: Duration::ZERO,
+            header_read_timeout: Duration::from_secs(10),
+            max_open_connections: 1024,
         }
     }
 }
@@ -601,6 +618,16 @@ fn is_http_url(value: &str) -> bool {
         .is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some())
 }
 
+/// Why a server's program cannot be run. Names the program as configured.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("program `{program}` {problem}")]
+pub struct ProgramNotFound {
+    /// `command` as configured (`{self}`, a bare name, or a path).
+    pub program: String,
+    /// What is wrong with it, e.g. "was not found in PATH".
+    pub problem: String,
+}
+
 impl ServerConfig {
     /// This server's confinement: its overrides over the `[sandbox]` defaults.
     pub fn sandbox_policy(&self, defaults: &SandboxConfig) -> ServerPolicy {
@@ -619,15 +646,68 @@ impl ServerConfig {
         }
     }
 
-    /// The program path with `{self}` resolved to the running binary.
-    pub fn resolved_command(&self) -> std::io::Result<PathBuf> {
+    /// The program to run, as an absolute or relative path that exists and is executable:
+    /// `{self}` is the running mcp-pool binary, a name without `/` is looked up in `PATH` (as a
+    /// shell would), and a path is checked as given.
+    pub fn resolve_program(&self) -> Result<PathBuf, ProgramNotFound> {
+        self.resolve_program_in(std::env::var_os("PATH").as_deref())
+    }
+
+    /// [`Self::resolve_program`] with an explicit `PATH` value.
+    pub fn resolve_program_in(
+        &self,
+        path_var: Option<&std::ffi::OsStr>,
+    ) -> Result<PathBuf, ProgramNotFound> {
+        let not_found = |problem: String| ProgramNotFound {
+            program: self.command.clone(),
+            problem,
+        };
         if self.command == SELF_COMMAND {
-            std::env::current_exe()
-        } else {
-            Ok(PathBuf::from(&self.command))
+            return std::env::current_exe().map_err(|err| {
+                not_found(format!("(the mcp-pool binary) cannot be located: {err}"))
+            });
         }
+        if self.command.contains('/') {
+            let path = PathBuf::from(&self.command);
+            return match executable(&path) {
+                Ok(()) => Ok(path),
+                Err(problem) => Err(not_found(problem.into())),
+            };
+        }
+        let dirs = path_var.map(std::env::split_paths).into_iter().flatten();
+        for dir in dirs {
+            // An empty PATH entry means the current directory, as in a shell.
+            let dir = if dir.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                dir
+            };
+            let candidate = dir.join(&self.command);
+            if executable(&candidate).is_ok() {
+                return Ok(candidate);
+            }
+        }
+        Err(not_found("was not found in PATH".into()))
     }
 }
+
+/// `Ok` if `path` is a regular file with an execute bit (following symlinks).
+fn executable(path: &Path) -> Result<(), &'static str> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => Err("is not a regular file"),
+        Ok(meta) if meta.permissions().mode() & 0o111 == 0 => Err("is not executable"),
+        Ok(_) => Ok(()),
+        Err(_) => Err("does not exist"),
+    }
+}
+
+/// File descriptors reserved per MCP session: the child's stdin, stdout and stderr pipes plus
+/// the pidfd/registry file handling around it (about 4, as measured).
+pub const FDS_PER_SESSION: u64 = 4;
+/// File descriptors reserved for everything else: the runtime, the listener, log output,
+/// credential and key files being written, the LLM and OAuth HTTP clients.
+pub const FDS_HEADROOM: u64 = 64;
 
 impl Config {
     /// Reads, parses, applies environment overrides and validates `path`.
@@ -671,6 +751,18 @@ impl Config {
     /// Parses TOML text; the error message carries toml's key path and line.
     pub fn parse(text: &str) -> Result<Config, String> {
         toml::from_str(text).map_err(|err| err.to_string().trim_end().to_owned())
+    }
+
+    /// File descriptors the configured capacity needs at once:
+    /// `FDS_PER_SESSION × pool.max_connections + http.max_open_connections +
+    /// database.max_connections + FDS_HEADROOM`.
+    pub fn required_open_files(&self) -> u64 {
+        let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        FDS_PER_SESSION
+            .saturating_mul(as_u64(self.pool.max_connections))
+            .saturating_add(as_u64(self.http.max_open_connections))
+            .saturating_add(u64::from(self.database.max_connections))
+            .saturating_add(FDS_HEADROOM)
     }
 
     /// Environment variables win over the file for deployment-specific values.
@@ -737,6 +829,15 @@ impl Config {
         }
         if pool.max_restarts == 0 {
             return Err(invalid("pool.max_restarts", "must be at least 1"));
+        }
+        if pool.max_in_flight_per_user == 0 {
+            return Err(invalid("pool.max_in_flight_per_user", "must be at least 1"));
+        }
+        if self.credentials.cleanup_inactive_after < MIN_CLEANUP_AGE {
+            return Err(invalid(
+                "credentials.cleanup_inactive_after",
+                "must be at least 1h (younger inactive credentials are kept)",
+            ));
         }
         self.validate_http()?;
         self.validate_auth()?;
@@ -828,6 +929,15 @@ impl Config {
                 "http.max_body_bytes",
                 "must be between 1024 and 67108864 (64 MiB)",
             ));
+        }
+        if self.http.header_read_timeout.is_zero() {
+            return Err(invalid(
+                "http.header_read_timeout",
+                "must be longer than zero",
+            ));
+        }
+        if self.http.max_open_connections == 0 {
+            return Err(invalid("http.max_open_connections", "must be at least 1"));
         }
         Ok(())
     }
@@ -1345,6 +1455,105 @@ mod tests {
         }
         let err = Config::parse(&format!("{server}token_auth_method = \"jwt\"\n")).unwrap_err();
         assert!(err.contains("token_auth_method"), "{err}");
+    }
+
+    #[test]
+    fn hardening_keys_have_defaults_and_name_bad_values() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.http.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(config.http.max_open_connections, 1024);
+        assert_eq!(config.pool.max_in_flight_per_user, 16);
+        let shipped = Config::parse(SHIPPED).unwrap();
+        assert_eq!(
+            shipped.http.header_read_timeout,
+            config.http.header_read_timeout
+        );
+        assert_eq!(
+            shipped.http.max_open_connections,
+            config.http.max_open_connections
+        );
+        assert_eq!(
+            shipped.pool.max_in_flight_per_user,
+            config.pool.max_in_flight_per_user
+        );
+        for (text, key) in [
+            (
+                "[http]\nheader_read_timeout = \"0s\"\n",
+                "http.header_read_timeout",
+            ),
+            (
+                "[http]\nmax_open_connections = 0\n",
+                "http.max_open_connections",
+            ),
+            (
+                "[pool]\nmax_in_flight_per_user = 0\n",
+                "pool.max_in_flight_per_user",
+            ),
+            (
+                "[credentials]\ncleanup_inactive_after = \"59m\"\n",
+                "credentials.cleanup_inactive_after",
+            ),
+        ] {
+            let err = validation_error(text);
+            assert!(err.contains(&format!("`{key}`")), "{text}: {err}");
+        }
+        let err = Config::parse("[http]\nheader_read_timeout = \"soon\"\n").unwrap_err();
+        assert!(err.contains("header_read_timeout"), "{err}");
+    }
+
+    #[test]
+    fn open_files_needed_follow_the_capacity() {
+        let config = Config::parse(
+            "[pool]\nmax_connections = 1000\n[http]\nmax_open_connections = 500\n[database]\nmax_connections = 8\n",
+        )
+        .unwrap();
+        assert_eq!(config.required_open_files(), 4 * 1000 + 500 + 8 + 64);
+    }
+
+    #[test]
+    fn programs_resolve_through_path_or_are_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let runnable = dir.path().join("runnable");
+        std::fs::write(&runnable, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&runnable, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "").unwrap();
+        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let server = |command: &str| ServerConfig {
+            command: command.into(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            credentials_env: "X".into(),
+            credentials_format: CredentialsFormat::TokenJson,
+            oauth: None,
+            restart_on_token_refresh: false,
+            env_passthrough: Vec::new(),
+            sandbox: ServerSandboxConfig::default(),
+        };
+        let path = std::env::join_paths(["/nonexistent-dir".as_ref(), dir.path()]).unwrap();
+        let path = Some(path.as_os_str());
+        assert_eq!(
+            server("runnable").resolve_program_in(path).unwrap(),
+            runnable
+        );
+        let err = server("plain").resolve_program_in(path).unwrap_err();
+        assert_eq!(err.to_string(), "program `plain` was not found in PATH");
+        let err = server("pipx").resolve_program_in(None).unwrap_err();
+        assert!(err.to_string().contains("`pipx`"), "{err}");
+        let absolute = plain.to_string_lossy().into_owned();
+        let err = server(&absolute).resolve_program_in(path).unwrap_err();
+        assert_eq!(err.problem, "is not executable");
+        let err = server("/no/such/file")
+            .resolve_program_in(path)
+            .unwrap_err();
+        assert_eq!(err.problem, "does not exist");
+        let err = server(&dir.path().to_string_lossy())
+            .resolve_program_in(path)
+            .unwrap_err();
+        assert_eq!(err.problem, "is not a regular file");
+        let me = server(SELF_COMMAND).resolve_program_in(None).unwrap();
+        assert_eq!(me, std::env::current_exe().unwrap());
     }
 
     #[test]

@@ -141,6 +141,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CheckConfig => {
             let config = load_config()?;
+            // A missing program does not make the file invalid (other servers may work), but
+            // the operator must hear about it now rather than from a failed session later.
+            for (name, server) in &config.servers {
+                if let Err(err) = server.resolve_program() {
+                    eprintln!(
+                        "warning: server `{name}`: {err}; its sessions will fail with \
+                         `server_program_not_found` until it is installed"
+                    );
+                }
+            }
             println!(
                 "{}: ok ({} servers: {})",
                 cli.config.display(),
@@ -215,6 +225,10 @@ async fn credentials(app: &Storage, command: CredentialsCommand) -> anyhow::Resu
             println!("deleted {rows} rows for {user}/{server}");
         }
         CredentialsCommand::Cleanup { inactive_for } => {
+            anyhow::ensure!(
+                inactive_for >= mcp_pool::config::MIN_CLEANUP_AGE,
+                "--inactive-for must be at least 1h (younger inactive credentials are kept)"
+            );
             let count = app.credentials.cleanup_inactive(inactive_for).await?;
             println!(
                 "deleted {count} inactive credentials older than {}",

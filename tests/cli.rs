@@ -335,6 +335,44 @@ fn operator_commands_manage_credentials() {
         &["credentials", "cleanup", "--inactive-for", "soon"],
     );
     assert!(!ok && stderr.contains("inactive-for"), "{stderr}");
+    // Under the 1 h minimum: refused, naming the flag and the bound.
+    let (ok, _, stderr) = run(
+        &config,
+        &["credentials", "cleanup", "--inactive-for", "1ns"],
+    );
+    assert!(
+        !ok && stderr.contains("--inactive-for") && stderr.contains("1h"),
+        "{stderr}"
+    );
+}
+
+/// `check-config` names each server whose program is missing (and the program), but the file
+/// itself is valid, so it still exits 0; a bare name found in PATH and `{self}` pass silently.
+#[test]
+fn check_config_names_servers_whose_program_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "[servers.ghost]\ncommand = \"mcp-pool-no-such-program\"\n\
+         credentials_env = \"X_CREDENTIALS\"\ncredentials_format = \"token_json\"\n\
+         [servers.shell]\ncommand = \"sh\"\n\
+         credentials_env = \"X_CREDENTIALS\"\ncredentials_format = \"token_json\"\n\
+         [servers.relative]\ncommand = \"./not/here\"\n\
+         credentials_env = \"X_CREDENTIALS\"\ncredentials_format = \"token_json\"\n",
+    );
+    let (ok, stdout, stderr) = run(&config, &["check-config"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("ok"), "{stdout}");
+    assert!(
+        stderr.contains("server `ghost`") && stderr.contains("`mcp-pool-no-such-program`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("server `relative`") && stderr.contains("`./not/here`"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("server `shell`"), "{stderr}");
+    assert!(!stderr.contains("server `demo`"), "{stderr}");
 }
 
 /// Lines of a child's stderr, read in a thread, so a test waits for them with a bound.

@@ -708,9 +708,10 @@ async fn sixty_four_concurrent_calls_on_one_connection_run_concurrently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_never_starts_trips_the_circuit_too() {
+    // A program that exists but exits at once: every start fails its handshake.
     let h = Harness::start(
         "max_restarts = 2\nfailed_cooldown = \"1h\"",
-        "[servers.broken]\ncommand = \"/nonexistent/mcp-server\"\n\
+        "[servers.broken]\ncommand = \"/bin/false\"\n\
          credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n",
     )
     .await;
@@ -730,5 +731,78 @@ async fn a_server_that_never_starts_trips_the_circuit_too() {
         refused.map(|c| c.pid())
     );
     assert_eq!(h.state_of(&yara, &broken).await, Some(ConnState::Failed));
+    h.stop().await;
+}
+
+/// A program that is not installed is a configuration problem, not a crash: every request gets
+/// `ServerProgramNotFound` naming the server and the program, and the circuit never opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_program_is_reported_and_never_trips_the_circuit() {
+    let h = Harness::start(
+        "max_restarts = 1\nfailed_cooldown = \"1h\"",
+        "[servers.ghost]\ncommand = \"/nonexistent/mcp-server\"\n\
+         credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n",
+    )
+    .await;
+    let (zoe, ghost) = h.connect("zoe", "ghost").await;
+    for attempt in 1..=4 {
+        match h.pool().get_connection(&zoe, &ghost).await {
+            Err(PoolError::ServerProgramNotFound { server, problem }) => {
+                assert_eq!(server, ghost);
+                assert!(problem.contains("`/nonexistent/mcp-server`"), "{problem}");
+            }
+            other => panic!("attempt {attempt}: {:?}", other.map(|c| c.pid())),
+        }
+    }
+    assert_ne!(h.state_of(&zoe, &ghost).await, Some(ConnState::Failed));
+    h.stop().await;
+}
+
+/// A server whose program disappears while its session runs (an upgrade, a removed venv): the
+/// crash's restart finds no program, and the next request is told so at once instead of
+/// waiting for a restart that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_removed_before_a_restart_is_reported_not_awaited() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("vanishing-server");
+    std::os::unix::fs::symlink(common::BIN, &link).unwrap();
+    let h = Harness::start(
+        "restart_backoff_base = \"10ms\"\nrestart_backoff_cap = \"50ms\"",
+        &format!(
+            "[servers.vanishing]\ncommand = {link:?}\nargs = [\"demo-server\", \"--test-tools\"]\n\
+             credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n"
+        ),
+    )
+    .await;
+    let (una, vanishing) = h.connect("una", "vanishing").await;
+    let conn = h.pool().get_connection(&una, &vanishing).await.unwrap();
+    std::fs::remove_file(&link).unwrap();
+    assert!(conn.call_tool("crash", None).await.is_err());
+    // Wait for the supervisor to notice the crash before asking again.
+    assert!(
+        wait_until(LONG, || async {
+            h.state_of(&una, &vanishing).await != Some(ConnState::Ready)
+        })
+        .await
+    );
+    let answer = tokio::time::timeout(LONG, h.pool().get_connection(&una, &vanishing))
+        .await
+        .expect("answered, not left waiting");
+    match answer {
+        Err(PoolError::ServerProgramNotFound { server, problem }) => {
+            assert_eq!(server, vanishing);
+            assert!(problem.contains("vanishing-server"), "{problem}");
+        }
+        other => panic!("{:?}", other.map(|c| c.pid())),
+    }
+    // And again, now that the key has no restart pending.
+    let again = tokio::time::timeout(LONG, h.pool().get_connection(&una, &vanishing))
+        .await
+        .expect("answered");
+    assert!(
+        matches!(again, Err(PoolError::ServerProgramNotFound { .. })),
+        "{:?}",
+        again.map(|c| c.pid())
+    );
     h.stop().await;
 }

@@ -18,9 +18,7 @@ use tracing::Instrument;
 use super::credential::CredentialHandle;
 use super::pool::{PoolError, PoolMsg};
 pub use crate::ids::ConnKey;
-use crate::mcp::sandbox::{
-    Sandbox, SandboxError, SandboxStatus, ServerPolicy, SessionPaths, resolve_program,
-};
+use crate::mcp::sandbox::{Sandbox, SandboxError, SandboxStatus, ServerPolicy, SessionPaths};
 use crate::mcp::{ExitReason, McpClient, McpError, McpSession, ProcessRegistry, ServerLaunch};
 use crate::oauth::TokenRefresher;
 
@@ -419,16 +417,8 @@ async fn start_session(
         key.user
     );
     let start_failed = |err: McpError| PoolError::StartFailed(Arc::new(err));
-    let program = resolve_program(&launch.command, launch.env.get("PATH").map(String::as_str))
-        .ok_or_else(|| {
-            start_failed(McpError::Spawn {
-                command: launch.command.clone(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "program not found or not executable",
-                ),
-            })
-        })?;
+    // Resolved by the pool (through the server's PATH) before this start was scheduled.
+    let program = std::path::PathBuf::from(&launch.command);
     let credentials_dir = path.parent().unwrap_or(&path).to_owned();
     let confinement = sandbox
         .prepare(

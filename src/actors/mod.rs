@@ -1,8 +1,11 @@
 //! The ractor actor tree. One file per actor: its message enum, its state, its typed handle.
 //! `actors.md` at the repository root describes the tree, every message and the restart policy.
+//! [`fairness`] is no actor: the per-user bound of calls in flight and the argument depth bound
+//! that every `PoolHandle::call_tool` applies.
 
 pub mod connection;
 pub mod credential;
+pub mod fairness;
 pub mod guardian;
 pub mod pool;
 pub mod reaper;

@@ -20,6 +20,7 @@ use super::connection::{
     ConnectionMsg, StartFailure,
 };
 use super::credential::{CredentialError, CredentialHandle};
+use super::fairness::{MAX_ARGUMENT_DEPTH, UserCallLimiter, arguments_depth};
 use crate::config::{Config, PoolConfig, SandboxConfig, ServerConfig};
 use crate::mcp::{McpError, ProcessRegistry, Sandbox, ServerLaunch, base_environment};
 use crate::oauth::{Freshness, TokenRefresher};
@@ -41,6 +42,19 @@ pub enum PoolError {
     CircuitOpen { retry_after: Duration },
     #[error("MCP server failed to start: {0}")]
     StartFailed(Arc<McpError>),
+    /// The server's configured program is not installed (or not executable) on this host.
+    #[error("MCP server `{server}` cannot start: {problem}")]
+    ServerProgramNotFound {
+        server: ServerName,
+        /// What is wrong, naming the program (e.g. "program `pipx` was not found in PATH").
+        problem: String,
+    },
+    /// The user already has `pool.max_in_flight_per_user` calls in flight.
+    #[error("too many tool calls in flight for this user; retry in {}s", retry_after.as_secs().max(1))]
+    TooManyCalls { retry_after: Duration },
+    /// The arguments nest deeper than [`MAX_ARGUMENT_DEPTH`]; nothing was sent.
+    #[error("tool arguments nest deeper than {max} levels")]
+    ArgumentsTooDeep { max: usize },
     #[error("MCP server exited during the call; it may or may not have run, and is not retried")]
     ServerCrashed,
     /// The kernel killed the server at its memory limit (`sandbox.memory_max`) during the call.
@@ -86,6 +100,9 @@ impl PoolError {
             PoolError::PoolFull { .. } => "pool_full",
             PoolError::CircuitOpen { .. } => "circuit_open",
             PoolError::StartFailed(_) => "server_start_failed",
+            PoolError::ServerProgramNotFound { .. } => "server_program_not_found",
+            PoolError::TooManyCalls { .. } => "too_many_calls",
+            PoolError::ArgumentsTooDeep { .. } => "arguments_too_deep",
             PoolError::ServerCrashed => "server_crashed",
             PoolError::MemoryLimit(_) => "server_memory_limit",
             PoolError::SandboxUnavailable(_) => "sandbox_unavailable",
@@ -122,7 +139,7 @@ fn mcp_code(err: &McpError) -> &'static str {
 }
 
 /// How one connection looks in [`PoolStats`].
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct ConnectionStats {
     pub user_id: UserId,
     pub server: ServerName,
@@ -138,7 +155,7 @@ pub struct ConnectionStats {
 }
 
 /// Pool statistics, as the design names them.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct PoolStats {
     /// Keys with a live or starting session (failed keys excluded).
     pub total_connections: usize,
@@ -153,7 +170,7 @@ pub struct PoolStats {
 
 /// Monotonic event counts of one supervisor incarnation (a supervisor restart resets them,
 /// which Prometheus reads as a counter reset).
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, utoipa::ToSchema)]
 pub struct PoolCounters {
     /// `ConnectionActor`s spawned (first starts, restarts, probes).
     pub spawns: u64,
@@ -278,6 +295,8 @@ pub struct PoolArgs {
     pub sandbox: Arc<Sandbox>,
     /// `[sandbox]`: the defaults each server's policy starts from.
     pub sandbox_defaults: SandboxConfig,
+    /// Tool calls in flight per user, shared with every [`PoolHandle`].
+    pub user_calls: UserCallLimiter,
 }
 
 impl PoolArgs {
@@ -297,6 +316,7 @@ impl PoolArgs {
             registry,
             sandbox,
             sandbox_defaults: config.sandbox.clone(),
+            user_calls: UserCallLimiter::new(config.pool.max_in_flight_per_user),
         }
     }
 }
@@ -589,7 +609,9 @@ impl PoolState {
         };
         let mut env = base_environment(&server.env_passthrough);
         env.extend(server.env.clone());
-        let launch = match server.resolved_command() {
+        // Checked before every spawn, with the server's own PATH: a missing program is a
+        // configuration problem, reported as such and not counted as a crash (nothing ran).
+        let launch = match server.resolve_program_in(env.get("PATH").map(std::ffi::OsStr::new)) {
             Ok(command) => ServerLaunch {
                 command: command.to_string_lossy().into_owned(),
                 args: server.args.clone(),
@@ -597,12 +619,22 @@ impl PoolState {
                 cwd: None,
             },
             Err(err) => {
+                tracing::debug!(server = %key.server, cause = %err, "MCP server program not found");
+                // Like missing credentials: not retried in the background. A key whose restart
+                // found the program gone must not stay "restarting" with nothing scheduled, or
+                // its next request would wait for a start that never comes.
+                if let Some(entry) = self.entries.get_mut(key) {
+                    entry.ever_ready = false;
+                    if entry.shared.state() == ConnState::Restarting {
+                        entry.shared.set_state(ConnState::Starting);
+                    }
+                }
                 self.fail_waiters(
                     key,
-                    PoolError::StartFailed(Arc::new(McpError::Spawn {
-                        command: server.command.clone(),
-                        source: err,
-                    })),
+                    PoolError::ServerProgramNotFound {
+                        server: key.server.clone(),
+                        problem: err.to_string(),
+                    },
                 );
                 return;
             }
@@ -1011,6 +1043,7 @@ pub struct PoolHandle {
     /// The `PoolGuardian`: once it has given up, no supervisor will come back.
     guardian: ActorCell,
     refresher: Option<TokenRefresher>,
+    user_calls: UserCallLimiter,
 }
 
 impl PoolHandle {
@@ -1024,6 +1057,7 @@ impl PoolHandle {
             index: args.index.clone(),
             guardian,
             refresher: args.refresher.clone(),
+            user_calls: args.user_calls.clone(),
         }
     }
 
@@ -1101,6 +1135,9 @@ impl PoolHandle {
 
     /// Calls a tool, after refreshing OAuth tokens due for a refresh (an in-memory check when
     /// none is). Retried only if the connection was closed before the call was sent.
+    /// Refused at once, before anything starts, when the arguments nest deeper than
+    /// [`MAX_ARGUMENT_DEPTH`] or the user already has `pool.max_in_flight_per_user` calls in
+    /// flight.
     pub async fn call_tool(
         &self,
         user: &UserId,
@@ -1108,6 +1145,18 @@ impl PoolHandle {
         tool: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
     ) -> Result<rmcp::model::CallToolResult, PoolError> {
+        if arguments_depth(arguments.as_ref()) > MAX_ARGUMENT_DEPTH {
+            return Err(PoolError::ArgumentsTooDeep {
+                max: MAX_ARGUMENT_DEPTH,
+            });
+        }
+        // Held until the call returns (or its future is dropped).
+        let _permit = self
+            .user_calls
+            .try_acquire(user)
+            .ok_or(PoolError::TooManyCalls {
+                retry_after: Duration::from_secs(1),
+            })?;
         self.ensure_fresh(user, server).await?;
         let mut connection = self.get_connection(user, server).await?;
         let slot = match connection.reserve() {

@@ -114,9 +114,10 @@ impl Auth {
                         ApiError::unauthorized("invalid API key")
                     });
                 }
-                let header = parts.headers.get(USER_ID_HEADER).ok_or_else(|| {
-                    ApiError::bad_request("missing_user_id", "the X-User-Id header is required")
-                })?;
+                let header =
+                    single_header(parts, USER_ID_HEADER, "X-User-Id")?.ok_or_else(|| {
+                        ApiError::bad_request("missing_user_id", "the X-User-Id header is required")
+                    })?;
                 let value = header.to_str().map_err(|_| {
                     ApiError::bad_request("invalid_user_id", "X-User-Id must be ASCII")
                 })?;
@@ -153,11 +154,32 @@ fn keys_equal(presented: &str, expected: &Secret) -> bool {
     bool::from(presented.as_bytes().ct_eq(expected.expose().as_bytes()))
 }
 
+/// The only value of an identity header. Two or more are refused: a proxy that appends the
+/// real value after a client-supplied one would otherwise let the client choose (the first
+/// value would win).
+fn single_header<'a>(
+    parts: &'a Parts,
+    name: &str,
+    display: &str,
+) -> Result<Option<&'a axum::http::HeaderValue>, ApiError> {
+    let mut values = parts.headers.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(
+            "duplicate_header",
+            format!("the {display} header must appear at most once"),
+        ));
+    }
+    Ok(first)
+}
+
 fn bearer(parts: &Parts) -> Result<&str, ApiError> {
-    let value = parts
-        .headers
-        .get(axum::http::header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer` header"))?;
+    let value = single_header(
+        parts,
+        axum::http::header::AUTHORIZATION.as_str(),
+        "Authorization",
+    )?
+    .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer` header"))?;
     let value = value
         .to_str()
         .map_err(|_| ApiError::unauthorized("malformed Authorization header"))?;

@@ -15,7 +15,9 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::ApiError;
+use super::openapi::{ErrorBody, UserAuthErrors};
 use super::{AuthUser, HttpState};
+use crate::llm::ChatOutcome;
 use crate::llm::{ChatError, ChatEvent, ChatRequest, run_chat};
 use crate::store::ServerName;
 
@@ -81,6 +83,28 @@ async fn chat_servers(
     }
 }
 
+/// `POST /v1/chat`.
+#[utoipa::path(
+    post, path = "/v1/chat", operation_id = "chat", tag = "chat",
+    security(("bearer" = [])),
+    request_body = ChatRequest,
+    responses(
+        (status = 200, description = "The final reply with a trace of tool calls; with `stream: true`, server-sent events instead (`server_skipped`, `text_delta`, `tool_call_started`, `tool_call_finished`, then `done` or `error`)",
+            content(
+                (ChatOutcome = "application/json"),
+                (super::openapi::ChatStreamEvent = "text/event-stream"),
+            )),
+        (status = 400, description = "`malformed_json`, `invalid_body`, `invalid_request`, `missing_user_id`, `invalid_user_id` or `duplicate_header`", body = ErrorBody),
+        UserAuthErrors,
+        (status = 404, description = "`unknown_server` in `servers`", body = ErrorBody),
+        (status = 413, description = "Body larger than http.max_body_bytes", body = ErrorBody),
+        (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
+        (status = 422, description = "`max_steps_exceeded`: the model was still calling tools after llm.max_steps", body = ErrorBody),
+        (status = 502, description = "The LLM endpoint failed", body = ErrorBody),
+        (status = 503, description = "`llm_unavailable`, `cancelled`, `shutting_down`, `pool_unavailable` or `too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
+        (status = 504, description = "`llm_timeout` or `request_timeout`", body = ErrorBody),
+    )
+)]
 pub async fn chat(
     State(state): State<HttpState>,
     AuthUser(user): AuthUser,

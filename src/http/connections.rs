@@ -8,30 +8,65 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 
 use super::error::ApiError;
-use super::metrics::state_name;
+use super::openapi::{ErrorBody, UserAuthErrors};
 use super::{AuthUser, HttpState, ServerParam};
-use crate::actors::ConnectionStats;
+use crate::actors::{ConnState, ConnectionStats};
 use crate::store::{ConnectionInfo, Secret, ServerName, Stored, Tokens, UserId};
 
-/// Body of `PUT /v1/connections/{server}`.
-#[derive(Debug, serde::Deserialize)]
+/// Longest accepted access or refresh token. Real ones are far shorter (Google's are under
+/// 2 KiB; JWT access tokens a few KiB); anything longer is abuse, and it would be written to a
+/// file and encrypted into a row.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Longest accepted `client_id` (Google's are about 75 characters).
+pub const MAX_CLIENT_ID_BYTES: usize = 256;
+
+/// Body of `PUT /v1/connections/{server}`: `access_token`, `refresh_token` or both.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PutConnection {
+    /// Not blank; at most 16 KiB.
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 16384, pattern = "\\S")]
     pub access_token: Option<Secret>,
+    /// Not blank; at most 16 KiB.
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 16384, pattern = "\\S")]
     pub refresh_token: Option<Secret>,
     /// RFC 3339.
     pub token_expiry: Option<DateTime<Utc>>,
     /// The OAuth client the tokens were issued to; must match the server's configured
     /// `oauth.client_id` when given (a refresh with another client's token would fail later).
+    #[schema(min_length = 1, max_length = 256)]
     pub client_id: Option<String>,
 }
 
+/// The live state of a user's session as `/v1/connections` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ViewState {
+    Starting,
+    Ready,
+    Restarting,
+    Failed,
+    /// No live session (never started, closed, or closing).
+    Closed,
+}
+
+impl From<ConnState> for ViewState {
+    fn from(state: ConnState) -> ViewState {
+        match state {
+            ConnState::Starting => ViewState::Starting,
+            ConnState::Ready => ViewState::Ready,
+            ConnState::Restarting => ViewState::Restarting,
+            ConnState::Failed => ViewState::Failed,
+            ConnState::Closing => ViewState::Closed,
+        }
+    }
+}
+
 /// One connection as the caller sees it.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct ConnectionView {
     pub server: ServerName,
-    /// `starting`, `ready`, `restarting`, `failed` or `closed` (no live session).
-    pub state: &'static str,
+    pub state: ViewState,
     pub tool_count: usize,
     pub last_used: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
@@ -47,7 +82,7 @@ impl ConnectionView {
     fn new(info: &ConnectionInfo, live: Option<&ConnectionStats>) -> ConnectionView {
         ConnectionView {
             server: info.server_name.clone(),
-            state: live.map_or("closed", |c| state_name(c.state)),
+            state: live.map_or(ViewState::Closed, |c| c.state.into()),
             tool_count: live.map_or(0, |c| c.tool_count),
             last_used: live.and_then(|c| c.last_used),
             started_at: live.and_then(|c| c.started_at),
@@ -88,6 +123,22 @@ fn view_all(infos: &[ConnectionInfo], live: &[ConnectionStats]) -> Vec<Connectio
 
 /// `PUT /v1/connections/{server}`: 201 when new, 200 when replaced (the live session is
 /// closed so the next call starts with the new credentials).
+#[utoipa::path(
+    put, path = "/v1/connections/{server}", operation_id = "put_connection", tag = "connections",
+    security(("bearer" = [])),
+    params(("server" = ServerName, Path, description = "A configured server")),
+    request_body = PutConnection,
+    responses(
+        (status = 200, description = "Replaced (the live session was closed)", body = ConnectionView),
+        (status = 201, description = "Created", body = ConnectionView),
+        (status = 400, description = "Bad body (`malformed_json`, `invalid_body`, `field_too_long`, `client_mismatch`) or identity (`missing_user_id`, `invalid_user_id`, `duplicate_header`, `invalid_server_name`)", body = ErrorBody),
+        UserAuthErrors,
+        (status = 404, description = "`unknown_server`", body = ErrorBody),
+        (status = 413, description = "Body larger than http.max_body_bytes", body = ErrorBody),
+        (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
+        (status = 503, description = "`credentials_unavailable` or `too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
+    )
+)]
 pub async fn put(
     State(state): State<HttpState>,
     AuthUser(user): AuthUser,
@@ -100,8 +151,22 @@ pub async fn put(
             "invalid_body",
             format!("`{field}` must not be empty"),
         )),
+        Some(secret) if secret.expose().len() > MAX_TOKEN_BYTES => Err(ApiError::bad_request(
+            "field_too_long",
+            format!("`{field}` is longer than {MAX_TOKEN_BYTES} bytes"),
+        )),
         other => Ok(other),
     };
+    if body
+        .client_id
+        .as_ref()
+        .is_some_and(|id| id.is_empty() || id.len() > MAX_CLIENT_ID_BYTES)
+    {
+        return Err(ApiError::bad_request(
+            "field_too_long",
+            format!("`client_id` has 1 to {MAX_CLIENT_ID_BYTES} bytes"),
+        ));
+    }
     let tokens = Tokens {
         access_token: non_empty("access_token", body.access_token)?,
         refresh_token: non_empty("refresh_token", body.refresh_token)?,
@@ -140,19 +205,47 @@ pub async fn put(
     Ok((status, Json(ConnectionView::new(&info, None))))
 }
 
+/// Body of `GET /v1/connections`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ConnectionList {
+    pub connections: Vec<ConnectionView>,
+}
+
 /// `GET /v1/connections`.
+#[utoipa::path(
+    get, path = "/v1/connections", operation_id = "list_connections", tag = "connections",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The caller's active credentials with live session state", body = ConnectionList),
+        (status = 400, description = "`missing_user_id`, `invalid_user_id` or `duplicate_header`", body = ErrorBody),
+        UserAuthErrors,
+        (status = 503, description = "`too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
+    )
+)]
 pub async fn list(
     State(state): State<HttpState>,
     AuthUser(user): AuthUser,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ConnectionList>, ApiError> {
     let infos = state.store.list(Some(&user), false).await?;
     let live = live_sessions(&state, &user).await;
-    Ok(Json(
-        serde_json::json!({ "connections": view_all(&infos, &live) }),
-    ))
+    Ok(Json(ConnectionList {
+        connections: view_all(&infos, &live),
+    }))
 }
 
 /// `GET /v1/connections/{server}`.
+#[utoipa::path(
+    get, path = "/v1/connections/{server}", operation_id = "get_connection", tag = "connections",
+    security(("bearer" = [])),
+    params(("server" = ServerName, Path, description = "A configured server")),
+    responses(
+        (status = 200, description = "The connection with live session state", body = ConnectionView),
+        (status = 400, description = "`missing_user_id`, `invalid_user_id`, `duplicate_header` or `invalid_server_name`", body = ErrorBody),
+        UserAuthErrors,
+        (status = 404, description = "`unknown_server` or `no_credentials`", body = ErrorBody),
+        (status = 503, description = "`too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
+    )
+)]
 pub async fn get(
     State(state): State<HttpState>,
     AuthUser(user): AuthUser,
@@ -168,21 +261,45 @@ pub async fn get(
     Ok(Json(ConnectionView::new(info, session)))
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DeleteQuery {
     /// Delete the row and the file instead of deactivating.
     #[serde(default)]
+    #[param(required = false)]
     pub purge: bool,
 }
 
+/// Body of `DELETE /v1/connections/{server}`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Removed {
+    pub server: ServerName,
+    pub deactivated: bool,
+    pub purged: bool,
+    /// Whether a live session was closed.
+    pub session_closed: bool,
+}
+
 /// `DELETE /v1/connections/{server}[?purge=true]`: deactivate (or delete) and close.
+#[utoipa::path(
+    delete, path = "/v1/connections/{server}", operation_id = "delete_connection", tag = "connections",
+    security(("bearer" = [])),
+    params(("server" = ServerName, Path, description = "A configured server"), DeleteQuery),
+    responses(
+        (status = 200, description = "Deactivated (or purged) and the session closed", body = Removed),
+        (status = 400, description = "`invalid_query`, `missing_user_id`, `invalid_user_id`, `duplicate_header` or `invalid_server_name`", body = ErrorBody),
+        UserAuthErrors,
+        (status = 404, description = "`unknown_server` or `no_credentials`", body = ErrorBody),
+        (status = 503, description = "`credentials_unavailable` or `too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
+    )
+)]
 pub async fn delete(
     State(state): State<HttpState>,
     AuthUser(user): AuthUser,
     ServerParam(server): ServerParam,
     query: Result<Query<DeleteQuery>, QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Removed>, ApiError> {
     let Query(query) = query?;
     // Credentials first, so a concurrent request cannot start a fresh session with them.
     let found = if query.purge {
@@ -201,12 +318,12 @@ pub async fn delete(
     if !found {
         return Err(no_credentials(&server));
     }
-    Ok(Json(serde_json::json!({
-        "server": server,
-        "deactivated": !query.purge,
-        "purged": query.purge,
-        "session_closed": closed,
-    })))
+    Ok(Json(Removed {
+        server,
+        deactivated: !query.purge,
+        purged: query.purge,
+        session_closed: closed,
+    }))
 }
 
 fn no_credentials(server: &ServerName) -> ApiError {

@@ -201,6 +201,26 @@ impl From<PoolError> for ApiError {
                 )
                 .with_retry_safe(true)
             }
+            // A configuration problem of this host, not of the caller: the message names the
+            // server and the program so the chat app can tell its user what is missing.
+            PoolError::ServerProgramNotFound { server, problem } => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                code,
+                format!(
+                    "the MCP server `{server}` cannot start: its {problem} on the mcp-pool host; an operator must install it"
+                ),
+            )
+            .with_retry_safe(true),
+            PoolError::TooManyCalls { retry_after } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                code,
+                "too many tool calls in flight for this user; retry later",
+            )
+            .with_retry_after(retry_after),
+            PoolError::ArgumentsTooDeep { max } => ApiError::bad_request(
+                code,
+                format!("the tool arguments nest deeper than {max} levels"),
+            ),
             PoolError::ServerCrashed => ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 code,

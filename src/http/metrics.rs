@@ -260,6 +260,13 @@ pub fn state_name(state: ConnState) -> &'static str {
 }
 
 /// `GET /metrics`.
+#[utoipa::path(
+    get, path = "/metrics", operation_id = "metrics", tag = "meta", security(()),
+    responses(
+        (status = 200, description = "Prometheus metrics in OpenMetrics text; no user ids", content_type = "application/openmetrics-text", body = String),
+        (status = 503, description = "`too_many_connections`", body = super::openapi::ErrorBody, headers(("Retry-After" = u64))),
+    )
+)]
 pub async fn scrape(State(state): State<HttpState>) -> Result<Response, ApiError> {
     // A pool that does not answer must not make the whole scrape fail: the HTTP counters
     // are still worth having.

@@ -8,6 +8,10 @@
 //! - [`health`], [`metrics`], [`openapi`]: probes, Prometheus text, the API description.
 //! - [`auth`]: API-key and JWT authentication, the [`AuthUser`] and [`AdminAuth`] extractors.
 //! - [`error`]: [`ApiError`], every failure as a status plus `{ "error": { "code", "message" } }`.
+//! - [`logging`]: refused requests logged at DEBUG, summarised at WARN once per code and window.
+//!
+//! [`serve`] runs the router on hyper's HTTP/1.1 connections with a header-read timeout and a
+//! cap on open connections (excess ones get an immediate 503).
 //!
 //! Layers, outermost first: a tracing span per request (`method`, `route`, and `user_id`/`server`
 //! once known), error counting, panic catching (a panic becomes a generic 500), the request
@@ -19,13 +23,14 @@ pub mod chat;
 pub mod connections;
 pub mod error;
 pub mod health;
+pub mod logging;
 pub mod metrics;
 pub mod oauth;
 pub mod openapi;
 pub mod tools;
 
 use std::collections::HashMap;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -37,9 +42,10 @@ use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::trace::TraceLayer;
 
 pub use auth::{AdminAuth, Auth, AuthSetupError, AuthUser};
 pub use error::ApiError;
@@ -69,6 +75,8 @@ pub struct HttpState {
     pub llm: Option<Arc<LlmClient>>,
     /// Set when shutdown begins: `/readyz` answers 503 from then on.
     shutting_down: Arc<AtomicBool>,
+    /// Rate-limited logging of error responses.
+    pub refusals: Arc<logging::RefusalLog>,
 }
 
 impl HttpState {
@@ -95,6 +103,7 @@ impl HttpState {
             auth: Arc::new(auth),
             metrics: Arc::new(Metrics::new()),
             shutting_down: Arc::new(AtomicBool::new(false)),
+            refusals: Arc::new(logging::RefusalLog::new(logging::SUMMARY_WINDOW)),
         }
     }
 
@@ -165,7 +174,21 @@ pub fn router(state: HttpState) -> Router {
                         server = tracing::field::Empty,
                     )
                 })
-                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+                // Successes at INFO; error responses at DEBUG here, summarised by `count_errors`.
+                // No `on_failure`: its ERROR per 5xx response flooded the log while a circuit
+                // was open (every refused request is a 503).
+                .on_response(
+                    |response: &Response, latency: Duration, _span: &tracing::Span| {
+                        let status = response.status().as_u16();
+                        let latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
+                        if status < 400 {
+                            tracing::info!(status, latency_ms, "finished processing request");
+                        } else {
+                            tracing::debug!(status, latency_ms, "finished processing request");
+                        }
+                    },
+                )
+                .on_failure(()),
         )
         .with_state(state)
 }
@@ -174,6 +197,15 @@ pub fn router(state: HttpState) -> Router {
 /// requests are still accepted for `http.shutdown_delay` (so a load balancer can notice), the
 /// listener closes, and in-flight requests drain for up to `service.shutdown_grace`; whatever
 /// is still running after that is dropped with a warning. The caller closes the pool afterwards.
+///
+/// Connections are HTTP/1.1, served by hyper directly (not `axum::serve`) for two limits a
+/// hostile client would otherwise exhaust:
+/// - `http.header_read_timeout`: a connection that has not sent a request's whole header within
+///   it (a new one, or a kept-alive one after its last response) is closed, however slowly it
+///   trickles bytes;
+/// - `http.max_open_connections`: past it a new connection is answered at once with
+///   `503 too_many_connections` (`Retry-After: 1`) and closed: refused, not queued, so a client
+///   learns at once and nothing waits invisibly in the accept backlog.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: HttpState,
@@ -181,11 +213,20 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let grace = state.config.service.shutdown_grace;
     let delay = state.config.http.shutdown_delay;
+    let limits = ConnectionLimits {
+        header_read_timeout: state.config.http.header_read_timeout,
+        open: Arc::new(Semaphore::new(state.config.http.max_open_connections)),
+        refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
+    };
     let draining = CancellationToken::new();
-    let signal = {
+    tokio::spawn({
         let (state, draining) = (state.clone(), draining.clone());
         async move {
-            shutdown.await;
+            tokio::select! {
+                () = shutdown => {}
+                // serve() returned early (its future was dropped): nothing left to announce.
+                () = draining.cancelled() => return,
+            }
             state.begin_shutdown();
             if !delay.is_zero() {
                 tracing::info!(?delay, "Shutting down: readiness off, still serving");
@@ -194,17 +235,138 @@ pub async fn serve(
             tracing::info!("HTTP listener closed; draining in-flight requests");
             draining.cancel();
         }
+    });
+    let _stop_announcer = draining.clone().drop_guard();
+    let app = router(state.clone());
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            () = draining.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        // Finished connection tasks are collected as we go, so the set stays small.
+        while connections.try_join_next().is_some() {}
+        let (stream, _peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // EMFILE/ENFILE and aborted handshakes: back off briefly instead of spinning.
+                tracing::warn!(cause = %err, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limits.open.clone().try_acquire_owned() else {
+            refuse_connection(stream, &limits, &state);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let (draining, header_read_timeout) = (draining.clone(), limits.header_read_timeout);
+        connections.spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
+            let connection =
+                builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => log_connection_end(result),
+                () = draining.cancelled() => {
+                    // Finish the request in progress (if any), then close.
+                    connection.as_mut().graceful_shutdown();
+                    log_connection_end(connection.await);
+                }
+            }
+        });
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            ?grace,
+            still_open = connections.len(),
+            "In-flight requests did not finish within the shutdown grace; dropping them"
+        );
+        connections.abort_all();
+    }
+    Ok(())
+}
+
+/// Refused connections answered at the same time at most; past this they are closed unanswered
+/// (each answer holds a file descriptor for up to twice [`REFUSAL_LINGER`]).
+const MAX_REFUSING: usize = 64;
+/// How long a refused connection waits for the request head before the 503, and then for the
+/// client to close, so that closing it does not reset the connection before the client read
+/// the 503.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+struct ConnectionLimits {
+    header_read_timeout: Duration,
+    /// One permit per open connection (`http.max_open_connections`).
+    open: Arc<Semaphore>,
+    /// Refusals being answered (see [`MAX_REFUSING`]).
+    refusing: Arc<Semaphore>,
+}
+
+/// Answers a connection over `http.max_open_connections` with a 503 and closes it.
+fn refuse_connection(stream: tokio::net::TcpStream, limits: &ConnectionLimits, state: &HttpState) {
+    state.metrics.error(TOO_MANY_CONNECTIONS);
+    state
+        .refusals
+        .note(TOO_MANY_CONNECTIONS, StatusCode::SERVICE_UNAVAILABLE);
+    let Ok(permit) = limits.refusing.clone().try_acquire_owned() else {
+        return; // dropped: closed unanswered
     };
-    let server = axum::serve(listener, router(state))
-        .with_graceful_shutdown(signal)
-        .into_future();
-    let mut server = std::pin::pin!(server);
-    tokio::select! {
-        result = &mut server => result,
-        () = async { draining.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(?grace, "In-flight requests did not finish within the shutdown grace; dropping them");
-            Ok(())
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _permit = permit;
+        let mut stream = stream;
+        let body = format!(
+            "{{\"error\":{{\"code\":\"{TOO_MANY_CONNECTIONS}\",\"message\":\"too many open connections; retry later\",\"retry_after_secs\":1}}}}"
+        );
+        let response = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+             retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        // Answer after the request head (or after the linger, for a client that sends none), so
+        // an HTTP client sees a response to its request rather than an unsolicited one; then
+        // read what else it sends until it closes, so closing does not reset the connection.
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            stream.write_all(response.as_bytes()).await?;
+            stream.shutdown().await?;
+            while stream.read(&mut buf).await? > 0 {}
+            Ok::<(), std::io::Error>(())
+        })
+        .await;
+    });
+}
+
+const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
+
+fn log_connection_end(result: Result<(), hyper::Error>) {
+    match result {
+        Ok(()) => {}
+        // A slow or idle client that did not send its header in time: expected, not a fault.
+        Err(err) if err.is_timeout() => {
+            tracing::debug!("closed a connection that did not send a request header in time")
         }
+        Err(err) => tracing::debug!(cause = %err, "connection ended with an error"),
     }
 }
 
@@ -262,6 +424,7 @@ async fn count_errors(State(state): State<HttpState>, request: Request, next: Ne
     let response = next.run(request).await;
     if let Some(error::ErrorCode(code)) = response.extensions().get::<error::ErrorCode>() {
         state.metrics.error(code);
+        state.refusals.note(code, response.status());
     }
     response
 }

@@ -16,16 +16,18 @@ use axum::response::{IntoResponse, Redirect, Response};
 use chrono::{DateTime, Utc};
 
 use super::error::ApiError;
+use super::openapi::{ErrorBody, UserAuthErrors};
 use super::{AuthUser, HttpState, ServerParam};
 use crate::oauth::flow::{self, FlowStartError};
 use crate::oauth::{CallbackError, CallbackParams};
 use crate::store::{ServerName, Stored, UserId};
 
 /// Body of a successful `start`.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct StartResponse {
     pub server: ServerName,
     /// The provider's page, with PKCE S256 and the single-use state.
+    #[schema(format = "uri")]
     pub authorization_url: String,
     /// The state stops working at this instant (10 minutes).
     pub expires_at: DateTime<Utc>,
@@ -39,6 +41,18 @@ fn not_configured(server: &ServerName) -> ApiError {
 }
 
 /// `POST /v1/oauth/{server}/start`.
+#[utoipa::path(
+    post, path = "/v1/oauth/{server}/start", operation_id = "oauth_start", tag = "oauth",
+    security(("bearer" = [])),
+    params(("server" = ServerName, Path, description = "A configured server")),
+    responses(
+        (status = 200, description = "The provider's consent page for the user's browser (PKCE S256, single-use state valid 10 minutes)", body = StartResponse),
+        (status = 400, description = "`missing_user_id`, `invalid_user_id`, `duplicate_header` or `invalid_server_name`", body = ErrorBody),
+        UserAuthErrors,
+        (status = 404, description = "`unknown_server` or `oauth_not_configured`", body = ErrorBody),
+        (status = 503, description = "`too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
+    )
+)]
 pub async fn start(
     State(state): State<HttpState>,
     AuthUser(user): AuthUser,
@@ -66,6 +80,22 @@ pub async fn start(
 
 /// `GET /v1/oauth/{server}/callback`. Always a `303` once the server is known to have a
 /// connect flow; the outcome is in the redirect's query.
+#[utoipa::path(
+    get, path = "/v1/oauth/{server}/callback", operation_id = "oauth_callback", tag = "oauth",
+    security(()),
+    params(
+        ("server" = ServerName, Path, description = "A configured server"),
+        ("code" = Option<String>, Query, description = "The authorization code"),
+        ("state" = Option<String>, Query, description = "The single-use state of `start`"),
+        ("error" = Option<String>, Query, description = "Set by the provider instead of `code`, e.g. `access_denied`"),
+    ),
+    responses(
+        (status = 303, description = "To `success_redirect?connected={server}`, or to `error_redirect?error=<code>&server={server}` with code one of `invalid_state`, `state_expired`, `access_denied`, `provider_error`, `invalid_request`, `token_exchange_failed`, `provider_unavailable`, `internal`", headers(("Location" = String))),
+        (status = 400, description = "`invalid_server_name`", body = ErrorBody),
+        (status = 404, description = "`unknown_server` or `oauth_not_configured`", body = ErrorBody),
+        (status = 503, description = "`too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
+    )
+)]
 pub async fn callback(
     State(state): State<HttpState>,
     ServerParam(server): ServerParam,

@@ -9,7 +9,11 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 
 use super::error::ApiError;
+use super::openapi::{ErrorBody, SessionErrors, UserAuthErrors};
 use super::{AuthUser, HttpState, ServerParam, path_param};
+use crate::actors::PoolError;
+use crate::actors::fairness::{MAX_ARGUMENT_DEPTH, arguments_depth};
+use crate::store::ServerName;
 
 /// Longest accepted tool name (MCP sets none; this only bounds what we log and look up).
 const MAX_TOOL_NAME: usize = 256;
@@ -23,7 +27,11 @@ impl FromRequestParts<HttpState> for ToolParam {
 
     async fn from_request_parts(parts: &mut Parts, state: &HttpState) -> Result<Self, ApiError> {
         let tool = path_param(parts, state, "tool").await?;
-        if tool.is_empty() || tool.len() > MAX_TOOL_NAME || tool.chars().any(char::is_control) {
+        // Characters, not bytes: the same count as the documented `maxLength`.
+        if tool.is_empty()
+            || tool.chars().count() > MAX_TOOL_NAME
+            || tool.chars().any(char::is_control)
+        {
             return Err(ApiError::bad_request(
                 "invalid_tool_name",
                 format!("a tool name has 1 to {MAX_TOOL_NAME} printable characters"),
@@ -34,17 +42,23 @@ impl FromRequestParts<HttpState> for ToolParam {
 }
 
 /// A tool as listed to callers (snake_case; schemas as the server sent them).
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct ToolView {
     pub name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub title: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub description: Option<String>,
+    /// The tool's JSON Schema for its arguments.
+    #[schema(value_type = Object)]
     pub input_schema: serde_json::Value,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>, nullable = false)]
     pub output_schema: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>, nullable = false)]
     pub annotations: Option<serde_json::Value>,
 }
 
@@ -67,27 +81,48 @@ impl From<&rmcp::model::Tool> for ToolView {
     }
 }
 
+/// Body of `GET /v1/connections/{server}/tools`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ToolList {
+    pub server: ServerName,
+    pub tools: Vec<ToolView>,
+}
+
 /// `GET /v1/connections/{server}/tools`: starts the session if none is live.
+#[utoipa::path(
+    get, path = "/v1/connections/{server}/tools", operation_id = "list_tools", tag = "tools",
+    security(("bearer" = [])),
+    params(("server" = ServerName, Path, description = "A configured server")),
+    responses(
+        (status = 200, description = "The server's tools (from the session's cache)", body = ToolList),
+        (status = 400, description = "`missing_user_id`, `invalid_user_id`, `duplicate_header` or `invalid_server_name`", body = ErrorBody),
+        UserAuthErrors,
+        (status = 404, description = "`unknown_server` or `no_credentials`", body = ErrorBody),
+        SessionErrors,
+    )
+)]
 pub async fn list(
     State(state): State<HttpState>,
     AuthUser(user): AuthUser,
     ServerParam(server): ServerParam,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ToolList>, ApiError> {
     let tools = state.pool.list_tools(&user, &server).await?;
-    let tools: Vec<ToolView> = tools.iter().map(ToolView::from).collect();
-    Ok(Json(
-        serde_json::json!({ "server": server, "tools": tools }),
-    ))
+    Ok(Json(ToolList {
+        server,
+        tools: tools.iter().map(ToolView::from).collect(),
+    }))
 }
 
 /// Result of a tool call.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct CallResponse {
     /// MCP content blocks, as the server sent them (`{"type": "text", "text": ...}`, ...).
+    #[schema(value_type = Vec<Object>)]
     pub content: serde_json::Value,
     /// The tool itself reported a failure (the call reached it and returned).
     pub is_error: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>, nullable = false)]
     pub structured_content: Option<serde_json::Value>,
     /// Time spent in the pool, including a session start when none was live.
     pub duration_ms: u64,
@@ -95,6 +130,23 @@ pub struct CallResponse {
 
 /// `POST /v1/connections/{server}/tools/{tool}/call`: the body is the arguments object (an
 /// empty body means no arguments).
+#[utoipa::path(
+    post, path = "/v1/connections/{server}/tools/{tool}/call", operation_id = "call_tool", tag = "tools",
+    security(("bearer" = [])),
+    params(
+        ("server" = ServerName, Path, description = "A configured server"),
+        ("tool" = String, Path, description = "The tool's name: 1 to 256 characters, no control characters", min_length = 1, max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$"),
+    ),
+    request_body(content = Object, description = "The tool's arguments (nested at most 64 levels); an empty body means none", content_type = "application/json"),
+    responses(
+        (status = 200, description = "The MCP result (`is_error` when the tool itself failed)", body = CallResponse),
+        (status = 400, description = "`malformed_json`, `invalid_body`, `arguments_too_deep`, `invalid_tool_name`, `invalid_arguments` (the server refused them), `missing_user_id`, `invalid_user_id`, `duplicate_header` or `invalid_server_name`", body = ErrorBody),
+        UserAuthErrors,
+        (status = 404, description = "`unknown_server`, `no_credentials` or `unknown_tool`", body = ErrorBody),
+        (status = 413, description = "Body larger than http.max_body_bytes", body = ErrorBody),
+        SessionErrors,
+    )
+)]
 pub async fn call(
     State(state): State<HttpState>,
     AuthUser(user): AuthUser,
@@ -147,7 +199,17 @@ fn parse_arguments(
         return Ok(None);
     }
     match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(serde_json::Value::Object(map)) => Ok(Some(map)),
+        Ok(serde_json::Value::Object(map)) => {
+            // Checked here too (the pool checks every caller) so the refusal comes before any
+            // token refresh or session start.
+            if arguments_depth(Some(&map)) > MAX_ARGUMENT_DEPTH {
+                return Err(PoolError::ArgumentsTooDeep {
+                    max: MAX_ARGUMENT_DEPTH,
+                }
+                .into());
+            }
+            Ok(Some(map))
+        }
         Ok(_) => Err(ApiError::bad_request(
             "invalid_body",
             "the body must be a JSON object of tool arguments",
@@ -170,5 +232,18 @@ mod tests {
         assert_eq!(parse_arguments(br#"{"a":1}"#).unwrap().unwrap().len(), 1);
         assert_eq!(parse_arguments(b"[1]").unwrap_err().code(), "invalid_body");
         assert_eq!(parse_arguments(b"{").unwrap_err().code(), "malformed_json");
+        let nest = |levels: usize| {
+            format!(
+                "{{\"a\":{}1{}}}",
+                "[".repeat(levels - 1),
+                "]".repeat(levels - 1)
+            )
+        };
+        assert!(parse_arguments(nest(64).as_bytes()).is_ok());
+        let err = parse_arguments(nest(65).as_bytes()).unwrap_err();
+        assert_eq!(
+            (err.status().as_u16(), err.code()),
+            (400, "arguments_too_deep")
+        );
     }
 }

@@ -38,10 +38,11 @@ pub const MAX_TOOL_RESULT_CHARS: usize = 100_000;
 const MAX_TRACE_ERROR_CHARS: usize = 2_000;
 
 /// The body of `POST /v1/chat`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatRequest {
-    /// The user's new message.
+    /// The user's new message (not blank).
+    #[schema(pattern = "\\S")]
     pub message: String,
     /// Earlier turns, oldest first.
     #[serde(default)]
@@ -49,6 +50,7 @@ pub struct ChatRequest {
     /// Servers whose tools to offer; `None`: every server the user has connected (the caller
     /// resolves that list and passes it to [`run_chat`]).
     #[serde(default, deserialize_with = "server_names")]
+    #[schema(value_type = Option<Vec<ServerName>>)]
     pub servers: Option<Vec<ServerName>>,
     /// Whether the caller wants server-sent events.
     #[serde(default)]
@@ -56,7 +58,7 @@ pub struct ChatRequest {
 }
 
 /// One earlier turn of the conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HistoryMessage {
     pub role: HistoryRole,
@@ -64,7 +66,7 @@ pub struct HistoryMessage {
 }
 
 /// Who spoke an earlier turn. Tool messages are not part of the history a client sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum HistoryRole {
     User,
@@ -89,7 +91,7 @@ fn server_names<'de, D: serde::Deserializer<'de>>(
 }
 
 /// One tool call of the loop, as the caller sees it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ToolCallTrace {
     /// The model's tool call id.
     pub id: String,
@@ -102,17 +104,19 @@ pub struct ToolCallTrace {
     /// The MCP tool name (for an unknown function: the function name).
     pub tool: String,
     /// The arguments as parsed; the raw string when the model sent invalid JSON.
+    #[schema(value_type = Value)]
     pub arguments: Value,
     /// The call failed or the tool reported an error.
     pub is_error: bool,
     pub duration_ms: u64,
     /// Why, when `is_error`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub error: Option<String>,
 }
 
 /// A server whose tools were not offered.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct SkippedServer {
     pub server: ServerName,
     /// Machine-readable reason, e.g. `no_credentials`, `start_failed`.
@@ -121,7 +125,7 @@ pub struct SkippedServer {
 }
 
 /// The result of a chat.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ChatOutcome {
     /// The model's final text.
     pub reply: String,

@@ -39,6 +39,15 @@ pub async fn spawn_app(
     env: &[(&str, &str)],
 ) -> TestServer {
     let config = test_config(dir.path(), pool, extra);
+    spawn_app_with(dir, config, env).await
+}
+
+/// [`spawn_app`] on a ready `config` (whose key files must lie under `dir`).
+pub async fn spawn_app_with(
+    dir: tempfile::TempDir,
+    config: mcp_pool::config::Config,
+    env: &[(&str, &str)],
+) -> TestServer {
     let env: HashMap<String, String> = env
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -94,6 +103,15 @@ impl TestServer {
             d = dir.path().display()
         );
         spawn_app(dir, pool, &format!("{extra}\n{auth_section}"), env).await
+    }
+
+    /// A facade on `config` (whose key files must lie under `dir`); `env` as in `start`.
+    pub async fn start_with(
+        dir: tempfile::TempDir,
+        config: mcp_pool::config::Config,
+        env: &[(&str, &str)],
+    ) -> TestServer {
+        spawn_app_with(dir, config, env).await
     }
 
     /// API-key mode with no extras.

@@ -428,8 +428,9 @@ fn absolute(path: &Path) -> PathBuf {
 }
 
 /// Looks `command` up the way `execvp` would with `path_var`; a command with a slash is taken
-/// as it is.
-pub fn resolve_program(command: &str, path_var: Option<&str>) -> Option<PathBuf> {
+/// as it is. (Server commands are resolved with their config, `ServerConfig::resolve_program`;
+/// this one serves `#!/usr/bin/env NAME` lines, below the config layer.)
+fn resolve_program(command: &str, path_var: Option<&str>) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt as _;
     let is_executable = |path: &Path| {
         path.metadata()
