@@ -9,7 +9,7 @@ use common::{PATIENCE, wait_until};
 use http::{Resp, TestServer};
 use serde_json::json;
 
-const BROKEN: &str = "[servers.broken]\ncommand = \"/nonexistent/mcp-server\"\n\
+const BROKEN: &str = "[servers.broken]\ncommand = \"/bin/false\"\n\
      credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n";
 
 /// `Retry-After` in whole seconds.

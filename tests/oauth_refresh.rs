@@ -33,7 +33,9 @@ async fn setup_with(more: impl FnOnce(&MockOAuth) -> String) -> (TestServer, Moc
         oauth_server("grestart", &mock, "1h", true),
         more(&mock)
     );
-    let ts = TestServer::start("", &extra, "", &[]).await;
+    // Fifty concurrent calls of one user are the point of one test: above the default
+    // per-user in-flight limit.
+    let ts = TestServer::start("max_in_flight_per_user = 64", &extra, "", &[]).await;
     (ts, mock)
 }
 
