@@ -143,6 +143,14 @@ async fn a_hostile_server_reaches_nothing_of_other_users_or_the_service() {
         let report = probe(&mallory, "signal", json!({ "pid": pid, "signal": 15 })).await;
         denied(&report, &format!("signalling {what}"));
     }
+    // Inside its namespace, its own init is visible, yet outside its Landlock domain: signal
+    // scoping refuses even that (EPERM), where without it the init would pass SIGTERM on.
+    let report = probe(&mallory, "signal", json!({ "pid": 1, "signal": 15 })).await;
+    assert_eq!(
+        denied(&report, "signalling the namespace's init"),
+        1,
+        "EPERM"
+    );
     assert!(alive(alice_server), "alice's server survived");
     assert_eq!(whoami(&alice, "demo").await["instance"], alices["instance"]);
 
