@@ -356,6 +356,45 @@ async fn kill_9_fails_in_flight_calls_promptly_and_the_connection_restarts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_on_a_session_that_died_before_it_was_sent_is_retried_on_a_new_one() {
+    let h = Harness::start(
+        "restart_backoff_base = \"10ms\"\nrestart_backoff_cap = \"100ms\"",
+        "",
+    )
+    .await;
+    let (ivy, demo) = h.connect("ivy", "demo").await;
+    let stale = h.pool().get_connection(&ivy, &demo).await.unwrap();
+    let old_pid = stale.pid();
+    assert_eq!(echo(h.pool(), &ivy, &demo, "before").await, "before");
+
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(old_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        wait_until(LONG, || async { stale.is_closed() }).await,
+        "the killed session's transport closes"
+    );
+    // On the dead session itself the call is refused before anything is written: not a crash
+    // during the call, so the caller may send it elsewhere.
+    let unsent = stale
+        .call_tool("echo", args(json!({ "message": "x" })))
+        .await;
+    assert!(matches!(unsent, Err(PoolError::Reconnect)), "{unsent:?}");
+
+    // Through the pool, right away (whether or not the pool has seen the crash yet), the call
+    // is retried once on a fresh session and succeeds.
+    assert_eq!(echo(h.pool(), &ivy, &demo, "after").await, "after");
+    let fresh = h.pool().get_connection(&ivy, &demo).await.unwrap();
+    assert_ne!(fresh.pid(), old_pid, "a new session answered");
+    let stats = h.pool().stats().await.unwrap();
+    let ivys = stats.connections.iter().find(|c| c.user_id == ivy).unwrap();
+    assert_eq!(ivys.restarts, 1, "the crash counted once");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loop_trips_the_circuit_and_recovers_after_the_cool_down() {
     let h = Harness::start(
         "max_restarts = 2\nrestart_window = \"60s\"\nrestart_backoff_base = \"10ms\"\n\

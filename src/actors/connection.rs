@@ -250,6 +250,18 @@ impl Connection {
         self.client.pid()
     }
 
+    /// Whether the session's transport is closed: no request can be sent on it any more.
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Whether this session ends within `wait` (at once if it has ended).
+    pub(crate) async fn ends_within(&self, wait: Duration) -> bool {
+        tokio::time::timeout(wait, self.client.ended())
+            .await
+            .is_ok()
+    }
+
     /// The cached tool list: no server round trip.
     pub fn tools(&self) -> Arc<Vec<Tool>> {
         self.shared.touch();
@@ -288,6 +300,8 @@ impl Connection {
             .await
             .map_err(|err| match err {
                 McpError::Timeout(after) => PoolError::CallTimeout(after),
+                // Nothing reached the server: the pool retries it on a fresh session.
+                McpError::NotSent => PoolError::Reconnect,
                 McpError::Closed => match self.client.memory_limit_hit() {
                     Some(limit) => PoolError::MemoryLimit(limit),
                     None => PoolError::ServerCrashed,

@@ -58,6 +58,8 @@ pub enum PoolError {
     UnknownTool(String),
     #[error("MCP error: {0}")]
     Mcp(Arc<McpError>),
+    /// The session was closed before the call reached the server (it started closing, or
+    /// its transport was already gone); `PoolHandle::call_tool` retries it once.
     #[error("connection was closed before the call; fetch a fresh one")]
     Reconnect,
     #[error("the pool is shutting down")]
@@ -111,6 +113,7 @@ fn mcp_code(err: &McpError) -> &'static str {
         McpError::Server(_) => "server_error",
         McpError::Timeout(_) => "call_timeout",
         McpError::Closed => "server_crashed",
+        McpError::NotSent => "reconnect",
         McpError::Spawn { .. }
         | McpError::StartupTimeout(_)
         | McpError::Handshake(_)
@@ -167,10 +170,17 @@ pub struct PoolCounters {
 
 type ConnReply = RpcReplyPort<Result<Connection, PoolError>>;
 
+/// How long a call that was not sent waits for its session's end to be seen before it asks for
+/// another session. Bounded because a session that is only closing never "ends" for the caller.
+const NOT_SENT_SETTLE: Duration = Duration::from_secs(1);
+
 /// Messages of the [`PoolSupervisor`]; use [`PoolHandle`] rather than sending them.
 pub enum PoolMsg {
     GetConnection {
         key: ConnKey,
+        /// The pid of a session the caller found dead before its request was written: if the
+        /// key still shows it as ready, the caller waits for its restart instead.
+        stale: Option<u32>,
         reply: ConnReply,
     },
     /// A `ConnectionActor` finished starting.
@@ -369,8 +379,8 @@ impl Actor for PoolSupervisor {
         state: &mut PoolState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            PoolMsg::GetConnection { key, reply } => {
-                state.get_connection(&myself, key, reply).await
+            PoolMsg::GetConnection { key, stale, reply } => {
+                state.get_connection(&myself, key, stale, reply).await
             }
             PoolMsg::Ready { actor, connection } => state.on_ready(&myself, actor, connection),
             PoolMsg::Restart { key } => state.on_restart(&myself, key).await,
@@ -517,7 +527,13 @@ impl PoolState {
         Ok(())
     }
 
-    async fn get_connection(&mut self, myself: &ActorRef<PoolMsg>, key: ConnKey, reply: ConnReply) {
+    async fn get_connection(
+        &mut self,
+        myself: &ActorRef<PoolMsg>,
+        key: ConnKey,
+        stale: Option<u32>,
+        reply: ConnReply,
+    ) {
         if self.shutting_down {
             let _ = reply.send(Err(PoolError::ShuttingDown));
             return;
@@ -542,7 +558,16 @@ impl PoolState {
             }
             match (entry.shared.state(), &entry.actor) {
                 (ConnState::Ready, Some(_)) => {
-                    if let Some(client) = entry.shared.client() {
+                    let client = entry.shared.client();
+                    if stale.is_some() && client.as_ref().map(|c| c.pid()) == stale {
+                        // Its transport is gone, and the actor's `Ended` (whose crash handling
+                        // restarts the key) is on its way. Until then nobody else should get
+                        // this session either.
+                        entry.shared.set_state(ConnState::Restarting);
+                        entry.waiters.push(reply);
+                        return;
+                    }
+                    if let Some(client) = client {
                         let _ = reply.send(Ok(Connection::new(entry.shared.clone(), client)));
                         return;
                     }
@@ -1074,11 +1099,20 @@ impl PoolHandle {
         if let Some(connection) = self.index.ready(&key) {
             return Ok(connection);
         }
+        self.fetch_connection(key, None).await
+    }
+
+    /// Asks the supervisor for `key`'s connection; with `stale`, not the session of that pid.
+    async fn fetch_connection(
+        &self,
+        key: ConnKey,
+        stale: Option<u32>,
+    ) -> Result<Connection, PoolError> {
         // A connection reaped between lookup and use is fetched again, once.
         for _ in 0..2 {
             let key = key.clone();
             match self
-                .ask(|reply| PoolMsg::GetConnection { key, reply })
+                .ask(|reply| PoolMsg::GetConnection { key, stale, reply })
                 .await?
             {
                 Err(PoolError::Reconnect) => continue,
@@ -1109,14 +1143,44 @@ impl PoolHandle {
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
     ) -> Result<rmcp::model::CallToolResult, PoolError> {
         self.ensure_fresh(user, server).await?;
-        let mut connection = self.get_connection(user, server).await?;
-        let slot = match connection.reserve() {
-            Some(slot) => slot,
-            None => {
-                connection = self.get_connection(user, server).await?;
-                connection.reserve().ok_or(PoolError::Reconnect)?
-            }
+        let connection = self.get_connection(user, server).await?;
+        let Some(slot) = connection.reserve() else {
+            // It started closing, and the pool no longer hands it out.
+            return self.retry_call(user, server, None, tool, arguments).await;
         };
+        match connection
+            .call_reserved(slot, tool, arguments.clone())
+            .await
+        {
+            // A call that never reached the server is tried again, once, on another session;
+            // one that may have run reports `ServerCrashed` (a tool need not be idempotent).
+            Err(PoolError::Reconnect) => {
+                // A failed write (the server's stdin is gone) comes just before the session's
+                // end is seen: wait for it, so the pool does not hand the same session back.
+                let stale = connection
+                    .ends_within(NOT_SENT_SETTLE)
+                    .await
+                    .then(|| connection.pid());
+                self.retry_call(user, server, stale, tool, arguments).await
+            }
+            other => other,
+        }
+    }
+
+    /// The one retry of [`PoolHandle::call_tool`], on a session other than `stale`'s.
+    async fn retry_call(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        stale: Option<u32>,
+        tool: &str,
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<rmcp::model::CallToolResult, PoolError> {
+        tracing::debug!(user_id = %user, server = %server, ?stale, "retrying a call that was not sent");
+        let connection = self
+            .fetch_connection(ConnKey::new(user, server), stale)
+            .await?;
+        let slot = connection.reserve().ok_or(PoolError::Reconnect)?;
         connection.call_reserved(slot, tool, arguments).await
     }
 
