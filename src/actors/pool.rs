@@ -183,6 +183,12 @@ pub enum PoolMsg {
         stale: Option<u32>,
         reply: ConnReply,
     },
+    /// Start the sessions of `keys` that are not live, answering at once with what each key
+    /// is doing (nobody waits for the starts).
+    Warm {
+        keys: Vec<ConnKey>,
+        reply: RpcReplyPort<Vec<Result<Warmed, PoolError>>>,
+    },
     /// A `ConnectionActor` finished starting.
     Ready {
         actor: ActorId,
@@ -222,6 +228,18 @@ pub enum PoolMsg {
     CallsEnded {
         key: ConnKey,
     },
+}
+
+/// What a request for a key's session found or did, as warm-up reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Warmed {
+    /// Its session is ready already.
+    Ready,
+    /// A start (or a restart) was already under way.
+    Starting,
+    /// A start began now.
+    Started,
 }
 
 /// What [`PoolMsg::RestartAfterRefresh`] did.
@@ -380,7 +398,14 @@ impl Actor for PoolSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             PoolMsg::GetConnection { key, stale, reply } => {
-                state.get_connection(&myself, key, stale, reply).await
+                let _ = state.get_connection(&myself, key, stale, Some(reply)).await;
+            }
+            PoolMsg::Warm { keys, reply } => {
+                let mut outcomes = Vec::with_capacity(keys.len());
+                for key in keys {
+                    outcomes.push(state.get_connection(&myself, key, None, None).await);
+                }
+                let _ = reply.send(outcomes);
             }
             PoolMsg::Ready { actor, connection } => state.on_ready(&myself, actor, connection),
             PoolMsg::Restart { key } => state.on_restart(&myself, key).await,
@@ -527,29 +552,34 @@ impl PoolState {
         Ok(())
     }
 
+    /// Answers `reply` with `key`'s connection (now, or once its start ends), starting it if
+    /// nothing is live. Without `reply` (warm-up) only the start is made. Returns what it found
+    /// or did; an error is also sent to `reply`.
     async fn get_connection(
         &mut self,
         myself: &ActorRef<PoolMsg>,
         key: ConnKey,
         stale: Option<u32>,
-        reply: ConnReply,
-    ) {
+        reply: Option<ConnReply>,
+    ) -> Result<Warmed, PoolError> {
+        let refuse = |reply: Option<ConnReply>, err: PoolError| {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(err.clone()));
+            }
+            Err(err)
+        };
         if self.shutting_down {
-            let _ = reply.send(Err(PoolError::ShuttingDown));
-            return;
+            return refuse(reply, PoolError::ShuttingDown);
         }
         if self.server_config(&key.server).is_none() {
-            let _ = reply.send(Err(PoolError::UnknownServer(key.server)));
-            return;
+            return refuse(reply, PoolError::UnknownServer(key.server));
         }
         let now = Instant::now();
         if let Some(entry) = self.entries.get_mut(&key) {
             if let Some(until) = entry.failed_until {
                 if now < until {
-                    let _ = reply.send(Err(PoolError::CircuitOpen {
-                        retry_after: until - now,
-                    }));
-                    return;
+                    let retry_after = until - now;
+                    return refuse(reply, PoolError::CircuitOpen { retry_after });
                 }
                 // Cool-down over: this request is the one probe start.
                 tracing::info!(user_id = %key.user, server = %key.server, "Cool-down over; probing {key}");
@@ -564,24 +594,29 @@ impl PoolState {
                         // restarts the key) is on its way. Until then nobody else should get
                         // this session either.
                         entry.shared.set_state(ConnState::Restarting);
-                        entry.waiters.push(reply);
-                        return;
+                        entry.waiters.extend(reply);
+                        return Ok(Warmed::Starting);
                     }
-                    if let Some(client) = client {
-                        let _ = reply.send(Ok(Connection::new(entry.shared.clone(), client)));
-                        return;
+                    match (client, reply) {
+                        (Some(client), Some(reply)) => {
+                            let _ = reply.send(Ok(Connection::new(entry.shared.clone(), client)));
+                        }
+                        (Some(_), None) => {}
+                        (None, reply) => {
+                            entry.waiters.extend(reply);
+                            return Ok(Warmed::Starting);
+                        }
                     }
-                    entry.waiters.push(reply);
-                    return;
+                    return Ok(Warmed::Ready);
                 }
                 (ConnState::Starting | ConnState::Restarting, _) => {
-                    entry.waiters.push(reply);
+                    entry.waiters.extend(reply);
                     // A restart is already scheduled, or a start is running.
                     if entry.actor.is_some() || entry.ever_ready {
-                        return;
+                        return Ok(Warmed::Starting);
                     }
                 }
-                _ => entry.waiters.push(reply),
+                _ => entry.waiters.extend(reply),
             }
         } else {
             let shared = ConnShared::new(key.clone(), self.args.pool.call_timeout);
@@ -591,7 +626,7 @@ impl PoolState {
                 Entry {
                     shared,
                     actor: None,
-                    waiters: vec![reply],
+                    waiters: reply.into_iter().collect(),
                     failures: VecDeque::new(),
                     failed_until: None,
                     ever_ready: false,
@@ -601,10 +636,11 @@ impl PoolState {
         }
         // A closing actor of this key may still be shutting down; a new one takes its place.
         if let Err(err) = self.make_room(&key.user) {
-            self.fail_waiters(&key, err);
-            return;
+            self.fail_waiters(&key, err.clone());
+            return Err(err);
         }
         self.start(myself, &key).await;
+        Ok(Warmed::Started)
     }
 
     /// Spawns a `ConnectionActor` for `key`. Fast: the actor connects in a task of its own.
@@ -1120,6 +1156,20 @@ impl PoolHandle {
             }
         }
         Err(PoolError::Reconnect)
+    }
+
+    /// Starts, in the background, the sessions of `user` on `servers` that are not live, and
+    /// answers at once with what each key is doing (in the order given).
+    pub async fn warm(
+        &self,
+        user: &UserId,
+        servers: &[ServerName],
+    ) -> Result<Vec<Result<Warmed, PoolError>>, PoolError> {
+        let keys = servers
+            .iter()
+            .map(|server| ConnKey::new(user, server))
+            .collect();
+        self.ask(|reply| PoolMsg::Warm { keys, reply }).await
     }
 
     /// The cached tool list; a restart in progress is waited for transparently. OAuth tokens

@@ -2,7 +2,8 @@
 //! Responses never hold a token, a credentials path or another user's data.
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
@@ -10,7 +11,7 @@ use chrono::{DateTime, Utc};
 use super::error::ApiError;
 use super::metrics::state_name;
 use super::{AuthUser, HttpState, ServerParam};
-use crate::actors::ConnectionStats;
+use crate::actors::{ConnectionStats, Warmed};
 use crate::store::{ConnectionInfo, Secret, ServerName, Stored, Tokens, UserId};
 
 /// Body of `PUT /v1/connections/{server}`.
@@ -214,4 +215,105 @@ fn no_credentials(server: &ServerName) -> ApiError {
         "no_credentials",
         format!("no credentials stored for server `{server}`"),
     )
+}
+
+// === warm-up ===
+
+/// Body of `POST /v1/connections/warm`; an empty body warms every server the caller has
+/// active credentials for.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmRequest {
+    /// The servers to warm; each must be one the caller has active credentials for.
+    pub servers: Vec<String>,
+}
+
+/// One server that warm-up started or found live.
+#[derive(Debug, serde::Serialize)]
+pub struct WarmedView {
+    pub server: ServerName,
+    /// `ready` (already live), `starting` (a start was under way) or `started` (begun now).
+    pub state: Warmed,
+}
+
+/// One server that warm-up did not start, and why (the error code of a tool call).
+#[derive(Debug, serde::Serialize)]
+pub struct SkippedView {
+    pub server: String,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// `POST /v1/connections/warm`: starts the caller's sessions in the background (a chat
+/// backend calls it when the user opens the chat, so the first message finds them warm) and
+/// answers 202 at once; nobody waits for a start.
+pub async fn warm(
+    State(state): State<HttpState>,
+    AuthUser(user): AuthUser,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            super::error::payload_too_large()
+        } else {
+            ApiError::bad_request("invalid_body", rejection.body_text())
+        }
+    })?;
+    let named = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let request: WarmRequest = serde_json::from_slice(&body)
+            .map_err(|err| ApiError::bad_request("invalid_body", err.to_string()))?;
+        Some(request.servers)
+    };
+    let active: Vec<ServerName> = state
+        .store
+        .list(Some(&user), false)
+        .await?
+        .into_iter()
+        .map(|info| info.server_name)
+        .collect();
+    let mut wanted = Vec::new();
+    let mut skipped = Vec::new();
+    match named {
+        None => wanted = active,
+        Some(names) => {
+            for name in names {
+                match ServerName::parse(&name) {
+                    Ok(server) if wanted.contains(&server) => {}
+                    Ok(server) if active.contains(&server) => wanted.push(server),
+                    Ok(server) => {
+                        let err = no_credentials(&server);
+                        skipped.push(SkippedView {
+                            server: name,
+                            code: err.code(),
+                            message: format!("no credentials stored for server `{server}`"),
+                        });
+                    }
+                    Err(err) => {
+                        return Err(ApiError::bad_request("invalid_body", err.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    let outcomes = state.pool.warm(&user, &wanted).await?;
+    let mut warming = Vec::new();
+    for (server, outcome) in wanted.into_iter().zip(outcomes) {
+        match outcome {
+            Ok(warmed) => warming.push(WarmedView {
+                server,
+                state: warmed,
+            }),
+            Err(err) => skipped.push(SkippedView {
+                server: server.to_string(),
+                code: err.code(),
+                message: err.to_string(),
+            }),
+        }
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "warming": warming, "skipped": skipped })),
+    ))
 }

@@ -80,6 +80,31 @@ pub fn spec() -> Value {
                     }), user_errors())
                 }
             },
+            "/v1/connections/warm": {
+                "post": {
+                    "summary": "Start the caller's sessions in the background (all active servers, or the ones named) and answer at once",
+                    "parameters": [ user_header() ],
+                    "requestBody": { "required": false, "content": { "application/json": { "schema": {
+                        "type": "object", "additionalProperties": false, "required": ["servers"],
+                        "properties": { "servers": { "type": "array", "items": { "type": "string", "pattern": "^[a-z0-9_-]{1,100}$" } } }
+                    } } } },
+                    "responses": merge(json!({
+                        "202": json_response("Starts begun", json!({
+                            "type": "object",
+                            "properties": {
+                                "warming": { "type": "array", "items": { "type": "object", "properties": {
+                                    "server": { "type": "string" },
+                                    "state": { "type": "string", "enum": ["ready", "starting", "started"] }
+                                } } },
+                                "skipped": { "type": "array", "items": { "type": "object", "properties": {
+                                    "server": { "type": "string" }, "code": { "type": "string" }, "message": { "type": "string" }
+                                } } }
+                            }
+                        })),
+                        "413": error_response("Body too large")
+                    }), user_errors())
+                }
+            },
             "/v1/connections/{server}": {
                 "parameters": [ server_param(), user_header() ],
                 "put": {
