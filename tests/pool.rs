@@ -395,6 +395,57 @@ async fn a_call_on_a_session_that_died_before_it_was_sent_is_retried_on_a_new_on
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_beyond_the_limit_queue_and_their_timeout_runs_from_the_spawn() {
+    // The slow server takes 8 s to start: two in a row take 16 s, past the 12 s limit, which
+    // only the spawn-to-ready part of each may use.
+    let startup_timeout = Duration::from_secs(12);
+    let h = Harness::start_with("", "", |config| {
+        config.pool.max_concurrent_starts = 1;
+        config.pool.startup_timeout = startup_timeout;
+    })
+    .await;
+    let (jo, slow) = h.connect("jo", "slow").await;
+    let (kim, _) = h.connect("kim", "slow").await;
+
+    let requested = Instant::now();
+    let starts: Vec<_> = [jo.clone(), kim.clone()]
+        .into_iter()
+        .map(|user| {
+            let (pool, slow) = (h.pool().clone(), slow.clone());
+            tokio::spawn(async move {
+                let connection = pool.get_connection(&user, &slow).await;
+                (connection, requested.elapsed())
+            })
+        })
+        .collect();
+    let mut waited = Vec::new();
+    for start in starts {
+        let (connection, elapsed) = start.await.unwrap();
+        assert!(connection.is_ok(), "{:?}", connection.err());
+        waited.push(elapsed);
+    }
+    let longest = waited.into_iter().max().unwrap();
+    assert!(
+        longest > startup_timeout,
+        "the queued start waited {longest:?} in all and still succeeded"
+    );
+    // One after the other, not side by side: the two sessions became ready a start apart.
+    let stats = h.pool().stats().await.unwrap();
+    let ready_at: Vec<_> = stats
+        .connections
+        .iter()
+        .map(|c| c.started_at.expect("ready"))
+        .collect();
+    assert_eq!(ready_at.len(), 2);
+    let apart = (ready_at[0] - ready_at[1]).abs();
+    assert!(
+        apart >= chrono::Duration::seconds(7),
+        "the second start ran only after the first: {apart}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loop_trips_the_circuit_and_recovers_after_the_cool_down() {
     let h = Harness::start(
         "max_restarts = 2\nrestart_window = \"60s\"\nrestart_backoff_base = \"10ms\"\n\

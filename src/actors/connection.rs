@@ -354,6 +354,8 @@ pub struct ConnectionArgs {
     pub refresher: Option<TokenRefresher>,
     pub registry: Option<ProcessRegistry>,
     pub startup_timeout: Duration,
+    /// The pool's start slots (`pool.max_concurrent_starts`).
+    pub start_slots: Arc<tokio::sync::Semaphore>,
     pub close_grace: Duration,
     pub pool: ActorRef<PoolMsg>,
 }
@@ -396,6 +398,7 @@ struct SessionStart {
     refresher: Option<TokenRefresher>,
     registry: Option<ProcessRegistry>,
     startup_timeout: Duration,
+    start_slots: Arc<tokio::sync::Semaphore>,
 }
 
 async fn start_session(
@@ -413,6 +416,7 @@ async fn start_session(
         refresher,
         registry,
         startup_timeout,
+        start_slots,
     } = start;
     // Refreshes OAuth tokens about to expire (a token still valid is used even if that failed
     // for now), then writes the file the server reads.
@@ -469,6 +473,14 @@ async fn start_session(
         .env
         .insert(credentials_env, path.to_string_lossy().into_owned());
     shared.set_sandbox(confinement.status.clone());
+    // Held from the spawn until the session is ready (or failed), so at most
+    // `max_concurrent_starts` servers start at once. Taken after the preparation above and
+    // before `connect`, which starts the `startup_timeout` clock: time spent queueing for a
+    // slot is never charged to the server.
+    let _slot = start_slots
+        .acquire_owned()
+        .await
+        .map_err(|_| PoolError::Unavailable)?;
     McpSession::connect(
         &launch,
         Some(confinement),
@@ -504,6 +516,7 @@ impl Actor for ConnectionActor {
                 refresher: args.refresher,
                 registry: args.registry,
                 startup_timeout: args.startup_timeout,
+                start_slots: args.start_slots,
             },
             args.shared.clone(),
         );

@@ -306,6 +306,9 @@ pub struct PoolArgs {
     pub sandbox: Arc<Sandbox>,
     /// `[sandbox]`: the defaults each server's policy starts from.
     pub sandbox_defaults: SandboxConfig,
+    /// Slots for server processes starting at once (`pool.max_concurrent_starts`); shared by
+    /// every supervisor incarnation, so a replaced supervisor's starts still count.
+    pub start_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl PoolArgs {
@@ -325,6 +328,9 @@ impl PoolArgs {
             registry,
             sandbox,
             sandbox_defaults: config.sandbox.clone(),
+            start_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.pool.max_concurrent_starts,
+            )),
         }
     }
 }
@@ -688,6 +694,7 @@ impl PoolState {
             refresher: self.args.refresher.clone(),
             registry: self.args.registry.clone(),
             startup_timeout: self.args.pool.startup_timeout,
+            start_slots: self.args.start_slots.clone(),
             close_grace: self.args.pool.close_grace,
             pool: myself.clone(),
         };
