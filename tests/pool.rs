@@ -446,6 +446,59 @@ async fn starts_beyond_the_limit_queue_and_their_timeout_runs_from_the_spawn() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_pings_is_restarted() {
+    let h = Harness::start_with("", "", |config| {
+        config.pool.health_interval = Duration::from_secs(2);
+        config.pool.ping_timeout = Duration::from_secs(1);
+        config.pool.restart_backoff_base = Duration::from_millis(10);
+        config.pool.restart_backoff_cap = Duration::from_millis(100);
+    })
+    .await;
+    let (lee, demo) = h.connect("lee", "demo").await;
+    let old_pid = h.pool().get_connection(&lee, &demo).await.unwrap().pid();
+    let stats_of = || async {
+        let stats = h.pool().stats().await.unwrap();
+        stats.connections.into_iter().find(|c| c.user_id == lee)
+    };
+    // An idle healthy session is checked, and the check passes.
+    assert!(
+        wait_until(LONG, || async {
+            stats_of()
+                .await
+                .is_some_and(|c| c.last_health_check.is_some())
+        })
+        .await,
+        "an idle session was pinged"
+    );
+    let checked = stats_of().await.unwrap();
+    assert_eq!((checked.restarts, checked.pid), (0, Some(old_pid)));
+
+    // Alive but hung: the whole group (the sandbox shim leads it; the server is inside) stops.
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(old_pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    assert!(
+        wait_until(LONG, || async {
+            stats_of().await.is_some_and(|c| {
+                c.state == ConnState::Ready && c.pid.is_some_and(|pid| pid != old_pid)
+            })
+        })
+        .await,
+        "the hung session was replaced by a new one"
+    );
+    let restarted = stats_of().await.unwrap();
+    assert_eq!(restarted.restarts, 1, "restarted under the restart policy");
+    assert!(
+        wait_until(LONG, || async { gone(old_pid) }).await,
+        "the stopped server was killed and reaped, not left behind"
+    );
+    assert_eq!(echo(h.pool(), &lee, &demo, "awake").await, "awake");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loop_trips_the_circuit_and_recovers_after_the_cool_down() {
     let h = Harness::start(
         "max_restarts = 2\nrestart_window = \"60s\"\nrestart_backoff_base = \"10ms\"\n\

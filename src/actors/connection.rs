@@ -67,6 +67,8 @@ pub struct ConnShared {
     pid: AtomicU32,
     started_at_ms: AtomicI64,
     last_used_ms: AtomicI64,
+    /// When the last health check (MCP `ping`) was answered; 0 before the first.
+    last_health_check_ms: AtomicI64,
     in_flight: AtomicUsize,
     restarts: AtomicU32,
     client: RwLock<Option<McpClient>>,
@@ -85,6 +87,7 @@ impl ConnShared {
             pid: AtomicU32::new(0),
             started_at_ms: AtomicI64::new(0),
             last_used_ms: AtomicI64::new(now_ms()),
+            last_health_check_ms: AtomicI64::new(0),
             in_flight: AtomicUsize::new(0),
             restarts: AtomicU32::new(0),
             client: RwLock::new(None),
@@ -164,6 +167,11 @@ impl ConnShared {
         }
         let idle = now_ms() - self.last_used_ms.load(Ordering::Relaxed);
         Duration::from_millis(idle.max(0) as u64)
+    }
+
+    /// When a health check (MCP `ping`) was last answered, by this or an earlier incarnation.
+    pub fn last_health_check(&self) -> Option<DateTime<Utc>> {
+        ms_to_time(self.last_health_check_ms.load(Ordering::Relaxed))
     }
 
     pub fn started_at(&self) -> Option<DateTime<Utc>> {
@@ -332,6 +340,9 @@ pub enum ConnectionMsg {
     Connected(Result<McpSession, PoolError>),
     /// The session ended (the child exited or crashed).
     Ended(ExitReason),
+    /// A health check went unanswered for `pool.ping_timeout`: the server is alive but hung.
+    /// Its group is killed, and the session's end is then handled as a crash.
+    Unresponsive { pid: u32 },
     /// Close the session (stdin EOF, grace, SIGTERM, grace, SIGKILL of the group) and stop.
     Close {
         reason: CloseReason,
@@ -356,13 +367,23 @@ pub struct ConnectionArgs {
     pub startup_timeout: Duration,
     /// The pool's start slots (`pool.max_concurrent_starts`).
     pub start_slots: Arc<tokio::sync::Semaphore>,
+    /// How often an idle ready session is pinged, and how long a ping may take.
+    pub health: HealthPolicy,
     pub close_grace: Duration,
     pub pool: ActorRef<PoolMsg>,
+}
+
+/// `pool.health_interval` and `pool.ping_timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthPolicy {
+    pub interval: Duration,
+    pub ping_timeout: Duration,
 }
 
 pub struct ConnectionState {
     shared: Arc<ConnShared>,
     session: Option<McpSession>,
+    health: HealthPolicy,
     close_grace: Duration,
     pool: ActorRef<PoolMsg>,
     /// Set once a close was asked for while the start-up task was still running.
@@ -536,6 +557,7 @@ impl Actor for ConnectionActor {
         Ok(ConnectionState {
             shared: args.shared,
             session: None,
+            health: args.health,
             close_grace: args.close_grace,
             pool: args.pool,
             pending_close: None,
@@ -570,6 +592,26 @@ impl Actor for ConnectionActor {
                         reason,
                     }) as ActorProcessingErr)
                 }
+                ConnectionMsg::Unresponsive { pid } => {
+                    match &state.session {
+                        Some(session)
+                            if session.pid() == pid
+                                && state.shared.state() != ConnState::Closing =>
+                        {
+                            tracing::warn!(
+                                pid,
+                                timeout = ?state.health.ping_timeout,
+                                "MCP server for {key} did not answer a ping; killing it"
+                            );
+                            // SIGKILL works on a stopped process too; the session's end then
+                            // arrives as `Ended` and goes through the restart policy.
+                            session.kill_now();
+                        }
+                        // Closing anyway, or a session that has already gone.
+                        _ => {}
+                    }
+                    Ok(())
+                }
                 ConnectionMsg::Close { reason, reply } => {
                     if state.starting {
                         state.shared.set_state(ConnState::Closing);
@@ -584,6 +626,49 @@ impl Actor for ConnectionActor {
         .instrument(span)
         .await
     }
+}
+
+/// Pings the session every `health.interval` while it is ready and no call is in flight (a
+/// busy session is watched by its calls' timeouts), until the session ends. A ping answered
+/// records the time; one unanswered within `health.ping_timeout` tells the actor, which kills
+/// the hung server. Pings never count as use, so they keep no session from the idle reaper.
+fn spawn_health_checks(
+    actor: ActorRef<ConnectionMsg>,
+    shared: Arc<ConnShared>,
+    client: McpClient,
+    health: HealthPolicy,
+) {
+    tokio::spawn(async move {
+        let first = tokio::time::Instant::now() + health.interval;
+        let mut ticks = tokio::time::interval_at(first, health.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = client.ended() => return,
+                _ = ticks.tick() => {}
+            }
+            match shared.state() {
+                ConnState::Ready if shared.in_flight() == 0 => {}
+                ConnState::Ready | ConnState::Starting => continue,
+                // Closing, or already being restarted: nothing left to check.
+                ConnState::Restarting | ConnState::Failed | ConnState::Closing => return,
+            }
+            match client.ping(health.ping_timeout).await {
+                Ok(()) => shared
+                    .last_health_check_ms
+                    .store(now_ms(), Ordering::Relaxed),
+                Err(McpError::Timeout(_)) => {
+                    let _ = actor.send_message(ConnectionMsg::Unresponsive { pid: client.pid() });
+                    return;
+                }
+                // Closed: the watcher reports the end. Anything else (a server that answers
+                // ping with nonsense) is no sign of a hang; it is logged and left alone.
+                Err(McpError::Closed | McpError::NotSent) => return,
+                Err(err) => tracing::debug!(cause = %err, "health check answered oddly"),
+            }
+        }
+    });
 }
 
 // === impl ConnectionState ===
@@ -625,6 +710,12 @@ impl ConnectionState {
                     };
                     let _ = watcher.send_message(ConnectionMsg::Ended(reason));
                 });
+                spawn_health_checks(
+                    myself.clone(),
+                    self.shared.clone(),
+                    client.clone(),
+                    self.health,
+                );
                 let _ = self.pool.send_message(PoolMsg::Ready {
                     actor: myself.get_id(),
                     connection: Connection::new(self.shared.clone(), client),

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::connection::{
     CloseReason, ConnKey, ConnShared, ConnState, Connection, ConnectionActor, ConnectionArgs,
-    ConnectionMsg, StartFailure,
+    ConnectionMsg, HealthPolicy, StartFailure,
 };
 use super::credential::{CredentialError, CredentialHandle};
 use crate::config::{Config, PoolConfig, SandboxConfig, ServerConfig};
@@ -135,6 +135,9 @@ pub struct ConnectionStats {
     pub restarts: u32,
     pub started_at: Option<DateTime<Utc>>,
     pub last_used: Option<DateTime<Utc>>,
+    /// When the last health check (MCP `ping`, every `pool.health_interval` while idle) was
+    /// answered; `None` before the first.
+    pub last_health_check: Option<DateTime<Utc>>,
     pub in_flight: usize,
     /// `enforced`, `partial (missing: …)` or `off`; `None` before the first start.
     pub sandbox: Option<String>,
@@ -695,6 +698,10 @@ impl PoolState {
             registry: self.args.registry.clone(),
             startup_timeout: self.args.pool.startup_timeout,
             start_slots: self.args.start_slots.clone(),
+            health: HealthPolicy {
+                interval: self.args.pool.health_interval,
+                ping_timeout: self.args.pool.ping_timeout,
+            },
             close_grace: self.args.pool.close_grace,
             pool: myself.clone(),
         };
@@ -999,6 +1006,7 @@ impl PoolState {
                 restarts: entry.shared.restarts(),
                 started_at: entry.shared.started_at(),
                 last_used: entry.shared.last_used(),
+                last_health_check: entry.shared.last_health_check(),
                 in_flight: entry.shared.in_flight(),
                 sandbox: entry.shared.sandbox().map(|status| status.to_string()),
             })
