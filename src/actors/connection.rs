@@ -263,13 +263,6 @@ impl Connection {
         self.client.is_closed()
     }
 
-    /// Whether this session ends within `wait` (at once if it has ended).
-    pub(crate) async fn ends_within(&self, wait: Duration) -> bool {
-        tokio::time::timeout(wait, self.client.ended())
-            .await
-            .is_ok()
-    }
-
     /// The cached tool list: no server round trip.
     pub fn tools(&self) -> Arc<Vec<Tool>> {
         self.shared.touch();
@@ -340,8 +333,9 @@ pub enum ConnectionMsg {
     Connected(Result<McpSession, PoolError>),
     /// The session ended (the child exited or crashed).
     Ended(ExitReason),
-    /// A health check went unanswered for `pool.ping_timeout`: the server is alive but hung.
-    /// Its group is killed, and the session's end is then handled as a crash.
+    /// The session of `pid` cannot serve: a health check went unanswered for
+    /// `pool.ping_timeout` (alive but hung), or the pool found that a request could not be
+    /// written to it. Its group is killed, and the session's end is then handled as a crash.
     Unresponsive { pid: u32 },
     /// Close the session (stdin EOF, grace, SIGTERM, grace, SIGKILL of the group) and stop.
     Close {
@@ -598,11 +592,7 @@ impl Actor for ConnectionActor {
                             if session.pid() == pid
                                 && state.shared.state() != ConnState::Closing =>
                         {
-                            tracing::warn!(
-                                pid,
-                                timeout = ?state.health.ping_timeout,
-                                "MCP server for {key} did not answer a ping; killing it"
-                            );
+                            tracing::warn!(pid, "MCP server for {key} cannot serve; killing it");
                             // SIGKILL works on a stopped process too; the session's end then
                             // arrives as `Ended` and goes through the restart policy.
                             session.kill_now();
@@ -658,7 +648,11 @@ fn spawn_health_checks(
                 Ok(()) => shared
                     .last_health_check_ms
                     .store(now_ms(), Ordering::Relaxed),
-                Err(McpError::Timeout(_)) => {
+                Err(McpError::Timeout(after)) => {
+                    tracing::warn!(
+                        user_id = %shared.key.user, server = %shared.key.server, pid = client.pid(),
+                        "MCP server did not answer a ping within {after:?}; restarting it"
+                    );
                     let _ = actor.send_message(ConnectionMsg::Unresponsive { pid: client.pid() });
                     return;
                 }

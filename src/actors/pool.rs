@@ -173,10 +173,6 @@ pub struct PoolCounters {
 
 type ConnReply = RpcReplyPort<Result<Connection, PoolError>>;
 
-/// How long a call that was not sent waits for its session's end to be seen before it asks for
-/// another session. Bounded because a session that is only closing never "ends" for the caller.
-const NOT_SENT_SETTLE: Duration = Duration::from_secs(1);
-
 /// Messages of the [`PoolSupervisor`]; use [`PoolHandle`] rather than sending them.
 pub enum PoolMsg {
     GetConnection {
@@ -598,12 +594,17 @@ impl PoolState {
             match (entry.shared.state(), &entry.actor) {
                 (ConnState::Ready, Some(_)) => {
                     let client = entry.shared.client();
-                    if stale.is_some() && client.as_ref().map(|c| c.pid()) == stale {
-                        // Its transport is gone, and the actor's `Ended` (whose crash handling
-                        // restarts the key) is on its way. Until then nobody else should get
-                        // this session either.
+                    if let (Some(pid), Some(actor)) = (stale, &entry.actor)
+                        && client.as_ref().map(|c| c.pid()) == Some(pid)
+                    {
+                        // A request could not be written to it: nobody else should get this
+                        // session either. Killing it (a no-op for a group already dead) makes
+                        // sure its end arrives as `Ended`, whose crash handling restarts the key
+                        // and then answers this waiter, even for a server that closed its stdin
+                        // and lingers.
                         entry.shared.set_state(ConnState::Restarting);
                         entry.waiters.extend(reply);
+                        let _ = actor.send_message(ConnectionMsg::Unresponsive { pid });
                         return Ok(Warmed::Starting);
                     }
                     match (client, reply) {
@@ -1220,13 +1221,10 @@ impl PoolHandle {
             // A call that never reached the server is tried again, once, on another session;
             // one that may have run reports `ServerCrashed` (a tool need not be idempotent).
             Err(PoolError::Reconnect) => {
-                // A failed write (the server's stdin is gone) comes just before the session's
-                // end is seen: wait for it, so the pool does not hand the same session back.
-                let stale = connection
-                    .ends_within(NOT_SENT_SETTLE)
+                // The session is broken (its transport closed, or a write to the server
+                // failed): the retry must not be handed the same session back.
+                self.retry_call(user, server, Some(connection.pid()), tool, arguments)
                     .await
-                    .then(|| connection.pid());
-                self.retry_call(user, server, stale, tool, arguments).await
             }
             other => other,
         }
