@@ -786,6 +786,14 @@ impl Config {
             let key = |field: &str| format!("servers.{name}.{field}");
             ServerName::parse(name)
                 .map_err(|err| invalid(format!("servers.{name}"), err.to_string()))?;
+            // `/v1/connections/warm` is a route of its own: a server of that name would be
+            // unreachable under `/v1/connections/{server}`.
+            if name == "warm" {
+                return Err(invalid(
+                    format!("servers.{name}"),
+                    "`warm` is reserved (POST /v1/connections/warm)",
+                ));
+            }
             if server.command.trim().is_empty() {
                 return Err(invalid(key("command"), "must not be empty"));
             }
@@ -1147,6 +1155,13 @@ mod tests {
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
+        let warm = "[servers.warm]\ncommand = \"x\"\ncredentials_env = \"X\"\ncredentials_format = \"token_json\"\n";
+        let err = Config::parse(warm)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("servers.warm"), "{err}");
         let fine = Config::parse(
             "[pool]\nmax_concurrent_starts = 2\nhealth_interval = \"2s\"\nping_timeout = \"500ms\"\n",
         )
