@@ -290,9 +290,19 @@ pub struct PoolConfig {
     /// Upper bound of one tool call.
     #[serde(with = "humantime_serde")]
     pub call_timeout: Duration,
-    /// Upper bound of spawn + initialize + tools/list.
+    /// Upper bound of spawn + initialize + tools/list, counted from the spawn (a start that
+    /// waits for a `max_concurrent_starts` slot is not charged for the wait).
     #[serde(with = "humantime_serde")]
     pub startup_timeout: Duration,
+    /// Server processes starting at once, across all keys; further starts queue for a slot.
+    /// Bounds the CPU and memory burst of many simultaneous first requests.
+    pub max_concurrent_starts: usize,
+    /// How often an idle ready session is pinged (MCP `ping`).
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// How long a ping may go unanswered before the session counts as hung and is restarted.
+    #[serde(with = "humantime_serde")]
+    pub ping_timeout: Duration,
     /// Grace between closing stdin and SIGTERM, and between SIGTERM and SIGKILL.
     #[serde(with = "humantime_serde")]
     pub close_grace: Duration,
@@ -325,6 +335,9 @@ impl Default for PoolConfig {
             reap_interval: Duration::from_secs(30 * 60),
             call_timeout: Duration::from_secs(60),
             startup_timeout: Duration::from_secs(30),
+            max_concurrent_starts: 8,
+            health_interval: Duration::from_secs(60),
+            ping_timeout: Duration::from_secs(10),
             close_grace: Duration::from_secs(3),
             max_connections: 1000,
             max_connections_per_user: 10,
@@ -801,6 +814,8 @@ impl Config {
             ("pool.reap_interval", self.pool.reap_interval),
             ("pool.call_timeout", self.pool.call_timeout),
             ("pool.startup_timeout", self.pool.startup_timeout),
+            ("pool.health_interval", self.pool.health_interval),
+            ("pool.ping_timeout", self.pool.ping_timeout),
             ("pool.restart_backoff_base", self.pool.restart_backoff_base),
             ("pool.restart_window", self.pool.restart_window),
         ];
@@ -839,6 +854,16 @@ impl Config {
                 "must be at least 1h (younger inactive credentials are kept)",
             ));
         }
+        if pool.max_concurrent_starts == 0 {
+            return Err(invalid("pool.max_concurrent_starts", "must be at least 1"));
+        }
+        // One ping at a time per session: a check must be over before the next is due.
+        if pool.ping_timeout >= pool.health_interval {
+            return Err(invalid(
+                "pool.ping_timeout",
+                "must be shorter than pool.health_interval",
+            ));
+        }
         self.validate_http()?;
         self.validate_auth()?;
         self.validate_llm()?;
@@ -862,6 +887,14 @@ impl Config {
             let key = |field: &str| format!("servers.{name}.{field}");
             ServerName::parse(name)
                 .map_err(|err| invalid(format!("servers.{name}"), err.to_string()))?;
+            // `/v1/connections/warm` is a route of its own: a server of that name would be
+            // unreachable under `/v1/connections/{server}`.
+            if name == "warm" {
+                return Err(invalid(
+                    format!("servers.{name}"),
+                    "`warm` is reserved (POST /v1/connections/warm)",
+                ));
+            }
             if server.command.trim().is_empty() {
                 return Err(invalid(key("command"), "must not be empty"));
             }
@@ -1215,6 +1248,39 @@ mod tests {
     }
 
     #[test]
+    fn health_and_start_limits_name_their_keys() {
+        for (text, key) in [
+            (
+                "[pool]\nmax_concurrent_starts = 0\n",
+                "pool.max_concurrent_starts",
+            ),
+            ("[pool]\nhealth_interval = \"0s\"\n", "pool.health_interval"),
+            ("[pool]\nping_timeout = \"0s\"\n", "pool.ping_timeout"),
+            (
+                "[pool]\nhealth_interval = \"5s\"\nping_timeout = \"5s\"\n",
+                "pool.ping_timeout",
+            ),
+        ] {
+            let config = Config::parse(text).unwrap();
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        let warm = "[servers.warm]\ncommand = \"x\"\ncredentials_env = \"X\"\ncredentials_format = \"token_json\"\n";
+        let err = Config::parse(warm)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("servers.warm"), "{err}");
+        let fine = Config::parse(
+            "[pool]\nmax_concurrent_starts = 2\nhealth_interval = \"2s\"\nping_timeout = \"500ms\"\n",
+        )
+        .unwrap();
+        fine.validate().unwrap();
+        assert_eq!(fine.pool.ping_timeout, Duration::from_millis(500));
+    }
+
+    #[test]
     fn bad_server_name_names_the_key() {
         let text = "[servers.\"../x\"]\ncommand = \"x\"\ncredentials_env = \"X\"\ncredentials_format = \"token_json\"\n";
         let config = Config::parse(text).unwrap();
@@ -1250,6 +1316,8 @@ mod tests {
             (secs(3600), secs(1800), secs(60))
         );
         assert_eq!((p.startup_timeout, p.close_grace), (secs(30), secs(3)));
+        assert_eq!(p.max_concurrent_starts, 8);
+        assert_eq!((p.health_interval, p.ping_timeout), (secs(60), secs(10)));
         assert_eq!((p.max_connections, p.max_connections_per_user), (1000, 10));
         assert_eq!(
             (p.restart_backoff_base, p.restart_backoff_cap),

@@ -36,6 +36,7 @@ fn every_pool_error() -> Vec<PoolError> {
         server_error(rmcp::model::ErrorCode::INTERNAL_ERROR),
         McpError::Timeout(Duration::from_secs(1)),
         McpError::Closed,
+        McpError::NotSent,
         McpError::StartupTimeout(Duration::from_secs(1)),
         McpError::Spawn {
             command: "x".into(),
@@ -76,7 +77,7 @@ fn every_pool_error() -> Vec<PoolError> {
 #[test]
 fn http_and_chat_report_the_same_code_for_every_pool_error() {
     let errors = every_pool_error();
-    assert_eq!(errors.len(), 29, "every variant and cause is listed");
+    assert_eq!(errors.len(), 30, "every variant and cause is listed");
     for err in errors {
         let chat = err.code();
         let http = ApiError::from(err.clone()).code();

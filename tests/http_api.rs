@@ -270,6 +270,7 @@ async fn bad_input_gets_the_right_status_and_the_service_keeps_serving() {
 const ROUTES: &[(&str, &str)] = &[
     ("put", "/v1/connections/{server}"),
     ("get", "/v1/connections"),
+    ("post", "/v1/connections/warm"),
     ("get", "/v1/connections/{server}"),
     ("delete", "/v1/connections/{server}"),
     ("get", "/v1/connections/{server}/tools"),

@@ -268,7 +268,8 @@ async fn a_crash_fails_in_flight_calls_promptly_and_signals_the_end() {
     let later = session
         .call_tool("echo", args(json!({ "message": "x" })), CALL)
         .await;
-    assert!(matches!(later, Err(McpError::Closed)), "{later:?}");
+    // After the end nothing is written: the caller learns it may send the call elsewhere.
+    assert!(matches!(later, Err(McpError::NotSent)), "{later:?}");
 
     let session = Arc::try_unwrap(session).expect("all clones dropped");
     session.close(Duration::from_secs(1)).await;

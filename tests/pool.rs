@@ -356,6 +356,149 @@ async fn kill_9_fails_in_flight_calls_promptly_and_the_connection_restarts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_on_a_session_that_died_before_it_was_sent_is_retried_on_a_new_one() {
+    let h = Harness::start(
+        "restart_backoff_base = \"10ms\"\nrestart_backoff_cap = \"100ms\"",
+        "",
+    )
+    .await;
+    let (ivy, demo) = h.connect("ivy", "demo").await;
+    let stale = h.pool().get_connection(&ivy, &demo).await.unwrap();
+    let old_pid = stale.pid();
+    assert_eq!(echo(h.pool(), &ivy, &demo, "before").await, "before");
+
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(old_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        wait_until(LONG, || async { stale.is_closed() }).await,
+        "the killed session's transport closes"
+    );
+    // On the dead session itself the call is refused before anything is written: not a crash
+    // during the call, so the caller may send it elsewhere.
+    let unsent = stale
+        .call_tool("echo", args(json!({ "message": "x" })))
+        .await;
+    assert!(matches!(unsent, Err(PoolError::Reconnect)), "{unsent:?}");
+
+    // Through the pool, right away (whether or not the pool has seen the crash yet), the call
+    // is retried once on a fresh session and succeeds.
+    assert_eq!(echo(h.pool(), &ivy, &demo, "after").await, "after");
+    let fresh = h.pool().get_connection(&ivy, &demo).await.unwrap();
+    assert_ne!(fresh.pid(), old_pid, "a new session answered");
+    let stats = h.pool().stats().await.unwrap();
+    let ivys = stats.connections.iter().find(|c| c.user_id == ivy).unwrap();
+    assert_eq!(ivys.restarts, 1, "the crash counted once");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_beyond_the_limit_queue_and_their_timeout_runs_from_the_spawn() {
+    // The slow server takes 8 s to start: two in a row take 16 s, past the 12 s limit, which
+    // only the spawn-to-ready part of each may use.
+    let startup_timeout = Duration::from_secs(12);
+    let h = Harness::start_with("", "", |config| {
+        config.pool.max_concurrent_starts = 1;
+        config.pool.startup_timeout = startup_timeout;
+    })
+    .await;
+    let (jo, slow) = h.connect("jo", "slow").await;
+    let (kim, _) = h.connect("kim", "slow").await;
+
+    let requested = Instant::now();
+    let starts: Vec<_> = [jo.clone(), kim.clone()]
+        .into_iter()
+        .map(|user| {
+            let (pool, slow) = (h.pool().clone(), slow.clone());
+            tokio::spawn(async move {
+                let connection = pool.get_connection(&user, &slow).await;
+                (connection, requested.elapsed())
+            })
+        })
+        .collect();
+    let mut waited = Vec::new();
+    for start in starts {
+        let (connection, elapsed) = start.await.unwrap();
+        assert!(connection.is_ok(), "{:?}", connection.err());
+        waited.push(elapsed);
+    }
+    let longest = waited.into_iter().max().unwrap();
+    assert!(
+        longest > startup_timeout,
+        "the queued start waited {longest:?} in all and still succeeded"
+    );
+    // One after the other, not side by side: the two sessions became ready a start apart.
+    let stats = h.pool().stats().await.unwrap();
+    let ready_at: Vec<_> = stats
+        .connections
+        .iter()
+        .map(|c| c.started_at.expect("ready"))
+        .collect();
+    assert_eq!(ready_at.len(), 2);
+    let apart = (ready_at[0] - ready_at[1]).abs();
+    assert!(
+        apart >= chrono::Duration::seconds(7),
+        "the second start ran only after the first: {apart}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_pings_is_restarted() {
+    let h = Harness::start_with("", "", |config| {
+        config.pool.health_interval = Duration::from_secs(2);
+        config.pool.ping_timeout = Duration::from_secs(1);
+        config.pool.restart_backoff_base = Duration::from_millis(10);
+        config.pool.restart_backoff_cap = Duration::from_millis(100);
+    })
+    .await;
+    let (lee, demo) = h.connect("lee", "demo").await;
+    let old_pid = h.pool().get_connection(&lee, &demo).await.unwrap().pid();
+    let stats_of = || async {
+        let stats = h.pool().stats().await.unwrap();
+        stats.connections.into_iter().find(|c| c.user_id == lee)
+    };
+    // An idle healthy session is checked, and the check passes.
+    assert!(
+        wait_until(LONG, || async {
+            stats_of()
+                .await
+                .is_some_and(|c| c.last_health_check.is_some())
+        })
+        .await,
+        "an idle session was pinged"
+    );
+    let checked = stats_of().await.unwrap();
+    assert_eq!((checked.restarts, checked.pid), (0, Some(old_pid)));
+
+    // Alive but hung: the whole group (the sandbox shim leads it; the server is inside) stops.
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(old_pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    assert!(
+        wait_until(LONG, || async {
+            stats_of().await.is_some_and(|c| {
+                c.state == ConnState::Ready && c.pid.is_some_and(|pid| pid != old_pid)
+            })
+        })
+        .await,
+        "the hung session was replaced by a new one"
+    );
+    let restarted = stats_of().await.unwrap();
+    assert_eq!(restarted.restarts, 1, "restarted under the restart policy");
+    assert!(
+        wait_until(LONG, || async { gone(old_pid) }).await,
+        "the stopped server was killed and reaped, not left behind"
+    );
+    assert_eq!(echo(h.pool(), &lee, &demo, "awake").await, "awake");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loop_trips_the_circuit_and_recovers_after_the_cool_down() {
     let h = Harness::start(
         "max_restarts = 2\nrestart_window = \"60s\"\nrestart_backoff_base = \"10ms\"\n\

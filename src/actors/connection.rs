@@ -65,6 +65,8 @@ pub struct ConnShared {
     pid: AtomicU32,
     started_at_ms: AtomicI64,
     last_used_ms: AtomicI64,
+    /// When the last health check (MCP `ping`) was answered; 0 before the first.
+    last_health_check_ms: AtomicI64,
     in_flight: AtomicUsize,
     restarts: AtomicU32,
     client: RwLock<Option<McpClient>>,
@@ -83,6 +85,7 @@ impl ConnShared {
             pid: AtomicU32::new(0),
             started_at_ms: AtomicI64::new(0),
             last_used_ms: AtomicI64::new(now_ms()),
+            last_health_check_ms: AtomicI64::new(0),
             in_flight: AtomicUsize::new(0),
             restarts: AtomicU32::new(0),
             client: RwLock::new(None),
@@ -162,6 +165,11 @@ impl ConnShared {
         }
         let idle = now_ms() - self.last_used_ms.load(Ordering::Relaxed);
         Duration::from_millis(idle.max(0) as u64)
+    }
+
+    /// When a health check (MCP `ping`) was last answered, by this or an earlier incarnation.
+    pub fn last_health_check(&self) -> Option<DateTime<Utc>> {
+        ms_to_time(self.last_health_check_ms.load(Ordering::Relaxed))
     }
 
     pub fn started_at(&self) -> Option<DateTime<Utc>> {
@@ -248,6 +256,11 @@ impl Connection {
         self.client.pid()
     }
 
+    /// Whether the session's transport is closed: no request can be sent on it any more.
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
     /// The cached tool list: no server round trip.
     pub fn tools(&self) -> Arc<Vec<Tool>> {
         self.shared.touch();
@@ -286,6 +299,8 @@ impl Connection {
             .await
             .map_err(|err| match err {
                 McpError::Timeout(after) => PoolError::CallTimeout(after),
+                // Nothing reached the server: the pool retries it on a fresh session.
+                McpError::NotSent => PoolError::Reconnect,
                 McpError::Closed => match self.client.memory_limit_hit() {
                     Some(limit) => PoolError::MemoryLimit(limit),
                     None => PoolError::ServerCrashed,
@@ -316,6 +331,10 @@ pub enum ConnectionMsg {
     Connected(Result<McpSession, PoolError>),
     /// The session ended (the child exited or crashed).
     Ended(ExitReason),
+    /// The session of `pid` cannot serve: a health check went unanswered for
+    /// `pool.ping_timeout` (alive but hung), or the pool found that a request could not be
+    /// written to it. Its group is killed, and the session's end is then handled as a crash.
+    Unresponsive { pid: u32 },
     /// Close the session (stdin EOF, grace, SIGTERM, grace, SIGKILL of the group) and stop.
     Close {
         reason: CloseReason,
@@ -338,13 +357,25 @@ pub struct ConnectionArgs {
     pub refresher: Option<TokenRefresher>,
     pub registry: Option<ProcessRegistry>,
     pub startup_timeout: Duration,
+    /// The pool's start slots (`pool.max_concurrent_starts`).
+    pub start_slots: Arc<tokio::sync::Semaphore>,
+    /// How often an idle ready session is pinged, and how long a ping may take.
+    pub health: HealthPolicy,
     pub close_grace: Duration,
     pub pool: ActorRef<PoolMsg>,
+}
+
+/// `pool.health_interval` and `pool.ping_timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthPolicy {
+    pub interval: Duration,
+    pub ping_timeout: Duration,
 }
 
 pub struct ConnectionState {
     shared: Arc<ConnShared>,
     session: Option<McpSession>,
+    health: HealthPolicy,
     close_grace: Duration,
     pool: ActorRef<PoolMsg>,
     /// Set once a close was asked for while the start-up task was still running.
@@ -380,6 +411,7 @@ struct SessionStart {
     refresher: Option<TokenRefresher>,
     registry: Option<ProcessRegistry>,
     startup_timeout: Duration,
+    start_slots: Arc<tokio::sync::Semaphore>,
 }
 
 async fn start_session(
@@ -397,6 +429,7 @@ async fn start_session(
         refresher,
         registry,
         startup_timeout,
+        start_slots,
     } = start;
     // Refreshes OAuth tokens about to expire (a token still valid is used even if that failed
     // for now), then writes the file the server reads.
@@ -445,6 +478,14 @@ async fn start_session(
         .env
         .insert(credentials_env, path.to_string_lossy().into_owned());
     shared.set_sandbox(confinement.status.clone());
+    // Held from the spawn until the session is ready (or failed), so at most
+    // `max_concurrent_starts` servers start at once. Taken after the preparation above and
+    // before `connect`, which starts the `startup_timeout` clock: time spent queueing for a
+    // slot is never charged to the server.
+    let _slot = start_slots
+        .acquire_owned()
+        .await
+        .map_err(|_| PoolError::Unavailable)?;
     McpSession::connect(
         &launch,
         Some(confinement),
@@ -480,6 +521,7 @@ impl Actor for ConnectionActor {
                 refresher: args.refresher,
                 registry: args.registry,
                 startup_timeout: args.startup_timeout,
+                start_slots: args.start_slots,
             },
             args.shared.clone(),
         );
@@ -499,6 +541,7 @@ impl Actor for ConnectionActor {
         Ok(ConnectionState {
             shared: args.shared,
             session: None,
+            health: args.health,
             close_grace: args.close_grace,
             pool: args.pool,
             pending_close: None,
@@ -533,6 +576,22 @@ impl Actor for ConnectionActor {
                         reason,
                     }) as ActorProcessingErr)
                 }
+                ConnectionMsg::Unresponsive { pid } => {
+                    match &state.session {
+                        Some(session)
+                            if session.pid() == pid
+                                && state.shared.state() != ConnState::Closing =>
+                        {
+                            tracing::warn!(pid, "MCP server for {key} cannot serve; killing it");
+                            // SIGKILL works on a stopped process too; the session's end then
+                            // arrives as `Ended` and goes through the restart policy.
+                            session.kill_now();
+                        }
+                        // Closing anyway, or a session that has already gone.
+                        _ => {}
+                    }
+                    Ok(())
+                }
                 ConnectionMsg::Close { reason, reply } => {
                     if state.starting {
                         state.shared.set_state(ConnState::Closing);
@@ -547,6 +606,53 @@ impl Actor for ConnectionActor {
         .instrument(span)
         .await
     }
+}
+
+/// Pings the session every `health.interval` while it is ready and no call is in flight (a
+/// busy session is watched by its calls' timeouts), until the session ends. A ping answered
+/// records the time; one unanswered within `health.ping_timeout` tells the actor, which kills
+/// the hung server. Pings never count as use, so they keep no session from the idle reaper.
+fn spawn_health_checks(
+    actor: ActorRef<ConnectionMsg>,
+    shared: Arc<ConnShared>,
+    client: McpClient,
+    health: HealthPolicy,
+) {
+    tokio::spawn(async move {
+        let first = tokio::time::Instant::now() + health.interval;
+        let mut ticks = tokio::time::interval_at(first, health.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = client.ended() => return,
+                _ = ticks.tick() => {}
+            }
+            match shared.state() {
+                ConnState::Ready if shared.in_flight() == 0 => {}
+                ConnState::Ready | ConnState::Starting => continue,
+                // Closing, or already being restarted: nothing left to check.
+                ConnState::Restarting | ConnState::Failed | ConnState::Closing => return,
+            }
+            match client.ping(health.ping_timeout).await {
+                Ok(()) => shared
+                    .last_health_check_ms
+                    .store(now_ms(), Ordering::Relaxed),
+                Err(McpError::Timeout(after)) => {
+                    tracing::warn!(
+                        user_id = %shared.key.user, server = %shared.key.server, pid = client.pid(),
+                        "MCP server did not answer a ping within {after:?}; restarting it"
+                    );
+                    let _ = actor.send_message(ConnectionMsg::Unresponsive { pid: client.pid() });
+                    return;
+                }
+                // Closed: the watcher reports the end. Anything else (a server that answers
+                // ping with nonsense) is no sign of a hang; it is logged and left alone.
+                Err(McpError::Closed | McpError::NotSent) => return,
+                Err(err) => tracing::debug!(cause = %err, "health check answered oddly"),
+            }
+        }
+    });
 }
 
 // === impl ConnectionState ===
@@ -588,6 +694,12 @@ impl ConnectionState {
                     };
                     let _ = watcher.send_message(ConnectionMsg::Ended(reason));
                 });
+                spawn_health_checks(
+                    myself.clone(),
+                    self.shared.clone(),
+                    client.clone(),
+                    self.health,
+                );
                 let _ = self.pool.send_message(PoolMsg::Ready {
                     actor: myself.get_id(),
                     connection: Connection::new(self.shared.clone(), client),

@@ -14,5 +14,5 @@ pub mod refresh;
 pub use connection::ConnState;
 pub use credential::{CredentialArgs, CredentialError, CredentialHandle};
 pub use guardian::{GuardianMsg, PoolGuardian, PoolTree};
-pub use pool::{ConnectionStats, PoolArgs, PoolError, PoolHandle, PoolStats};
+pub use pool::{ConnectionStats, PoolArgs, PoolError, PoolHandle, PoolStats, Warmed};
 pub use refresh::{RefreshArgs, TokenRefreshHandle};

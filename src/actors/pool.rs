@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::connection::{
     CloseReason, ConnKey, ConnShared, ConnState, Connection, ConnectionActor, ConnectionArgs,
-    ConnectionMsg, StartFailure,
+    ConnectionMsg, HealthPolicy, StartFailure,
 };
 use super::credential::{CredentialError, CredentialHandle};
 use super::fairness::{MAX_ARGUMENT_DEPTH, UserCallLimiter, arguments_depth};
@@ -72,6 +72,8 @@ pub enum PoolError {
     UnknownTool(String),
     #[error("MCP error: {0}")]
     Mcp(Arc<McpError>),
+    /// The session was closed before the call reached the server (it started closing, or
+    /// its transport was already gone); `PoolHandle::call_tool` retries it once.
     #[error("connection was closed before the call; fetch a fresh one")]
     Reconnect,
     #[error("the pool is shutting down")]
@@ -128,6 +130,7 @@ fn mcp_code(err: &McpError) -> &'static str {
         McpError::Server(_) => "server_error",
         McpError::Timeout(_) => "call_timeout",
         McpError::Closed => "server_crashed",
+        McpError::NotSent => "reconnect",
         McpError::Spawn { .. }
         | McpError::StartupTimeout(_)
         | McpError::Handshake(_)
@@ -149,6 +152,9 @@ pub struct ConnectionStats {
     pub restarts: u32,
     pub started_at: Option<DateTime<Utc>>,
     pub last_used: Option<DateTime<Utc>>,
+    /// When the last health check (MCP `ping`, every `pool.health_interval` while idle) was
+    /// answered; `None` before the first.
+    pub last_health_check: Option<DateTime<Utc>>,
     pub in_flight: usize,
     /// `enforced`, `partial (missing: …)` or `off`; `None` before the first start.
     pub sandbox: Option<String>,
@@ -188,7 +194,16 @@ type ConnReply = RpcReplyPort<Result<Connection, PoolError>>;
 pub enum PoolMsg {
     GetConnection {
         key: ConnKey,
+        /// The pid of a session the caller found dead before its request was written: if the
+        /// key still shows it as ready, the caller waits for its restart instead.
+        stale: Option<u32>,
         reply: ConnReply,
+    },
+    /// Start the sessions of `keys` that are not live, answering at once with what each key
+    /// is doing (nobody waits for the starts).
+    Warm {
+        keys: Vec<ConnKey>,
+        reply: RpcReplyPort<Vec<Result<Warmed, PoolError>>>,
     },
     /// A `ConnectionActor` finished starting.
     Ready {
@@ -229,6 +244,18 @@ pub enum PoolMsg {
     CallsEnded {
         key: ConnKey,
     },
+}
+
+/// What a request for a key's session found or did, as warm-up reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Warmed {
+    /// Its session is ready already.
+    Ready,
+    /// A start (or a restart) was already under way.
+    Starting,
+    /// A start began now.
+    Started,
 }
 
 /// What [`PoolMsg::RestartAfterRefresh`] did.
@@ -297,6 +324,9 @@ pub struct PoolArgs {
     pub sandbox_defaults: SandboxConfig,
     /// Tool calls in flight per user, shared with every [`PoolHandle`].
     pub user_calls: UserCallLimiter,
+    /// Slots for server processes starting at once (`pool.max_concurrent_starts`); shared by
+    /// every supervisor incarnation, so a replaced supervisor's starts still count.
+    pub start_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl PoolArgs {
@@ -317,6 +347,9 @@ impl PoolArgs {
             sandbox,
             sandbox_defaults: config.sandbox.clone(),
             user_calls: UserCallLimiter::new(config.pool.max_in_flight_per_user),
+            start_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.pool.max_concurrent_starts,
+            )),
         }
     }
 }
@@ -389,8 +422,15 @@ impl Actor for PoolSupervisor {
         state: &mut PoolState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            PoolMsg::GetConnection { key, reply } => {
-                state.get_connection(&myself, key, reply).await
+            PoolMsg::GetConnection { key, stale, reply } => {
+                let _ = state.get_connection(&myself, key, stale, Some(reply)).await;
+            }
+            PoolMsg::Warm { keys, reply } => {
+                let mut outcomes = Vec::with_capacity(keys.len());
+                for key in keys {
+                    outcomes.push(state.get_connection(&myself, key, None, None).await);
+                }
+                let _ = reply.send(outcomes);
             }
             PoolMsg::Ready { actor, connection } => state.on_ready(&myself, actor, connection),
             PoolMsg::Restart { key } => state.on_restart(&myself, key).await,
@@ -537,23 +577,34 @@ impl PoolState {
         Ok(())
     }
 
-    async fn get_connection(&mut self, myself: &ActorRef<PoolMsg>, key: ConnKey, reply: ConnReply) {
+    /// Answers `reply` with `key`'s connection (now, or once its start ends), starting it if
+    /// nothing is live. Without `reply` (warm-up) only the start is made. Returns what it found
+    /// or did; an error is also sent to `reply`.
+    async fn get_connection(
+        &mut self,
+        myself: &ActorRef<PoolMsg>,
+        key: ConnKey,
+        stale: Option<u32>,
+        reply: Option<ConnReply>,
+    ) -> Result<Warmed, PoolError> {
+        let refuse = |reply: Option<ConnReply>, err: PoolError| {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(err.clone()));
+            }
+            Err(err)
+        };
         if self.shutting_down {
-            let _ = reply.send(Err(PoolError::ShuttingDown));
-            return;
+            return refuse(reply, PoolError::ShuttingDown);
         }
         if self.server_config(&key.server).is_none() {
-            let _ = reply.send(Err(PoolError::UnknownServer(key.server)));
-            return;
+            return refuse(reply, PoolError::UnknownServer(key.server));
         }
         let now = Instant::now();
         if let Some(entry) = self.entries.get_mut(&key) {
             if let Some(until) = entry.failed_until {
                 if now < until {
-                    let _ = reply.send(Err(PoolError::CircuitOpen {
-                        retry_after: until - now,
-                    }));
-                    return;
+                    let retry_after = until - now;
+                    return refuse(reply, PoolError::CircuitOpen { retry_after });
                 }
                 // Cool-down over: this request is the one probe start.
                 tracing::info!(user_id = %key.user, server = %key.server, "Cool-down over; probing {key}");
@@ -562,21 +613,40 @@ impl PoolState {
             }
             match (entry.shared.state(), &entry.actor) {
                 (ConnState::Ready, Some(_)) => {
-                    if let Some(client) = entry.shared.client() {
-                        let _ = reply.send(Ok(Connection::new(entry.shared.clone(), client)));
-                        return;
+                    let client = entry.shared.client();
+                    if let (Some(pid), Some(actor)) = (stale, &entry.actor)
+                        && client.as_ref().map(|c| c.pid()) == Some(pid)
+                    {
+                        // A request could not be written to it: nobody else should get this
+                        // session either. Killing it (a no-op for a group already dead) makes
+                        // sure its end arrives as `Ended`, whose crash handling restarts the key
+                        // and then answers this waiter, even for a server that closed its stdin
+                        // and lingers.
+                        entry.shared.set_state(ConnState::Restarting);
+                        entry.waiters.extend(reply);
+                        let _ = actor.send_message(ConnectionMsg::Unresponsive { pid });
+                        return Ok(Warmed::Starting);
                     }
-                    entry.waiters.push(reply);
-                    return;
+                    match (client, reply) {
+                        (Some(client), Some(reply)) => {
+                            let _ = reply.send(Ok(Connection::new(entry.shared.clone(), client)));
+                        }
+                        (Some(_), None) => {}
+                        (None, reply) => {
+                            entry.waiters.extend(reply);
+                            return Ok(Warmed::Starting);
+                        }
+                    }
+                    return Ok(Warmed::Ready);
                 }
                 (ConnState::Starting | ConnState::Restarting, _) => {
-                    entry.waiters.push(reply);
+                    entry.waiters.extend(reply);
                     // A restart is already scheduled, or a start is running.
                     if entry.actor.is_some() || entry.ever_ready {
-                        return;
+                        return Ok(Warmed::Starting);
                     }
                 }
-                _ => entry.waiters.push(reply),
+                _ => entry.waiters.extend(reply),
             }
         } else {
             let shared = ConnShared::new(key.clone(), self.args.pool.call_timeout);
@@ -586,7 +656,7 @@ impl PoolState {
                 Entry {
                     shared,
                     actor: None,
-                    waiters: vec![reply],
+                    waiters: reply.into_iter().collect(),
                     failures: VecDeque::new(),
                     failed_until: None,
                     ever_ready: false,
@@ -596,10 +666,11 @@ impl PoolState {
         }
         // A closing actor of this key may still be shutting down; a new one takes its place.
         if let Err(err) = self.make_room(&key.user) {
-            self.fail_waiters(&key, err);
-            return;
+            self.fail_waiters(&key, err.clone());
+            return Err(err);
         }
         self.start(myself, &key).await;
+        Ok(Warmed::Started)
     }
 
     /// Spawns a `ConnectionActor` for `key`. Fast: the actor connects in a task of its own.
@@ -659,6 +730,11 @@ impl PoolState {
             refresher: self.args.refresher.clone(),
             registry: self.args.registry.clone(),
             startup_timeout: self.args.pool.startup_timeout,
+            start_slots: self.args.start_slots.clone(),
+            health: HealthPolicy {
+                interval: self.args.pool.health_interval,
+                ping_timeout: self.args.pool.ping_timeout,
+            },
             close_grace: self.args.pool.close_grace,
             pool: myself.clone(),
         };
@@ -963,6 +1039,7 @@ impl PoolState {
                 restarts: entry.shared.restarts(),
                 started_at: entry.shared.started_at(),
                 last_used: entry.shared.last_used(),
+                last_health_check: entry.shared.last_health_check(),
                 in_flight: entry.shared.in_flight(),
                 sandbox: entry.shared.sandbox().map(|status| status.to_string()),
             })
@@ -1108,11 +1185,20 @@ impl PoolHandle {
         if let Some(connection) = self.index.ready(&key) {
             return Ok(connection);
         }
+        self.fetch_connection(key, None).await
+    }
+
+    /// Asks the supervisor for `key`'s connection; with `stale`, not the session of that pid.
+    async fn fetch_connection(
+        &self,
+        key: ConnKey,
+        stale: Option<u32>,
+    ) -> Result<Connection, PoolError> {
         // A connection reaped between lookup and use is fetched again, once.
         for _ in 0..2 {
             let key = key.clone();
             match self
-                .ask(|reply| PoolMsg::GetConnection { key, reply })
+                .ask(|reply| PoolMsg::GetConnection { key, stale, reply })
                 .await?
             {
                 Err(PoolError::Reconnect) => continue,
@@ -1120,6 +1206,20 @@ impl PoolHandle {
             }
         }
         Err(PoolError::Reconnect)
+    }
+
+    /// Starts, in the background, the sessions of `user` on `servers` that are not live, and
+    /// answers at once with what each key is doing (in the order given).
+    pub async fn warm(
+        &self,
+        user: &UserId,
+        servers: &[ServerName],
+    ) -> Result<Vec<Result<Warmed, PoolError>>, PoolError> {
+        let keys = servers
+            .iter()
+            .map(|server| ConnKey::new(user, server))
+            .collect();
+        self.ask(|reply| PoolMsg::Warm { keys, reply }).await
     }
 
     /// The cached tool list; a restart in progress is waited for transparently. OAuth tokens
@@ -1158,14 +1258,41 @@ impl PoolHandle {
                 retry_after: Duration::from_secs(1),
             })?;
         self.ensure_fresh(user, server).await?;
-        let mut connection = self.get_connection(user, server).await?;
-        let slot = match connection.reserve() {
-            Some(slot) => slot,
-            None => {
-                connection = self.get_connection(user, server).await?;
-                connection.reserve().ok_or(PoolError::Reconnect)?
-            }
+        let connection = self.get_connection(user, server).await?;
+        let Some(slot) = connection.reserve() else {
+            // It started closing, and the pool no longer hands it out.
+            return self.retry_call(user, server, None, tool, arguments).await;
         };
+        match connection
+            .call_reserved(slot, tool, arguments.clone())
+            .await
+        {
+            // A call that never reached the server is tried again, once, on another session;
+            // one that may have run reports `ServerCrashed` (a tool need not be idempotent).
+            Err(PoolError::Reconnect) => {
+                // The session is broken (its transport closed, or a write to the server
+                // failed): the retry must not be handed the same session back.
+                self.retry_call(user, server, Some(connection.pid()), tool, arguments)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    /// The one retry of [`PoolHandle::call_tool`], on a session other than `stale`'s.
+    async fn retry_call(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        stale: Option<u32>,
+        tool: &str,
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<rmcp::model::CallToolResult, PoolError> {
+        tracing::debug!(user_id = %user, server = %server, ?stale, "retrying a call that was not sent");
+        let connection = self
+            .fetch_connection(ConnKey::new(user, server), stale)
+            .await?;
+        let slot = connection.reserve().ok_or(PoolError::Reconnect)?;
         connection.call_reserved(slot, tool, arguments).await
     }
 

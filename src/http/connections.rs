@@ -2,7 +2,8 @@
 //! Responses never hold a token, a credentials path or another user's data.
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
@@ -10,7 +11,7 @@ use chrono::{DateTime, Utc};
 use super::error::ApiError;
 use super::openapi::{ErrorBody, UserAuthErrors};
 use super::{AuthUser, HttpState, ServerParam};
-use crate::actors::{ConnState, ConnectionStats};
+use crate::actors::{ConnState, ConnectionStats, Warmed};
 use crate::store::{ConnectionInfo, Secret, ServerName, Stored, Tokens, UserId};
 
 /// Longest accepted access or refresh token. Real ones are far shorter (Google's are under
@@ -331,4 +332,125 @@ fn no_credentials(server: &ServerName) -> ApiError {
         "no_credentials",
         format!("no credentials stored for server `{server}`"),
     )
+}
+
+// === warm-up ===
+
+/// Body of `POST /v1/connections/warm`; an empty body warms every server the caller has
+/// active credentials for.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WarmRequest {
+    /// The servers to warm; each must be one the caller has active credentials for.
+    #[schema(value_type = Vec<ServerName>)]
+    pub servers: Vec<String>,
+}
+
+/// What warm-up started, and what it could not.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct WarmResponse {
+    pub warming: Vec<WarmedView>,
+    pub skipped: Vec<SkippedView>,
+}
+
+/// One server that warm-up started or found live.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct WarmedView {
+    pub server: ServerName,
+    /// `ready` (already live), `starting` (a start was under way) or `started` (begun now).
+    pub state: Warmed,
+}
+
+/// One server that warm-up did not start, and why (the error code of a tool call).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct SkippedView {
+    pub server: String,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// `POST /v1/connections/warm`: starts the caller's sessions in the background (a chat
+/// backend calls it when the user opens the chat, so the first message finds them warm) and
+/// answers 202 at once; nobody waits for a start.
+#[utoipa::path(
+    post, path = "/v1/connections/warm", operation_id = "warm_connections", tag = "connections",
+    security(("bearer" = [])),
+    request_body(content = Option<WarmRequest>, description = "Empty: every server with active credentials"),
+    responses(
+        (status = 202, description = "Starts begun in the background", body = WarmResponse),
+        (status = 400, description = "`invalid_body`, `missing_user_id`, `invalid_user_id` or `duplicate_header`", body = ErrorBody),
+        UserAuthErrors,
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 503, description = "`shutting_down`, `pool_unavailable`, `credentials_unavailable` or `too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
+    )
+)]
+pub async fn warm(
+    State(state): State<HttpState>,
+    AuthUser(user): AuthUser,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<WarmResponse>), ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            super::error::payload_too_large()
+        } else {
+            ApiError::bad_request("invalid_body", rejection.body_text())
+        }
+    })?;
+    let named = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let request: WarmRequest = serde_json::from_slice(&body)
+            .map_err(|err| ApiError::bad_request("invalid_body", err.to_string()))?;
+        Some(request.servers)
+    };
+    let active: Vec<ServerName> = state
+        .store
+        .list(Some(&user), false)
+        .await?
+        .into_iter()
+        .map(|info| info.server_name)
+        .collect();
+    let mut wanted = Vec::new();
+    let mut skipped = Vec::new();
+    match named {
+        None => wanted = active,
+        Some(names) => {
+            for name in names {
+                match ServerName::parse(&name) {
+                    Ok(server) if wanted.contains(&server) => {}
+                    Ok(server) if active.contains(&server) => wanted.push(server),
+                    Ok(server) => {
+                        let err = no_credentials(&server);
+                        skipped.push(SkippedView {
+                            server: name,
+                            code: err.code(),
+                            message: format!("no credentials stored for server `{server}`"),
+                        });
+                    }
+                    Err(err) => {
+                        return Err(ApiError::bad_request("invalid_body", err.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    let outcomes = state.pool.warm(&user, &wanted).await?;
+    let mut warming = Vec::new();
+    for (server, outcome) in wanted.into_iter().zip(outcomes) {
+        match outcome {
+            Ok(warmed) => warming.push(WarmedView {
+                server,
+                state: warmed,
+            }),
+            Err(err) => skipped.push(SkippedView {
+                server: server.to_string(),
+                code: err.code(),
+                message: err.to_string(),
+            }),
+        }
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(WarmResponse { warming, skipped }),
+    ))
 }

@@ -297,6 +297,12 @@ fn mcp_error(err: &McpError) -> ApiError {
             "the MCP server exited during the call; the tool may or may not have run",
         )
         .with_retry_safe(false),
+        // The pool retries these itself; one that still gets here never reached the server.
+        McpError::NotSent => ApiError::unavailable(
+            "reconnect",
+            "the session was closed before the request was sent; retry",
+            Duration::from_secs(1),
+        ),
         McpError::Spawn { .. }
         | McpError::StartupTimeout(_)
         | McpError::Handshake(_)

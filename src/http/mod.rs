@@ -123,6 +123,8 @@ pub fn router(state: HttpState) -> Router {
     let (timeout, body_limit) = (http.request_timeout, http.max_body_bytes);
     let api = Router::new()
         .route("/v1/connections", get(connections::list))
+        // Static segments win over `{server}`: config validation reserves the server name `warm`.
+        .route("/v1/connections/warm", post(connections::warm))
         .route(
             "/v1/connections/{server}",
             put(connections::put)

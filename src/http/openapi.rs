@@ -175,6 +175,7 @@ pub enum SessionErrors {
         super::connections::put,
         super::connections::get,
         super::connections::delete,
+        super::connections::warm,
         super::tools::list,
         super::tools::call,
         super::oauth::start,

@@ -25,9 +25,14 @@ pub enum McpError {
     /// A request got no answer within its timeout; `notifications/cancelled` was sent.
     #[error("MCP request timed out after {0:?}")]
     Timeout(Duration),
-    /// The transport to the server is closed: it exited, crashed, or the session was closed.
+    /// The transport to the server closed while a request was out: it exited, crashed, or the
+    /// session was closed. The server may have acted on the request.
     #[error("MCP transport closed")]
     Closed,
+    /// The transport was closed before the request was written: the server never saw it, so
+    /// it is safe to send it again on another session.
+    #[error("MCP transport closed before the request was sent")]
+    NotSent,
     /// The server answered with a JSON-RPC error (unknown tool, invalid params, ...).
     #[error("MCP server returned an error: {0}")]
     Server(Box<rmcp::ErrorData>),

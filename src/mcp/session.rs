@@ -8,9 +8,13 @@ use std::{
 use rmcp::{
     ClientHandler, Peer, RoleClient, ServiceExt as _,
     model::{
-        CallToolRequestParams, CallToolResult, ClientConfig, Implementation, ProtocolVersion, Tool,
+        CallToolRequest, CallToolRequestParams, CallToolResult, CancelledNotification,
+        CancelledNotificationParam, ClientConfig, ClientNotification, ClientRequest,
+        Implementation, ProtocolVersion, RequestId, ServerResult, Tool,
     },
-    service::{NotificationContext, QuitReason, RunningServiceCancellationToken},
+    service::{
+        NotificationContext, PeerRequestOptions, QuitReason, RunningServiceCancellationToken,
+    },
 };
 use tokio::{
     io::{AsyncBufReadExt as _, BufReader},
@@ -129,6 +133,8 @@ pub struct McpClient {
     cache: Arc<ToolCache>,
     /// The session's cgroup, to tell an OOM kill at the memory limit from a crash.
     cgroup: Option<Arc<SessionCgroup>>,
+    /// `Some` once rmcp's service task has ended.
+    ended: watch::Receiver<Option<ExitReason>>,
 }
 
 impl McpClient {
@@ -149,6 +155,16 @@ impl McpClient {
         self.cache.get()
     }
 
+    /// Whether the transport is closed: requests can no longer be sent.
+    pub fn is_closed(&self) -> bool {
+        self.peer.is_transport_closed()
+    }
+
+    /// Resolves when the session has ended (at once if it has).
+    pub async fn ended(&self) -> ExitReason {
+        wait_ended(self.ended.clone()).await
+    }
+
     /// Counts tool-list refreshes caused by `notifications/tools/list_changed`; await
     /// `changed()` on it to learn about the next one.
     pub fn tools_changed(&self) -> watch::Receiver<u64> {
@@ -158,6 +174,10 @@ impl McpClient {
     /// Calls tool `name`; on timeout the request is cancelled on the server and
     /// [`McpError::Timeout`] returned. A tool that fails comes back as `Ok` with
     /// `is_error: Some(true)`, as MCP specifies.
+    ///
+    /// A transport that was closed before the request was written gives
+    /// [`McpError::NotSent`] (safe to retry elsewhere); one that closed after gives
+    /// [`McpError::Closed`] (the server may have run the tool).
     pub async fn call_tool(
         &self,
         name: &str,
@@ -165,19 +185,100 @@ impl McpClient {
         timeout: Duration,
     ) -> Result<CallToolResult, McpError> {
         if self.peer.is_transport_closed() {
-            return Err(McpError::Closed);
+            return Err(McpError::NotSent);
         }
         let mut params = CallToolRequestParams::new(name.to_owned());
         if let Some(args) = args {
             params = params.with_arguments(args);
         }
-        // `Peer::call_tool` arms a guard that sends `notifications/cancelled` when its future
-        // is dropped, so an outer timeout cancels the request on the server just as
-        // `PeerRequestOptions::with_timeout` would, and so does a caller that gives up.
-        match tokio::time::timeout(timeout, self.peer.call_tool(params)).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(McpError::Timeout(timeout)),
+        // Sending and awaiting are split (rather than `Peer::call_tool`) to know which side of
+        // the write a closed transport is on.
+        let request = ClientRequest::CallToolRequest(CallToolRequest::new(params));
+        let handle = match self
+            .peer
+            .send_request_with_option(request, PeerRequestOptions::no_options())
+            .await
+        {
+            Ok(handle) => handle,
+            // The service task had already stopped reading its queue: nothing was written.
+            Err(rmcp::ServiceError::TransportClosed) => return Err(McpError::NotSent),
+            Err(err) => return Err(err.into()),
+        };
+        // Sends `notifications/cancelled` when this future is dropped before the answer (an
+        // outer timeout, a caller that gives up), as `Peer::call_tool` would.
+        let mut guard = CancelOnDrop {
+            peer: self.peer.clone(),
+            id: Some(handle.id.clone()),
+        };
+        let answer = tokio::time::timeout(timeout, handle.await_response()).await;
+        let answer = match answer {
+            Ok(answer) => {
+                guard.id = None;
+                answer
+            }
+            Err(_) => return Err(McpError::Timeout(timeout)),
+        };
+        match answer {
+            Ok(ServerResult::CallToolResult(result)) => Ok(result),
+            // A server that answers a call with an empty result ran it and said nothing.
+            Ok(ServerResult::EmptyResult(_)) => Ok(CallToolResult::default()),
+            Ok(_) => Err(McpError::Protocol(Box::new(
+                rmcp::ServiceError::UnexpectedResponse,
+            ))),
+            // The write itself failed: the server's stdin was already closed (EPIPE), so the
+            // server can no longer read it, and a request without its closing newline is
+            // never parsed as one.
+            Err(rmcp::ServiceError::TransportSend(_)) => Err(McpError::NotSent),
+            Err(err) => Err(err.into()),
         }
+    }
+
+    /// Sends an MCP `ping` and waits up to `timeout` for the answer.
+    pub async fn ping(&self, timeout: Duration) -> Result<(), McpError> {
+        if self.peer.is_transport_closed() {
+            return Err(McpError::Closed);
+        }
+        let request = ClientRequest::PingRequest(Default::default());
+        match self
+            .peer
+            .send_request_with_option(request, PeerRequestOptions::with_timeout(timeout))
+            .await?
+            .await_response()
+            .await?
+        {
+            ServerResult::EmptyResult(_) => Ok(()),
+            _ => Err(McpError::Protocol(Box::new(
+                rmcp::ServiceError::UnexpectedResponse,
+            ))),
+        }
+    }
+}
+
+/// Tells the server about a call whose caller stopped waiting (best effort).
+struct CancelOnDrop {
+    peer: Peer<RoleClient>,
+    /// `None` once the answer arrived.
+    id: Option<RequestId>,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let peer = self.peer.clone();
+        runtime.spawn(async move {
+            let cancelled = CancelledNotification::new(CancelledNotificationParam::new(
+                Some(id),
+                Some("request abandoned by the caller".to_owned()),
+            ));
+            let _ = peer
+                .send_notification(ClientNotification::CancelledNotification(cancelled))
+                .await;
+        });
     }
 }
 
@@ -313,6 +414,7 @@ impl McpSession {
                 peer,
                 cache,
                 cgroup,
+                ended: ended.clone(),
             },
             cancel: Some(cancel),
             ended,
