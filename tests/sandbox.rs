@@ -426,6 +426,22 @@ async fn modes_enforce_refuses_best_effort_degrades_off_is_reported() {
     ts.stop().await;
 }
 
+/// The pid `generations` parents above `pid`.
+fn ancestor(pid: u32, generations: usize) -> Option<u32> {
+    let mut current = pid;
+    for _ in 0..generations {
+        let stat = std::fs::read_to_string(format!("/proc/{current}/stat")).ok()?;
+        current = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+    }
+    Some(current)
+}
+
 /// The CPU weight of `pid`'s cgroup, as cgroup v1 `cpu.shares` (1024 = weight 100) or v2
 /// `cpu.weight`.
 fn cpu_weight_of(pid: u32) -> Option<u64> {
@@ -471,8 +487,11 @@ async fn a_restart_after_a_crash_runs_at_the_backoff_cpu_weight_until_ready() {
     let mut restarting = None;
     assert!(
         wait_until(PATIENCE, || {
+            // Other tests run slow servers too: only this service's sessions count (server,
+            // its namespace's init, the shim, then this test process).
             restarting = pids_with_marker("--slow-start")
                 .into_iter()
+                .filter(|pid| ancestor(*pid, 3) == Some(std::process::id()))
                 .find(|pid| *pid != first_server)
                 .and_then(|pid| Some((pid, cpu_weight_of(pid)?)));
             std::future::ready(restarting.is_some())
