@@ -551,7 +551,7 @@ async fn sandbox_cost(dir: &std::path::Path) {
         println!("unavailable on this host: {:?}", sandbox.missing());
     }
     let program = std::path::PathBuf::from(env!("CARGO_BIN_EXE_mcp-pool"));
-    let args = vec!["demo-server".to_owned()];
+    let demo_args = vec!["demo-server".to_owned()];
     let creds = dir.join("bench-creds");
     std::fs::create_dir_all(&creds).unwrap();
     let policy = ServerPolicy::default();
@@ -559,7 +559,7 @@ async fn sandbox_cost(dir: &std::path::Path) {
         user: "bench",
         server: "demo",
         program: &program,
-        args: &args,
+        args: &demo_args,
         credentials_dir: &creds,
     };
     let mut prepare = Vec::new();
@@ -572,7 +572,7 @@ async fn sandbox_cost(dir: &std::path::Path) {
     }
     let launch = ServerLaunch {
         command: program.display().to_string(),
-        args: args.clone(),
+        args: demo_args.clone(),
         env: mcp_pool::mcp::base_environment(&[]),
         cwd: Some(dir.to_owned()),
     };
@@ -593,6 +593,34 @@ async fn sandbox_cost(dir: &std::path::Path) {
         plain.push(start.elapsed());
         session.close(Duration::from_secs(1)).await;
     }
+    // Warm echo on one confined and one unconfined session, interleaved.
+    let confinement = sandbox.prepare(&policy, paths, false).expect("prepare");
+    let boxed = McpSession::connect(&launch, Some(confinement), Duration::from_secs(30), None)
+        .await
+        .expect("confined start");
+    let open = McpSession::connect(&launch, None, Duration::from_secs(30), None)
+        .await
+        .expect("plain start");
+    let (mut warm_boxed, mut warm_open) = (Vec::new(), Vec::new());
+    for i in 0..WARM_CALLS * ROUNDS {
+        let message = format!("w{i}");
+        for (session, samples) in [(&boxed, &mut warm_boxed), (&open, &mut warm_open)] {
+            let start = Instant::now();
+            let result = session
+                .call_tool(
+                    "echo",
+                    args(json!({ "message": message })),
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("echo");
+            samples.push(start.elapsed());
+            assert_eq!(text_of(&result), message);
+        }
+    }
+    boxed.close(Duration::from_secs(1)).await;
+    open.close(Duration::from_secs(1)).await;
+    let (warm_boxed, warm_open) = (summarize(warm_boxed), summarize(warm_open));
     let (prepare, confined, plain) = (summarize(prepare), summarize(confined), summarize(plain));
     println!("| step | median | p99 |\n|---|---|---|");
     println!(
@@ -609,6 +637,16 @@ async fn sandbox_cost(dir: &std::path::Path) {
         "| demo cold start, confined (prepare excluded) | {} | {} |",
         us(confined.median),
         us(confined.p99)
+    );
+    println!(
+        "| demo warm echo, unconfined | {} | {} |",
+        us(warm_open.median),
+        us(warm_open.p99)
+    );
+    println!(
+        "| demo warm echo, confined | {} | {} |",
+        us(warm_boxed.median),
+        us(warm_boxed.p99)
     );
     println!(
         "\nconfinement adds {:+.0} µs to the median cold start, plus `prepare`",
