@@ -168,6 +168,7 @@ impl Cgroups {
                         cpu,
                         v2: false,
                         memory_max: limits.memory_max,
+                        oom_kills_at_removal: AtomicU64::new(0),
                     };
                     session.set_cpu_weight(cpu_weight);
                     Ok(session)
@@ -190,6 +191,7 @@ impl Cgroups {
                         cpu: cpu.then(|| dir.clone()),
                         v2: true,
                         memory_max: limits.memory_max,
+                        oom_kills_at_removal: AtomicU64::new(0),
                     };
                     session.set_cpu_weight(cpu_weight);
                     Ok(session)
@@ -311,6 +313,9 @@ pub(crate) struct SessionCgroup {
     v2: bool,
     /// The memory limit, for error messages.
     pub(crate) memory_max: Option<u64>,
+    /// The OOM-kill count read just before the directories went: a failed call may ask after
+    /// the session's end already removed them.
+    oom_kills_at_removal: AtomicU64,
 }
 
 impl SessionCgroup {
@@ -347,6 +352,12 @@ impl SessionCgroup {
 
     /// How many processes of the session the kernel OOM-killed at the memory limit.
     pub(crate) fn oom_kills(&self) -> u64 {
+        self.read_oom_kills()
+            .unwrap_or(0)
+            .max(self.oom_kills_at_removal.load(Ordering::SeqCst))
+    }
+
+    fn read_oom_kills(&self) -> Option<u64> {
         fs::read_to_string(&self.memory_events)
             .ok()
             .and_then(|text| {
@@ -355,11 +366,13 @@ impl SessionCgroup {
                         .and_then(|n| n.trim().parse().ok())
                 })
             })
-            .unwrap_or(0)
     }
 
     /// Kills anything left inside and removes the directories; idempotent.
     pub(crate) fn remove(&self) {
+        if let Some(kills) = self.read_oom_kills() {
+            self.oom_kills_at_removal.fetch_max(kills, Ordering::SeqCst);
+        }
         for dir in &self.dirs {
             if dir.exists() {
                 kill_all_in(dir);
