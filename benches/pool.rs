@@ -1,7 +1,7 @@
 //! In-process benchmarks of the pool. Prints markdown tables; `scripts/bench` runs it (after the
 //! HTTP measurements) and `docs/benchmarks.md` quotes it.
 //!
-//! 1. warm lookup (`get_connection` of a live key) at 10, 100 and 1,000 live keys;
+//! 1. warm lookup (`get_session` of a live key) at 10, 100 and 1,000 live keys;
 //! 2. pool overhead on a warm echo vs a direct rmcp client on the same kind of server;
 //! 3. cold first call vs warm call per server;
 //! 4. 64 concurrent calls on one connection vs the same calls one after another;
@@ -198,7 +198,7 @@ impl Bench {
         let mut opening = tokio::task::JoinSet::new();
         for user in users {
             let (pool, server, user) = (self.pool.clone(), server.clone(), user.clone());
-            opening.spawn(async move { pool.get_connection(&user, &server).await.map(|_| ()) });
+            opening.spawn(async move { pool.get_session(&user, &server).await.map(|_| ()) });
         }
         while let Some(result) = opening.join_next().await {
             result.expect("task").expect("open");
@@ -244,7 +244,7 @@ async fn main() {
     }
 
     // 1 + 5. Warm lookup at growing scale; the last step is the 1,000-connection scale test.
-    println!("\n## 1. Warm get_connection (in process)\n");
+    println!("\n## 1. Warm get_session (in process)\n");
     println!("| live keys | median | p99 |\n|---|---|---|");
     let rss_before = rss_kib();
     let all = users("u", SCALE);
@@ -258,7 +258,7 @@ async fn main() {
         for i in 0..WARM_CALLS * ROUNDS {
             let user = &all[(i * 7919) % live];
             let start = Instant::now();
-            bench.pool.get_connection(user, &demo).await.expect("warm");
+            bench.pool.get_session(user, &demo).await.expect("warm");
             samples.push(start.elapsed());
         }
         let summary = summarize(samples);
@@ -296,7 +296,7 @@ async fn main() {
             .expect("direct session");
         bench
             .pool
-            .get_connection(&bench_user, &name)
+            .get_session(&bench_user, &name)
             .await
             .expect("pool session");
         let (mut d, mut p) = (Vec::new(), Vec::new());
@@ -347,7 +347,7 @@ async fn main() {
             let start = Instant::now();
             let conn = bench
                 .pool
-                .get_connection(&user, &name)
+                .get_session(&user, &name)
                 .await
                 .expect("cold start");
             if !tool.is_empty() {
@@ -358,7 +358,7 @@ async fn main() {
             cold.push(start.elapsed());
             for _ in 0..200 {
                 let start = Instant::now();
-                let conn = bench.pool.get_connection(&user, &name).await.expect("warm");
+                let conn = bench.pool.get_session(&user, &name).await.expect("warm");
                 if tool.is_empty() {
                     std::hint::black_box(conn.tools());
                 } else {
@@ -368,7 +368,7 @@ async fn main() {
                 }
                 warm.push(start.elapsed());
             }
-            bench.pool.close_connection(&user, &name).await.ok();
+            bench.pool.close_session(&user, &name).await.ok();
         }
         let cold_max = cold.iter().max().copied().unwrap_or_default();
         let (cold, warm) = (summarize(cold), summarize(warm));
@@ -391,7 +391,7 @@ async fn main() {
     println!("\n## 4. 64 calls of `sleep 50ms` on one connection\n");
     let conn = bench
         .pool
-        .get_connection(&bench_user, &demo)
+        .get_session(&bench_user, &demo)
         .await
         .expect("conn");
     let start = Instant::now();
@@ -491,7 +491,7 @@ async fn main() {
         disturbers.spawn(async move {
             let mut crashes = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let Ok(conn) = pool.get_connection(&crashy, &server).await else {
+                let Ok(conn) = pool.get_session(&crashy, &server).await else {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     continue;
                 };
@@ -500,7 +500,7 @@ async fn main() {
                 crashes += 1;
                 // Crash the next incarnation, not the corpse: wait for the restart.
                 while pool
-                    .get_connection(&crashy, &server)
+                    .get_session(&crashy, &server)
                     .await
                     .is_ok_and(|c| c.pid() == pid)
                 {
@@ -515,7 +515,7 @@ async fn main() {
         bench.credentials(&user, &slow).await;
         let (pool, slow) = (bench.pool.clone(), slow.clone());
         disturbers.spawn(async move {
-            let _ = pool.get_connection(&user, &slow).await;
+            let _ = pool.get_session(&user, &slow).await;
             0
         });
     }

@@ -1,6 +1,6 @@
 //! Validated identifiers, shared by every module: [`UserId`] and [`ServerName`] end up as path
 //! components and SQL values, so they are checked against a strict pattern and rejected, never
-//! rewritten; [`ConnKey`] is the pair the pool and the token refresher are keyed by.
+//! rewritten; [`SessionKey`] is the pair the pool and the token refresher are keyed by.
 //!
 //! A leaf module: it depends on nothing else in the crate, so `config`, `store`, `oauth` and
 //! `actors` can all use it without depending on each other.
@@ -153,27 +153,27 @@ mod tests {
 /// One (user, server) pair: the pool keeps one live session per key, and the token refresher
 /// runs one refresh at a time per key.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnKey {
+pub struct SessionKey {
     pub user: UserId,
     pub server: ServerName,
 }
 
-impl ConnKey {
-    pub fn new(user: &UserId, server: &ServerName) -> ConnKey {
-        ConnKey {
+impl SessionKey {
+    pub fn new(user: &UserId, server: &ServerName) -> SessionKey {
+        SessionKey {
             user: user.clone(),
             server: server.clone(),
         }
     }
 }
 
-impl fmt::Display for ConnKey {
+impl fmt::Display for SessionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.user, self.server)
     }
 }
 
-impl fmt::Debug for ConnKey {
+impl fmt::Debug for SessionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
     }

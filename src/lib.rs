@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`app`]: wiring of store, actors and facade; `run_until_stopped`.
 //! - [`config`]: `config.toml`, humantime durations, validated once at start-up.
+//! - [`backoff`]: restart intensity windows and jittered backoff, shared by every retrier.
 //! - [`ids`]: validated user ids and server names, and the (user, server) key; a leaf module.
 //! - [`store`]: the `mcp_connections` repository (SQLite or PostgreSQL), token encryption,
 //!   private credential files.
@@ -15,6 +16,7 @@
 
 pub mod actors;
 pub mod app;
+pub mod backoff;
 pub mod config;
 pub mod http;
 pub mod ids;

@@ -365,9 +365,8 @@ async fn metrics_openapi_admin_and_readiness() {
         ("mcp_pool_http_errors", "counter"),
         ("mcp_pool_chat_requests", "counter"),
         ("mcp_pool_connections", "gauge"),
-        ("mcp_pool_pool_spawns", "gauge"),
-        ("mcp_pool_pool_restarts", "gauge"),
-        ("mcp_pool_pool_reaped", "gauge"),
+        ("mcp_pool_session_spawns", "counter"),
+        ("mcp_pool_session_cold_start_seconds", "histogram"),
     ] {
         assert!(
             types.iter().any(|(n, k)| n == family && k == kind),
@@ -416,7 +415,16 @@ async fn metrics_openapi_admin_and_readiness() {
         "{text}"
     );
     assert_eq!(
-        sample(&samples, "mcp_pool_pool_spawns", ""),
+        sample(&samples, "mcp_pool_session_spawns_total", "server=\"demo\""),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "mcp_pool_session_cold_start_seconds_count",
+            "server=\"demo\""
+        ),
         Some(1.0),
         "{text}"
     );

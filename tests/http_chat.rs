@@ -99,6 +99,16 @@ async fn chat_runs_the_tool_loop_with_the_callers_tools() {
             .any(|l| l.starts_with("mcp_pool_chat_requests") && !l.ends_with(" 0")),
         "{metrics}"
     );
+    // The chat's tool calls are counted by the pool, as REST calls are.
+    for line in [
+        "mcp_pool_tool_calls_total{server=\"demo\",outcome=\"ok\"} 1",
+        "mcp_pool_tool_calls_total{server=\"demo\",outcome=\"invalid_arguments\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing:\n{metrics}"
+        );
+    }
     server.stop().await;
 }
 

@@ -528,7 +528,7 @@ async fn one_steps_calls_run_concurrently_up_to_the_limit() {
         // A fresh session, so the server's peak counter starts at zero.
         h.app
             .pool
-            .close_connection(&h.user, &server_name("demo"))
+            .close_session(&h.user, &server_name("demo"))
             .await
             .unwrap();
         // Long enough that only a hang of seconds between dispatching the calls could keep

@@ -16,7 +16,7 @@ use common::{PATIENCE, wait_until};
 use http::{TestServer, content_text};
 use mcp_pool::actors::{RefreshArgs, TokenRefreshHandle};
 use mcp_pool::oauth::Freshness;
-use mcp_pool::store::{ConnectionRecord, ServerName, UserId};
+use mcp_pool::store::{CredentialRecord, ServerName, UserId};
 use oauth::{MockOAuth, SUCCESS, oauth_server, path_and_query};
 use serde_json::json;
 
@@ -75,7 +75,7 @@ async fn connect(ts: &TestServer, mock: &MockOAuth, user: &str, server: &str, ex
     );
 }
 
-async fn record(ts: &TestServer, user: &str, server: &str) -> Option<ConnectionRecord> {
+async fn record(ts: &TestServer, user: &str, server: &str) -> Option<CredentialRecord> {
     let (user, server) = ids(user, server);
     ts.state.store.get(&user, &server).await.unwrap()
 }
@@ -87,7 +87,7 @@ async fn whoami_pid(ts: &TestServer, user: &str, server: &str) -> u64 {
     who["instance"].as_u64().unwrap()
 }
 
-fn file_access_token(record: &ConnectionRecord) -> Option<String> {
+fn file_access_token(record: &CredentialRecord) -> Option<String> {
     let text = std::fs::read_to_string(&record.info.credentials_path).ok()?;
     let file: serde_json::Value = serde_json::from_str(&text).ok()?;
     file["access_token"].as_str().map(str::to_owned)

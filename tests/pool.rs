@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{alive, gone, test_config, wait_until};
-use mcp_pool::actors::{ConnState, PoolError, PoolHandle};
+use mcp_pool::actors::{PoolError, PoolHandle, SessionState};
 use mcp_pool::app::App;
 use mcp_pool::store::{Secret, ServerName, Tokens, UserId};
 use rmcp::model::CallToolResult;
@@ -63,7 +63,7 @@ impl Harness {
         (user, server)
     }
 
-    async fn state_of(&self, user: &UserId, server: &ServerName) -> Option<ConnState> {
+    async fn state_of(&self, user: &UserId, server: &ServerName) -> Option<SessionState> {
         let stats = self.pool().stats().await.unwrap();
         stats
             .connections
@@ -113,10 +113,10 @@ async fn a_key_reuses_its_session_and_users_get_their_own() {
     let (alice, demo) = h.connect("alice", "demo").await;
     let (bob, _) = h.connect("bob", "demo").await;
 
-    let first = h.pool().get_connection(&alice, &demo).await.unwrap();
-    let second = h.pool().get_connection(&alice, &demo).await.unwrap();
+    let first = h.pool().get_session(&alice, &demo).await.unwrap();
+    let second = h.pool().get_session(&alice, &demo).await.unwrap();
     assert_eq!(first.pid(), second.pid(), "same session reused");
-    let bobs = h.pool().get_connection(&bob, &demo).await.unwrap();
+    let bobs = h.pool().get_session(&bob, &demo).await.unwrap();
     assert_ne!(first.pid(), bobs.pid(), "each user has their own process");
 
     // The server was handed this user's credentials file, and can read it.
@@ -156,7 +156,7 @@ async fn a_hundred_concurrent_first_requests_start_one_process() {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..100 {
         let (pool, carol, demo) = (h.pool().clone(), carol.clone(), demo.clone());
-        tasks.spawn(async move { pool.get_connection(&carol, &demo).await.map(|c| c.pid()) });
+        tasks.spawn(async move { pool.get_session(&carol, &demo).await.map(|c| c.pid()) });
     }
     let mut pids = std::collections::BTreeSet::new();
     while let Some(result) = tasks.join_next().await {
@@ -191,11 +191,10 @@ async fn a_slow_start_for_one_user_does_not_delay_another() {
 
     let pool = h.pool().clone();
     let (d, s) = (dave.clone(), slow.clone());
-    let slow_start =
-        tokio::spawn(async move { pool.get_connection(&d, &s).await.map(|c| c.pid()) });
+    let slow_start = tokio::spawn(async move { pool.get_session(&d, &s).await.map(|c| c.pid()) });
     assert!(
         wait_until(LONG, || async {
-            h.state_of(&dave, &slow).await == Some(ConnState::Starting)
+            h.state_of(&dave, &slow).await == Some(SessionState::Starting)
         })
         .await
     );
@@ -206,7 +205,7 @@ async fn a_slow_start_for_one_user_does_not_delay_another() {
         );
     }
     // Erin's twenty warm calls completed while Dave's request still waits for its start.
-    assert_eq!(h.state_of(&dave, &slow).await, Some(ConnState::Starting));
+    assert_eq!(h.state_of(&dave, &slow).await, Some(SessionState::Starting));
     assert!(!slow_start.is_finished(), "Dave's start ended early");
     h.stop().await;
     // The waiting request is answered at shutdown rather than left hanging.
@@ -221,7 +220,7 @@ async fn a_slow_start_for_one_user_does_not_delay_another() {
 async fn tools_come_from_the_cache_and_list_changed_refreshes_it() {
     let h = Harness::start("", "").await;
     let (frank, demo) = h.connect("frank", "demo").await;
-    let conn = h.pool().get_connection(&frank, &demo).await.unwrap();
+    let conn = h.pool().get_session(&frank, &demo).await.unwrap();
     let pid = conn.pid() as i32;
 
     // A stopped server cannot answer anything: the tool list must come from the cache.
@@ -256,7 +255,7 @@ async fn tools_come_from_the_cache_and_list_changed_refreshes_it() {
     );
     assert_eq!(
         conn.pid(),
-        h.pool().get_connection(&frank, &demo).await.unwrap().pid()
+        h.pool().get_session(&frank, &demo).await.unwrap().pid()
     );
     h.stop().await;
 }
@@ -270,7 +269,7 @@ async fn kill_9_fails_in_flight_calls_promptly_and_the_connection_restarts() {
     .await;
     let (gina, demo) = h.connect("gina", "demo").await;
     let (hank, _) = h.connect("hank", "demo").await;
-    let conn = h.pool().get_connection(&gina, &demo).await.unwrap();
+    let conn = h.pool().get_session(&gina, &demo).await.unwrap();
     let old_pid = conn.pid();
     assert_eq!(echo(h.pool(), &hank, &demo, "warm").await, "warm");
 
@@ -333,7 +332,7 @@ async fn kill_9_fails_in_flight_calls_promptly_and_the_connection_restarts() {
     // Restarted by the supervisor: a new process answers.
     let restarted = wait_until(LONG, || async {
         h.pool()
-            .get_connection(&gina, &demo)
+            .get_session(&gina, &demo)
             .await
             .is_ok_and(|c| c.pid() != old_pid)
     })
@@ -363,7 +362,7 @@ async fn a_call_on_a_session_that_died_before_it_was_sent_is_retried_on_a_new_on
     )
     .await;
     let (ivy, demo) = h.connect("ivy", "demo").await;
-    let stale = h.pool().get_connection(&ivy, &demo).await.unwrap();
+    let stale = h.pool().get_session(&ivy, &demo).await.unwrap();
     let old_pid = stale.pid();
     assert_eq!(echo(h.pool(), &ivy, &demo, "before").await, "before");
 
@@ -386,7 +385,7 @@ async fn a_call_on_a_session_that_died_before_it_was_sent_is_retried_on_a_new_on
     // Through the pool, right away (whether or not the pool has seen the crash yet), the call
     // is retried once on a fresh session and succeeds.
     assert_eq!(echo(h.pool(), &ivy, &demo, "after").await, "after");
-    let fresh = h.pool().get_connection(&ivy, &demo).await.unwrap();
+    let fresh = h.pool().get_session(&ivy, &demo).await.unwrap();
     assert_ne!(fresh.pid(), old_pid, "a new session answered");
     let stats = h.pool().stats().await.unwrap();
     let ivys = stats.connections.iter().find(|c| c.user_id == ivy).unwrap();
@@ -413,7 +412,7 @@ async fn starts_beyond_the_limit_queue_and_their_timeout_runs_from_the_spawn() {
         .map(|user| {
             let (pool, slow) = (h.pool().clone(), slow.clone());
             tokio::spawn(async move {
-                let connection = pool.get_connection(&user, &slow).await;
+                let connection = pool.get_session(&user, &slow).await;
                 (connection, requested.elapsed())
             })
         })
@@ -455,7 +454,7 @@ async fn a_server_that_stops_answering_pings_is_restarted() {
     })
     .await;
     let (lee, demo) = h.connect("lee", "demo").await;
-    let old_pid = h.pool().get_connection(&lee, &demo).await.unwrap().pid();
+    let old_pid = h.pool().get_session(&lee, &demo).await.unwrap().pid();
     let stats_of = || async {
         let stats = h.pool().stats().await.unwrap();
         stats.connections.into_iter().find(|c| c.user_id == lee)
@@ -482,7 +481,7 @@ async fn a_server_that_stops_answering_pings_is_restarted() {
     assert!(
         wait_until(LONG, || async {
             stats_of().await.is_some_and(|c| {
-                c.state == ConnState::Ready && c.pid.is_some_and(|pid| pid != old_pid)
+                c.state == SessionState::Ready && c.pid.is_some_and(|pid| pid != old_pid)
             })
         })
         .await,
@@ -513,7 +512,7 @@ async fn a_crash_loop_trips_the_circuit_and_recovers_after_the_cool_down() {
     let mut crashes = 0;
     let (asked_at, circuit_open) = loop {
         let asked_at = Instant::now();
-        match h.pool().get_connection(&ivan, &demo).await {
+        match h.pool().get_session(&ivan, &demo).await {
             Ok(conn) => {
                 let crashed = conn.call_tool("crash", None).await;
                 assert!(crashed.is_err(), "{crashed:?}");
@@ -521,7 +520,7 @@ async fn a_crash_loop_trips_the_circuit_and_recovers_after_the_cool_down() {
                 assert!(crashes <= 3, "still restarting after {crashes} crashes");
                 // Wait for the supervisor to notice before asking again.
                 wait_until(LONG, || async {
-                    h.state_of(&ivan, &demo).await != Some(ConnState::Ready)
+                    h.state_of(&ivan, &demo).await != Some(SessionState::Ready)
                 })
                 .await;
             }
@@ -537,7 +536,7 @@ async fn a_crash_loop_trips_the_circuit_and_recovers_after_the_cool_down() {
         circuit_open > Duration::ZERO && circuit_open <= Duration::from_secs(3),
         "{circuit_open:?}"
     );
-    assert_eq!(h.state_of(&ivan, &demo).await, Some(ConnState::Failed));
+    assert_eq!(h.state_of(&ivan, &demo).await, Some(SessionState::Failed));
     // Another key is untouched by Ivan's crash loop.
     assert_eq!(
         echo(h.pool(), &judy, &demo, "still fine").await,
@@ -548,7 +547,7 @@ async fn a_crash_loop_trips_the_circuit_and_recovers_after_the_cool_down() {
     // the cool-down the pool announced (it was computed after `asked_at`).
     let refused = std::cell::Cell::new(0);
     let recovered = wait_until(LONG, || async {
-        match h.pool().get_connection(&ivan, &demo).await {
+        match h.pool().get_session(&ivan, &demo).await {
             Ok(_) => true,
             Err(PoolError::CircuitOpen { .. }) => {
                 refused.set(refused.get() + 1);
@@ -568,14 +567,14 @@ async fn a_crash_loop_trips_the_circuit_and_recovers_after_the_cool_down() {
         refused.get() > 0,
         "requests during the cool-down were refused"
     );
-    let probe = h.pool().get_connection(&ivan, &demo).await.unwrap();
+    let probe = h.pool().get_session(&ivan, &demo).await.unwrap();
     assert_eq!(echo(h.pool(), &ivan, &demo, "ok").await, "ok");
 
     // The probe cleared the history: with the three old failures still inside the 60 s
     // window, one more crash would trip the circuit again; instead it restarts.
     assert!(probe.call_tool("crash", None).await.is_err());
     let restarted = wait_until(LONG, || async {
-        match h.pool().get_connection(&ivan, &demo).await {
+        match h.pool().get_session(&ivan, &demo).await {
             Ok(conn) => conn.pid() != probe.pid(),
             Err(PoolError::CircuitOpen { .. }) => panic!("the old failures were still counted"),
             Err(_) => false,
@@ -592,8 +591,8 @@ async fn the_reaper_closes_idle_connections_but_never_a_busy_one() {
     let h = Harness::start("idle_timeout = \"500ms\"\nreap_interval = \"100ms\"", "").await;
     let (kate, demo) = h.connect("kate", "demo").await;
     let (leo, _) = h.connect("leo", "demo").await;
-    let idle_pid = h.pool().get_connection(&kate, &demo).await.unwrap().pid();
-    let busy = h.pool().get_connection(&leo, &demo).await.unwrap();
+    let idle_pid = h.pool().get_session(&kate, &demo).await.unwrap().pid();
+    let busy = h.pool().get_session(&leo, &demo).await.unwrap();
     let busy_pid = busy.pid();
     // A call far longer than the test: whatever the machine's speed, it is in flight below.
     let call = tokio::spawn(async move {
@@ -610,7 +609,7 @@ async fn the_reaper_closes_idle_connections_but_never_a_busy_one() {
         "and its process is gone"
     );
     // Leo's call has been running for longer than the idle timeout: still there.
-    assert_eq!(h.state_of(&leo, &demo).await, Some(ConnState::Ready));
+    assert_eq!(h.state_of(&leo, &demo).await, Some(SessionState::Ready));
     assert!(alive(busy_pid));
     assert!(!call.is_finished(), "the busy call is still running");
     // Once its caller gives up (the request is cancelled) it is idle, and goes too.
@@ -629,10 +628,10 @@ async fn capacity_evicts_the_least_recently_used_idle_connection() {
     let (ned, _) = h.connect("ned", "demo").await;
     let (olga, _) = h.connect("olga", "demo").await;
 
-    h.pool().get_connection(&mia, &demo).await.unwrap();
-    h.pool().get_connection(&mia, &demo2).await.unwrap();
+    h.pool().get_session(&mia, &demo).await.unwrap();
+    h.pool().get_session(&mia, &demo2).await.unwrap();
     echo(h.pool(), &mia, &demo, "touch").await; // demo2 is now the least recently used
-    h.pool().get_connection(&mia, &demo3).await.unwrap();
+    h.pool().get_session(&mia, &demo3).await.unwrap();
     assert_eq!(
         h.state_of(&mia, &demo2).await,
         None,
@@ -652,7 +651,7 @@ async fn capacity_evicts_the_least_recently_used_idle_connection() {
         })
         .collect();
     assert!(wait_until(LONG, || async { h.busy_connections().await == 2 }).await);
-    let full = h.pool().get_connection(&mia, &demo2).await;
+    let full = h.pool().get_session(&mia, &demo2).await;
     assert!(
         matches!(full, Err(PoolError::PoolFull { .. })),
         "{:?}",
@@ -660,8 +659,8 @@ async fn capacity_evicts_the_least_recently_used_idle_connection() {
     );
 
     // Global cap 3: Ned takes the last slot; Olga's request evicts the only idle one, Ned's.
-    h.pool().get_connection(&ned, &demo).await.unwrap();
-    h.pool().get_connection(&olga, &demo).await.unwrap();
+    h.pool().get_session(&ned, &demo).await.unwrap();
+    h.pool().get_session(&olga, &demo).await.unwrap();
     assert_eq!(
         h.state_of(&ned, &demo).await,
         None,
@@ -674,7 +673,7 @@ async fn capacity_evicts_the_least_recently_used_idle_connection() {
     });
     assert!(wait_until(LONG, || async { h.busy_connections().await == 3 }).await);
     // Everything busy: nothing to evict.
-    let full = h.pool().get_connection(&ned, &demo).await;
+    let full = h.pool().get_session(&ned, &demo).await;
     assert!(
         matches!(full, Err(PoolError::PoolFull { .. })),
         "{:?}",
@@ -688,7 +687,7 @@ async fn capacity_evicts_the_least_recently_used_idle_connection() {
     olgas.abort();
     assert!(wait_until(LONG, || async { h.busy_connections().await == 0 }).await);
     // Idle again: Ned gets in by evicting the least recently used.
-    h.pool().get_connection(&ned, &demo).await.unwrap();
+    h.pool().get_session(&ned, &demo).await.unwrap();
     assert_eq!(h.pool().stats().await.unwrap().total_connections, 3);
     h.stop().await;
 }
@@ -700,14 +699,14 @@ async fn close_and_shutdown_leave_no_process_behind() {
     let (_, demo2) = h.connect("pat", "demo2").await;
     let (quinn, _) = h.connect("quinn", "demo").await;
 
-    let conn = h.pool().get_connection(&pat, &demo).await.unwrap();
+    let conn = h.pool().get_session(&pat, &demo).await.unwrap();
     let leader = conn.pid();
     let inner: u32 = text(&conn.call_tool("spawn_grandchild", None).await.unwrap())
         .parse()
         .unwrap();
     let grandchild = common::host_pid(leader, inner).expect("grandchild's host pid");
     assert!(alive(grandchild));
-    assert!(h.pool().close_connection(&pat, &demo).await.unwrap());
+    assert!(h.pool().close_session(&pat, &demo).await.unwrap());
     assert!(
         wait_until(LONG, || async { gone(leader) }).await,
         "leader reaped"
@@ -720,7 +719,7 @@ async fn close_and_shutdown_leave_no_process_behind() {
     // Shutdown closes everything, grandchildren included.
     let mut pids = Vec::new();
     for (user, server) in [(&pat, &demo2), (&quinn, &demo)] {
-        let conn = h.pool().get_connection(user, server).await.unwrap();
+        let conn = h.pool().get_session(user, server).await.unwrap();
         pids.push(conn.pid());
         let inner = text(&conn.call_tool("spawn_grandchild", None).await.unwrap())
             .parse()
@@ -731,7 +730,7 @@ async fn close_and_shutdown_leave_no_process_behind() {
     let closed = h.pool().shutdown().await.unwrap();
     assert_eq!(closed, 2);
     assert!(matches!(
-        h.pool().get_connection(&quinn, &demo).await,
+        h.pool().get_session(&quinn, &demo).await,
         Err(PoolError::ShuttingDown)
     ));
     for pid in &pids {
@@ -752,7 +751,7 @@ async fn close_and_shutdown_leave_no_process_behind() {
 async fn a_failed_supervisor_leaks_no_process_and_the_pool_comes_back() {
     let h = Harness::start("", "").await;
     let (rita, demo) = h.connect("rita", "demo").await;
-    let conn = h.pool().get_connection(&rita, &demo).await.unwrap();
+    let conn = h.pool().get_session(&rita, &demo).await.unwrap();
     let leader = conn.pid();
     let inner = text(&conn.call_tool("spawn_grandchild", None).await.unwrap())
         .parse::<u32>()
@@ -763,7 +762,7 @@ async fn a_failed_supervisor_leaks_no_process_and_the_pool_comes_back() {
     assert!(wait_until(LONG, || async { !alive(leader) && !alive(grandchild) }).await);
     let back = wait_until(LONG, || async {
         h.pool()
-            .get_connection(&rita, &demo)
+            .get_session(&rita, &demo)
             .await
             .is_ok_and(|c| c.pid() != leader)
     })
@@ -778,7 +777,7 @@ async fn missing_credentials_and_unknown_servers_get_clear_errors() {
     let h = Harness::start("", "").await;
     let sam = UserId::parse("sam").unwrap();
     let demo = ServerName::parse("demo").unwrap();
-    let missing = h.pool().get_connection(&sam, &demo).await;
+    let missing = h.pool().get_session(&sam, &demo).await;
     assert!(
         matches!(missing, Err(PoolError::NoCredentials(_))),
         "{:?}",
@@ -786,7 +785,7 @@ async fn missing_credentials_and_unknown_servers_get_clear_errors() {
     );
     let unknown = h
         .pool()
-        .get_connection(&sam, &ServerName::parse("nope").unwrap())
+        .get_session(&sam, &ServerName::parse("nope").unwrap())
         .await;
     assert!(
         matches!(unknown, Err(PoolError::UnknownServer(_))),
@@ -794,7 +793,7 @@ async fn missing_credentials_and_unknown_servers_get_clear_errors() {
         unknown.map(|c| c.pid())
     );
     let (sam, demo) = h.connect("sam", "demo").await;
-    let conn = h.pool().get_connection(&sam, &demo).await.unwrap();
+    let conn = h.pool().get_session(&sam, &demo).await.unwrap();
     let no_tool = conn.call_tool("does_not_exist", None).await;
     assert!(
         matches!(no_tool, Err(PoolError::UnknownTool(_))),
@@ -807,7 +806,7 @@ async fn missing_credentials_and_unknown_servers_get_clear_errors() {
 async fn a_call_over_its_timeout_is_cancelled_and_the_session_stays_usable() {
     let h = Harness::start("call_timeout = \"300ms\"", "").await;
     let (tom, demo) = h.connect("tom", "demo").await;
-    let conn = h.pool().get_connection(&tom, &demo).await.unwrap();
+    let conn = h.pool().get_session(&tom, &demo).await.unwrap();
     let slow = conn.call_tool("sleep", args(json!({ "ms": 20_000 }))).await;
     assert!(matches!(slow, Err(PoolError::CallTimeout(_))), "{slow:?}");
     assert_eq!(echo(h.pool(), &tom, &demo, "alive").await, "alive");
@@ -819,7 +818,7 @@ async fn a_call_over_its_timeout_is_cancelled_and_the_session_stays_usable() {
     );
     assert_eq!(
         conn.pid(),
-        h.pool().get_connection(&tom, &demo).await.unwrap().pid()
+        h.pool().get_session(&tom, &demo).await.unwrap().pid()
     );
     h.stop().await;
 }
@@ -828,7 +827,7 @@ async fn a_call_over_its_timeout_is_cancelled_and_the_session_stays_usable() {
 async fn sixty_four_concurrent_calls_on_one_connection_run_concurrently() {
     let h = Harness::start("", "").await;
     let (uma, demo) = h.connect("uma", "demo").await;
-    let conn = h.pool().get_connection(&uma, &demo).await.unwrap();
+    let conn = h.pool().get_session(&uma, &demo).await.unwrap();
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..64 {
         let conn = conn.clone();
@@ -860,20 +859,20 @@ async fn a_server_that_never_starts_trips_the_circuit_too() {
     .await;
     let (yara, broken) = h.connect("yara", "broken").await;
     for attempt in 1..=3 {
-        let result = h.pool().get_connection(&yara, &broken).await;
+        let result = h.pool().get_session(&yara, &broken).await;
         assert!(
             matches!(result, Err(PoolError::StartFailed(_))),
             "attempt {attempt}: {:?}",
             result.map(|c| c.pid())
         );
     }
-    let refused = h.pool().get_connection(&yara, &broken).await;
+    let refused = h.pool().get_session(&yara, &broken).await;
     assert!(
         matches!(refused, Err(PoolError::CircuitOpen { .. })),
         "{:?}",
         refused.map(|c| c.pid())
     );
-    assert_eq!(h.state_of(&yara, &broken).await, Some(ConnState::Failed));
+    assert_eq!(h.state_of(&yara, &broken).await, Some(SessionState::Failed));
     h.stop().await;
 }
 
@@ -889,7 +888,7 @@ async fn a_missing_program_is_reported_and_never_trips_the_circuit() {
     .await;
     let (zoe, ghost) = h.connect("zoe", "ghost").await;
     for attempt in 1..=4 {
-        match h.pool().get_connection(&zoe, &ghost).await {
+        match h.pool().get_session(&zoe, &ghost).await {
             Err(PoolError::ServerProgramNotFound { server, problem }) => {
                 assert_eq!(server, ghost);
                 assert!(problem.contains("`/nonexistent/mcp-server`"), "{problem}");
@@ -897,7 +896,7 @@ async fn a_missing_program_is_reported_and_never_trips_the_circuit() {
             other => panic!("attempt {attempt}: {:?}", other.map(|c| c.pid())),
         }
     }
-    assert_ne!(h.state_of(&zoe, &ghost).await, Some(ConnState::Failed));
+    assert_ne!(h.state_of(&zoe, &ghost).await, Some(SessionState::Failed));
     h.stop().await;
 }
 
@@ -918,17 +917,17 @@ async fn a_program_removed_before_a_restart_is_reported_not_awaited() {
     )
     .await;
     let (una, vanishing) = h.connect("una", "vanishing").await;
-    let conn = h.pool().get_connection(&una, &vanishing).await.unwrap();
+    let conn = h.pool().get_session(&una, &vanishing).await.unwrap();
     std::fs::remove_file(&link).unwrap();
     assert!(conn.call_tool("crash", None).await.is_err());
     // Wait for the supervisor to notice the crash before asking again.
     assert!(
         wait_until(LONG, || async {
-            h.state_of(&una, &vanishing).await != Some(ConnState::Ready)
+            h.state_of(&una, &vanishing).await != Some(SessionState::Ready)
         })
         .await
     );
-    let answer = tokio::time::timeout(LONG, h.pool().get_connection(&una, &vanishing))
+    let answer = tokio::time::timeout(LONG, h.pool().get_session(&una, &vanishing))
         .await
         .expect("answered, not left waiting");
     match answer {
@@ -939,7 +938,7 @@ async fn a_program_removed_before_a_restart_is_reported_not_awaited() {
         other => panic!("{:?}", other.map(|c| c.pid())),
     }
     // And again, now that the key has no restart pending.
-    let again = tokio::time::timeout(LONG, h.pool().get_connection(&una, &vanishing))
+    let again = tokio::time::timeout(LONG, h.pool().get_session(&una, &vanishing))
         .await
         .expect("answered");
     assert!(

@@ -44,7 +44,7 @@ async fn a_server_that_will_not_close_is_sigkilled_when_the_shutdown_grace_runs_
         .create(&user, &server, tokens())
         .await
         .unwrap();
-    let leader = app.pool.get_connection(&user, &server).await.unwrap().pid();
+    let leader = app.pool.get_session(&user, &server).await.unwrap().pid();
     assert!(alive(leader));
 
     let started = Instant::now();

@@ -83,7 +83,7 @@ async fn server_everything_through_the_pool() {
     let dir = tempfile::tempdir().unwrap();
     let app = app_with_credentials(dir.path(), "vera", &["everything"]).await;
     let (vera, everything) = ids("vera", "everything");
-    let conn = app.pool.get_connection(&vera, &everything).await.unwrap();
+    let conn = app.pool.get_session(&vera, &everything).await.unwrap();
     assert_all_enforced(&app).await;
     let names: Vec<String> = conn.tools().iter().map(|t| t.name.to_string()).collect();
     for expected in ["echo", "get-sum", "get-env"] {
@@ -123,7 +123,7 @@ async fn server_everything_through_the_pool() {
         "the test itself runs with MCP_POOL_* variables set, so the check above means something"
     );
 
-    let again = app.pool.get_connection(&vera, &everything).await.unwrap();
+    let again = app.pool.get_session(&vera, &everything).await.unwrap();
     assert_eq!(again.pid(), conn.pid(), "the session is reused");
     app.stop().await;
 }
@@ -176,7 +176,7 @@ async fn google_analytics_mcp_through_the_pool() {
     let dir = tempfile::tempdir().unwrap();
     let app = app_with_credentials(dir.path(), "xena", &["analytics"]).await;
     let (xena, analytics) = ids("xena", "analytics");
-    let conn = app.pool.get_connection(&xena, &analytics).await.unwrap();
+    let conn = app.pool.get_session(&xena, &analytics).await.unwrap();
     assert_all_enforced(&app).await;
     let names: Vec<String> = conn.tools().iter().map(|t| t.name.to_string()).collect();
     for expected in [

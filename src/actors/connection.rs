@@ -3,7 +3,7 @@
 //!
 //! Start-up (credentials file, spawn, initialize, tools/list) runs in a task that reports back
 //! with a message, so the actor and its supervisor stay responsive while a slow server starts.
-//! Tool calls never pass through the mailbox: callers get a [`Connection`] holding a cloneable
+//! Tool calls never pass through the mailbox: callers get a [`Session`] holding a cloneable
 //! [`McpClient`], and bookkeeping (last use, calls in flight) is done with atomics.
 
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU32, AtomicUsize, Ordering};
@@ -16,8 +16,8 @@ use rmcp::model::{CallToolResult, Tool};
 use tracing::Instrument;
 
 use super::credential::CredentialHandle;
-use super::pool::{PoolError, PoolMsg};
-pub use crate::ids::ConnKey;
+use super::pool::{EventKind, PoolError, PoolEvents, PoolMsg};
+pub use crate::ids::SessionKey;
 use crate::mcp::sandbox::{Sandbox, SandboxError, SandboxStatus, ServerPolicy, SessionPaths};
 use crate::mcp::{ExitReason, McpClient, McpError, McpSession, ProcessRegistry, ServerLaunch};
 use crate::oauth::TokenRefresher;
@@ -25,7 +25,7 @@ use crate::oauth::TokenRefresher;
 /// Life-cycle state of a connection as reported in stats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ConnState {
+pub enum SessionState {
     Starting = 0,
     Ready = 1,
     Restarting = 2,
@@ -34,14 +34,14 @@ pub enum ConnState {
     Closing = 4,
 }
 
-impl ConnState {
-    fn from_u8(value: u8) -> ConnState {
+impl SessionState {
+    fn from_u8(value: u8) -> SessionState {
         match value {
-            0 => ConnState::Starting,
-            1 => ConnState::Ready,
-            2 => ConnState::Restarting,
-            3 => ConnState::Failed,
-            _ => ConnState::Closing,
+            0 => SessionState::Starting,
+            1 => SessionState::Ready,
+            2 => SessionState::Restarting,
+            3 => SessionState::Failed,
+            _ => SessionState::Closing,
         }
     }
 }
@@ -59,8 +59,8 @@ fn ms_to_time(ms: i64) -> Option<DateTime<Utc>> {
 
 /// What callers and the supervisor share about one key. It outlives each `ConnectionActor`
 /// incarnation, so restarts and last use survive a crash.
-pub struct ConnShared {
-    pub key: ConnKey,
+pub struct SessionShared {
+    pub key: SessionKey,
     state: AtomicU8,
     pid: AtomicU32,
     started_at_ms: AtomicI64,
@@ -73,15 +73,15 @@ pub struct ConnShared {
     call_timeout: Duration,
     /// How the current (or last) server process is confined.
     sandbox: RwLock<Option<SandboxStatus>>,
-    /// Notified when the last call in flight ends (see [`ConnShared::calls_ended`]).
+    /// Notified when the last call in flight ends (see [`SessionShared::calls_ended`]).
     calls_ended: tokio::sync::Notify,
 }
 
-impl ConnShared {
-    pub fn new(key: ConnKey, call_timeout: Duration) -> Arc<ConnShared> {
-        Arc::new(ConnShared {
+impl SessionShared {
+    pub fn new(key: SessionKey, call_timeout: Duration) -> Arc<SessionShared> {
+        Arc::new(SessionShared {
             key,
-            state: AtomicU8::new(ConnState::Starting as u8),
+            state: AtomicU8::new(SessionState::Starting as u8),
             pid: AtomicU32::new(0),
             started_at_ms: AtomicI64::new(0),
             last_used_ms: AtomicI64::new(now_ms()),
@@ -95,11 +95,11 @@ impl ConnShared {
         })
     }
 
-    pub fn state(&self) -> ConnState {
-        ConnState::from_u8(self.state.load(Ordering::SeqCst))
+    pub fn state(&self) -> SessionState {
+        SessionState::from_u8(self.state.load(Ordering::SeqCst))
     }
 
-    pub(crate) fn set_state(&self, state: ConnState) {
+    pub(crate) fn set_state(&self, state: SessionState) {
         self.state.store(state as u8, Ordering::SeqCst);
     }
 
@@ -109,8 +109,8 @@ impl ConnShared {
         if self
             .state
             .compare_exchange(
-                ConnState::Ready as u8,
-                ConnState::Closing as u8,
+                SessionState::Ready as u8,
+                SessionState::Closing as u8,
                 Ordering::SeqCst,
                 Ordering::SeqCst,
             )
@@ -119,7 +119,7 @@ impl ConnShared {
             return false;
         }
         if self.in_flight.load(Ordering::SeqCst) > 0 {
-            self.set_state(ConnState::Ready);
+            self.set_state(SessionState::Ready);
             return false;
         }
         true
@@ -215,14 +215,14 @@ impl ConnShared {
 }
 
 /// Counts a call as in flight for as long as it lives.
-pub(crate) struct InFlight(Arc<ConnShared>);
+pub(crate) struct InFlight(Arc<SessionShared>);
 
 impl InFlight {
     /// `None` if the connection started closing: the caller should fetch a fresh one.
-    fn enter(shared: &Arc<ConnShared>) -> Option<InFlight> {
+    fn enter(shared: &Arc<SessionShared>) -> Option<InFlight> {
         shared.in_flight.fetch_add(1, Ordering::SeqCst);
         shared.touch();
-        if shared.state() == ConnState::Closing {
+        if shared.state() == SessionState::Closing {
             shared.in_flight.fetch_sub(1, Ordering::SeqCst);
             return None;
         }
@@ -241,13 +241,13 @@ impl Drop for InFlight {
 
 /// A ready connection, handed out by the pool. Cheap to clone; calls run concurrently.
 #[derive(Clone)]
-pub struct Connection {
-    shared: Arc<ConnShared>,
+pub struct Session {
+    shared: Arc<SessionShared>,
     client: McpClient,
 }
 
-impl Connection {
-    pub fn key(&self) -> &ConnKey {
+impl Session {
+    pub fn key(&self) -> &SessionKey {
         &self.shared.key
     }
 
@@ -284,7 +284,7 @@ impl Connection {
         InFlight::enter(&self.shared)
     }
 
-    /// Makes a call in a slot from [`Connection::reserve`].
+    /// Makes a call in a slot from [`Session::reserve`].
     pub(crate) async fn call_reserved(
         &self,
         _slot: InFlight,
@@ -309,8 +309,8 @@ impl Connection {
             })
     }
 
-    pub(crate) fn new(shared: Arc<ConnShared>, client: McpClient) -> Connection {
-        Connection { shared, client }
+    pub(crate) fn new(shared: Arc<SessionShared>, client: McpClient) -> Session {
+        Session { shared, client }
     }
 }
 
@@ -322,7 +322,22 @@ pub enum CloseReason {
     Idle,
     Requested,
     Evicted,
+    /// Its OAuth tokens were refreshed and its server reads them only at start-up.
+    Refresh,
     Shutdown,
+}
+
+impl CloseReason {
+    /// As events and logs name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Idle => "idle",
+            CloseReason::Requested => "requested",
+            CloseReason::Evicted => "evicted",
+            CloseReason::Refresh => "refresh",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
 }
 
 /// Messages of the [`ConnectionActor`]. Only the pool sends them (and the actor to itself).
@@ -344,7 +359,7 @@ pub enum ConnectionMsg {
 
 /// What a `ConnectionActor` is started with.
 pub struct ConnectionArgs {
-    pub shared: Arc<ConnShared>,
+    pub shared: Arc<SessionShared>,
     pub launch: ServerLaunch,
     pub sandbox: Arc<Sandbox>,
     pub policy: ServerPolicy,
@@ -363,6 +378,8 @@ pub struct ConnectionArgs {
     pub health: HealthPolicy,
     pub close_grace: Duration,
     pub pool: ActorRef<PoolMsg>,
+    /// Where a changed tool list is announced.
+    pub events: PoolEvents,
 }
 
 /// `pool.health_interval` and `pool.ping_timeout`.
@@ -372,12 +389,13 @@ pub struct HealthPolicy {
     pub ping_timeout: Duration,
 }
 
-pub struct ConnectionState {
-    shared: Arc<ConnShared>,
+pub struct ConnectionActorState {
+    shared: Arc<SessionShared>,
     session: Option<McpSession>,
     health: HealthPolicy,
     close_grace: Duration,
     pool: ActorRef<PoolMsg>,
+    events: PoolEvents,
     /// Set once a close was asked for while the start-up task was still running.
     pending_close: Option<(CloseReason, Option<RpcReplyPort<()>>)>,
     /// Whether the start-up task is still running.
@@ -396,7 +414,7 @@ pub struct StartFailure(pub PoolError);
 #[derive(Debug, thiserror::Error)]
 #[error("MCP server for {key} exited unexpectedly ({reason:?})")]
 pub struct ChildExited {
-    key: ConnKey,
+    key: SessionKey,
     reason: ExitReason,
 }
 
@@ -415,9 +433,9 @@ struct SessionStart {
 }
 
 async fn start_session(
-    key: ConnKey,
+    key: SessionKey,
     start: SessionStart,
-    shared: Arc<ConnShared>,
+    shared: Arc<SessionShared>,
 ) -> Result<McpSession, PoolError> {
     let SessionStart {
         mut launch,
@@ -498,14 +516,14 @@ async fn start_session(
 
 impl Actor for ConnectionActor {
     type Msg = ConnectionMsg;
-    type State = ConnectionState;
+    type State = ConnectionActorState;
     type Arguments = ConnectionArgs;
 
     async fn pre_start(
         &self,
         myself: ActorRef<ConnectionMsg>,
         args: ConnectionArgs,
-    ) -> Result<ConnectionState, ActorProcessingErr> {
+    ) -> Result<ConnectionActorState, ActorProcessingErr> {
         // Nothing slow here: the supervisor awaits pre_start inside its own handler.
         let key = args.shared.key.clone();
         let span = tracing::info_span!("connection", user_id = %key.user, server = %key.server);
@@ -538,12 +556,13 @@ impl Actor for ConnectionActor {
             }
             .instrument(span),
         );
-        Ok(ConnectionState {
+        Ok(ConnectionActorState {
             shared: args.shared,
             session: None,
             health: args.health,
             close_grace: args.close_grace,
             pool: args.pool,
+            events: args.events,
             pending_close: None,
             starting: true,
         })
@@ -553,7 +572,7 @@ impl Actor for ConnectionActor {
         &self,
         myself: ActorRef<ConnectionMsg>,
         message: ConnectionMsg,
-        state: &mut ConnectionState,
+        state: &mut ConnectionActorState,
     ) -> Result<(), ActorProcessingErr> {
         let key = state.shared.key.clone();
         let span = tracing::info_span!("connection", user_id = %key.user, server = %key.server);
@@ -561,11 +580,11 @@ impl Actor for ConnectionActor {
             match message {
                 ConnectionMsg::Connected(result) => state.on_connected(&myself, result).await,
                 ConnectionMsg::Ended(reason) => {
-                    if state.shared.state() == ConnState::Closing {
+                    if state.shared.state() == SessionState::Closing {
                         return Ok(());
                     }
                     state.shared.set_client(None);
-                    state.shared.set_state(ConnState::Restarting);
+                    state.shared.set_state(SessionState::Restarting);
                     if let Some(session) = state.session.take() {
                         // Reaps the dead leader, kills any grandchild, clears the record.
                         session.close(state.close_grace).await;
@@ -580,7 +599,7 @@ impl Actor for ConnectionActor {
                     match &state.session {
                         Some(session)
                             if session.pid() == pid
-                                && state.shared.state() != ConnState::Closing =>
+                                && state.shared.state() != SessionState::Closing =>
                         {
                             tracing::warn!(pid, "MCP server for {key} cannot serve; killing it");
                             // SIGKILL works on a stopped process too; the session's end then
@@ -594,7 +613,7 @@ impl Actor for ConnectionActor {
                 }
                 ConnectionMsg::Close { reason, reply } => {
                     if state.starting {
-                        state.shared.set_state(ConnState::Closing);
+                        state.shared.set_state(SessionState::Closing);
                         state.pending_close = Some((reason, reply));
                         return Ok(());
                     }
@@ -614,7 +633,7 @@ impl Actor for ConnectionActor {
 /// the hung server. Pings never count as use, so they keep no session from the idle reaper.
 fn spawn_health_checks(
     actor: ActorRef<ConnectionMsg>,
-    shared: Arc<ConnShared>,
+    shared: Arc<SessionShared>,
     client: McpClient,
     health: HealthPolicy,
 ) {
@@ -629,10 +648,10 @@ fn spawn_health_checks(
                 _ = ticks.tick() => {}
             }
             match shared.state() {
-                ConnState::Ready if shared.in_flight() == 0 => {}
-                ConnState::Ready | ConnState::Starting => continue,
+                SessionState::Ready if shared.in_flight() == 0 => {}
+                SessionState::Ready | SessionState::Starting => continue,
                 // Closing, or already being restarted: nothing left to check.
-                ConnState::Restarting | ConnState::Failed | ConnState::Closing => return,
+                SessionState::Restarting | SessionState::Failed | SessionState::Closing => return,
             }
             match client.ping(health.ping_timeout).await {
                 Ok(()) => shared
@@ -655,9 +674,9 @@ fn spawn_health_checks(
     });
 }
 
-// === impl ConnectionState ===
+// === impl ConnectionActorState ===
 
-impl ConnectionState {
+impl ConnectionActorState {
     async fn on_connected(
         &mut self,
         myself: &ActorRef<ConnectionMsg>,
@@ -685,7 +704,7 @@ impl ConnectionState {
                     self.close(myself, reason, reply).await;
                     return Ok(());
                 }
-                self.shared.set_state(ConnState::Ready);
+                self.shared.set_state(SessionState::Ready);
                 let watcher = myself.clone();
                 tokio::spawn(async move {
                     let reason = match ended.wait_for(Option::is_some).await {
@@ -700,9 +719,18 @@ impl ConnectionState {
                     client.clone(),
                     self.health,
                 );
+                let (mut changes, events, key) =
+                    (client.tools_changed(), self.events.clone(), key.clone());
+                // Ends with the session (the watch's sender goes with it).
+                tokio::spawn(async move {
+                    changes.mark_unchanged();
+                    while changes.changed().await.is_ok() {
+                        events.publish(&key, EventKind::ToolsChanged);
+                    }
+                });
                 let _ = self.pool.send_message(PoolMsg::Ready {
                     actor: myself.get_id(),
-                    connection: Connection::new(self.shared.clone(), client),
+                    connection: Session::new(self.shared.clone(), client),
                 });
                 Ok(())
             }
@@ -728,7 +756,7 @@ impl ConnectionState {
         reason: CloseReason,
         reply: Option<RpcReplyPort<()>>,
     ) {
-        self.shared.set_state(ConnState::Closing);
+        self.shared.set_state(SessionState::Closing);
         self.shared.set_client(None);
         if let Some(session) = self.session.take() {
             session.close(self.close_grace).await;

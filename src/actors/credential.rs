@@ -13,7 +13,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::Instrument;
 
 use crate::store::{
-    BoxFuture, ConnectionInfo, CredentialFiles, CredentialSpec, CredentialWriter, ServerName,
+    BoxFuture, CredentialFiles, CredentialInfo, CredentialSpec, CredentialWriter, ServerName,
     Store, StoreError, Stored, TokenUpdate, Tokens, UserId,
 };
 
@@ -28,7 +28,7 @@ pub enum CredentialMsg {
         user: UserId,
         server: ServerName,
         tokens: Tokens,
-        reply: Reply<(ConnectionInfo, Stored)>,
+        reply: Reply<(CredentialInfo, Stored)>,
     },
     /// Replace tokens (compare-and-swap on `expected_version`) and rewrite the file.
     Update {
@@ -36,7 +36,7 @@ pub enum CredentialMsg {
         server: ServerName,
         expected_version: Option<i64>,
         update: TokenUpdate,
-        reply: Reply<ConnectionInfo>,
+        reply: Reply<CredentialInfo>,
     },
     /// Bump `version` if it is still `expected_version` (a refresh claim across instances).
     ClaimRefresh {
@@ -289,7 +289,7 @@ impl CredentialState {
         user: &UserId,
         server: &ServerName,
         tokens: &Tokens,
-    ) -> Result<(ConnectionInfo, Stored), CredentialError> {
+    ) -> Result<(CredentialInfo, Stored), CredentialError> {
         self.spec(server)?;
         let path = self.files.path_for(user, server);
         // The row is the source of truth and is written first; if the file write then fails,
@@ -306,7 +306,7 @@ impl CredentialState {
         server: &ServerName,
         expected_version: Option<i64>,
         update: &TokenUpdate,
-    ) -> Result<ConnectionInfo, CredentialError> {
+    ) -> Result<CredentialInfo, CredentialError> {
         self.spec(server)?;
         let record = self
             .store
@@ -433,7 +433,7 @@ impl CredentialHandle {
         user: &UserId,
         server: &ServerName,
         tokens: Tokens,
-    ) -> Result<(ConnectionInfo, Stored), CredentialError> {
+    ) -> Result<(CredentialInfo, Stored), CredentialError> {
         let (user, server) = (user.clone(), server.clone());
         self.ask(|reply| CredentialMsg::Create {
             user,
@@ -450,7 +450,7 @@ impl CredentialHandle {
         server: &ServerName,
         expected_version: Option<i64>,
         update: TokenUpdate,
-    ) -> Result<ConnectionInfo, CredentialError> {
+    ) -> Result<CredentialInfo, CredentialError> {
         let (user, server) = (user.clone(), server.clone());
         self.ask(|reply| CredentialMsg::Update {
             user,
@@ -576,7 +576,7 @@ impl CredentialWriter for CredentialHandle {
         user: &'a UserId,
         server: &'a ServerName,
         tokens: Tokens,
-    ) -> BoxFuture<'a, Result<(ConnectionInfo, Stored), CredentialError>> {
+    ) -> BoxFuture<'a, Result<(CredentialInfo, Stored), CredentialError>> {
         Box::pin(CredentialHandle::create(self, user, server, tokens))
     }
 
@@ -586,7 +586,7 @@ impl CredentialWriter for CredentialHandle {
         server: &'a ServerName,
         expected_version: Option<i64>,
         update: TokenUpdate,
-    ) -> BoxFuture<'a, Result<ConnectionInfo, CredentialError>> {
+    ) -> BoxFuture<'a, Result<CredentialInfo, CredentialError>> {
         Box::pin(CredentialHandle::update(
             self,
             user,

@@ -12,15 +12,14 @@
 //! that systemd or Kubernetes restarts the process. Until then `PoolHandle::is_available`
 //! reports the pool as unavailable (and `/readyz` with it).
 
-use std::collections::VecDeque;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tokio::time::Instant;
 
 use super::pool::{PoolArgs, PoolHandle, PoolMsg, PoolSupervisor};
 use super::reaper::{ReaperActor, ReaperArgs};
+use crate::backoff::FailureWindow;
 
 /// More supervisor failures than this within [`GUARDIAN_WINDOW`] stop the guardian: something
 /// is systematically wrong and the process should exit rather than spin.
@@ -36,7 +35,7 @@ pub struct GuardianState {
     args: PoolArgs,
     slot: Arc<RwLock<ActorRef<PoolMsg>>>,
     reaper: ActorRef<super::reaper::ReaperMsg>,
-    failures: VecDeque<Instant>,
+    failures: FailureWindow,
 }
 
 /// See the module docs.
@@ -120,7 +119,7 @@ impl Actor for PoolGuardian {
             args,
             slot,
             reaper,
-            failures: VecDeque::new(),
+            failures: FailureWindow::new(GUARDIAN_WINDOW),
         })
     }
 
@@ -157,19 +156,10 @@ impl Actor for PoolGuardian {
             }
             _ => return Ok(()),
         };
-        let now = Instant::now();
-        state.failures.push_back(now);
-        while state
-            .failures
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > GUARDIAN_WINDOW)
-        {
-            state.failures.pop_front();
-        }
-        if state.failures.len() > GUARDIAN_MAX_RESTARTS {
+        let failures = state.failures.record();
+        if failures > GUARDIAN_MAX_RESTARTS {
             tracing::error!(
-                "pool tree failed {} times within {GUARDIAN_WINDOW:?}; giving up",
-                state.failures.len()
+                "pool tree failed {failures} times within {GUARDIAN_WINDOW:?}; giving up"
             );
             // Nothing will serve the pool's sessions any more: kill their servers now rather
             // than leave them to the application's shutdown (which does it again, harmlessly).

@@ -11,8 +11,11 @@ pub mod pool;
 pub mod reaper;
 pub mod refresh;
 
-pub use connection::ConnState;
+pub use connection::SessionState;
 pub use credential::{CredentialArgs, CredentialError, CredentialHandle};
 pub use guardian::{GuardianMsg, PoolGuardian, PoolTree};
-pub use pool::{ConnectionStats, PoolArgs, PoolError, PoolHandle, PoolStats, Warmed};
+pub use pool::{
+    EventKind, PoolArgs, PoolError, PoolEvent, PoolHandle, PoolMetrics, PoolStats, SessionStats,
+    Warmed,
+};
 pub use refresh::{RefreshArgs, TokenRefreshHandle};

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use super::connection::ConnState;
+use super::connection::SessionState;
 use super::pool::{PoolError, PoolHandle};
 use crate::oauth::Freshness;
 
@@ -109,7 +109,7 @@ async fn sweep(pool: &PoolHandle) -> Result<usize, SweepError> {
     let stats = pool.stats().await?;
     let mut refreshed = 0;
     for conn in stats.connections {
-        if conn.state != ConnState::Ready || !refresher.manages(&conn.server) {
+        if conn.state != SessionState::Ready || !refresher.manages(&conn.server) {
             continue;
         }
         match pool.refresh_now(&conn.user_id, &conn.server).await {

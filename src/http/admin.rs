@@ -71,7 +71,7 @@ pub async fn close_user(
     _admin: AdminAuth,
     UserParam(user): UserParam,
 ) -> Result<Json<UserClosed>, ApiError> {
-    let closed = state.pool.close_user_connections(&user).await?;
+    let closed = state.pool.close_user_sessions(&user).await?;
     tracing::info!(closed, "Admin closed a user's sessions");
     Ok(Json(UserClosed {
         user_id: user,

@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 use super::error::ApiError;
 use super::openapi::{ErrorBody, UserAuthErrors};
 use super::{AuthUser, HttpState, ServerParam};
-use crate::actors::{ConnState, ConnectionStats, Warmed};
-use crate::store::{ConnectionInfo, Secret, ServerName, Stored, Tokens, UserId};
+use crate::actors::{SessionState, SessionStats, Warmed};
+use crate::store::{CredentialInfo, Secret, ServerName, Stored, Tokens, UserId};
 
 /// Longest accepted access or refresh token. Real ones are far shorter (Google's are under
 /// 2 KiB; JWT access tokens a few KiB); anything longer is abuse, and it would be written to a
@@ -24,7 +24,7 @@ pub const MAX_CLIENT_ID_BYTES: usize = 256;
 /// Body of `PUT /v1/connections/{server}`: `access_token`, `refresh_token` or both.
 #[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct PutConnection {
+pub struct PutCredentials {
     /// Not blank; at most 16 KiB.
     #[schema(value_type = Option<String>, min_length = 1, max_length = 16384, pattern = "\\S")]
     pub access_token: Option<Secret>,
@@ -51,21 +51,21 @@ pub enum ViewState {
     Closed,
 }
 
-impl From<ConnState> for ViewState {
-    fn from(state: ConnState) -> ViewState {
+impl From<SessionState> for ViewState {
+    fn from(state: SessionState) -> ViewState {
         match state {
-            ConnState::Starting => ViewState::Starting,
-            ConnState::Ready => ViewState::Ready,
-            ConnState::Restarting => ViewState::Restarting,
-            ConnState::Failed => ViewState::Failed,
-            ConnState::Closing => ViewState::Closed,
+            SessionState::Starting => ViewState::Starting,
+            SessionState::Ready => ViewState::Ready,
+            SessionState::Restarting => ViewState::Restarting,
+            SessionState::Failed => ViewState::Failed,
+            SessionState::Closing => ViewState::Closed,
         }
     }
 }
 
 /// One connection as the caller sees it.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
-pub struct ConnectionView {
+pub struct CredentialView {
     pub server: ServerName,
     pub state: ViewState,
     pub tool_count: usize,
@@ -79,9 +79,9 @@ pub struct ConnectionView {
     pub updated_at: DateTime<Utc>,
 }
 
-impl ConnectionView {
-    fn new(info: &ConnectionInfo, live: Option<&ConnectionStats>) -> ConnectionView {
-        ConnectionView {
+impl CredentialView {
+    fn new(info: &CredentialInfo, live: Option<&SessionStats>) -> CredentialView {
+        CredentialView {
             server: info.server_name.clone(),
             state: live.map_or(ViewState::Closed, |c| c.state.into()),
             tool_count: live.map_or(0, |c| c.tool_count),
@@ -98,7 +98,7 @@ impl ConnectionView {
 }
 
 /// The caller's live sessions. A pool that does not answer only hides the live state.
-async fn live_sessions(state: &HttpState, user: &UserId) -> Vec<ConnectionStats> {
+async fn live_sessions(state: &HttpState, user: &UserId) -> Vec<SessionStats> {
     match state.pool.stats().await {
         Ok(stats) => stats
             .connections
@@ -112,12 +112,12 @@ async fn live_sessions(state: &HttpState, user: &UserId) -> Vec<ConnectionStats>
     }
 }
 
-fn view_all(infos: &[ConnectionInfo], live: &[ConnectionStats]) -> Vec<ConnectionView> {
+fn view_all(infos: &[CredentialInfo], live: &[SessionStats]) -> Vec<CredentialView> {
     infos
         .iter()
         .map(|info| {
             let session = live.iter().find(|c| c.server == info.server_name);
-            ConnectionView::new(info, session)
+            CredentialView::new(info, session)
         })
         .collect()
 }
@@ -128,10 +128,10 @@ fn view_all(infos: &[ConnectionInfo], live: &[ConnectionStats]) -> Vec<Connectio
     put, path = "/v1/connections/{server}", operation_id = "put_connection", tag = "connections",
     security(("bearer" = [])),
     params(("server" = ServerName, Path, description = "A configured server")),
-    request_body = PutConnection,
+    request_body = PutCredentials,
     responses(
-        (status = 200, description = "Replaced (the live session was closed)", body = ConnectionView),
-        (status = 201, description = "Created", body = ConnectionView),
+        (status = 200, description = "Replaced (the live session was closed)", body = CredentialView),
+        (status = 201, description = "Created", body = CredentialView),
         (status = 400, description = "Bad body (`malformed_json`, `invalid_body`, `field_too_long`, `client_mismatch`) or identity (`missing_user_id`, `invalid_user_id`, `duplicate_header`, `invalid_server_name`)", body = ErrorBody),
         UserAuthErrors,
         (status = 404, description = "`unknown_server`", body = ErrorBody),
@@ -144,8 +144,8 @@ pub async fn put(
     State(state): State<HttpState>,
     AuthUser(user): AuthUser,
     ServerParam(server): ServerParam,
-    body: Result<Json<PutConnection>, JsonRejection>,
-) -> Result<(StatusCode, Json<ConnectionView>), ApiError> {
+    body: Result<Json<PutCredentials>, JsonRejection>,
+) -> Result<(StatusCode, Json<CredentialView>), ApiError> {
     let Json(body) = body?;
     let non_empty = |field: &'static str, value: Option<Secret>| match value {
         Some(secret) if secret.expose().trim().is_empty() => Err(ApiError::bad_request(
@@ -193,23 +193,21 @@ pub async fn put(
         }
     }
     let (info, stored) = state.credentials.create(&user, &server, tokens).await?;
-    if stored == Stored::Replaced {
-        // The running server read the old credentials at start: restart it lazily.
-        if let Err(err) = state.pool.close_connection(&user, &server).await {
-            tracing::warn!(cause = %err, "could not close the session after a replacement");
-        }
-    }
+    state
+        .pool
+        .credentials_stored(&user, &server, stored == Stored::Replaced)
+        .await;
     let status = match stored {
         Stored::Created => StatusCode::CREATED,
         Stored::Replaced => StatusCode::OK,
     };
-    Ok((status, Json(ConnectionView::new(&info, None))))
+    Ok((status, Json(CredentialView::new(&info, None))))
 }
 
 /// Body of `GET /v1/connections`.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
-pub struct ConnectionList {
-    pub connections: Vec<ConnectionView>,
+pub struct CredentialList {
+    pub connections: Vec<CredentialView>,
 }
 
 /// `GET /v1/connections`.
@@ -217,7 +215,7 @@ pub struct ConnectionList {
     get, path = "/v1/connections", operation_id = "list_connections", tag = "connections",
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "The caller's active credentials with live session state", body = ConnectionList),
+        (status = 200, description = "The caller's active credentials with live session state", body = CredentialList),
         (status = 400, description = "`missing_user_id`, `invalid_user_id` or `duplicate_header`", body = ErrorBody),
         UserAuthErrors,
         (status = 503, description = "`too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
@@ -226,21 +224,21 @@ pub struct ConnectionList {
 pub async fn list(
     State(state): State<HttpState>,
     AuthUser(user): AuthUser,
-) -> Result<Json<ConnectionList>, ApiError> {
+) -> Result<Json<CredentialList>, ApiError> {
     let infos = state.store.list(Some(&user), false).await?;
     let live = live_sessions(&state, &user).await;
-    Ok(Json(ConnectionList {
+    Ok(Json(CredentialList {
         connections: view_all(&infos, &live),
     }))
 }
 
 /// `GET /v1/connections/{server}`.
 #[utoipa::path(
-    get, path = "/v1/connections/{server}", operation_id = "get_connection", tag = "connections",
+    get, path = "/v1/connections/{server}", operation_id = "get_session", tag = "connections",
     security(("bearer" = [])),
     params(("server" = ServerName, Path, description = "A configured server")),
     responses(
-        (status = 200, description = "The connection with live session state", body = ConnectionView),
+        (status = 200, description = "The connection with live session state", body = CredentialView),
         (status = 400, description = "`missing_user_id`, `invalid_user_id`, `duplicate_header` or `invalid_server_name`", body = ErrorBody),
         UserAuthErrors,
         (status = 404, description = "`unknown_server` or `no_credentials`", body = ErrorBody),
@@ -251,7 +249,7 @@ pub async fn get(
     State(state): State<HttpState>,
     AuthUser(user): AuthUser,
     ServerParam(server): ServerParam,
-) -> Result<Json<ConnectionView>, ApiError> {
+) -> Result<Json<CredentialView>, ApiError> {
     let infos = state.store.list(Some(&user), false).await?;
     let info = infos
         .iter()
@@ -259,7 +257,7 @@ pub async fn get(
         .ok_or_else(|| no_credentials(&server))?;
     let live = live_sessions(&state, &user).await;
     let session = live.iter().find(|c| c.server == server);
-    Ok(Json(ConnectionView::new(info, session)))
+    Ok(Json(CredentialView::new(info, session)))
 }
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
@@ -308,14 +306,7 @@ pub async fn delete(
     } else {
         state.credentials.deactivate(&user, &server).await?
     };
-    let closed = state
-        .pool
-        .close_connection(&user, &server)
-        .await
-        .unwrap_or_else(|err| {
-            tracing::warn!(cause = %err, "could not close the session");
-            false
-        });
+    let closed = state.pool.credentials_removed(&user, &server).await;
     if !found {
         return Err(no_credentials(&server));
     }

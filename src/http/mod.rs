@@ -94,6 +94,7 @@ impl HttpState {
                 None
             }
         };
+        let metrics = Arc::new(Metrics::new(pool.metrics()));
         HttpState {
             pool,
             credentials,
@@ -101,7 +102,7 @@ impl HttpState {
             config,
             llm,
             auth: Arc::new(auth),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             shutting_down: Arc::new(AtomicBool::new(false)),
             refusals: Arc::new(logging::RefusalLog::new(logging::SUMMARY_WINDOW)),
         }

@@ -20,7 +20,7 @@ use super::openapi::{ErrorBody, UserAuthErrors};
 use super::{AuthUser, HttpState, ServerParam};
 use crate::oauth::flow::{self, FlowStartError};
 use crate::oauth::{CallbackError, CallbackParams};
-use crate::store::{ServerName, Stored, UserId};
+use crate::store::{ServerName, Stored};
 
 /// Body of a successful `start`.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
@@ -116,9 +116,14 @@ pub async fn callback(
     let target = match outcome {
         Ok(connected) => {
             tracing::Span::current().record("user_id", connected.user.as_str());
-            if connected.stored == Stored::Replaced {
-                close_replaced_session(&state, &connected.user, &server).await;
-            }
+            state
+                .pool
+                .credentials_stored(
+                    &connected.user,
+                    &server,
+                    connected.stored == Stored::Replaced,
+                )
+                .await;
             provider.success_url()
         }
         Err(err) => {
@@ -135,11 +140,4 @@ pub async fn callback(
     // Validation guarantees both redirects exist when the flow is enabled.
     let target = target.ok_or_else(|| not_configured(&server))?;
     Ok(Redirect::to(target.as_str()).into_response())
-}
-
-/// The running server read the old credentials at start: restart it lazily (as a PUT does).
-async fn close_replaced_session(state: &HttpState, user: &UserId, server: &ServerName) {
-    if let Err(err) = state.pool.close_connection(user, server).await {
-        tracing::warn!(cause = %err, "could not close the session after a reconnect");
-    }
 }

@@ -19,7 +19,7 @@ use utoipa::openapi::{OpenApi as Document, RefOr, Required};
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
 use super::HttpState;
-use crate::actors::ConnState;
+use crate::actors::SessionState;
 use crate::config::{AuthMode, Config};
 use crate::store::{ServerName, UserId};
 
@@ -69,10 +69,10 @@ impl ToSchema for ServerName {
     }
 }
 
-/// Every serialized name of [`ConnState`] (the unit test below keeps this in step).
+/// Every serialized name of [`SessionState`] (the unit test below keeps this in step).
 const CONN_STATES: [&str; 5] = ["starting", "ready", "restarting", "failed", "closing"];
 
-impl PartialSchema for ConnState {
+impl PartialSchema for SessionState {
     fn schema() -> RefOr<Schema> {
         ObjectBuilder::new()
             .schema_type(SchemaType::Type(Type::String))
@@ -81,7 +81,7 @@ impl PartialSchema for ConnState {
     }
 }
 
-impl ToSchema for ConnState {
+impl ToSchema for SessionState {
     fn name() -> Cow<'static, str> {
         Cow::Borrowed("SessionState")
     }
@@ -189,7 +189,7 @@ pub enum SessionErrors {
         super::metrics::scrape,
         document,
     ),
-    components(schemas(ErrorBody, ConnState)),
+    components(schemas(ErrorBody, SessionState)),
     modifiers(&SecuritySchemes),
 )]
 pub struct ApiDoc;
@@ -224,7 +224,7 @@ pub fn spec() -> Document {
 /// - the `{server}` path parameter lists the configured servers;
 /// - in `api_key` mode every operation secured by the user scheme requires `X-User-Id` (in
 ///   `jwt` mode the header is not used);
-/// - `PutConnection` needs a non-null `access_token` or `refresh_token`.
+/// - `PutCredentials` needs a non-null `access_token` or `refresh_token`.
 pub fn spec_for(config: &Config) -> Value {
     let mut doc = serde_json::to_value(spec()).unwrap_or_default();
     let servers: Vec<&String> = config.servers.keys().collect();
@@ -262,7 +262,7 @@ pub fn spec_for(config: &Config) -> Value {
             }
         }
     }
-    let put = &mut doc["components"]["schemas"]["PutConnection"];
+    let put = &mut doc["components"]["schemas"]["PutCredentials"];
     if put.is_object() {
         put["anyOf"] = json!([
             { "required": ["access_token"], "properties": { "access_token": { "type": "string" } } },
@@ -330,11 +330,11 @@ mod tests {
     #[test]
     fn session_states_match_their_serialization() {
         let states = [
-            ConnState::Starting,
-            ConnState::Ready,
-            ConnState::Restarting,
-            ConnState::Failed,
-            ConnState::Closing,
+            SessionState::Starting,
+            SessionState::Ready,
+            SessionState::Restarting,
+            SessionState::Failed,
+            SessionState::Closing,
         ];
         let names: Vec<String> = states
             .iter()

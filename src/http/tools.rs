@@ -168,11 +168,6 @@ pub async fn call(
     match result {
         Ok(result) => {
             let is_error = result.is_error.unwrap_or(false);
-            state.metrics.tool_call(
-                server.as_str(),
-                if is_error { "tool_error" } else { "ok" },
-                elapsed,
-            );
             let content =
                 serde_json::to_value(&result.content).map_err(|e| ApiError::internal(&e))?;
             Ok(Json(CallResponse {
@@ -182,13 +177,7 @@ pub async fn call(
                 duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
             }))
         }
-        Err(err) => {
-            let err = ApiError::from(err);
-            state
-                .metrics
-                .tool_call(server.as_str(), err.code(), elapsed);
-            Err(err)
-        }
+        Err(err) => Err(ApiError::from(err)),
     }
 }
 

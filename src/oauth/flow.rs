@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use super::provider::Provider;
 use super::{OAuthError, TokenRefresher, pkce};
 use crate::store::{
-    ConnectionInfo, CredentialError, CredentialWriter, NewOAuthState, Secret, ServerName, Store,
+    CredentialError, CredentialInfo, CredentialWriter, NewOAuthState, Secret, ServerName, Store,
     StoreError, Stored, Tokens, UserId,
 };
 
@@ -131,7 +131,7 @@ pub enum FlowStartError {
 #[derive(Debug, Clone)]
 pub struct Connected {
     pub user: UserId,
-    pub info: ConnectionInfo,
+    pub info: CredentialInfo,
     pub stored: Stored,
 }
 

@@ -45,7 +45,7 @@ use tokio::time::Instant;
 use super::OAuthError;
 use super::provider::{Provider, TokenResponse, http_client};
 use crate::config::Config;
-use crate::ids::ConnKey;
+use crate::ids::SessionKey;
 use crate::store::{
     CredentialError, CredentialWriter, ServerName, StoreError, TokenUpdate, Tokens, UserId,
 };
@@ -89,13 +89,13 @@ struct Inner {
     providers: BTreeMap<ServerName, Arc<Provider>>,
     restart_on_refresh: BTreeSet<ServerName>,
     /// One async mutex per key being checked; entries go when nobody holds or waits for them.
-    locks: Mutex<HashMap<ConnKey, Arc<tokio::sync::Mutex<()>>>>,
+    locks: Mutex<HashMap<SessionKey, Arc<tokio::sync::Mutex<()>>>>,
     /// No refresh is needed before this instant (expiry − `refresh_before`): the per-call fast
     /// path, which then does not touch the database.
-    fresh_until: Mutex<HashMap<ConnKey, DateTime<Utc>>>,
-    backoff: Mutex<HashMap<ConnKey, Backoff>>,
+    fresh_until: Mutex<HashMap<SessionKey, DateTime<Utc>>>,
+    backoff: Mutex<HashMap<SessionKey, Backoff>>,
     /// Keys whose grant was rejected: "reconnect required" until new credentials are stored.
-    reconnect_required: Mutex<HashSet<ConnKey>>,
+    reconnect_required: Mutex<HashSet<SessionKey>>,
 }
 
 /// See the module docs. Cheap to clone; one per process (its locks are the single flight).
@@ -116,13 +116,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn jitter(base: Duration, cap: Duration, attempt: u32) -> Duration {
-    let ceiling = base
-        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
-        .min(cap);
-    Duration::from_millis(rand::random_range(0..=ceiling.as_millis().max(1) as u64))
 }
 
 fn chrono_duration(d: Duration) -> chrono::Duration {
@@ -212,7 +205,7 @@ impl TokenRefresher {
         user: &UserId,
         server: &ServerName,
     ) -> Result<Freshness, CredentialError> {
-        self.check(ConnKey::new(user, server), true).await
+        self.check(SessionKey::new(user, server), true).await
     }
 
     /// Before a session starts (it is about to read the file) and in the background sweep:
@@ -222,12 +215,12 @@ impl TokenRefresher {
         user: &UserId,
         server: &ServerName,
     ) -> Result<Freshness, CredentialError> {
-        self.check(ConnKey::new(user, server), false).await
+        self.check(SessionKey::new(user, server), false).await
     }
 
     /// Forgets what is known about the key: new credentials were stored (connect flow).
     pub fn forget(&self, user: &UserId, server: &ServerName) {
-        let key = ConnKey::new(user, server);
+        let key = SessionKey::new(user, server);
         lock(&self.inner.fresh_until).remove(&key);
         lock(&self.inner.backoff).remove(&key);
         lock(&self.inner.reconnect_required).remove(&key);
@@ -235,7 +228,7 @@ impl TokenRefresher {
 
     // === the single flight ===
 
-    async fn check(&self, key: ConnKey, use_cache: bool) -> Result<Freshness, CredentialError> {
+    async fn check(&self, key: SessionKey, use_cache: bool) -> Result<Freshness, CredentialError> {
         let Some(provider) = self.inner.providers.get(&key.server).cloned() else {
             return Ok(Freshness::Unmanaged);
         };
@@ -266,7 +259,7 @@ impl TokenRefresher {
 
     async fn check_locked(
         &self,
-        key: &ConnKey,
+        key: &SessionKey,
         provider: &Provider,
     ) -> Result<Freshness, CredentialError> {
         let store = self.inner.credentials.store();
@@ -309,7 +302,12 @@ impl TokenRefresher {
         let mut last_error = None;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
-                tokio::time::sleep(jitter(RETRY_BASE, RETRY_CAP, attempt - 1)).await;
+                tokio::time::sleep(crate::backoff::full_jitter(
+                    RETRY_BASE,
+                    RETRY_CAP,
+                    attempt - 1,
+                ))
+                .await;
             }
             match provider.refresh(&refresh_token).await {
                 Ok(tokens) => return self.store_refreshed(key, version, tokens).await,
@@ -352,7 +350,7 @@ impl TokenRefresher {
     /// claims the row again at its current version.
     async fn wait_for_other_refresh(
         &self,
-        key: &ConnKey,
+        key: &SessionKey,
         provider: &Provider,
         expiry: Option<DateTime<Utc>>,
     ) -> Result<Freshness, CredentialError> {
@@ -377,7 +375,7 @@ impl TokenRefresher {
     /// report why. Starts (or extends) the key's cool-down.
     fn not_refreshed(
         &self,
-        key: &ConnKey,
+        key: &SessionKey,
         expiry: Option<DateTime<Utc>>,
         error: Option<OAuthError>,
     ) -> Result<Freshness, CredentialError> {
@@ -417,7 +415,7 @@ impl TokenRefresher {
 
     async fn store_refreshed(
         &self,
-        key: &ConnKey,
+        key: &SessionKey,
         version: i64,
         tokens: TokenResponse,
     ) -> Result<Freshness, CredentialError> {
@@ -457,7 +455,7 @@ impl TokenRefresher {
 
     /// Another writer won: use its tokens, and rewrite this instance's credentials file from
     /// the row (the winner may have written only its own).
-    async fn adopt_stored(&self, key: &ConnKey) -> Result<Freshness, CredentialError> {
+    async fn adopt_stored(&self, key: &SessionKey) -> Result<Freshness, CredentialError> {
         let store = self.inner.credentials.store();
         let Some(record) = store.get(&key.user, &key.server).await? else {
             return Ok(Freshness::Unmanaged);
@@ -475,7 +473,7 @@ impl TokenRefresher {
     /// pool closes the session on that answer).
     async fn on_invalid_grant(
         &self,
-        key: &ConnKey,
+        key: &SessionKey,
         version: i64,
     ) -> Result<Freshness, CredentialError> {
         let store = self.inner.credentials.store();
@@ -498,7 +496,7 @@ impl TokenRefresher {
         Err(CredentialError::ReconnectRequired(key.server.clone()))
     }
 
-    fn remember_expiry(&self, key: &ConnKey, expiry: Option<DateTime<Utc>>) {
+    fn remember_expiry(&self, key: &SessionKey, expiry: Option<DateTime<Utc>>) {
         let refresh_before = self
             .inner
             .providers

@@ -20,7 +20,7 @@ pub use crate::ids::{IdError, ServerName, UserId};
 pub use crypto::{CryptoError, Keyring};
 pub use files::{CredentialFiles, CredentialSpec};
 pub use repo::{
-    BackendKind, ConnectionInfo, ConnectionRecord, NewOAuthState, Store, StoreOptions, Stored,
+    BackendKind, CredentialInfo, CredentialRecord, NewOAuthState, Store, StoreOptions, Stored,
     TokenUpdate, Tokens,
 };
 pub use secret::Secret;

@@ -174,7 +174,7 @@ struct RawRow {
 
 /// A row of `mcp_connections` without its tokens: safe to list, log or return over HTTP.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct ConnectionInfo {
+pub struct CredentialInfo {
     pub id: Uuid,
     pub user_id: UserId,
     pub server_name: ServerName,
@@ -201,8 +201,8 @@ pub struct Tokens {
 
 /// A row with its decrypted tokens.
 #[derive(Debug, Clone)]
-pub struct ConnectionRecord {
-    pub info: ConnectionInfo,
+pub struct CredentialRecord {
+    pub info: CredentialInfo,
     pub tokens: Tokens,
 }
 
@@ -351,9 +351,9 @@ impl Store {
         Ok(fresh)
     }
 
-    fn info(raw: &RawRow) -> Result<ConnectionInfo, StoreError> {
+    fn info(raw: &RawRow) -> Result<CredentialInfo, StoreError> {
         let corrupt = |what: &str| StoreError::Corrupt(format!("row {}: {what}", raw.id));
-        Ok(ConnectionInfo {
+        Ok(CredentialInfo {
             id: raw.id,
             user_id: UserId::parse(&raw.user_id).map_err(|_| corrupt("invalid user_id"))?,
             server_name: ServerName::parse(&raw.server_name)
@@ -371,7 +371,7 @@ impl Store {
         })
     }
 
-    fn decrypt_row(&self, raw: RawRow) -> Result<ConnectionRecord, StoreError> {
+    fn decrypt_row(&self, raw: RawRow) -> Result<CredentialRecord, StoreError> {
         let info = Self::info(&raw)?;
         let mut keyring = self.keyring();
         if !keyring.versions().contains(&info.key_version) {
@@ -396,7 +396,7 @@ impl Store {
             refresh_token: open(TokenField::Refresh, &raw.refresh_token)?,
             token_expiry: raw.token_expiry,
         };
-        Ok(ConnectionRecord { info, tokens })
+        Ok(CredentialRecord { info, tokens })
     }
 
     fn seal(
@@ -425,7 +425,7 @@ impl Store {
         server: &ServerName,
         credentials_path: &Path,
         tokens: &Tokens,
-    ) -> Result<(ConnectionRecord, Stored), StoreError> {
+    ) -> Result<(CredentialRecord, Stored), StoreError> {
         let keyring = self.keyring();
         let (access, refresh) = Self::seal(&keyring, user, server, tokens)?;
         let key_version = keyring.current_version() as i32;
@@ -491,7 +491,7 @@ impl Store {
         &self,
         user: &UserId,
         server: &ServerName,
-    ) -> Result<Option<ConnectionRecord>, StoreError> {
+    ) -> Result<Option<CredentialRecord>, StoreError> {
         let raw: Option<RawRow> = in_read!(self, Scope::User(user), conn => sqlx::query_as(concat!(
             "SELECT ", columns!(),
             " FROM mcp_connections WHERE user_id = $1 AND server_name = $2 AND is_active"
@@ -508,7 +508,7 @@ impl Store {
         &self,
         user: Option<&UserId>,
         include_inactive: bool,
-    ) -> Result<Vec<ConnectionInfo>, StoreError> {
+    ) -> Result<Vec<CredentialInfo>, StoreError> {
         let scope = user.map_or(Scope::AllUsers, Scope::User);
         let raws: Vec<RawRow> = in_read!(self, scope, conn => sqlx::query_as(concat!(
             "SELECT ", columns!(),
@@ -530,7 +530,7 @@ impl Store {
         server: &ServerName,
         expected_version: Option<i64>,
         update: &TokenUpdate,
-    ) -> Result<ConnectionRecord, StoreError> {
+    ) -> Result<CredentialRecord, StoreError> {
         let raw = in_write_tx!(self, Scope::User(user), tx => {
             let current: Option<RawRow> = sqlx::query_as(concat!(
                 "SELECT ", columns!(),

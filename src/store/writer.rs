@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
 
-use super::{ConnectionInfo, ServerName, Store, StoreError, Stored, TokenUpdate, Tokens, UserId};
+use super::{CredentialInfo, ServerName, Store, StoreError, Stored, TokenUpdate, Tokens, UserId};
 
 /// A boxed future, so the trait can be used as `dyn CredentialWriter`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -75,7 +75,7 @@ pub trait CredentialWriter: Send + Sync + 'static {
         user: &'a UserId,
         server: &'a ServerName,
         tokens: Tokens,
-    ) -> BoxFuture<'a, Result<(ConnectionInfo, Stored), CredentialError>>;
+    ) -> BoxFuture<'a, Result<(CredentialInfo, Stored), CredentialError>>;
 
     /// Replaces tokens (compare-and-swap on `expected_version` when given) and rewrites the
     /// file; a missing refresh token keeps the stored one.
@@ -85,7 +85,7 @@ pub trait CredentialWriter: Send + Sync + 'static {
         server: &'a ServerName,
         expected_version: Option<i64>,
         update: TokenUpdate,
-    ) -> BoxFuture<'a, Result<ConnectionInfo, CredentialError>>;
+    ) -> BoxFuture<'a, Result<CredentialInfo, CredentialError>>;
 
     /// Claims the refresh of (user, server) at `expected_version` for `lease`; see
     /// [`Store::claim_refresh`].

@@ -1,0 +1,391 @@
+//! [`PoolHandle`]: the one way into the pool for every caller (REST, chat, MCP).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{ActorCell, ActorRef, RpcReplyPort};
+use tokio::time::Instant;
+
+use super::events::{EventKind, PoolEvent, PoolEvents};
+use super::{PoolArgs, PoolError, PoolIndex, PoolMetrics, PoolMsg, PoolStats, Warmed};
+use crate::actors::connection::Session;
+use crate::actors::credential::CredentialError;
+use crate::actors::fairness::{MAX_ARGUMENT_DEPTH, UserCallLimiter, arguments_depth};
+use crate::ids::{ServerName, SessionKey, UserId};
+use crate::oauth::{Freshness, TokenRefresher};
+
+/// Typed handle to the pool; cheap to clone. Survives a restart of the supervisor (see
+/// [`super::guardian`]): it reads the current supervisor from a shared slot.
+#[derive(Clone)]
+pub struct PoolHandle {
+    slot: Arc<std::sync::RwLock<ActorRef<PoolMsg>>>,
+    index: PoolIndex,
+    /// The `PoolGuardian`: once it has given up, no supervisor will come back.
+    guardian: ActorCell,
+    refresher: Option<TokenRefresher>,
+    user_calls: UserCallLimiter,
+    events: PoolEvents,
+    metrics: PoolMetrics,
+}
+
+impl PoolHandle {
+    pub(crate) fn new(
+        slot: Arc<std::sync::RwLock<ActorRef<PoolMsg>>>,
+        args: &PoolArgs,
+        guardian: ActorCell,
+    ) -> PoolHandle {
+        PoolHandle {
+            slot,
+            index: args.index.clone(),
+            guardian,
+            refresher: args.refresher.clone(),
+            user_calls: args.user_calls.clone(),
+            events: args.events.clone(),
+            metrics: args.metrics.clone(),
+        }
+    }
+
+    /// Events from now on: starts, crashes, restarts, closes, refreshes, tool-list and
+    /// credential changes, for every user (filter by `user_id` when serving one user).
+    pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<PoolEvent> {
+        self.events.subscribe()
+    }
+
+    /// The most recent events, oldest first.
+    pub fn recent_events(&self) -> Vec<PoolEvent> {
+        self.events.recent()
+    }
+
+    /// `user`'s credentials for `server` were just stored. A replacement closes the live
+    /// session, which read the old ones at start (the next use starts a fresh one). Listeners
+    /// are told either way: the servers the user may use changed.
+    pub async fn credentials_stored(&self, user: &UserId, server: &ServerName, replaced: bool) {
+        if replaced && let Err(err) = self.close_session(user, server).await {
+            tracing::warn!(cause = %err, "could not close the session after new credentials");
+        }
+        self.events.publish(
+            &SessionKey::new(user, server),
+            EventKind::CredentialsChanged,
+        );
+    }
+
+    /// `user`'s credentials for `server` were just deactivated or deleted: closes the session,
+    /// which must not go on with them, and tells listeners. Returns whether one was live.
+    pub async fn credentials_removed(&self, user: &UserId, server: &ServerName) -> bool {
+        let closed = self
+            .close_session(user, server)
+            .await
+            .unwrap_or_else(|err| {
+                tracing::warn!(cause = %err, "could not close the session");
+                false
+            });
+        self.events.publish(
+            &SessionKey::new(user, server),
+            EventKind::CredentialsChanged,
+        );
+        closed
+    }
+
+    /// The pool's Prometheus families, for `/metrics` to register.
+    pub fn metrics(&self) -> &PoolMetrics {
+        &self.metrics
+    }
+
+    /// The token refresher the pool consults (its OAuth providers serve the connect flow too).
+    pub fn refresher(&self) -> Option<&TokenRefresher> {
+        self.refresher.as_ref()
+    }
+
+    /// Whether the pool can take requests now: its guardian runs and so does the current
+    /// supervisor (false for the moment between a supervisor's failure and its replacement,
+    /// and for good once the guardian gave up).
+    pub fn is_available(&self) -> bool {
+        let running = |cell: &ActorCell| cell.get_status() == ractor::ActorStatus::Running;
+        running(&self.guardian) && running(&self.actor().get_cell())
+    }
+
+    fn actor(&self) -> ActorRef<PoolMsg> {
+        self.slot
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn supervisor_cell(&self) -> ActorCell {
+        self.actor().get_cell()
+    }
+
+    async fn ask<T: Send + 'static>(
+        &self,
+        build: impl FnOnce(RpcReplyPort<T>) -> PoolMsg,
+    ) -> Result<T, PoolError> {
+        match self.actor().call(build, None).await {
+            Ok(ractor::rpc::CallResult::Success(value)) => Ok(value),
+            _ => Err(PoolError::Unavailable),
+        }
+    }
+
+    /// A ready connection for (user, server), starting the server only if none is live.
+    pub async fn get_session(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<Session, PoolError> {
+        let key = SessionKey {
+            user: user.clone(),
+            server: server.clone(),
+        };
+        if let Some(connection) = self.index.ready(&key) {
+            return Ok(connection);
+        }
+        self.fetch_session(key, None).await
+    }
+
+    /// Asks the supervisor for `key`'s connection; with `stale`, not the session of that pid.
+    async fn fetch_session(
+        &self,
+        key: SessionKey,
+        stale: Option<u32>,
+    ) -> Result<Session, PoolError> {
+        // A connection reaped between lookup and use is fetched again, once.
+        for _ in 0..2 {
+            let key = key.clone();
+            match self
+                .ask(|reply| PoolMsg::GetSession { key, stale, reply })
+                .await?
+            {
+                Err(PoolError::Reconnect) => continue,
+                other => return other,
+            }
+        }
+        Err(PoolError::Reconnect)
+    }
+
+    /// Starts, in the background, the sessions of `user` on `servers` that are not live, and
+    /// answers at once with what each key is doing (in the order given).
+    pub async fn warm(
+        &self,
+        user: &UserId,
+        servers: &[ServerName],
+    ) -> Result<Vec<Result<Warmed, PoolError>>, PoolError> {
+        let keys = servers
+            .iter()
+            .map(|server| SessionKey::new(user, server))
+            .collect();
+        self.ask(|reply| PoolMsg::Warm { keys, reply }).await
+    }
+
+    /// The cached tool list; a restart in progress is waited for transparently. OAuth tokens
+    /// due for a refresh are refreshed first.
+    pub async fn list_tools(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<Arc<Vec<rmcp::model::Tool>>, PoolError> {
+        self.ensure_fresh(user, server).await?;
+        Ok(self.get_session(user, server).await?.tools())
+    }
+
+    /// Calls a tool, after refreshing OAuth tokens due for a refresh (an in-memory check when
+    /// none is). Retried only if the connection was closed before the call was sent.
+    /// Refused at once, before anything starts, when the arguments nest deeper than
+    /// [`MAX_ARGUMENT_DEPTH`] or the user already has `pool.max_in_flight_per_user` calls in
+    /// flight.
+    pub async fn call_tool(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        tool: &str,
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<rmcp::model::CallToolResult, PoolError> {
+        let began = Instant::now();
+        let result = self.call_tool_once(user, server, tool, arguments).await;
+        let outcome = match &result {
+            Ok(done) if done.is_error == Some(true) => "tool_error",
+            Ok(_) => "ok",
+            Err(err) => err.code(),
+        };
+        // Only configured servers get a label: an unknown name would let callers grow the
+        // label set.
+        if !matches!(result, Err(PoolError::UnknownServer(_))) {
+            self.metrics.tool_call(server, outcome, began.elapsed());
+        }
+        result
+    }
+
+    async fn call_tool_once(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        tool: &str,
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<rmcp::model::CallToolResult, PoolError> {
+        if arguments_depth(arguments.as_ref()) > MAX_ARGUMENT_DEPTH {
+            return Err(PoolError::ArgumentsTooDeep {
+                max: MAX_ARGUMENT_DEPTH,
+            });
+        }
+        // Held until the call returns (or its future is dropped).
+        let _permit = self
+            .user_calls
+            .try_acquire(user)
+            .ok_or(PoolError::TooManyCalls {
+                retry_after: Duration::from_secs(1),
+            })?;
+        self.ensure_fresh(user, server).await?;
+        let connection = self.get_session(user, server).await?;
+        let Some(slot) = connection.reserve() else {
+            // It started closing, and the pool no longer hands it out.
+            return self.retry_call(user, server, None, tool, arguments).await;
+        };
+        match connection
+            .call_reserved(slot, tool, arguments.clone())
+            .await
+        {
+            // A call that never reached the server is tried again, once, on another session;
+            // one that may have run reports `ServerCrashed` (a tool need not be idempotent).
+            Err(PoolError::Reconnect) => {
+                // The session is broken (its transport closed, or a write to the server
+                // failed): the retry must not be handed the same session back.
+                self.retry_call(user, server, Some(connection.pid()), tool, arguments)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    /// The one retry of [`PoolHandle::call_tool`], on a session other than `stale`'s.
+    async fn retry_call(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        stale: Option<u32>,
+        tool: &str,
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<rmcp::model::CallToolResult, PoolError> {
+        tracing::debug!(user_id = %user, server = %server, ?stale, "retrying a call that was not sent");
+        let connection = self
+            .fetch_session(SessionKey::new(user, server), stale)
+            .await?;
+        let slot = connection.reserve().ok_or(PoolError::Reconnect)?;
+        connection.call_reserved(slot, tool, arguments).await
+    }
+
+    pub async fn close_session(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<bool, PoolError> {
+        let key = SessionKey {
+            user: user.clone(),
+            server: server.clone(),
+        };
+        self.ask(|reply| PoolMsg::Close { key, reply }).await
+    }
+
+    // === token freshness ===
+
+    /// Before a session is used: refreshes its OAuth tokens if they expire within the server's
+    /// `refresh_before`. Cheap when they do not (no database read, no message).
+    async fn ensure_fresh(&self, user: &UserId, server: &ServerName) -> Result<(), PoolError> {
+        let Some(refresher) = &self.refresher else {
+            return Ok(());
+        };
+        let checked = refresher.ensure_fresh(user, server).await;
+        self.settle_freshness(user, server, checked).await?;
+        Ok(())
+    }
+
+    /// The background sweep's check of one live session: always reads the row, and acts on
+    /// the outcome like a call would.
+    pub async fn refresh_now(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<Freshness, PoolError> {
+        let Some(refresher) = &self.refresher else {
+            return Ok(Freshness::Unmanaged);
+        };
+        let checked = refresher.check_now(user, server).await;
+        self.settle_freshness(user, server, checked).await
+    }
+
+    /// What a freshness check means for the session: a server that reads its token only at
+    /// start-up is restarted between calls after a refresh (the first attempt before this
+    /// returns, so the caller's own call runs on the new session when nothing else is in
+    /// flight); a revoked grant closes the session, which must not go on with the old token.
+    async fn settle_freshness(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        checked: Result<Freshness, CredentialError>,
+    ) -> Result<Freshness, PoolError> {
+        let key = SessionKey::new(user, server);
+        match &checked {
+            Ok(Freshness::Refreshed) => {
+                self.metrics.refreshed(server);
+                self.events.publish(&key, EventKind::TokenRefreshed);
+            }
+            Err(err) => {
+                self.metrics.refresh_failed(server);
+                self.events.publish(
+                    &key,
+                    EventKind::TokenRefreshFailed {
+                        code: err.code().to_owned(),
+                    },
+                );
+            }
+            Ok(_) => {}
+        }
+        match checked {
+            Ok(fresh @ (Freshness::Refreshed | Freshness::RefreshedElsewhere))
+                if self
+                    .refresher
+                    .as_ref()
+                    .is_some_and(|r| r.restarts_on_refresh(server)) =>
+            {
+                if let Err(err) = self
+                    .ask(|reply| PoolMsg::RestartAfterRefresh { key, reply })
+                    .await
+                {
+                    tracing::warn!(cause = %err, "could not restart the session after a token refresh");
+                }
+                Ok(fresh)
+            }
+            Ok(fresh) => Ok(fresh),
+            Err(err) => {
+                if matches!(err, CredentialError::ReconnectRequired(_))
+                    && let Err(close) = self.close_session(user, server).await
+                {
+                    tracing::warn!(cause = %close, "could not close the session after invalid_grant");
+                }
+                Err(PoolError::from_credentials(err))
+            }
+        }
+    }
+
+    pub async fn close_user_sessions(&self, user: &UserId) -> Result<usize, PoolError> {
+        let user = user.clone();
+        self.ask(|reply| PoolMsg::CloseUser { user, reply }).await
+    }
+
+    /// Asks for an idle sweep without waiting for it (the reaper's tick).
+    pub fn request_reap(&self) {
+        let _ = self.actor().send_message(PoolMsg::ReapIdle { reply: None });
+    }
+
+    /// Runs an idle sweep now; returns how many connections were closed.
+    pub async fn reap_idle(&self) -> Result<usize, PoolError> {
+        self.ask(|reply| PoolMsg::ReapIdle { reply: Some(reply) })
+            .await
+    }
+
+    pub async fn stats(&self) -> Result<PoolStats, PoolError> {
+        self.ask(|reply| PoolMsg::Stats { reply }).await
+    }
+
+    /// Stops taking work and closes every connection; returns how many were closed.
+    pub async fn shutdown(&self) -> Result<usize, PoolError> {
+        self.ask(|reply| PoolMsg::Shutdown { reply }).await
+    }
+}
