@@ -24,6 +24,7 @@ use mcp_pool::actors::PoolHandle;
 use mcp_pool::app::App;
 use mcp_pool::config::Config;
 use mcp_pool::mcp::{McpSession, ServerLaunch};
+use mcp_pool::store::CredentialWriter;
 use mcp_pool::store::{Secret, ServerName, Tokens, UserId};
 use serde_json::{Value, json};
 

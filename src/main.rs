@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mcp_pool::app::{self, App, Storage};
 use mcp_pool::config::Config;
-use mcp_pool::store::{ServerName, UserId};
+use mcp_pool::store::{CredentialWriter, ServerName, UserId};
 
 /// Persistent, supervised MCP client connections per (user, server) for chat backends.
 #[derive(Parser)]

@@ -8,6 +8,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use mcp_pool::store::CredentialWriter;
+
 use common::{BIN, PATIENCE};
 
 fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {

@@ -6,6 +6,7 @@ mod common;
 
 use common::test_config;
 use mcp_pool::app::App;
+use mcp_pool::store::CredentialWriter;
 use mcp_pool::store::{Secret, ServerName, Tokens, UserId};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

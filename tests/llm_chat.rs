@@ -13,6 +13,7 @@ use mcp_pool::llm::{
     ChatError, ChatEvent, ChatOutcome, ChatRequest, HistoryMessage, HistoryRole, LlmClient,
     LlmError, run_chat,
 };
+use mcp_pool::store::CredentialWriter;
 use mcp_pool::store::{Secret, ServerName, Tokens, UserId};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;

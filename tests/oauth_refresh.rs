@@ -204,13 +204,31 @@ async fn invalid_grant_deactivates_closes_the_session_and_asks_for_a_reconnect()
             .any(|c| c.user_id == user && c.server == server),
         "session closed"
     );
-    // Still "reconnect required", not a generic "no credentials", until the user reconnects.
+    // Still "reconnect required", not a generic "no credentials", until the user reconnects,
+    // and after a restart too: it is stored with the row, not kept in memory.
     ts.user("alice")
         .call("gdemo", "whoami", &json!({}))
         .await
         .expect_error(409, "reconnect_required");
+    let ts = ts.restart().await;
+    ts.user("alice")
+        .call("gdemo", "whoami", &json!({}))
+        .await
+        .expect_error(409, "reconnect_required");
+    let listed = ts.user("alice").get("/v1/connections").await.json();
+    assert_eq!(listed["reconnect_required"], json!(["gdemo"]), "{listed}");
+    assert_eq!(listed["connections"], json!([]), "{listed}");
+    // Bob's grant was never revoked: the flag is per (user, server).
+    ts.user("bob")
+        .call("gdemo", "whoami", &json!({}))
+        .await
+        .expect_error(404, "no_credentials");
+
     connect(&ts, &mock, "alice", "gdemo", 7200).await;
     whoami_pid(&ts, "alice", "gdemo").await;
+    let listed = ts.user("alice").get("/v1/connections").await.json();
+    assert_eq!(listed["reconnect_required"], json!([]), "{listed}");
+    assert_eq!(listed["connections"][0]["server"], "gdemo", "{listed}");
     ts.stop().await;
 }
 

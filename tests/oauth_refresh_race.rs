@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use mcp_pool::actors::{CredentialArgs, CredentialError, CredentialHandle};
 use mcp_pool::config::Config;
 use mcp_pool::oauth::{Freshness, Provider, TokenRefresher, pkce};
+use mcp_pool::store::CredentialWriter;
 use mcp_pool::store::{
     BackendKind, CredentialFiles, CredentialSpec, Secret, ServerName, Store, StoreError,
     TokenUpdate, Tokens, UserId,

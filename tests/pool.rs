@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use common::{alive, gone, test_config, wait_until};
 use mcp_pool::actors::{PoolError, PoolHandle, SessionState};
 use mcp_pool::app::App;
+use mcp_pool::store::CredentialWriter;
 use mcp_pool::store::{Secret, ServerName, Tokens, UserId};
 use rmcp::model::CallToolResult;
 use serde_json::{Value, json};

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use common::{BIN, PATIENCE, alive, test_config, wait_until};
 use mcp_pool::app::App;
+use mcp_pool::store::CredentialWriter;
 use mcp_pool::store::{Secret, ServerName, Tokens, UserId};
 
 fn ids(user: &str, server: &str) -> (UserId, ServerName) {

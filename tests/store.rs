@@ -12,6 +12,7 @@ use chrono::{TimeZone, Utc};
 use common::fresh_store;
 use mcp_pool::actors::{CredentialArgs, CredentialError, CredentialHandle};
 use mcp_pool::config::CredentialsFormat;
+use mcp_pool::store::CredentialWriter;
 use mcp_pool::store::{
     BackendKind, CredentialFiles, CredentialSpec, Secret, ServerName, Store, StoreError, Stored,
     TokenUpdate, Tokens, UserId,
@@ -36,6 +37,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     crud_round_trip,
     replace_and_reactivate,
+    reconnect_required_is_stored_and_cleared_by_a_new_connect,
     update_is_compare_and_swap,
     cleanup_removes_only_old_inactive_rows,
     tampered_and_swapped_ciphertexts_are_rejected,
@@ -183,6 +185,58 @@ async fn replace_and_reactivate(kind: BackendKind) {
         "the row is reactivated, not duplicated"
     );
     assert_eq!(store.list(None, true).await.unwrap().len(), 1);
+}
+
+async fn reconnect_required_is_stored_and_cleared_by_a_new_connect(kind: BackendKind) {
+    let (store, dir, _) = fresh_store(kind).await;
+    let (carol, demo) = (user("carol"), server("demo"));
+    let path = dir.path().join("f");
+    let (first, _) = store
+        .create(&carol, &demo, &path, &tokens("a1", Some("r1")))
+        .await
+        .unwrap();
+    assert!(!first.info.reconnect_required);
+    assert!(!store.reconnect_required(&carol, &demo).await.unwrap());
+    // A stale version (a concurrent refresh rotated the row): not revoked, nothing changes.
+    let version = first.info.version;
+    assert!(
+        !store
+            .require_reconnect(&carol, &demo, version + 1)
+            .await
+            .unwrap()
+    );
+    assert!(store.get(&carol, &demo).await.unwrap().is_some());
+
+    assert!(
+        store
+            .require_reconnect(&carol, &demo, version)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store.get(&carol, &demo).await.unwrap().is_none(),
+        "deactivated"
+    );
+    assert!(store.reconnect_required(&carol, &demo).await.unwrap());
+    let rows = store.list(Some(&carol), true).await.unwrap();
+    assert!(rows[0].reconnect_required && !rows[0].is_active);
+    // Another user's flag, and a user's deactivation, are not a revoked grant.
+    assert!(
+        !store
+            .reconnect_required(&user("dave"), &demo)
+            .await
+            .unwrap()
+    );
+
+    let (again, stored) = store
+        .create(&carol, &demo, &path, &tokens("a2", Some("r2")))
+        .await
+        .unwrap();
+    assert_eq!(stored, Stored::Created);
+    assert!(again.info.is_active && !again.info.reconnect_required);
+    assert!(!store.reconnect_required(&carol, &demo).await.unwrap());
+    store.deactivate(&carol, &demo).await.unwrap();
+    assert!(!store.reconnect_required(&carol, &demo).await.unwrap());
 }
 
 async fn update_is_compare_and_swap(kind: BackendKind) {

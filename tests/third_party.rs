@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::{required_env, test_config};
 use mcp_pool::app::App;
+use mcp_pool::store::CredentialWriter;
 use mcp_pool::store::{Secret, ServerName, Tokens, UserId};
 use rmcp::model::CallToolResult;
 use serde_json::{Value, json};

@@ -21,6 +21,7 @@ pub use crate::ids::SessionKey;
 use crate::mcp::sandbox::{Sandbox, SandboxError, SandboxStatus, ServerPolicy, SessionPaths};
 use crate::mcp::{ExitReason, McpClient, McpError, McpSession, ProcessRegistry, ServerLaunch};
 use crate::oauth::TokenRefresher;
+use crate::store::CredentialWriter;
 
 /// Life-cycle state of a connection as reported in stats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

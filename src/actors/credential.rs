@@ -59,6 +59,14 @@ pub enum CredentialMsg {
         server: ServerName,
         reply: Reply<bool>,
     },
+    /// The provider rejected the refresh token: file removed, row deactivated and marked
+    /// `reconnect_required` if it is still at `expected_version`.
+    RequireReconnect {
+        user: UserId,
+        server: ServerName,
+        expected_version: i64,
+        reply: Reply<bool>,
+    },
     /// Hard delete of rows and file.
     Delete {
         user: UserId,
@@ -200,6 +208,19 @@ impl Actor for CredentialActor {
                 let result = state.deactivate(&user, &server).instrument(span).await;
                 let _ = reply.send(result);
             }
+            CredentialMsg::RequireReconnect {
+                user,
+                server,
+                expected_version,
+                reply,
+            } => {
+                let span = tracing::info_span!("credentials.require_reconnect", user_id = %user, server = %server);
+                let result = state
+                    .require_reconnect(&user, &server, expected_version)
+                    .instrument(span)
+                    .await;
+                let _ = reply.send(result);
+            }
             CredentialMsg::Delete {
                 user,
                 server,
@@ -334,6 +355,23 @@ impl CredentialState {
         Ok(found)
     }
 
+    async fn require_reconnect(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        expected_version: i64,
+    ) -> Result<bool, CredentialError> {
+        // File first, as in `deactivate`. If the row moved on meanwhile (it stays active), the
+        // next session start rewrites the file from it.
+        self.remove_file(user, server)?;
+        let marked = self
+            .store
+            .require_reconnect(user, server, expected_version)
+            .await?;
+        tracing::info!(marked, "Credentials deactivated: reconnect required");
+        Ok(marked)
+    }
+
     async fn delete(&self, user: &UserId, server: &ServerName) -> Result<u64, CredentialError> {
         // File first, for the same reason as in `deactivate`.
         self.remove_file(user, server)?;
@@ -413,11 +451,6 @@ impl CredentialHandle {
         Ok((CredentialHandle { actor, store }, join))
     }
 
-    /// Read access; reads do not need to queue behind writes.
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
     async fn ask<T: Send + 'static>(
         &self,
         build: impl FnOnce(Reply<T>) -> CredentialMsg,
@@ -426,91 +459,6 @@ impl CredentialHandle {
             Ok(ractor::rpc::CallResult::Success(result)) => result,
             _ => Err(CredentialError::Unavailable),
         }
-    }
-
-    pub async fn create(
-        &self,
-        user: &UserId,
-        server: &ServerName,
-        tokens: Tokens,
-    ) -> Result<(CredentialInfo, Stored), CredentialError> {
-        let (user, server) = (user.clone(), server.clone());
-        self.ask(|reply| CredentialMsg::Create {
-            user,
-            server,
-            tokens,
-            reply,
-        })
-        .await
-    }
-
-    pub async fn update(
-        &self,
-        user: &UserId,
-        server: &ServerName,
-        expected_version: Option<i64>,
-        update: TokenUpdate,
-    ) -> Result<CredentialInfo, CredentialError> {
-        let (user, server) = (user.clone(), server.clone());
-        self.ask(|reply| CredentialMsg::Update {
-            user,
-            server,
-            expected_version,
-            update,
-            reply,
-        })
-        .await
-    }
-
-    /// Claims the refresh of (user, server) at `expected_version` for `lease`; see
-    /// [`Store::claim_refresh`].
-    pub async fn claim_refresh(
-        &self,
-        user: &UserId,
-        server: &ServerName,
-        expected_version: i64,
-        lease: Duration,
-    ) -> Result<Option<i64>, CredentialError> {
-        let (user, server) = (user.clone(), server.clone());
-        self.ask(|reply| CredentialMsg::ClaimRefresh {
-            user,
-            server,
-            expected_version,
-            lease,
-            reply,
-        })
-        .await
-    }
-
-    /// Ends a refresh claim that wrote nothing; see [`Store::release_refresh`].
-    pub async fn release_refresh(
-        &self,
-        user: &UserId,
-        server: &ServerName,
-        claimed_version: i64,
-    ) -> Result<(), CredentialError> {
-        let (user, server) = (user.clone(), server.clone());
-        self.ask(|reply| CredentialMsg::ReleaseRefresh {
-            user,
-            server,
-            claimed_version,
-            reply,
-        })
-        .await
-    }
-
-    pub async fn deactivate(
-        &self,
-        user: &UserId,
-        server: &ServerName,
-    ) -> Result<bool, CredentialError> {
-        let (user, server) = (user.clone(), server.clone());
-        self.ask(|reply| CredentialMsg::Deactivate {
-            user,
-            server,
-            reply,
-        })
-        .await
     }
 
     pub async fn delete(&self, user: &UserId, server: &ServerName) -> Result<u64, CredentialError> {
@@ -526,20 +474,6 @@ impl CredentialHandle {
     pub async fn cleanup_inactive(&self, older_than: Duration) -> Result<usize, CredentialError> {
         self.ask(|reply| CredentialMsg::Cleanup { older_than, reply })
             .await
-    }
-
-    pub async fn prepare_file(
-        &self,
-        user: &UserId,
-        server: &ServerName,
-    ) -> Result<PathBuf, CredentialError> {
-        let (user, server) = (user.clone(), server.clone());
-        self.ask(|reply| CredentialMsg::PrepareFile {
-            user,
-            server,
-            reply,
-        })
-        .await
     }
 
     /// Removes credential files that have no active row; returns how many.
@@ -565,7 +499,8 @@ impl CredentialHandle {
     }
 }
 
-/// The writer as `oauth` sees it: `oauth` depends on `store`, not on the actors.
+/// The writer as `oauth` and the HTTP layer see it (`oauth` depends on `store`, not on the
+/// actors): each write is one message to the actor.
 impl CredentialWriter for CredentialHandle {
     fn store(&self) -> &Store {
         &self.store
@@ -577,7 +512,13 @@ impl CredentialWriter for CredentialHandle {
         server: &'a ServerName,
         tokens: Tokens,
     ) -> BoxFuture<'a, Result<(CredentialInfo, Stored), CredentialError>> {
-        Box::pin(CredentialHandle::create(self, user, server, tokens))
+        let (user, server) = (user.clone(), server.clone());
+        Box::pin(self.ask(|reply| CredentialMsg::Create {
+            user,
+            server,
+            tokens,
+            reply,
+        }))
     }
 
     fn update<'a>(
@@ -587,13 +528,14 @@ impl CredentialWriter for CredentialHandle {
         expected_version: Option<i64>,
         update: TokenUpdate,
     ) -> BoxFuture<'a, Result<CredentialInfo, CredentialError>> {
-        Box::pin(CredentialHandle::update(
-            self,
+        let (user, server) = (user.clone(), server.clone());
+        Box::pin(self.ask(move |reply| CredentialMsg::Update {
             user,
             server,
             expected_version,
             update,
-        ))
+            reply,
+        }))
     }
 
     fn claim_refresh<'a>(
@@ -603,13 +545,14 @@ impl CredentialWriter for CredentialHandle {
         expected_version: i64,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Option<i64>, CredentialError>> {
-        Box::pin(CredentialHandle::claim_refresh(
-            self,
+        let (user, server) = (user.clone(), server.clone());
+        Box::pin(self.ask(move |reply| CredentialMsg::ClaimRefresh {
             user,
             server,
             expected_version,
             lease,
-        ))
+            reply,
+        }))
     }
 
     fn release_refresh<'a>(
@@ -618,12 +561,13 @@ impl CredentialWriter for CredentialHandle {
         server: &'a ServerName,
         claimed_version: i64,
     ) -> BoxFuture<'a, Result<(), CredentialError>> {
-        Box::pin(CredentialHandle::release_refresh(
-            self,
+        let (user, server) = (user.clone(), server.clone());
+        Box::pin(self.ask(move |reply| CredentialMsg::ReleaseRefresh {
             user,
             server,
             claimed_version,
-        ))
+            reply,
+        }))
     }
 
     fn deactivate<'a>(
@@ -631,7 +575,27 @@ impl CredentialWriter for CredentialHandle {
         user: &'a UserId,
         server: &'a ServerName,
     ) -> BoxFuture<'a, Result<bool, CredentialError>> {
-        Box::pin(CredentialHandle::deactivate(self, user, server))
+        let (user, server) = (user.clone(), server.clone());
+        Box::pin(self.ask(|reply| CredentialMsg::Deactivate {
+            user,
+            server,
+            reply,
+        }))
+    }
+
+    fn require_reconnect<'a>(
+        &'a self,
+        user: &'a UserId,
+        server: &'a ServerName,
+        expected_version: i64,
+    ) -> BoxFuture<'a, Result<bool, CredentialError>> {
+        let (user, server) = (user.clone(), server.clone());
+        Box::pin(self.ask(move |reply| CredentialMsg::RequireReconnect {
+            user,
+            server,
+            expected_version,
+            reply,
+        }))
     }
 
     fn prepare_file<'a>(
@@ -639,6 +603,11 @@ impl CredentialWriter for CredentialHandle {
         user: &'a UserId,
         server: &'a ServerName,
     ) -> BoxFuture<'a, Result<PathBuf, CredentialError>> {
-        Box::pin(CredentialHandle::prepare_file(self, user, server))
+        let (user, server) = (user.clone(), server.clone());
+        Box::pin(self.ask(|reply| CredentialMsg::PrepareFile {
+            user,
+            server,
+            reply,
+        }))
     }
 }

@@ -12,7 +12,7 @@ use super::error::ApiError;
 use super::openapi::{ErrorBody, UserAuthErrors};
 use super::{AuthUser, HttpState, ServerParam};
 use crate::actors::{SessionState, SessionStats, Warmed};
-use crate::store::{CredentialInfo, Secret, ServerName, Stored, Tokens, UserId};
+use crate::store::{CredentialInfo, CredentialWriter, Secret, ServerName, Stored, Tokens, UserId};
 
 /// Longest accepted access or refresh token. Real ones are far shorter (Google's are under
 /// 2 KiB; JWT access tokens a few KiB); anything longer is abuse, and it would be written to a
@@ -208,6 +208,9 @@ pub async fn put(
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct CredentialList {
     pub connections: Vec<CredentialView>,
+    /// Servers whose authorization the provider revoked (a refresh got `invalid_grant`): their
+    /// credentials were deactivated, and the user must connect them again.
+    pub reconnect_required: Vec<ServerName>,
 }
 
 /// `GET /v1/connections`.
@@ -225,16 +228,32 @@ pub async fn list(
     State(state): State<HttpState>,
     AuthUser(user): AuthUser,
 ) -> Result<Json<CredentialList>, ApiError> {
-    let infos = state.store.list(Some(&user), false).await?;
+    let rows = state.store.list(Some(&user), true).await?;
+    let (active, inactive): (Vec<CredentialInfo>, Vec<CredentialInfo>) =
+        rows.into_iter().partition(|info| info.is_active);
+    // Rows come newest first per server: the first inactive row of a server without an
+    // active one says whether it was revoked.
+    let mut reconnect_required: Vec<ServerName> = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for info in &inactive {
+        let server = &info.server_name;
+        if active.iter().all(|a| &a.server_name != server)
+            && seen.insert(server.clone())
+            && info.reconnect_required
+        {
+            reconnect_required.push(server.clone());
+        }
+    }
     let live = live_sessions(&state, &user).await;
     Ok(Json(CredentialList {
-        connections: view_all(&infos, &live),
+        connections: view_all(&active, &live),
+        reconnect_required,
     }))
 }
 
 /// `GET /v1/connections/{server}`.
 #[utoipa::path(
-    get, path = "/v1/connections/{server}", operation_id = "get_session", tag = "connections",
+    get, path = "/v1/connections/{server}", operation_id = "get_connection", tag = "connections",
     security(("bearer" = [])),
     params(("server" = ServerName, Path, description = "A configured server")),
     responses(

@@ -35,7 +35,7 @@
 //! start (and in its background sweep), and acts on the outcome (restarts a `restart_on_token_refresh` server between calls,
 //! closes the session of a revoked grant). So `oauth` depends on `store`, not on the actors.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -94,8 +94,6 @@ struct Inner {
     /// path, which then does not touch the database.
     fresh_until: Mutex<HashMap<SessionKey, DateTime<Utc>>>,
     backoff: Mutex<HashMap<SessionKey, Backoff>>,
-    /// Keys whose grant was rejected: "reconnect required" until new credentials are stored.
-    reconnect_required: Mutex<HashSet<SessionKey>>,
 }
 
 /// See the module docs. Cheap to clone; one per process (its locks are the single flight).
@@ -168,7 +166,6 @@ impl TokenRefresher {
                 locks: Mutex::new(HashMap::new()),
                 fresh_until: Mutex::new(HashMap::new()),
                 backoff: Mutex::new(HashMap::new()),
-                reconnect_required: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -223,7 +220,6 @@ impl TokenRefresher {
         let key = SessionKey::new(user, server);
         lock(&self.inner.fresh_until).remove(&key);
         lock(&self.inner.backoff).remove(&key);
-        lock(&self.inner.reconnect_required).remove(&key);
     }
 
     // === the single flight ===
@@ -264,12 +260,12 @@ impl TokenRefresher {
     ) -> Result<Freshness, CredentialError> {
         let store = self.inner.credentials.store();
         let Some(record) = store.get(&key.user, &key.server).await? else {
-            if lock(&self.inner.reconnect_required).contains(key) {
+            // Persisted, so a restarted service and every instance of a cluster say so too.
+            if store.reconnect_required(&key.user, &key.server).await? {
                 return Err(CredentialError::ReconnectRequired(key.server.clone()));
             }
             return Ok(Freshness::Unmanaged);
         };
-        lock(&self.inner.reconnect_required).remove(key);
         let now = Utc::now();
         let Some(due) = refresh_due(&record.tokens, provider.refresh_before()) else {
             lock(&self.inner.fresh_until).insert(key.clone(), DateTime::<Utc>::MAX_UTC);
@@ -476,9 +472,14 @@ impl TokenRefresher {
         key: &SessionKey,
         version: i64,
     ) -> Result<Freshness, CredentialError> {
-        let store = self.inner.credentials.store();
-        let current = store.get(&key.user, &key.server).await?;
-        if current.as_ref().is_some_and(|r| r.info.version != version) {
+        lock(&self.inner.fresh_until).remove(key);
+        lock(&self.inner.backoff).remove(key);
+        let marked = self
+            .inner
+            .credentials
+            .require_reconnect(&key.user, &key.server, version)
+            .await?;
+        if !marked {
             // Rotated away by a concurrent winner, or replaced by a reconnect: not revoked.
             return self.adopt_stored(key).await;
         }
@@ -486,13 +487,6 @@ impl TokenRefresher {
             user_id = %key.user, server = %key.server,
             "The provider rejected the refresh token (invalid_grant); credentials deactivated, reconnect required"
         );
-        lock(&self.inner.reconnect_required).insert(key.clone());
-        lock(&self.inner.fresh_until).remove(key);
-        lock(&self.inner.backoff).remove(key);
-        self.inner
-            .credentials
-            .deactivate(&key.user, &key.server)
-            .await?;
         Err(CredentialError::ReconnectRequired(key.server.clone()))
     }
 

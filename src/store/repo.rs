@@ -26,7 +26,7 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migratio
 macro_rules! columns {
     () => {
         "id, user_id, server_name, credentials_path, access_token, refresh_token, token_expiry, \
-         is_active, key_version, version, created_at, updated_at"
+         is_active, reconnect_required, key_version, version, created_at, updated_at"
     };
 }
 
@@ -166,6 +166,7 @@ struct RawRow {
     refresh_token: Option<String>,
     token_expiry: Option<DateTime<Utc>>,
     is_active: bool,
+    reconnect_required: bool,
     key_version: i32,
     version: i64,
     created_at: DateTime<Utc>,
@@ -183,6 +184,9 @@ pub struct CredentialInfo {
     pub has_access_token: bool,
     pub has_refresh_token: bool,
     pub is_active: bool,
+    /// Deactivated because the provider rejected the refresh token: the user must connect
+    /// again. Cleared by the next connect.
+    pub reconnect_required: bool,
     /// Bumped by every write; the compare-and-swap token of [`Store::update_tokens`].
     pub version: i64,
     /// Encryption key version of the tokens.
@@ -363,6 +367,7 @@ impl Store {
             has_access_token: raw.access_token.is_some(),
             has_refresh_token: raw.refresh_token.is_some(),
             is_active: raw.is_active,
+            reconnect_required: raw.reconnect_required,
             version: raw.version,
             key_version: u32::try_from(raw.key_version)
                 .map_err(|_| corrupt("negative key_version"))?,
@@ -445,7 +450,7 @@ impl Store {
                     let raw: RawRow = sqlx::query_as(concat!(
                         "UPDATE mcp_connections SET credentials_path = $1, access_token = $2, \
                          refresh_token = $3, token_expiry = $4, key_version = $5, is_active = TRUE, \
-                         version = version + 1, updated_at = $6, refresh_lease_until = NULL \
+                         reconnect_required = FALSE, version = version + 1, updated_at = $6, refresh_lease_until = NULL \
                          WHERE id = $7 RETURNING ",
                         columns!()
                     ))
@@ -635,6 +640,49 @@ impl Store {
             .await?;
         });
         Ok(())
+    }
+
+    /// The provider rejected the refresh token of the active row at `expected_version`:
+    /// deactivates it and marks it `reconnect_required`, in one statement. Returns false when
+    /// the row moved on meanwhile (a concurrent refresh rotated it, or the user reconnected):
+    /// then the grant was not revoked.
+    pub async fn require_reconnect(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        expected_version: i64,
+    ) -> Result<bool, StoreError> {
+        let done = in_write_tx!(self, Scope::User(user), tx => sqlx::query(
+            "UPDATE mcp_connections SET is_active = FALSE, reconnect_required = TRUE, \
+             version = version + 1, updated_at = $1, refresh_lease_until = NULL \
+             WHERE user_id = $2 AND server_name = $3 AND is_active AND version = $4",
+        )
+        .bind(now())
+        .bind(user.as_str())
+        .bind(server.as_str())
+        .bind(expected_version)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected());
+        Ok(done > 0)
+    }
+
+    /// Whether (user, server) has no active credentials because its grant was revoked (the
+    /// newest row says `reconnect_required`).
+    pub async fn reconnect_required(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<bool, StoreError> {
+        let newest: Option<(bool, bool)> = in_read!(self, Scope::User(user), conn => sqlx::query_as(
+            "SELECT is_active, reconnect_required FROM mcp_connections \
+             WHERE user_id = $1 AND server_name = $2 ORDER BY is_active DESC, updated_at DESC LIMIT 1",
+        )
+        .bind(user.as_str())
+        .bind(server.as_str())
+        .fetch_optional(conn)
+        .await)?;
+        Ok(newest.is_some_and(|(active, required)| !active && required))
     }
 
     /// Soft delete: marks the active row inactive. Returns whether there was one.

@@ -112,6 +112,16 @@ pub trait CredentialWriter: Send + Sync + 'static {
         server: &'a ServerName,
     ) -> BoxFuture<'a, Result<bool, CredentialError>>;
 
+    /// The provider rejected the refresh token: removes the file, and deactivates the row
+    /// and marks it `reconnect_required` if it is still at `expected_version`; see
+    /// [`Store::require_reconnect`]. Returns whether it was marked.
+    fn require_reconnect<'a>(
+        &'a self,
+        user: &'a UserId,
+        server: &'a ServerName,
+        expected_version: i64,
+    ) -> BoxFuture<'a, Result<bool, CredentialError>>;
+
     /// (Re)writes the credentials file from the row; returns its path.
     fn prepare_file<'a>(
         &'a self,

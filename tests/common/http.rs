@@ -11,6 +11,7 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use mcp_pool::app::{App, AppError};
 use mcp_pool::http::HttpState;
+use mcp_pool::store::CredentialWriter;
 use serde_json::Value;
 
 use super::common::{PATIENCE, test_config};
@@ -162,6 +163,15 @@ impl TestServer {
     pub async fn stop(mut self) {
         self.begin_shutdown();
         self.stopped().await.expect("the app stops cleanly");
+    }
+
+    /// Stops the service, then starts a new one on the same directory, database and config:
+    /// what a process restart keeps. The new one listens on another port.
+    pub async fn restart(mut self) -> TestServer {
+        self.begin_shutdown();
+        self.stopped().await.expect("the app stops cleanly");
+        let config = (*self.state.config).clone();
+        spawn_app_with(self.dir, config, &[]).await
     }
 
     /// Waits for `App::serve` to return (after a shutdown, or on its own when the pool was
