@@ -147,6 +147,13 @@ impl DemoServer {
                     empty_schema(),
                 ),
                 tool(
+                    "hold_stdout",
+                    "Starts `sleep 3600` in this server's process group that keeps this server's \
+                     stdout open but not its stdin; returns its pid. Once the server dies, the \
+                     client sees no end of its output, yet nothing reads what it writes.",
+                    empty_schema(),
+                ),
+                tool(
                     "spawn_watched_child",
                     "Starts `sleep 3600` through mcp-pool's own spawner (its own group, death \
                      signal armed); returns its pid.",
@@ -241,6 +248,22 @@ impl DemoServer {
         Ok(text(pid.to_string()))
     }
 
+    fn hold_stdout(&self) -> Result<CallToolResult, ErrorData> {
+        let child = std::process::Command::new("sleep")
+            .arg("3600")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::inherit())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|err| ErrorData::internal_error(err.to_string(), None))?;
+        let pid = child.id();
+        self.grandchildren
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(child);
+        Ok(text(pid.to_string()))
+    }
+
     async fn spawn_watched_child(&self) -> Result<CallToolResult, ErrorData> {
         let launch = ServerLaunch {
             command: "sleep".to_owned(),
@@ -309,6 +332,7 @@ impl ServerHandler for DemoServer {
             "whoami" => text(whoami().to_string()),
             "crash" => std::process::exit(CRASH_EXIT_CODE),
             "spawn_grandchild" => self.spawn_grandchild()?,
+            "hold_stdout" => self.hold_stdout()?,
             "spawn_watched_child" => self.spawn_watched_child().await?,
             "add_tool" => {
                 let name = args.get("name").and_then(Value::as_str).map(str::to_owned);
