@@ -17,7 +17,7 @@ use crate::actors::connection::{
     CloseReason, ConnectionActor, ConnectionArgs, ConnectionMsg, HealthPolicy, Session,
     SessionShared, SessionState,
 };
-use crate::backoff::{FailureWindow, full_jitter};
+use crate::backoff::{AfterFailure, Circuit, RestartPolicy};
 use crate::config::ServerConfig;
 use crate::ids::{ServerName, SessionKey, UserId};
 use crate::mcp::{ServerLaunch, base_environment};
@@ -27,12 +27,11 @@ struct Entry {
     shared: Arc<SessionShared>,
     actor: Option<ActorRef<ConnectionMsg>>,
     waiters: Vec<SessionReply>,
-    /// Failures (crashes and failed starts) inside the restart window.
-    failures: FailureWindow,
+    /// Failures (crashes and failed starts) inside the restart window, and the circuit they
+    /// open.
+    circuit: Circuit,
     /// When the current start was asked for (cold-start time is measured from it).
     start_requested: Option<Instant>,
-    /// Set while the key is refused after too many failures.
-    failed_until: Option<Instant>,
     /// Whether this key has ever been ready: only those restart in the background.
     ever_ready: bool,
     /// Set while the session must restart after a token refresh, once no call is in flight.
@@ -43,7 +42,7 @@ impl Entry {
     /// No process, none coming, not refused: only failure history is kept.
     fn is_dormant(&self) -> bool {
         self.actor.is_none()
-            && self.failed_until.is_none()
+            && !self.circuit.is_open()
             && self.shared.state() != SessionState::Restarting
     }
 
@@ -183,17 +182,16 @@ impl PoolState {
         if self.server_config(&key.server).is_none() {
             return refuse(reply, PoolError::UnknownServer(key.server));
         }
-        let now = Instant::now();
+        let restart_policy = self.restart_policy();
         if let Some(entry) = self.entries.get_mut(&key) {
-            if let Some(until) = entry.failed_until {
-                if now < until {
-                    let retry_after = until - now;
+            match entry.circuit.admit() {
+                Err(retry_after) => {
                     return refuse(reply, PoolError::CircuitOpen { retry_after });
                 }
-                // Cool-down over: this request is the one probe start.
-                tracing::info!(user_id = %key.user, server = %key.server, "Cool-down over; probing {key}");
-                entry.failed_until = None;
-                entry.failures.clear();
+                Ok(true) => {
+                    tracing::info!(user_id = %key.user, server = %key.server, "Cool-down over; probing {key}");
+                }
+                Ok(false) => {}
             }
             match (entry.shared.state(), &entry.actor) {
                 (SessionState::Ready, Some(_)) => {
@@ -241,9 +239,8 @@ impl PoolState {
                     shared,
                     actor: None,
                     waiters: reply.into_iter().collect(),
-                    failures: FailureWindow::new(self.args.pool.restart_window),
+                    circuit: Circuit::new(restart_policy),
                     start_requested: None,
-                    failed_until: None,
                     ever_ready: false,
                     restart_pending: false,
                 },
@@ -397,30 +394,38 @@ impl PoolState {
     /// Records a failure; returns the backoff before the next attempt, or `None` when the key
     /// just exceeded its intensity and is now refused for the cool-down.
     fn record_failure(&mut self, key: &SessionKey) -> Option<Duration> {
-        let pool = &self.args.pool;
         let entry = self.entries.get_mut(key)?;
-        let attempts = entry.failures.record() as u32;
-        if attempts > pool.max_restarts {
-            entry.failed_until = Some(Instant::now() + pool.failed_cooldown);
-            entry.shared.set_state(SessionState::Failed);
-            tracing::error!(
-                user_id = %key.user, server = %key.server, attempts,
-                "Session {key} failed {attempts} times within {:?}; refusing it for {:?}",
-                pool.restart_window, pool.failed_cooldown
-            );
-            self.args.events.publish(
-                key,
-                EventKind::CircuitOpened {
-                    cooldown_secs: pool.failed_cooldown.as_secs(),
-                },
-            );
-            return None;
+        match entry.circuit.record_failure() {
+            AfterFailure::Retry { delay, .. } => Some(delay),
+            AfterFailure::Open { cooldown } => {
+                entry.shared.set_state(SessionState::Failed);
+                let attempts = entry.circuit.attempts();
+                tracing::error!(
+                    user_id = %key.user, server = %key.server, attempts,
+                    "Session {key} failed {attempts} times within {:?}; refusing it for {cooldown:?}",
+                    self.args.pool.restart_window
+                );
+                self.args.events.publish(
+                    key,
+                    EventKind::CircuitOpened {
+                        cooldown_secs: cooldown.as_secs(),
+                    },
+                );
+                None
+            }
         }
-        Some(full_jitter(
-            pool.restart_backoff_base,
-            pool.restart_backoff_cap,
-            attempts.saturating_sub(1),
-        ))
+    }
+
+    /// `[pool]`'s restart intensity, backoff and cool-down.
+    fn restart_policy(&self) -> RestartPolicy {
+        let pool = &self.args.pool;
+        RestartPolicy {
+            max_restarts: pool.max_restarts,
+            window: pool.restart_window,
+            cooldown: pool.failed_cooldown,
+            backoff_base: pool.restart_backoff_base,
+            backoff_cap: pool.restart_backoff_cap,
+        }
     }
 
     pub(super) fn on_start_failed(
@@ -507,7 +512,7 @@ impl PoolState {
         entry.shared.count_restart();
         self.counters.restarts += 1;
         self.args.metrics.restart_scheduled(&key.server);
-        let attempt = entry.failures.len();
+        let attempt = entry.circuit.attempts();
         self.args.events.publish(
             key,
             EventKind::RestartScheduled {
@@ -545,7 +550,7 @@ impl PoolState {
             return;
         }
         entry.actor = None;
-        if entry.failed_until.is_none() && entry.shared.state() != SessionState::Restarting {
+        if !entry.circuit.is_open() && entry.shared.state() != SessionState::Restarting {
             let waiters = std::mem::take(&mut entry.waiters);
             self.forget(key);
             for waiter in waiters {
@@ -642,7 +647,7 @@ impl PoolState {
         for key in &idle {
             self.args.metrics.reaped(&key.server);
             self.close(key, CloseReason::Idle);
-            tracing::info!(user_id = %key.user, server = %key.server, "Cleaned up idle connection: {key}");
+            tracing::info!(user_id = %key.user, server = %key.server, "Cleaned up idle session: {key}");
         }
         // Failed keys whose cool-down is long over are forgotten, so the map does not grow.
         let now = Instant::now();
@@ -651,7 +656,8 @@ impl PoolState {
                 || !entry.waiters.is_empty()
                 || entry.shared.state() == SessionState::Restarting
                 || entry
-                    .failed_until
+                    .circuit
+                    .open_until()
                     .is_some_and(|until| until + idle_timeout > now)
         });
         self.args
