@@ -731,7 +731,7 @@ impl ConnectionActorState {
                 });
                 let _ = self.pool.send_message(PoolMsg::Ready {
                     actor: myself.get_id(),
-                    connection: Session::new(self.shared.clone(), client),
+                    session: Session::new(self.shared.clone(), client),
                 });
                 Ok(())
             }

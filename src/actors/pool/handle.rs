@@ -125,7 +125,7 @@ impl PoolHandle {
         }
     }
 
-    /// A ready connection for (user, server), starting the server only if none is live.
+    /// A ready session for (user, server), starting the server only if none is live.
     pub async fn get_session(
         &self,
         user: &UserId,
@@ -135,19 +135,19 @@ impl PoolHandle {
             user: user.clone(),
             server: server.clone(),
         };
-        if let Some(connection) = self.index.ready(&key) {
-            return Ok(connection);
+        if let Some(session) = self.index.ready(&key) {
+            return Ok(session);
         }
         self.fetch_session(key, None).await
     }
 
-    /// Asks the supervisor for `key`'s connection; with `stale`, not the session of that pid.
+    /// Asks the supervisor for `key`'s session; with `stale`, not the session of that pid.
     async fn fetch_session(
         &self,
         key: SessionKey,
         stale: Option<u32>,
     ) -> Result<Session, PoolError> {
-        // A connection reaped between lookup and use is fetched again, once.
+        // A session reaped between lookup and use is fetched again, once.
         for _ in 0..2 {
             let key = key.clone();
             match self
@@ -187,7 +187,7 @@ impl PoolHandle {
     }
 
     /// Calls a tool, after refreshing OAuth tokens due for a refresh (an in-memory check when
-    /// none is). Retried only if the connection was closed before the call was sent.
+    /// none is). Retried only if the session was closed before the call was sent.
     /// Refused at once, before anything starts, when the arguments nest deeper than
     /// [`MAX_ARGUMENT_DEPTH`] or the user already has `pool.max_in_flight_per_user` calls in
     /// flight.
@@ -233,21 +233,18 @@ impl PoolHandle {
                 retry_after: Duration::from_secs(1),
             })?;
         self.ensure_fresh(user, server).await?;
-        let connection = self.get_session(user, server).await?;
-        let Some(slot) = connection.reserve() else {
+        let session = self.get_session(user, server).await?;
+        let Some(slot) = session.reserve() else {
             // It started closing, and the pool no longer hands it out.
             return self.retry_call(user, server, None, tool, arguments).await;
         };
-        match connection
-            .call_reserved(slot, tool, arguments.clone())
-            .await
-        {
+        match session.call_reserved(slot, tool, arguments.clone()).await {
             // A call that never reached the server is tried again, once, on another session;
             // one that may have run reports `ServerCrashed` (a tool need not be idempotent).
             Err(PoolError::Reconnect) => {
                 // The session is broken (its transport closed, or a write to the server
                 // failed): the retry must not be handed the same session back.
-                self.retry_call(user, server, Some(connection.pid()), tool, arguments)
+                self.retry_call(user, server, Some(session.pid()), tool, arguments)
                     .await
             }
             other => other,
@@ -264,11 +261,11 @@ impl PoolHandle {
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
     ) -> Result<rmcp::model::CallToolResult, PoolError> {
         tracing::debug!(user_id = %user, server = %server, ?stale, "retrying a call that was not sent");
-        let connection = self
+        let session = self
             .fetch_session(SessionKey::new(user, server), stale)
             .await?;
-        let slot = connection.reserve().ok_or(PoolError::Reconnect)?;
-        connection.call_reserved(slot, tool, arguments).await
+        let slot = session.reserve().ok_or(PoolError::Reconnect)?;
+        session.call_reserved(slot, tool, arguments).await
     }
 
     pub async fn close_session(
@@ -384,7 +381,7 @@ impl PoolHandle {
         self.ask(|reply| PoolMsg::Stats { reply }).await
     }
 
-    /// Stops taking work and closes every connection; returns how many were closed.
+    /// Stops taking work and closes every session; returns how many were closed.
     pub async fn shutdown(&self) -> Result<usize, PoolError> {
         self.ask(|reply| PoolMsg::Shutdown { reply }).await
     }

@@ -61,7 +61,7 @@ pub enum PoolMsg {
     /// A `ConnectionActor` finished starting.
     Ready {
         actor: ActorId,
-        connection: Session,
+        session: Session,
     },
     /// Backoff elapsed: start the key again.
     Restart {
@@ -82,7 +82,7 @@ pub enum PoolMsg {
     Stats {
         reply: RpcReplyPort<PoolStats>,
     },
-    /// Stop taking work and close every connection; replies with how many were closed.
+    /// Stop taking work and close every session; replies with how many were closed.
     Shutdown {
         reply: RpcReplyPort<usize>,
     },
@@ -213,7 +213,7 @@ impl Actor for PoolSupervisor {
                 }
                 let _ = reply.send(outcomes);
             }
-            PoolMsg::Ready { actor, connection } => state.on_ready(&myself, actor, connection),
+            PoolMsg::Ready { actor, session } => state.on_ready(&myself, actor, session),
             PoolMsg::Restart { key } => state.on_restart(&myself, key).await,
             PoolMsg::Close { key, reply } => {
                 let _ = reply.send(state.close(&key, CloseReason::Requested));

@@ -121,7 +121,7 @@ impl PoolState {
             .count()
     }
 
-    /// Closes the least recently used idle connection (of `user`, if given) to make room.
+    /// Closes the least recently used idle session (of `user`, if given) to make room.
     fn evict_lru(&mut self, user: Option<&UserId>) -> bool {
         let victim = self
             .entries
@@ -160,7 +160,7 @@ impl PoolState {
         Ok(())
     }
 
-    /// Answers `reply` with `key`'s connection (now, or once its start ends), starting it if
+    /// Answers `reply` with `key`'s session (now, or once its start ends), starting it if
     /// nothing is live. Without `reply` (warm-up) only the start is made. Returns what it found
     /// or did; an error is also sent to `reply`.
     pub(super) async fn get_session(
@@ -332,7 +332,7 @@ impl PoolState {
                 }
             }
             Err(err) => {
-                tracing::error!(cause = %err, "cannot spawn a connection actor for {key}");
+                tracing::error!(cause = %err, "cannot spawn a session actor for {key}");
                 self.fail_waiters(key, PoolError::Unavailable);
             }
         }
@@ -359,7 +359,7 @@ impl PoolState {
         &mut self,
         myself: &ActorRef<PoolMsg>,
         actor: ActorId,
-        connection: Session,
+        session: Session,
     ) {
         let (metrics, events) = (self.args.metrics.clone(), self.args.events.clone());
         let Some((key, entry)) = self.entry_of(actor) else {
@@ -376,13 +376,13 @@ impl PoolState {
         events.publish(
             key,
             EventKind::Started {
-                pid: Some(connection.pid()),
+                pid: Some(session.pid()),
                 cold_start_ms: cold_start.as_millis() as u64,
                 restart,
             },
         );
         for waiter in entry.waiters.drain(..) {
-            let _ = waiter.send(Ok(connection.clone()));
+            let _ = waiter.send(Ok(session.clone()));
         }
         // Tokens were refreshed while this session started: it may have read the old ones.
         if entry.restart_pending {
@@ -522,7 +522,7 @@ impl PoolState {
         );
         tracing::warn!(
             user_id = %key.user, server = %key.server, attempt, backoff_ms = delay.as_millis() as u64,
-            "Restarting MCP connection {key} (attempt {attempt}) in {delay:?}"
+            "Restarting MCP session {key} (attempt {attempt}) in {delay:?}"
         );
         let key = key.clone();
         myself.send_after(delay, move || PoolMsg::Restart { key });
@@ -559,7 +559,7 @@ impl PoolState {
         }
     }
 
-    /// Starts closing `key`'s connection; returns whether there was a live one.
+    /// Starts closing `key`'s session; returns whether there was a live one.
     pub(super) fn close(&mut self, key: &SessionKey, reason: CloseReason) -> bool {
         let Some(entry) = self.entries.get_mut(key) else {
             return false;
@@ -739,7 +739,7 @@ impl PoolState {
                     )
                     .await;
                 if closed.is_err() {
-                    tracing::warn!("connection {key} was already gone at shutdown");
+                    tracing::warn!("session {key} was already gone at shutdown");
                 }
             });
             futures_join_all(closes).await;
