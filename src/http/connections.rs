@@ -8,7 +8,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 
-use super::error::ApiError;
+use super::error::{ApiError, optional_json};
 use super::openapi::{ErrorBody, UserAuthErrors};
 use super::{AuthUser, HttpState, ServerParam};
 use crate::actors::{SessionState, SessionStats, Warmed};
@@ -399,20 +399,7 @@ pub async fn warm(
     AuthUser(user): AuthUser,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<WarmResponse>), ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            super::error::payload_too_large()
-        } else {
-            ApiError::bad_request("invalid_body", rejection.body_text())
-        }
-    })?;
-    let named = if body.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        let request: WarmRequest = serde_json::from_slice(&body)
-            .map_err(|err| ApiError::bad_request("invalid_body", err.to_string()))?;
-        Some(request.servers)
-    };
+    let named = optional_json::<WarmRequest>(&body?)?.map(|request| request.servers);
     let active: Vec<ServerName> = state
         .store
         .list(Some(&user), false)

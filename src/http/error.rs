@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
@@ -408,6 +408,34 @@ impl From<JsonRejection> for ApiError {
             },
         }
     }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> ApiError {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            payload_too_large()
+        } else {
+            ApiError::bad_request("invalid_body", rejection.body_text())
+        }
+    }
+}
+
+/// A body that may be left empty: `None` for no body (or only whitespace), else JSON of type
+/// `T`. Not JSON at all is `malformed_json`; JSON of the wrong shape is `invalid_body`.
+pub fn optional_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<Option<T>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(body).map(Some).map_err(|err| {
+        if err.is_syntax() || err.is_eof() {
+            ApiError::bad_request(
+                "malformed_json",
+                format!("the body is not valid JSON: {err}"),
+            )
+        } else {
+            ApiError::bad_request("invalid_body", err.to_string())
+        }
+    })
 }
 
 impl From<PathRejection> for ApiError {

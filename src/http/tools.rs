@@ -8,7 +8,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 
-use super::error::ApiError;
+use super::error::{ApiError, optional_json};
 use super::openapi::{ErrorBody, SessionErrors, UserAuthErrors};
 use super::{AuthUser, HttpState, ServerParam, path_param};
 use crate::actors::PoolError;
@@ -154,14 +154,7 @@ pub async fn call(
     ToolParam(tool): ToolParam,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<CallResponse>, ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            super::error::payload_too_large()
-        } else {
-            ApiError::bad_request("invalid_body", rejection.body_text())
-        }
-    })?;
-    let arguments = parse_arguments(&body)?;
+    let arguments = parse_arguments(&body?)?;
     let started = Instant::now();
     let result = state.pool.call_tool(&user, &server, &tool, arguments).await;
     let elapsed = started.elapsed();
@@ -184,11 +177,9 @@ pub async fn call(
 fn parse_arguments(
     body: &[u8],
 ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
-    }
-    match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(serde_json::Value::Object(map)) => {
+    match optional_json::<serde_json::Value>(body)? {
+        None => Ok(None),
+        Some(serde_json::Value::Object(map)) => {
             // Checked here too (the pool checks every caller) so the refusal comes before any
             // token refresh or session start.
             if arguments_depth(Some(&map)) > MAX_ARGUMENT_DEPTH {
@@ -199,13 +190,9 @@ fn parse_arguments(
             }
             Ok(Some(map))
         }
-        Ok(_) => Err(ApiError::bad_request(
+        Some(_) => Err(ApiError::bad_request(
             "invalid_body",
             "the body must be a JSON object of tool arguments",
-        )),
-        Err(err) => Err(ApiError::bad_request(
-            "malformed_json",
-            format!("the body is not valid JSON: {err}"),
         )),
     }
 }

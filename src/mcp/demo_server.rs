@@ -233,26 +233,19 @@ impl DemoServer {
     fn spawn_grandchild(&self) -> Result<CallToolResult, ErrorData> {
         // No stdio: a grandchild holding our stdout would keep the client's pipe open after
         // this server dies, hiding the crash from it.
-        let child = std::process::Command::new("sleep")
-            .arg("3600")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .map_err(|err| ErrorData::internal_error(err.to_string(), None))?;
-        let pid = child.id();
-        self.grandchildren
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(child);
-        Ok(text(pid.to_string()))
+        self.spawn_sleep(std::process::Stdio::null())
     }
 
     fn hold_stdout(&self) -> Result<CallToolResult, ErrorData> {
+        self.spawn_sleep(std::process::Stdio::inherit())
+    }
+
+    /// `sleep 3600` in this server's process group, with `stdout`, and no stdin or stderr.
+    fn spawn_sleep(&self, stdout: std::process::Stdio) -> Result<CallToolResult, ErrorData> {
         let child = std::process::Command::new("sleep")
             .arg("3600")
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::inherit())
+            .stdout(stdout)
             .stderr(std::process::Stdio::null())
             .spawn()
             .map_err(|err| ErrorData::internal_error(err.to_string(), None))?;

@@ -131,10 +131,7 @@ impl PoolHandle {
         user: &UserId,
         server: &ServerName,
     ) -> Result<Session, PoolError> {
-        let key = SessionKey {
-            user: user.clone(),
-            server: server.clone(),
-        };
+        let key = SessionKey::new(user, server);
         if let Some(session) = self.index.ready(&key) {
             return Ok(session);
         }
@@ -273,10 +270,7 @@ impl PoolHandle {
         user: &UserId,
         server: &ServerName,
     ) -> Result<bool, PoolError> {
-        let key = SessionKey {
-            user: user.clone(),
-            server: server.clone(),
-        };
+        let key = SessionKey::new(user, server);
         self.ask(|reply| PoolMsg::Close { key, reply }).await
     }
 
