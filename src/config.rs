@@ -15,6 +15,8 @@ use crate::mcp::sandbox::{Limits, SandboxMode, ServerPolicy};
 
 /// Environment variable that overrides `database.url`.
 pub const DATABASE_URL_ENV: &str = "MCP_POOL_DATABASE_URL";
+/// Overrides `log.format` (`text` or `json`).
+pub const LOG_FORMAT_ENV: &str = "MCP_POOL_LOG_FORMAT";
 /// Environment variable with encryption keys (`VERSION:BASE64KEY[,VERSION:BASE64KEY...]`);
 /// when set, it replaces the key file.
 pub const ENCRYPTION_KEYS_ENV: &str = "MCP_POOL_ENCRYPTION_KEYS";
@@ -83,6 +85,9 @@ pub struct Config {
     /// How MCP server processes are confined, and their default resource limits.
     #[serde(default)]
     pub sandbox: SandboxConfig,
+    /// How the service logs.
+    #[serde(default)]
+    pub log: LogConfig,
     /// One entry per MCP server users may connect, keyed by server name.
     #[serde(default)]
     pub servers: BTreeMap<String, ServerConfig>,
@@ -420,6 +425,52 @@ pub struct JwtConfig {
 
 fn default_jwt_leeway() -> Duration {
     Duration::from_secs(30)
+}
+
+/// `[log]`: the log's format (the level comes from `RUST_LOG`, default `info`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// `text` (for a terminal, the default) or `json` (one object per line, span fields included,
+/// for a log pipeline).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    /// `MCP_POOL_LOG_FORMAT`, if set to a known format.
+    pub fn from_env(env: impl Fn(&str) -> Option<String>) -> Option<LogFormat> {
+        match env(LOG_FORMAT_ENV)?.trim() {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+
+    /// What the process should log with before (or without) a full config load: the
+    /// environment's choice, else the config file's `[log]`, else text. A file that cannot be
+    /// read or parsed gives text here; loading it properly reports why.
+    pub fn for_process(config_path: &Path, env: impl Fn(&str) -> Option<String>) -> LogFormat {
+        #[derive(Deserialize)]
+        struct OnlyLog {
+            #[serde(default)]
+            log: LogConfig,
+        }
+        LogFormat::from_env(env).unwrap_or_else(|| {
+            std::fs::read_to_string(config_path)
+                .ok()
+                .and_then(|text| toml::from_str::<OnlyLog>(&text).ok())
+                .map(|only| only.log.format)
+                .unwrap_or_default()
+        })
+    }
 }
 
 /// `[http]`: limits of the HTTP facade.
@@ -782,6 +833,9 @@ impl Config {
     pub fn apply_env_overrides(&mut self, env: impl Fn(&str) -> Option<String>) {
         if let Some(url) = env(DATABASE_URL_ENV).filter(|url| !url.is_empty()) {
             self.database.url = url;
+        }
+        if let Some(format) = LogFormat::from_env(&env) {
+            self.log.format = format;
         }
     }
 

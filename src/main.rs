@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mcp_pool::app::{self, App, Storage};
-use mcp_pool::config::Config;
+use mcp_pool::config::{Config, LogFormat};
 use mcp_pool::store::{CredentialWriter, ServerName, UserId};
 
 /// Persistent, supervised MCP client connections per (user, server) for chat backends.
@@ -87,21 +87,34 @@ enum CredentialsCommand {
     },
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     // stderr: stdout belongs to the MCP protocol when running as a stdio server.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // One object per line: the event's fields at the top level, and the spans it is in
+        // with their fields (`user_id`, `server`, `route`...) under `spans`.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(match cli.command {
+        // A child of the service: its stderr is the service's log, in text.
+        Command::DemoServer { .. } => LogFormat::Text,
+        _ => LogFormat::for_process(&cli.config, |name| std::env::var(name).ok()),
+    });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {

@@ -289,6 +289,46 @@ const ROUTES: &[(&str, &str)] = &[
 type Sample = (String, String, f64);
 
 /// Parses Prometheus/OpenMetrics text: `# TYPE` per family, `name{labels} value` samples.
+/// Prometheus naming conventions: a counter's samples are `<name>_total`, nothing else ends in
+/// `_total`, and whatever measures time or size says its unit in its name.
+fn assert_prometheus_conventions(types: &[(String, String)], samples: &[Sample]) {
+    for (family, kind) in types {
+        let of_family: Vec<&String> = samples
+            .iter()
+            .map(|(name, _, _)| name)
+            .filter(|name| {
+                name.strip_prefix(family.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('_'))
+            })
+            .collect();
+        match kind.as_str() {
+            "counter" => {
+                for name in &of_family {
+                    assert!(
+                        name.ends_with("_total") || name.ends_with("_created"),
+                        "counter sample {name} lacks _total"
+                    );
+                }
+            }
+            _ => assert!(
+                !family.ends_with("_total"),
+                "{kind} {family} ends in _total"
+            ),
+        }
+        let measures = ["duration", "time", "memory", "cpu", "latency", "size"];
+        if measures.iter().any(|m| family.contains(m)) {
+            assert!(
+                family.ends_with("_seconds") || family.ends_with("_bytes"),
+                "{family} measures time or size but names no unit"
+            );
+        }
+        assert!(
+            !family.contains("carol"),
+            "no user id in a metric name: {family}"
+        );
+    }
+}
+
 fn parse_metrics(text: &str) -> (Vec<(String, String)>, Vec<Sample>) {
     let mut types = Vec::new();
     let mut samples = Vec::new();
@@ -364,7 +404,15 @@ async fn metrics_openapi_admin_and_readiness() {
         ("mcp_pool_tool_call_duration_seconds", "histogram"),
         ("mcp_pool_http_errors", "counter"),
         ("mcp_pool_chat_requests", "counter"),
-        ("mcp_pool_connections", "gauge"),
+        ("mcp_pool_sessions", "gauge"),
+        ("mcp_pool_server_resident_memory_bytes", "gauge"),
+        ("mcp_pool_server_cpu_seconds", "gauge"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_virtual_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_max_fds", "gauge"),
+        ("process_start_time_seconds", "gauge"),
+        ("process_cpu_seconds", "counter"),
         ("mcp_pool_session_spawns", "counter"),
         ("mcp_pool_session_cold_start_seconds", "histogram"),
     ] {
@@ -410,10 +458,31 @@ async fn metrics_openapi_admin_and_readiness() {
         "{text}"
     );
     assert_eq!(
-        sample(&samples, "mcp_pool_connections", "state=\"ready\""),
+        sample(
+            &samples,
+            "mcp_pool_sessions",
+            "server=\"demo\",state=\"ready\""
+        ),
         Some(1.0),
         "{text}"
     );
+    let memory = sample(
+        &samples,
+        "mcp_pool_server_resident_memory_bytes",
+        "server=\"demo\"",
+    );
+    assert!(
+        memory.is_some_and(|bytes| bytes > 1024.0 * 1024.0),
+        "the demo session's processes use more than 1 MiB: {memory:?}"
+    );
+    let open_fds = sample(&samples, "process_open_fds", "").unwrap();
+    let max_fds = sample(&samples, "process_max_fds", "").unwrap();
+    assert!(
+        open_fds >= 3.0 && max_fds >= open_fds,
+        "{open_fds} / {max_fds}"
+    );
+    assert!(sample(&samples, "process_cpu_seconds_total", "").unwrap() > 0.0);
+    assert_prometheus_conventions(&types, &samples);
     assert_eq!(
         sample(&samples, "mcp_pool_session_spawns_total", "server=\"demo\""),
         Some(1.0),

@@ -1,14 +1,15 @@
-//! Admin routes (the admin key in either auth mode): pool stats, closing a user's sessions,
-//! credential cleanup.
+//! Admin routes (the admin key in either auth mode): pool stats, the live event feed, closing
+//! sessions, credential cleanup; and the status page that uses them.
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
+use tokio_stream::StreamExt as _;
 
 use super::error::ApiError;
 use super::openapi::{AdminAuthErrors, ErrorBody};
-use super::{AdminAuth, HttpState, path_param};
+use super::{AdminAuth, HttpState, ServerParam, path_param};
 use crate::actors::PoolStats;
 use crate::config::MIN_CLEANUP_AGE;
 use crate::store::UserId;
@@ -139,4 +140,159 @@ pub async fn cleanup(
         deleted,
         inactive_for: humantime::format_duration(inactive_for).to_string(),
     }))
+}
+
+/// Body of `DELETE /v1/admin/users/{user}/connections/{server}`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct SessionClosed {
+    pub user_id: UserId,
+    pub server: crate::store::ServerName,
+    /// Whether a live session was closed.
+    pub closed: bool,
+}
+
+/// `DELETE /v1/admin/users/{user}/connections/{server}`: closes one session (the credentials
+/// stay; the next use starts a new one).
+#[utoipa::path(
+    delete, path = "/v1/admin/users/{user}/connections/{server}", operation_id = "close_session", tag = "admin",
+    security(("admin" = [])),
+    params(
+        ("user" = UserId, Path, description = "The session's user"),
+        ("server" = crate::store::ServerName, Path, description = "A configured server"),
+    ),
+    responses(
+        (status = 200, description = "Closed (or there was no live session)", body = SessionClosed),
+        (status = 400, description = "`invalid_user_id` or `invalid_server_name`", body = ErrorBody),
+        AdminAuthErrors,
+        (status = 404, description = "`unknown_server`", body = ErrorBody),
+        (status = 503, description = "`pool_unavailable` or `too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
+    )
+)]
+pub async fn close_session(
+    State(state): State<HttpState>,
+    _admin: AdminAuth,
+    UserParam(user): UserParam,
+    ServerParam(server): ServerParam,
+) -> Result<Json<SessionClosed>, ApiError> {
+    let closed = state.pool.close_session(&user, &server).await?;
+    tracing::info!(closed, "Admin closed a session");
+    Ok(Json(SessionClosed {
+        user_id: user,
+        server,
+        closed,
+    }))
+}
+
+/// `GET /v1/admin/events`: the pool's events as Server-Sent Events (`event: pool`, the event as
+/// JSON): first the recent ones, then each as it happens. A listener that falls too far behind
+/// gets `event: lagged` with how many it missed. Ends when the service shuts down.
+#[utoipa::path(
+    get, path = "/v1/admin/events", operation_id = "pool_events", tag = "admin",
+    security(("admin" = [])),
+    responses(
+        (status = 200, description = "An endless text/event-stream of `pool` events (each a PoolEvent)", content_type = "text/event-stream", body = String),
+        AdminAuthErrors,
+        (status = 503, description = "`too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
+    )
+)]
+pub async fn events(State(state): State<HttpState>, _admin: AdminAuth) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+
+    // Subscribed before the history is read, so nothing falls between the two.
+    let mut live = state.pool.subscribe_events();
+    let recent = state.pool.recent_events();
+    let shutdown = state.shutdown_token();
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Event>(64);
+    let pool_event = |event: &crate::actors::PoolEvent| {
+        Event::default()
+            .event("pool")
+            .data(serde_json::to_string(event).unwrap_or_default())
+    };
+    tokio::spawn(async move {
+        for event in &recent {
+            if sender.send(pool_event(event)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let next = tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = sender.closed() => return,
+                next = live.recv() => next,
+            };
+            let event = match next {
+                Ok(event) => pool_event(&event),
+                Err(RecvError::Lagged(missed)) => {
+                    Event::default().event("lagged").data(missed.to_string())
+                }
+                Err(RecvError::Closed) => return,
+            };
+            if sender.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(receiver)
+        .map(Ok::<Event, std::convert::Infallible>);
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+// === the status page ===
+
+const PAGE_HTML: &str = include_str!("admin_page/index.html");
+const PAGE_JS: &str = include_str!("admin_page/app.js");
+const PAGE_CSS: &str = include_str!("admin_page/app.css");
+
+/// The page, its script and its style: static, embedded in the binary, no data in them (the
+/// script fetches everything with the admin key the operator types in). Strict CSP: nothing
+/// but this origin's own script and style, no inline code.
+fn static_asset(content_type: &'static str, body: &'static str) -> axum::response::Response {
+    use axum::http::header;
+    use axum::response::IntoResponse;
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+                 img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// `GET /admin`: the status page.
+#[utoipa::path(
+    get, path = "/admin", operation_id = "status_page", tag = "admin", security(()),
+    responses((status = 200, description = "The operator's status page (HTML; asks for the admin key)", content_type = "text/html", body = String)),
+)]
+pub async fn page() -> axum::response::Response {
+    static_asset("text/html; charset=utf-8", PAGE_HTML)
+}
+
+/// `GET /admin/app.js`.
+#[utoipa::path(
+    get, path = "/admin/app.js", operation_id = "status_page_script", tag = "admin", security(()),
+    responses((status = 200, description = "The status page's script", content_type = "text/javascript", body = String)),
+)]
+pub async fn page_script() -> axum::response::Response {
+    static_asset("text/javascript; charset=utf-8", PAGE_JS)
+}
+
+/// `GET /admin/app.css`.
+#[utoipa::path(
+    get, path = "/admin/app.css", operation_id = "status_page_style", tag = "admin", security(()),
+    responses((status = 200, description = "The status page's style", content_type = "text/css", body = String)),
+)]
+pub async fn page_style() -> axum::response::Response {
+    static_asset("text/css; charset=utf-8", PAGE_CSS)
 }

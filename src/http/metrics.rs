@@ -16,7 +16,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 
 use super::HttpState;
 use super::error::ApiError;
@@ -28,8 +28,99 @@ struct CodeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabel {
+struct SessionLabels {
+    server: String,
     state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServerLabel {
+    server: String,
+}
+
+/// The standard `process_*` metrics of the service itself (as Prometheus client libraries
+/// export them), read from `/proc/self` at scrape time.
+struct ProcessMetrics {
+    resident_memory: Gauge,
+    virtual_memory: Gauge,
+    open_fds: Gauge,
+    max_fds: Gauge,
+    threads: Gauge,
+    start_time: Gauge<f64, std::sync::atomic::AtomicU64>,
+    cpu: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// CPU seconds already counted, so the counter grows by what `/proc` adds.
+    cpu_seen: Mutex<f64>,
+}
+
+impl ProcessMetrics {
+    fn register(registry: &mut Registry) -> ProcessMetrics {
+        let metrics = ProcessMetrics {
+            resident_memory: Gauge::default(),
+            virtual_memory: Gauge::default(),
+            open_fds: Gauge::default(),
+            max_fds: Gauge::default(),
+            threads: Gauge::default(),
+            start_time: Gauge::default(),
+            cpu: Counter::default(),
+            cpu_seen: Mutex::new(0.0),
+        };
+        registry.register_with_unit(
+            "process_resident_memory",
+            "Resident memory size",
+            Unit::Bytes,
+            metrics.resident_memory.clone(),
+        );
+        registry.register_with_unit(
+            "process_virtual_memory",
+            "Virtual memory size",
+            Unit::Bytes,
+            metrics.virtual_memory.clone(),
+        );
+        registry.register(
+            "process_open_fds",
+            "Open file descriptors",
+            metrics.open_fds.clone(),
+        );
+        registry.register(
+            "process_max_fds",
+            "Limit of open file descriptors (soft RLIMIT_NOFILE)",
+            metrics.max_fds.clone(),
+        );
+        registry.register("process_threads", "OS threads", metrics.threads.clone());
+        registry.register_with_unit(
+            "process_start_time",
+            "Start time of the process since the Unix epoch",
+            Unit::Seconds,
+            metrics.start_time.clone(),
+        );
+        registry.register_with_unit(
+            "process_cpu",
+            "User and system CPU time spent",
+            Unit::Seconds,
+            metrics.cpu.clone(),
+        );
+        metrics
+    }
+
+    fn update(&self) {
+        let me = crate::mcp::usage::of_self();
+        let as_gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.resident_memory.set(as_gauge(me.rss_bytes));
+        self.virtual_memory.set(as_gauge(me.virtual_bytes));
+        self.open_fds.set(as_gauge(me.open_fds));
+        self.threads.set(as_gauge(me.threads));
+        self.start_time.set(me.start_time);
+        if let Ok((soft, _)) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        {
+            self.max_fds.set(as_gauge(soft));
+        }
+        let mut seen = self.cpu_seen.lock().unwrap_or_else(|p| p.into_inner());
+        if me.cpu_seconds > *seen {
+            self.cpu.inc_by(me.cpu_seconds - *seen);
+            *seen = me.cpu_seconds;
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -43,8 +134,11 @@ pub struct Metrics {
     registry: Registry,
     errors: Family<CodeLabel, Counter>,
     chat_requests: Counter,
-    connections: Family<StateLabel, Gauge>,
+    sessions: Family<SessionLabels, Gauge>,
     sandboxes: Family<SandboxLabel, Gauge>,
+    server_memory: Family<ServerLabel, Gauge>,
+    server_cpu: Family<ServerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    process: ProcessMetrics,
     /// Scrapes run one at a time: gauges are set then encoded.
     scrape: Mutex<()>,
 }
@@ -58,8 +152,10 @@ impl std::fmt::Debug for Metrics {
 impl Metrics {
     /// The facade's families beside the pool's own (`pool`).
     pub fn new(pool: &PoolMetrics) -> Metrics {
-        let mut registry = Registry::with_prefix("mcp_pool");
-        pool.register(&mut registry);
+        let mut root = Registry::default();
+        let process = ProcessMetrics::register(&mut root);
+        let registry = root.sub_registry_with_prefix("mcp_pool");
+        pool.register(registry);
         let errors = Family::<CodeLabel, Counter>::default();
         registry.register(
             "http_errors",
@@ -72,8 +168,27 @@ impl Metrics {
             "Requests to /v1/chat",
             chat_requests.clone(),
         );
-        let connections = Family::<StateLabel, Gauge>::default();
-        registry.register("connections", "MCP sessions by state", connections.clone());
+        let sessions = Family::<SessionLabels, Gauge>::default();
+        registry.register(
+            "sessions",
+            "MCP sessions by server and state (starting, ready, restarting, failed, closed)",
+            sessions.clone(),
+        );
+        let server_memory = Family::<ServerLabel, Gauge>::default();
+        registry.register_with_unit(
+            "server_resident_memory",
+            "Resident memory of each server's live sessions (their process groups), summed",
+            Unit::Bytes,
+            server_memory.clone(),
+        );
+        let server_cpu = Family::<ServerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register_with_unit(
+            "server_cpu",
+            "CPU time used by each server's live sessions, summed (a gauge: it drops when a \
+             session ends)",
+            Unit::Seconds,
+            server_cpu.clone(),
+        );
         let sandboxes = Family::<SandboxLabel, Gauge>::default();
         registry.register(
             "sessions_by_sandbox",
@@ -82,11 +197,14 @@ impl Metrics {
             sandboxes.clone(),
         );
         Metrics {
-            registry,
+            registry: root,
             errors,
             chat_requests,
-            connections,
+            sessions,
             sandboxes,
+            server_memory,
+            server_cpu,
+            process,
             scrape: Mutex::new(()),
         }
     }
@@ -111,24 +229,30 @@ impl Metrics {
         stats: Option<&crate::actors::PoolStats>,
     ) -> Result<String, std::fmt::Error> {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        self.process.update();
         if let Some(stats) = stats {
-            for state in [
-                SessionState::Starting,
-                SessionState::Ready,
-                SessionState::Restarting,
-                SessionState::Failed,
-                SessionState::Closing,
-            ] {
-                let count = stats
-                    .connections
-                    .iter()
-                    .filter(|c| c.state == state)
-                    .count();
-                self.connections
-                    .get_or_create(&StateLabel {
-                        state: state_name(state).to_owned(),
+            // Cleared first: a server with no session left must not keep its last value.
+            self.sessions.clear();
+            for session in &stats.connections {
+                self.sessions
+                    .get_or_create(&SessionLabels {
+                        server: session.server.to_string(),
+                        state: state_name(session.state).to_owned(),
                     })
-                    .set(count as i64);
+                    .inc();
+            }
+            self.server_memory.clear();
+            self.server_cpu.clear();
+            for (server, summary) in &stats.servers {
+                let label = ServerLabel {
+                    server: server.clone(),
+                };
+                self.server_memory
+                    .get_or_create(&label)
+                    .set(i64::try_from(summary.rss_bytes).unwrap_or(i64::MAX));
+                self.server_cpu
+                    .get_or_create(&label)
+                    .set(summary.cpu_seconds);
             }
             for label in ["enforced", "partial", "off"] {
                 let count = stats

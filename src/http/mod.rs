@@ -75,6 +75,9 @@ pub struct HttpState {
     pub llm: Option<Arc<LlmClient>>,
     /// Set when shutdown begins: `/readyz` answers 503 from then on.
     shutting_down: Arc<AtomicBool>,
+    /// Cancelled when shutdown begins: endless streams (the admin event feed) end with it, so
+    /// they never hold up the drain.
+    shutdown: tokio_util::sync::CancellationToken,
     /// Rate-limited logging of error responses.
     pub refusals: Arc<logging::RefusalLog>,
 }
@@ -104,6 +107,7 @@ impl HttpState {
             auth: Arc::new(auth),
             metrics,
             shutting_down: Arc::new(AtomicBool::new(false)),
+            shutdown: tokio_util::sync::CancellationToken::new(),
             refusals: Arc::new(logging::RefusalLog::new(logging::SUMMARY_WINDOW)),
         }
     }
@@ -111,6 +115,12 @@ impl HttpState {
     /// Marks the service as shutting down (readiness fails from now on).
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        self.shutdown.cancel();
+    }
+
+    /// Cancelled when shutdown begins.
+    pub fn shutdown_token(&self) -> tokio_util::sync::CancellationToken {
+        self.shutdown.clone()
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -145,6 +155,14 @@ pub fn router(state: HttpState) -> Router {
             "/v1/admin/users/{user}/connections",
             delete(admin::close_user),
         )
+        .route(
+            "/v1/admin/users/{user}/connections/{server}",
+            delete(admin::close_session),
+        )
+        .route("/v1/admin/events", get(admin::events))
+        .route("/admin", get(admin::page))
+        .route("/admin/app.js", get(admin::page_script))
+        .route("/admin/app.css", get(admin::page_style))
         .route("/v1/admin/credentials/cleanup", post(admin::cleanup))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

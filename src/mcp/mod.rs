@@ -9,6 +9,8 @@
 //!   with per-call timeouts, an "ended" signal, and an explicit [`McpSession::close`].
 //! - [`sandbox`]: confinement of each server to its own user: Landlock, a PID namespace
 //!   behind a minimal init, no capabilities, and a cgroup with memory, process and CPU limits.
+//! - [`usage`]: resident memory and CPU time of a session's process group and of the service,
+//!   read from `/proc`.
 //! - [`demo_server`]: the MCP server bundled in this binary (`mcp-pool demo-server`), used by
 //!   the tests and as a smoke target.
 //! - [`error`]: [`McpError`], the one error type of this module.
@@ -22,6 +24,7 @@ pub mod error;
 pub mod process;
 pub mod sandbox;
 pub mod session;
+pub mod usage;
 
 pub use demo_server::DemoServerOptions;
 pub use error::McpError;

@@ -344,9 +344,23 @@ impl Client {
     /// as it comes (server-sent events).
     pub async fn post_streaming(&self, path: &str, body: &Value) -> Streaming {
         let body = body.to_string().into_bytes();
-        let (response, connection) = self
-            .send("POST", path, Some("application/json"), body)
-            .await;
+        self.streaming("POST", path, Some("application/json"), body)
+            .await
+    }
+
+    /// A GET whose body is read as it comes (server-sent events).
+    pub async fn get_streaming(&self, path: &str) -> Streaming {
+        self.streaming("GET", path, None, Vec::new()).await
+    }
+
+    async fn streaming(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Streaming {
+        let (response, connection) = self.send(method, path, content_type, body).await;
         let (parts, body) = response.into_parts();
         Streaming {
             status: parts.status.as_u16(),

@@ -371,8 +371,17 @@ impl PoolHandle {
             .await
     }
 
+    /// Every session with its cost, and a summary per server. Reading `/proc` happens here,
+    /// off the supervisor's mailbox.
     pub async fn stats(&self) -> Result<PoolStats, PoolError> {
-        self.ask(|reply| PoolMsg::Stats { reply }).await
+        let mut stats = self.ask(|reply| PoolMsg::Stats { reply }).await?;
+        let metrics = self.metrics.clone();
+        tokio::task::spawn_blocking(move || {
+            stats.complete(&metrics);
+            stats
+        })
+        .await
+        .map_err(|_| PoolError::Unavailable)
     }
 
     /// Stops taking work and closes every session; returns how many were closed.

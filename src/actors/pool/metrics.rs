@@ -5,6 +5,8 @@
 //! cardinality is bounded by the configuration. The families outlive supervisor restarts
 //! (they live in `PoolArgs`), so counters are real counters.
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -39,9 +41,14 @@ fn start_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 15))
 }
 
+/// Cold starts kept per server for the status page's percentiles.
+const RECENT_STARTS: usize = 100;
+
 /// The pool's own metrics. Cheap to clone (every family is shared).
 #[derive(Clone)]
 pub struct PoolMetrics {
+    /// The last cold starts per server (a histogram's buckets are too coarse for a p99).
+    recent_starts: Arc<Mutex<HashMap<String, VecDeque<Duration>>>>,
     spawns: Family<ServerLabel, Counter>,
     restarts: Family<ServerLabel, Counter>,
     crashes: Family<ServerLabel, Counter>,
@@ -57,6 +64,7 @@ pub struct PoolMetrics {
 impl Default for PoolMetrics {
     fn default() -> Self {
         PoolMetrics {
+            recent_starts: Arc::default(),
             spawns: Family::default(),
             restarts: Family::default(),
             crashes: Family::default(),
@@ -178,6 +186,25 @@ impl PoolMetrics {
         self.cold_start
             .get_or_create(&label(server))
             .observe(cold_start.as_secs_f64());
+        let mut recent = self.recent_starts.lock().unwrap_or_else(|p| p.into_inner());
+        let starts = recent.entry(server.to_string()).or_default();
+        if starts.len() == RECENT_STARTS {
+            starts.pop_front();
+        }
+        starts.push_back(cold_start);
+    }
+
+    /// p50 and p99 of `server`'s last cold starts (nearest rank); `None` before the first.
+    pub fn cold_start_percentiles(&self, server: &str) -> Option<(Duration, Duration)> {
+        let recent = self.recent_starts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut starts: Vec<Duration> = recent.get(server)?.iter().copied().collect();
+        if starts.is_empty() {
+            return None;
+        }
+        starts.sort();
+        let rank =
+            |p: f64| starts[((p * starts.len() as f64).ceil() as usize).clamp(1, starts.len()) - 1];
+        Some((rank(0.50), rank(0.99)))
     }
 
     pub(crate) fn tool_call(&self, server: &ServerName, outcome: &str, elapsed: Duration) {

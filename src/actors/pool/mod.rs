@@ -39,7 +39,7 @@ pub use handle::PoolHandle;
 pub use index::PoolIndex;
 pub use metrics::PoolMetrics;
 use state::PoolState;
-pub use stats::{PoolCounters, PoolStats, SessionStats};
+pub use stats::{PoolCounters, PoolStats, ServerSummary, SessionStats};
 
 type SessionReply = RpcReplyPort<Result<Session, PoolError>>;
 

@@ -689,6 +689,9 @@ impl PoolState {
                 last_health_check: entry.shared.last_health_check(),
                 in_flight: entry.shared.in_flight(),
                 sandbox: entry.shared.sandbox().map(|status| status.to_string()),
+                failures: entry.circuit.attempts(),
+                rss_bytes: None,
+                cpu_seconds: None,
             })
             .collect();
         connections.sort_by(|a, b| (&a.user_id, &a.server).cmp(&(&b.user_id, &b.server)));
@@ -708,6 +711,7 @@ impl PoolState {
                 .count(),
             user_breakdown,
             connections,
+            servers: Default::default(),
             counters: self.counters,
         }
     }

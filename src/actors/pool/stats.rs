@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use crate::actors::connection::SessionState;
 use crate::ids::{ServerName, UserId};
 
-/// How one connection looks in [`PoolStats`].
+/// How one session looks in [`PoolStats`].
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct SessionStats {
     pub user_id: UserId,
@@ -22,6 +22,30 @@ pub struct SessionStats {
     pub in_flight: usize,
     /// `enforced`, `partial (missing: …)` or `off`; `None` before the first start.
     pub sandbox: Option<String>,
+    /// Crashes and failed starts inside the restart window.
+    pub failures: usize,
+    /// Resident memory of the session's processes (its process group), from `/proc`.
+    pub rss_bytes: Option<u64>,
+    /// CPU time the session's processes have used, in seconds.
+    pub cpu_seconds: Option<f64>,
+}
+
+/// One configured server across every user, for the status page.
+#[derive(Debug, Clone, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct ServerSummary {
+    /// Sessions live or starting.
+    pub live: usize,
+    pub ready: usize,
+    /// Crashes and failed starts inside the restart window, summed over its users.
+    pub failures: usize,
+    /// Users whose circuit is open (new sessions refused for the cool-down).
+    pub circuits_open: usize,
+    /// Cold starts over the last (at most 100) starts, in milliseconds.
+    pub cold_start_p50_ms: Option<u64>,
+    pub cold_start_p99_ms: Option<u64>,
+    /// Resident memory and CPU time of its live sessions, summed.
+    pub rss_bytes: u64,
+    pub cpu_seconds: f64,
 }
 
 /// Pool statistics, as the design names them.
@@ -34,8 +58,48 @@ pub struct PoolStats {
     /// Live sessions per user.
     pub user_breakdown: std::collections::BTreeMap<String, usize>,
     pub connections: Vec<SessionStats>,
-    /// Events since this supervisor started, for `/metrics`.
+    /// Per configured server that has or had a session.
+    pub servers: std::collections::BTreeMap<String, ServerSummary>,
+    /// Events since this supervisor started.
     pub counters: PoolCounters,
+}
+
+impl PoolStats {
+    /// Fills in what the supervisor does not know: each session's cost (one pass over `/proc`)
+    /// and the per-server summary.
+    pub(super) fn complete(&mut self, metrics: &super::PoolMetrics) {
+        let groups: Vec<u32> = self.connections.iter().filter_map(|s| s.pid).collect();
+        let usage = crate::mcp::usage::by_process_group(&groups);
+        for session in &mut self.connections {
+            if let Some(used) = session.pid.and_then(|pid| usage.get(&pid)) {
+                session.rss_bytes = Some(used.rss_bytes);
+                session.cpu_seconds = Some(used.cpu_seconds);
+            }
+        }
+        let mut servers: std::collections::BTreeMap<String, ServerSummary> = Default::default();
+        for session in &self.connections {
+            let summary = servers.entry(session.server.to_string()).or_default();
+            match session.state {
+                SessionState::Failed => summary.circuits_open += 1,
+                SessionState::Ready => {
+                    summary.live += 1;
+                    summary.ready += 1;
+                }
+                SessionState::Starting | SessionState::Restarting => summary.live += 1,
+                SessionState::Closing => {}
+            }
+            summary.failures += session.failures;
+            summary.rss_bytes += session.rss_bytes.unwrap_or(0);
+            summary.cpu_seconds += session.cpu_seconds.unwrap_or(0.0);
+        }
+        for (server, summary) in &mut servers {
+            if let Some((p50, p99)) = metrics.cold_start_percentiles(server) {
+                summary.cold_start_p50_ms = Some(p50.as_millis() as u64);
+                summary.cold_start_p99_ms = Some(p99.as_millis() as u64);
+            }
+        }
+        self.servers = servers;
+    }
 }
 
 /// Monotonic event counts of one supervisor incarnation (a supervisor restart resets them,
