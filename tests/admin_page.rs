@@ -79,12 +79,7 @@ async fn the_event_feed_is_admin_only_and_tells_what_happens() {
     // The feed ends when the service shuts down, so it never holds up the drain.
     let mut ts = ts;
     ts.begin_shutdown();
-    loop {
-        match feed.next_event().await {
-            Some(_) => continue,
-            None => break,
-        }
-    }
+    while feed.next_event().await.is_some() {}
     ts.stopped().await.expect("stops cleanly");
 }
 
