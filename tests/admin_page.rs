@@ -110,3 +110,80 @@ async fn the_page_is_static_and_locked_down() {
     assert_eq!(ts.anonymous().get("/admin/app.css").await.status, 200);
     ts.stop().await;
 }
+
+/// The page in Chromium, step by step (see `tests/browser/admin.mjs`); the screenshots stay in
+/// `target/admin-screenshots/` for a person to look at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_in_a_real_browser() {
+    let playwright = std::env::var("MCP_POOL_TEST_PLAYWRIGHT").expect(
+        "MCP_POOL_TEST_PLAYWRIGHT: run scripts/setup-test-env and source .test-servers/env.sh",
+    );
+    let chromium = std::env::var("MCP_POOL_TEST_CHROMIUM").expect("MCP_POOL_TEST_CHROMIUM");
+    // Short backoff: the restart after the crash should not wait for the default.
+    let ts = TestServer::start(
+        "restart_backoff_base = \"50ms\"\nrestart_backoff_cap = \"200ms\"",
+        "",
+        "",
+        &[],
+    )
+    .await;
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target dir")
+        .join("admin-screenshots");
+    let _ = std::fs::remove_dir_all(&shots);
+    std::fs::create_dir_all(&shots).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/admin.mjs");
+    let run = tokio::process::Command::new("node")
+        .arg(script)
+        .env("BASE_URL", format!("http://{}", ts.addr))
+        .env("ADMIN_KEY", &ts.admin_key)
+        .env("SERVICE_KEY", &ts.service_key)
+        .env("SHOTS_DIR", &shots)
+        .env("MCP_POOL_TEST_PLAYWRIGHT", playwright)
+        .env("MCP_POOL_TEST_CHROMIUM", chromium)
+        .env("PATIENCE_MS", common::PATIENCE.as_millis().to_string())
+        .kill_on_drop(true)
+        .output();
+    // Each step waits at most PATIENCE; the whole run is bounded by the steps.
+    let output = tokio::time::timeout(common::PATIENCE * 8, run)
+        .await
+        .expect("the browser run ends")
+        .expect("node runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(
+        output.status.success(),
+        "browser run failed ({}):\n{stdout}\n{stderr}\nscreenshots in {}",
+        output.status,
+        shots.display()
+    );
+    assert!(stdout.contains("ok: 6 steps"), "{stdout}");
+    let mut taken: Vec<String> = std::fs::read_dir(&shots)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    taken.sort();
+    assert_eq!(
+        taken,
+        [
+            "01-login.png",
+            "02-wrong-key-refused.png",
+            "03-signed-in.png",
+            "04-session-after-rest-call.png",
+            "05-crash-and-restart.png",
+            "06-closed-from-the-page.png",
+        ]
+    );
+    for name in &taken {
+        let png = std::fs::read(shots.join(name)).unwrap();
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 4096,
+            "{name} is a real screenshot"
+        );
+    }
+    ts.stop().await;
+}

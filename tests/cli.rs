@@ -451,3 +451,126 @@ fn serve_shuts_down_cleanly_on_sigterm_and_sigint() {
         );
     }
 }
+
+/// One HTTP/1.1 request on a fresh connection; the response's status and body.
+fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `log.format = "json"`: every line of the real binary's log is one JSON object, the spans'
+/// `user_id` and `server` are in it, and no secret is: not a stored token, not the service key,
+/// not a wrong key somebody tried. Debug level, so that as much as possible is logged.
+#[test]
+fn json_logs_are_one_object_per_line_with_span_fields_and_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "[log]\nformat = \"json\"\n");
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env_remove("MCP_POOL_DATABASE_URL")
+        .env_remove("MCP_POOL_LOG_FORMAT")
+        .env("RUST_LOG", "debug")
+        .env("MCP_POOL_API_KEY", "service-key-SECRET-4711")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut child);
+    let started = wait_for_line(&lines, "mcp-pool started");
+    let start: serde_json::Value = serde_json::from_str(started.last().unwrap()).unwrap();
+    let addr = start["listen"].as_str().expect("listen field").to_owned();
+
+    let user = [
+        ("Authorization", "Bearer service-key-SECRET-4711"),
+        ("X-User-Id", "erin"),
+        ("Content-Type", "application/json"),
+    ];
+    let (status, body) = http_request(
+        &addr,
+        "PUT",
+        "/v1/connections/demo",
+        &user,
+        r#"{"access_token":"access-token-SECRET-0042","refresh_token":"refresh-SECRET-0043"}"#,
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = http_request(
+        &addr,
+        "POST",
+        "/v1/connections/demo/tools/echo/call",
+        &user,
+        r#"{"message":"hello"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let wrong = [
+        ("Authorization", "Bearer wrong-key-SECRET-0666"),
+        ("X-User-Id", "erin"),
+    ];
+    let (status, _) = http_request(&addr, "GET", "/v1/connections", &wrong, "");
+    assert_eq!(status, 401);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut seen = started;
+    seen.extend(wait_for_line(&lines, "mcp-pool stopped"));
+    assert!(wait_bounded(&mut child, PATIENCE, "serve").success());
+    seen.extend(lines.try_iter());
+
+    let mut with_user_span = 0;
+    for line in &seen {
+        assert!(!line.contains("SECRET"), "a secret in the log: {line}");
+        let object: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|err| panic!("not one JSON object ({err}): {line}"));
+        assert!(
+            object["level"].is_string() && object["timestamp"].is_string(),
+            "{line}"
+        );
+        let in_erins_span = object["spans"]
+            .as_array()
+            .is_some_and(|spans| spans.iter().any(|span| span["user_id"] == "erin"));
+        if in_erins_span {
+            with_user_span += 1;
+        }
+    }
+    assert!(
+        with_user_span > 0,
+        "no line carries the user_id span field:\n{}",
+        seen.join("\n")
+    );
+    assert!(
+        seen.iter().any(|line| line.contains(r#""server":"demo""#)),
+        "no line carries the server field"
+    );
+}

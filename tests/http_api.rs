@@ -278,6 +278,9 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/chat"),
     ("get", "/v1/stats"),
     ("delete", "/v1/admin/users/{user}/connections"),
+    ("delete", "/v1/admin/users/{user}/connections/{server}"),
+    ("get", "/v1/admin/events"),
+    ("get", "/admin"),
     ("post", "/v1/admin/credentials/cleanup"),
     ("get", "/healthz"),
     ("get", "/readyz"),
@@ -288,7 +291,6 @@ const ROUTES: &[(&str, &str)] = &[
 /// `(name, labels, value)` of one sample line.
 type Sample = (String, String, f64);
 
-/// Parses Prometheus/OpenMetrics text: `# TYPE` per family, `name{labels} value` samples.
 /// Prometheus naming conventions: a counter's samples are `<name>_total`, nothing else ends in
 /// `_total`, and whatever measures time or size says its unit in its name.
 fn assert_prometheus_conventions(types: &[(String, String)], samples: &[Sample]) {
@@ -329,6 +331,7 @@ fn assert_prometheus_conventions(types: &[(String, String)], samples: &[Sample])
     }
 }
 
+/// Parses Prometheus/OpenMetrics text: `# TYPE` per family, `name{labels} value` samples.
 fn parse_metrics(text: &str) -> (Vec<(String, String)>, Vec<Sample>) {
     let mut types = Vec::new();
     let mut samples = Vec::new();
@@ -405,7 +408,7 @@ async fn metrics_openapi_admin_and_readiness() {
         ("mcp_pool_http_errors", "counter"),
         ("mcp_pool_chat_requests", "counter"),
         ("mcp_pool_sessions", "gauge"),
-        ("mcp_pool_server_resident_memory_bytes", "gauge"),
+        ("mcp_pool_server_memory_bytes", "gauge"),
         ("mcp_pool_server_cpu_seconds", "gauge"),
         ("process_resident_memory_bytes", "gauge"),
         ("process_virtual_memory_bytes", "gauge"),
@@ -466,11 +469,7 @@ async fn metrics_openapi_admin_and_readiness() {
         Some(1.0),
         "{text}"
     );
-    let memory = sample(
-        &samples,
-        "mcp_pool_server_resident_memory_bytes",
-        "server=\"demo\"",
-    );
+    let memory = sample(&samples, "mcp_pool_server_memory_bytes", "server=\"demo\"");
     assert!(
         memory.is_some_and(|bytes| bytes > 1024.0 * 1024.0),
         "the demo session's processes use more than 1 MiB: {memory:?}"

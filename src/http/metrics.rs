@@ -176,8 +176,9 @@ impl Metrics {
         );
         let server_memory = Family::<ServerLabel, Gauge>::default();
         registry.register_with_unit(
-            "server_resident_memory",
-            "Resident memory of each server's live sessions (their process groups), summed",
+            "server_memory",
+            "Memory of each server's live sessions (proportional set size of their process \
+             groups), summed",
             Unit::Bytes,
             server_memory.clone(),
         );
@@ -249,7 +250,7 @@ impl Metrics {
                 };
                 self.server_memory
                     .get_or_create(&label)
-                    .set(i64::try_from(summary.rss_bytes).unwrap_or(i64::MAX));
+                    .set(i64::try_from(summary.memory_bytes).unwrap_or(i64::MAX));
                 self.server_cpu
                     .get_or_create(&label)
                     .set(summary.cpu_seconds);

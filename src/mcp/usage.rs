@@ -8,10 +8,13 @@ use std::path::Path;
 /// `/proc` reports CPU times in USER_HZ, which Linux fixes at 100 for user space.
 const TICKS_PER_SECOND: f64 = 100.0;
 
-/// Resident memory and CPU time of a set of processes.
+/// Memory and CPU time of a set of processes.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Usage {
-    pub rss_bytes: u64,
+    /// Proportional set size: each shared page divided among the processes that share it, so
+    /// a session's forks of the service (its shim and init, which share the service's pages)
+    /// and a zygote's children are not each charged the whole of what they share.
+    pub memory_bytes: u64,
     /// User plus system time, in seconds.
     pub cpu_seconds: f64,
     pub processes: u32,
@@ -19,7 +22,7 @@ pub struct Usage {
 
 impl std::ops::AddAssign for Usage {
     fn add_assign(&mut self, other: Usage) {
-        self.rss_bytes += other.rss_bytes;
+        self.memory_bytes += other.memory_bytes;
         self.cpu_seconds += other.cpu_seconds;
         self.processes += other.processes;
     }
@@ -39,6 +42,16 @@ fn resident_bytes(proc_dir: &Path) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// `Pss` of `/proc/<pid>/smaps_rollup` (falling back to `VmRSS`), in bytes.
+fn proportional_bytes(proc_dir: &Path) -> Option<u64> {
+    let Ok(rollup) = std::fs::read_to_string(proc_dir.join("smaps_rollup")) else {
+        return resident_bytes(proc_dir);
+    };
+    let line = rollup.lines().find(|l| l.starts_with("Pss:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// One process: its process group and what it costs (`None` for a zombie or a process gone).
 fn process(proc_dir: &Path) -> Option<(u32, Usage)> {
     let stat = std::fs::read_to_string(proc_dir.join("stat")).ok()?;
@@ -53,7 +66,7 @@ fn process(proc_dir: &Path) -> Option<(u32, Usage)> {
     Some((
         pgrp,
         Usage {
-            rss_bytes: resident_bytes(proc_dir).unwrap_or(0),
+            memory_bytes: proportional_bytes(proc_dir).unwrap_or(0),
             cpu_seconds: (utime + stime) as f64 / TICKS_PER_SECOND,
             processes: 1,
         },
@@ -151,7 +164,7 @@ mod tests {
         let usage = by_process_group(&[group, u32::MAX]);
         let mine = usage.get(&group).expect("this test's own group");
         assert!(
-            mine.processes >= 1 && mine.rss_bytes >= me.rss_bytes / 2,
+            mine.processes >= 1 && mine.memory_bytes > 1024 * 1024,
             "{mine:?}"
         );
         assert!(!usage.contains_key(&u32::MAX));

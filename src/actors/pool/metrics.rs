@@ -194,6 +194,12 @@ impl PoolMetrics {
         starts.push_back(cold_start);
     }
 
+    /// The servers with cold starts on record.
+    pub fn servers_started(&self) -> Vec<String> {
+        let recent = self.recent_starts.lock().unwrap_or_else(|p| p.into_inner());
+        recent.keys().cloned().collect()
+    }
+
     /// p50 and p99 of `server`'s last cold starts (nearest rank); `None` before the first.
     pub fn cold_start_percentiles(&self, server: &str) -> Option<(Duration, Duration)> {
         let recent = self.recent_starts.lock().unwrap_or_else(|p| p.into_inner());

@@ -690,7 +690,7 @@ impl PoolState {
                 in_flight: entry.shared.in_flight(),
                 sandbox: entry.shared.sandbox().map(|status| status.to_string()),
                 failures: entry.circuit.attempts(),
-                rss_bytes: None,
+                memory_bytes: None,
                 cpu_seconds: None,
             })
             .collect();

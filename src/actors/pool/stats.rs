@@ -24,8 +24,9 @@ pub struct SessionStats {
     pub sandbox: Option<String>,
     /// Crashes and failed starts inside the restart window.
     pub failures: usize,
-    /// Resident memory of the session's processes (its process group), from `/proc`.
-    pub rss_bytes: Option<u64>,
+    /// Memory of the session's processes (its process group): their proportional set size,
+    /// shared pages divided among their sharers, from `/proc`.
+    pub memory_bytes: Option<u64>,
     /// CPU time the session's processes have used, in seconds.
     pub cpu_seconds: Option<f64>,
 }
@@ -43,8 +44,8 @@ pub struct ServerSummary {
     /// Cold starts over the last (at most 100) starts, in milliseconds.
     pub cold_start_p50_ms: Option<u64>,
     pub cold_start_p99_ms: Option<u64>,
-    /// Resident memory and CPU time of its live sessions, summed.
-    pub rss_bytes: u64,
+    /// Memory (proportional set size) and CPU time of its live sessions, summed.
+    pub memory_bytes: u64,
     pub cpu_seconds: f64,
 }
 
@@ -72,7 +73,7 @@ impl PoolStats {
         let usage = crate::mcp::usage::by_process_group(&groups);
         for session in &mut self.connections {
             if let Some(used) = session.pid.and_then(|pid| usage.get(&pid)) {
-                session.rss_bytes = Some(used.rss_bytes);
+                session.memory_bytes = Some(used.memory_bytes);
                 session.cpu_seconds = Some(used.cpu_seconds);
             }
         }
@@ -89,8 +90,12 @@ impl PoolStats {
                 SessionState::Closing => {}
             }
             summary.failures += session.failures;
-            summary.rss_bytes += session.rss_bytes.unwrap_or(0);
+            summary.memory_bytes += session.memory_bytes.unwrap_or(0);
             summary.cpu_seconds += session.cpu_seconds.unwrap_or(0.0);
+        }
+        // A server whose sessions all ended keeps its line while its cold starts are recent.
+        for server in metrics.servers_started() {
+            servers.entry(server).or_default();
         }
         for (server, summary) in &mut servers {
             if let Some((p50, p99)) = metrics.cold_start_percentiles(server) {

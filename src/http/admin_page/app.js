@@ -72,7 +72,7 @@ function renderStats(stats) {
     cell(row, s.circuits_open, "num");
     cell(row, ms(s.cold_start_p50_ms), "num");
     cell(row, ms(s.cold_start_p99_ms), "num");
-    cell(row, bytes(s.rss_bytes), "num");
+    cell(row, bytes(s.memory_bytes), "num");
     cell(row, seconds(s.cpu_seconds), "num");
   }
 
@@ -83,6 +83,7 @@ function renderStats(stats) {
     row.dataset.user = s.user_id;
     row.dataset.server = s.server;
     row.dataset.state = s.state;
+    row.dataset.restarts = s.restarts;
     cell(row, s.user_id);
     cell(row, s.server);
     const state = cell(row, "");
@@ -96,7 +97,7 @@ function renderStats(stats) {
     cell(row, s.in_flight, "num");
     cell(row, s.restarts, "num restarts");
     cell(row, s.sandbox);
-    cell(row, bytes(s.rss_bytes), "num");
+    cell(row, bytes(s.memory_bytes), "num");
     cell(row, seconds(s.cpu_seconds), "num");
     const actions = cell(row, "");
     actions.append(
