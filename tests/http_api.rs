@@ -446,9 +446,9 @@ async fn metrics_openapi_admin_and_readiness() {
         sample(
             &samples,
             "mcp_pool_tool_call_duration_seconds_count",
-            "server=\"demo\""
+            "server=\"demo\",outcome=\"ok\""
         ),
-        Some(4.0),
+        Some(3.0),
         "{text}"
     );
     assert_eq!(

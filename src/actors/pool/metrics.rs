@@ -58,7 +58,7 @@ pub struct PoolMetrics {
     refresh_failures: Family<ServerLabel, Counter>,
     cold_start: Histograms,
     tool_calls: Family<CallLabels, Counter>,
-    tool_call_duration: Histograms,
+    tool_call_duration: Family<CallLabels, Histogram, fn() -> Histogram>,
 }
 
 impl Default for PoolMetrics {
@@ -148,7 +148,7 @@ impl PoolMetrics {
         registry.register_with_unit(
             "tool_call_duration",
             "Latency of tool calls through the pool (a session start included when none was \
-             live), by server",
+             live), by server and outcome",
             Unit::Seconds,
             self.tool_call_duration.clone(),
         );
@@ -214,14 +214,13 @@ impl PoolMetrics {
     }
 
     pub(crate) fn tool_call(&self, server: &ServerName, outcome: &str, elapsed: Duration) {
-        self.tool_calls
-            .get_or_create(&CallLabels {
-                server: server.to_string(),
-                outcome: outcome.to_owned(),
-            })
-            .inc();
+        let labels = CallLabels {
+            server: server.to_string(),
+            outcome: outcome.to_owned(),
+        };
+        self.tool_calls.get_or_create(&labels).inc();
         self.tool_call_duration
-            .get_or_create(&label(server))
+            .get_or_create(&labels)
             .observe(elapsed.as_secs_f64());
     }
 }
