@@ -47,7 +47,8 @@ use super::provider::{Provider, TokenResponse, http_client};
 use crate::config::Config;
 use crate::ids::SessionKey;
 use crate::store::{
-    CredentialError, CredentialWriter, ServerName, StoreError, TokenUpdate, Tokens, UserId,
+    CredentialError, CredentialWriter, Secret, ServerName, StoreError, TokenUpdate, Tokens,
+    UserId,
 };
 
 /// Token requests per refresh before giving up for now.
@@ -205,7 +206,7 @@ impl TokenRefresher {
         user: &UserId,
         server: &ServerName,
     ) -> Result<Freshness, CredentialError> {
-        self.check(SessionKey::new(user, server), true).await
+        self.check(SessionKey::new(user, server), true, None).await
     }
 
     /// Before a session starts (it is about to read the file) and in the background sweep:
@@ -215,7 +216,34 @@ impl TokenRefresher {
         user: &UserId,
         server: &ServerName,
     ) -> Result<Freshness, CredentialError> {
-        self.check(SessionKey::new(user, server), false).await
+        self.check(SessionKey::new(user, server), false, None).await
+    }
+
+    /// A remote server answered 401 to `rejected`, the access token it was sent: refresh now,
+    /// whatever the expiry says, through the same single flight and compare-and-swap as a
+    /// refresh that is due. A caller that waited behind another refresh of the key finds a
+    /// different token stored and sends nothing. `Ok` means the stored token is now another
+    /// one; a token that cannot be replaced is an error (`ReconnectRequired` without a refresh
+    /// token or after `invalid_grant`, `RefreshUnavailable` while the provider fails).
+    pub async fn refresh_rejected(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        rejected: &Secret,
+    ) -> Result<Freshness, CredentialError> {
+        let result = self
+            .check(SessionKey::new(user, server), false, Some(rejected))
+            .await;
+        match result {
+            Ok(Freshness::Refreshed | Freshness::RefreshedElsewhere) => result,
+            // No provider for the server, or the refresh could not be made now: the rejected
+            // token is all there is.
+            Ok(Freshness::Stale) => Err(CredentialError::RefreshUnavailable(server.clone())),
+            Ok(Freshness::Unmanaged | Freshness::Fresh) => {
+                Err(CredentialError::ReconnectRequired(server.clone()))
+            }
+            Err(err) => Err(err),
+        }
     }
 
     /// Forgets what is known about the key: new credentials were stored (connect flow).
@@ -228,7 +256,12 @@ impl TokenRefresher {
 
     // === the single flight ===
 
-    async fn check(&self, key: SessionKey, use_cache: bool) -> Result<Freshness, CredentialError> {
+    async fn check(
+        &self,
+        key: SessionKey,
+        use_cache: bool,
+        rejected: Option<&Secret>,
+    ) -> Result<Freshness, CredentialError> {
         let Some(provider) = self.inner.providers.get(&key.server).cloned() else {
             return Ok(Freshness::Unmanaged);
         };
@@ -245,7 +278,7 @@ impl TokenRefresher {
             .clone();
         let result = {
             let _guard = mutex.lock().await;
-            self.check_locked(&key, &provider).await
+            self.check_locked(&key, &provider, rejected).await
         };
         // Drop the key's mutex from the map once only the map and this caller hold it. Under the
         // map's lock nobody can clone it meanwhile; a later caller makes a new one, which is
@@ -261,6 +294,7 @@ impl TokenRefresher {
         &self,
         key: &SessionKey,
         provider: &Provider,
+        rejected: Option<&Secret>,
     ) -> Result<Freshness, CredentialError> {
         let store = self.inner.credentials.store();
         let Some(record) = store.get(&key.user, &key.server).await? else {
@@ -270,12 +304,28 @@ impl TokenRefresher {
             return Ok(Freshness::Unmanaged);
         };
         lock(&self.inner.reconnect_required).remove(key);
+        // A rejected token forces the refresh, unless it is no longer the stored one (a
+        // concurrent refresh or a reconnect replaced it: that one is used).
+        let forced = match rejected {
+            Some(sent) if record.tokens.access_token.as_ref() != Some(sent) => {
+                self.remember_expiry(key, record.tokens.token_expiry);
+                return Ok(Freshness::RefreshedElsewhere);
+            }
+            Some(_) if record.tokens.refresh_token.is_none() => {
+                return Err(CredentialError::ReconnectRequired(key.server.clone()));
+            }
+            Some(_) => true,
+            None => false,
+        };
         let now = Utc::now();
-        let Some(due) = refresh_due(&record.tokens, provider.refresh_before()) else {
+        let due = refresh_due(&record.tokens, provider.refresh_before())
+            // A token without an expiry is refreshed only when it was rejected.
+            .or(forced.then_some(now));
+        let Some(due) = due else {
             lock(&self.inner.fresh_until).insert(key.clone(), DateTime::<Utc>::MAX_UTC);
             return Ok(Freshness::Unmanaged);
         };
-        if now < due {
+        if now < due && !forced {
             lock(&self.inner.fresh_until).insert(key.clone(), due);
             return Ok(Freshness::Fresh);
         }
