@@ -17,6 +17,7 @@
 //! [`Secret`]: crate::store::Secret
 
 pub mod flow;
+pub mod discovery;
 pub mod pkce;
 pub mod provider;
 pub mod refresh;
