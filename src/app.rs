@@ -107,7 +107,8 @@ pub fn raise_open_files_limit(config: &Config) -> Result<u64, AppError> {
 /// on: other servers may work, and requests for this one get `server_program_not_found`.
 pub fn warn_missing_programs(config: &Config) -> usize {
     let mut missing = 0;
-    for (name, server) in &config.servers {
+    // A remote server (`url`) runs no program here.
+    for (name, server) in config.servers.iter().filter(|(_, s)| !s.is_remote()) {
         if let Err(err) = server.resolve_program() {
             missing += 1;
             tracing::warn!(

@@ -19,7 +19,8 @@ use super::credential::CredentialHandle;
 use super::pool::{EventKind, PoolError, PoolEvents, PoolMsg};
 pub use crate::ids::SessionKey;
 use crate::mcp::sandbox::{Sandbox, SandboxError, SandboxStatus, ServerPolicy, SessionPaths};
-use crate::mcp::{ExitReason, McpClient, McpError, McpSession, ProcessRegistry, ServerLaunch};
+use crate::mcp::{ExitReason, McpClient, McpError, McpSession, ProcessRegistry, SessionLaunch};
+use crate::store::CredentialError;
 use crate::oauth::TokenRefresher;
 
 /// Life-cycle state of a connection as reported in stats.
@@ -305,6 +306,9 @@ impl Session {
                     Some(limit) => PoolError::MemoryLimit(limit),
                     None => PoolError::ServerCrashed,
                 },
+                unauthorized @ McpError::Unauthorized(_) => {
+                    unauthorized_error(&self.shared.key, unauthorized)
+                }
                 other => PoolError::Mcp(Arc::new(other)),
             })
     }
@@ -360,7 +364,7 @@ pub enum ConnectionMsg {
 /// What a `ConnectionActor` is started with.
 pub struct ConnectionArgs {
     pub shared: Arc<SessionShared>,
-    pub launch: ServerLaunch,
+    pub launch: SessionLaunch,
     pub sandbox: Arc<Sandbox>,
     pub policy: ServerPolicy,
     /// Started as a restart after a crash: runs at the backoff CPU weight until ready.
@@ -420,7 +424,7 @@ pub struct ChildExited {
 
 /// What a session start needs besides the key.
 struct SessionStart {
-    launch: ServerLaunch,
+    launch: SessionLaunch,
     sandbox: Arc<Sandbox>,
     policy: ServerPolicy,
     restarting: bool,
@@ -438,7 +442,7 @@ async fn start_session(
     shared: Arc<SessionShared>,
 ) -> Result<McpSession, PoolError> {
     let SessionStart {
-        mut launch,
+        launch,
         sandbox,
         policy,
         restarting,
@@ -457,6 +461,27 @@ async fn start_session(
             .await
             .map_err(PoolError::from_credentials)?;
     }
+    let mut launch = match launch {
+        SessionLaunch::Process(launch) => launch,
+        SessionLaunch::Remote(remote) => {
+            tracing::info!(
+                "Connecting to remote MCP server {} for user {}",
+                key.server,
+                key.user
+            );
+            shared.set_sandbox(SandboxStatus::Remote);
+            let _slot = start_slots
+                .acquire_owned()
+                .await
+                .map_err(|_| PoolError::Unavailable)?;
+            return McpSession::connect_remote(&remote, startup_timeout)
+                .await
+                .map_err(|err| match err {
+                    unauthorized @ McpError::Unauthorized(_) => unauthorized_error(&key, unauthorized),
+                    other => PoolError::StartFailed(Arc::new(other)),
+                });
+        }
+    };
     let path = credentials
         .prepare_file(&key.user, &key.server)
         .await
@@ -512,6 +537,22 @@ async fn start_session(
     )
     .await
     .map_err(start_failed)
+}
+
+/// Credentials a remote server refused, as the pool reports them: the user's to fix (at start
+/// they are not counted as a crash). A refusal with no known cause is a server that still said
+/// 401 after the one retry: "reconnect required".
+fn unauthorized_error(key: &SessionKey, err: McpError) -> PoolError {
+    match err {
+        McpError::Unauthorized(Some(cause)) => match &*cause {
+            CredentialError::NotFound(server) => PoolError::NoCredentials(server.clone()),
+            _ => PoolError::Credentials(cause),
+        },
+        McpError::Unauthorized(None) => PoolError::Credentials(Arc::new(
+            CredentialError::ReconnectRequired(key.server.clone()),
+        )),
+        other => PoolError::Mcp(Arc::new(other)),
+    }
 }
 
 impl Actor for ConnectionActor {
@@ -695,7 +736,9 @@ impl ConnectionActorState {
                     key.server
                 );
                 tracing::info!("Dynamically loaded {} tools: {:?}", key.server, names);
-                self.shared.pid.store(session.pid(), Ordering::Relaxed);
+                // A remote session has no process: its id stays internal (stats show no pid).
+                let pid = if session.is_remote() { 0 } else { session.pid() };
+                self.shared.pid.store(pid, Ordering::Relaxed);
                 self.shared.started_at_ms.store(now_ms(), Ordering::Relaxed);
                 self.shared.set_client(Some(client.clone()));
                 let mut ended = session.ended();

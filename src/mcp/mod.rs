@@ -34,4 +34,4 @@ pub use process::{
 };
 pub use sandbox::{Sandbox, SandboxMode, SandboxStatus};
 pub use remote::{AuthScheme, CurrentSecret, RemoteCredentials, RemoteLaunch};
-pub use session::{ExitReason, McpClient, McpSession};
+pub use session::{ExitReason, McpClient, McpSession, SessionLaunch};

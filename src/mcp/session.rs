@@ -39,6 +39,15 @@ const FAILED_START_REAP: Duration = Duration::from_secs(5);
 /// Extra time for rmcp to reap the leader after the group was signalled.
 const REAP_MARGIN: Duration = Duration::from_secs(5);
 
+/// What a session connects to: a program the pool runs (confined, with a credentials file)
+/// or a remote server reached over Streamable HTTP (credentials on each request). Everything
+/// above [`McpSession`] treats both alike; a "restart" of a remote session is a reconnect.
+#[derive(Debug, Clone)]
+pub enum SessionLaunch {
+    Process(ServerLaunch),
+    Remote(RemoteLaunch),
+}
+
 /// Why a session ended, as reported by [`McpSession::ended`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitReason {
