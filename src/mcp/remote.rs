@@ -264,17 +264,34 @@ impl StreamableHttpClient for AuthorizedHttp {
         custom_headers: HashMap<HeaderName, HeaderValue>,
         limits: StreamableHttpResponseLimits,
     ) -> HttpResult<StreamableHttpPostResponse> {
-        self.authorized(custom_headers, |bearer, headers| {
-            self.http.post_message_with_response_limits(
-                uri.clone(),
-                message.clone(),
-                session_id.clone(),
-                bearer,
-                headers,
-                limits,
-            )
-        })
-        .await
+        let on_session_request =
+            session_id.is_some() && matches!(message, ClientJsonRpcMessage::Request(_));
+        let answer = self
+            .authorized(custom_headers, |bearer, headers| {
+                self.http.post_message_with_response_limits(
+                    uri.clone(),
+                    message.clone(),
+                    session_id.clone(),
+                    bearer,
+                    headers,
+                    limits,
+                )
+            })
+            .await;
+        match answer {
+            // A request on a session answered with an error that names no request: the server
+            // refused the session itself, not the request (server-everything answers an
+            // unknown `Mcp-Session-Id` with 400 and an id-less error instead of the 404 the
+            // spec asks for). Nothing was processed, so it is reported as an expired session,
+            // which rmcp answers by initializing again and sending the request once more;
+            // left as it is, the error could be routed to no request and the call would hang
+            // until its timeout.
+            Ok(StreamableHttpPostResponse::Json(
+                rmcp::model::JsonRpcMessage::Error(rmcp::model::JsonRpcError { id: None, .. }),
+                _,
+            )) if on_session_request => Err(StreamableHttpError::SessionExpired),
+            other => other,
+        }
     }
 
     async fn delete_session(
