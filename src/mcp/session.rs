@@ -21,6 +21,7 @@ use tokio::{
     process::ChildStderr,
     sync::watch,
 };
+use rmcp::transport::streamable_http_client::StreamableHttpError;
 use tracing::{debug, info, warn};
 
 use super::{
@@ -202,8 +203,15 @@ impl McpClient {
         }
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(transport.error.as_ref());
         let mut connect = false;
+        // rmcp's `Client(E)` variant is no `source`, so it is looked for by type as well.
         while let Some(current) = source {
-            if let Some(http) = current.downcast_ref::<reqwest::Error>() {
+            let http = current.downcast_ref::<reqwest::Error>().or_else(|| {
+                match current.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
+                    Some(StreamableHttpError::Client(http)) => Some(http),
+                    _ => None,
+                }
+            });
+            if let Some(http) = http {
                 connect = http.is_connect();
                 break;
             }
