@@ -571,7 +571,10 @@ async fn remote_echo(dir: &std::path::Path) {
         .await
         .is_err()
     {
-        assert!(started.elapsed() < Duration::from_secs(30), "server-everything listens");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "server-everything listens"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let url = format!("http://127.0.0.1:{port}/mcp");
@@ -587,11 +590,16 @@ async fn remote_echo(dir: &std::path::Path) {
     let app = App::build(config).await.expect("app");
     let user = UserId::parse("bench").unwrap();
     let server = ServerName::parse("remote").unwrap();
-    app.pool.get_session(&user, &server).await.expect("pool session");
+    app.pool
+        .get_session(&user, &server)
+        .await
+        .expect("pool session");
 
     // rmcp's own client on its default reqwest transport.
     let rmcp_direct = ()
-        .serve(rmcp::transport::StreamableHttpClientTransport::from_uri(url.as_str()))
+        .serve(rmcp::transport::StreamableHttpClientTransport::from_uri(
+            url.as_str(),
+        ))
         .await
         .expect("direct rmcp client");
     // Our transport (the session the pool wraps), without the pool.
@@ -614,9 +622,11 @@ async fn remote_echo(dir: &std::path::Path) {
         let expected = format!("Echo: {message}");
         let start = Instant::now();
         let answer = rmcp_direct
-            .send_request(ClientRequest::CallToolRequest(rmcp::model::CallToolRequest::new(
-                CallToolRequestParams::new("echo").with_arguments(call_args.clone().unwrap()),
-            )))
+            .send_request(ClientRequest::CallToolRequest(
+                rmcp::model::CallToolRequest::new(
+                    CallToolRequestParams::new("echo").with_arguments(call_args.clone().unwrap()),
+                ),
+            ))
             .await
             .expect("rmcp echo");
         r.push(start.elapsed());

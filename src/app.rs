@@ -273,6 +273,25 @@ impl App {
             std::sync::Arc::new(storage.credentials.clone()),
             &|var| std::env::var(var).ok(),
         )?;
+        // Remote servers whose client was registered before this start: their tokens are
+        // refreshed with it (no network here; discovery itself waits for a connect flow).
+        let discovery_http = crate::oauth::provider::http_client()?;
+        for (name, server) in config.servers.iter().filter(|(_, s)| s.uses_discovery()) {
+            let Ok(name) = crate::store::ServerName::parse(name) else {
+                continue;
+            };
+            if let Err(err) = crate::oauth::discovery::load_provider(
+                &refresher,
+                &storage.store,
+                &name,
+                server,
+                &discovery_http,
+            )
+            .await
+            {
+                tracing::warn!(server = %name, cause = %err, "cannot load the registered OAuth client");
+            }
+        }
         let interval = refresher
             .min_refresh_before()
             .map(TokenRefreshHandle::interval_for);

@@ -577,6 +577,9 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OAuthClientConfig {
+    /// Required, except for a remote server using discovery, where none means dynamic client
+    /// registration (RFC 7591).
+    #[serde(default)]
     pub client_id: String,
     /// Environment variable holding the client secret (never the secret itself).
     #[serde(default)]
@@ -679,6 +682,17 @@ impl ServerConfig {
     /// Whether this is a remote server (`url`) rather than a program.
     pub fn is_remote(&self) -> bool {
         self.url.is_some()
+    }
+
+    /// A remote OAuth server whose `[oauth]` names no endpoints: they are discovered the MCP
+    /// way (`oauth::discovery`), and the client registered when no `client_id` is configured.
+    pub fn uses_discovery(&self) -> bool {
+        self.is_remote()
+            && self.auth == RemoteAuth::Oauth
+            && self
+                .oauth
+                .as_ref()
+                .is_some_and(|o| o.authorization_url.is_none() && o.token_url.is_none())
     }
 
     /// This server's confinement: its overrides over the `[sandbox]` defaults.
@@ -1248,7 +1262,13 @@ fn validate_remote(
                 "is only used with auth = \"api_key\"",
             ));
         }
-        let reserved = ["host", "content-type", "content-length", "accept", "mcp-session-id"];
+        let reserved = [
+            "host",
+            "content-type",
+            "content-length",
+            "accept",
+            "mcp-session-id",
+        ];
         if reqwest::header::HeaderName::from_bytes(header.as_bytes()).is_err()
             || reserved.contains(&header.to_ascii_lowercase().as_str())
         {
@@ -1260,10 +1280,7 @@ fn validate_remote(
     }
     if let Some(oauth) = &server.oauth {
         if server.auth != RemoteAuth::Oauth {
-            return Err(invalid(
-                key("oauth"),
-                "is only used with auth = \"oauth\"",
-            ));
+            return Err(invalid(key("oauth"), "is only used with auth = \"oauth\""));
         }
         if let Some(secret_env) = &oauth.client_secret_env
             && !(is_env_name(secret_env) && secret_env.starts_with("MCP_POOL_"))
@@ -1273,7 +1290,34 @@ fn validate_remote(
                 "must be an environment variable name starting with MCP_POOL_",
             ));
         }
-        validate_oauth(oauth, key)?;
+        if server.uses_discovery() {
+            // Endpoints (and, without a client_id, the client) come from discovery; where the
+            // browser goes is still ours to say.
+            for (field, value) in [
+                ("redirect_uri", &oauth.redirect_uri),
+                ("success_redirect", &oauth.success_redirect),
+                ("error_redirect", &oauth.error_redirect),
+            ] {
+                match value {
+                    Some(value) if is_http_url(value) => {}
+                    Some(_) => {
+                        return Err(invalid(
+                            key(&format!("oauth.{field}")),
+                            "must be an absolute http:// or https:// URL",
+                        ));
+                    }
+                    None => {
+                        return Err(invalid(
+                            key(&format!("oauth.{field}")),
+                            "is required (the connect flow of a server whose endpoints are \
+                             discovered)",
+                        ));
+                    }
+                }
+            }
+        } else {
+            validate_oauth(oauth, key)?;
+        }
     }
     Ok(())
 }
@@ -1549,14 +1593,19 @@ mod tests {
                 "url = \"https://example.com/mcp\"\nauth = \"api_key\"\napi_key_header = \"Mcp-Session-Id\"",
                 "servers.r.api_key_header",
             ),
-            ("command = \"x\"\ncredentials_env = \"X\"\nauth = \"none\"", "servers.r.auth"),
+            (
+                "command = \"x\"\ncredentials_env = \"X\"\nauth = \"none\"",
+                "servers.r.auth",
+            ),
             ("credentials_env = \"X\"", "servers.r.command"),
         ] {
             let err = check(body).unwrap_err();
             assert!(err.contains(names), "{body}: {err}");
         }
-        check("url = \"https://example.com/mcp\"\nauth = \"api_key\"\napi_key_header = \"X-Api-Key\"")
-            .unwrap();
+        check(
+            "url = \"https://example.com/mcp\"\nauth = \"api_key\"\napi_key_header = \"X-Api-Key\"",
+        )
+        .unwrap();
     }
 
     /// The shipped file states the same values as the code (it is a working default, not a

@@ -15,7 +15,7 @@ use std::process::Stdio;
 
 use common::{PATIENCE, required_env, wait_until};
 use http::{TestServer, content_text};
-use oauth::{FAILURE, MockOAuth, SUCCESS, path_and_query, send};
+use oauth::{FAILURE, MockOAuth, SUCCESS, path_and_query, query_param, send};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 
@@ -163,7 +163,10 @@ async fn connect(ts: &TestServer, mock: &MockOAuth, user: &str, server: &str) {
         .post_json(&format!("/v1/oauth/{server}/start"), &json!({}))
         .await;
     assert_eq!(resp.status, 200, "{}", resp.text());
-    let url = resp.json()["authorization_url"].as_str().unwrap().to_owned();
+    let url = resp.json()["authorization_url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let redirect = mock.authorize(&url).await;
     let back = ts.anonymous().get(&path_and_query(&redirect)).await;
     assert_eq!(back.status, 303, "{}", back.text());
@@ -187,7 +190,11 @@ async fn stats_of(ts: &TestServer, user: &str, server: &str) -> Value {
 #[tokio::test]
 async fn everything_over_streamable_http_lists_calls_and_survives_a_server_restart() {
     if std::env::var("REMOTE_DEBUG").is_ok() {
-        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new("mcp_pool=debug,rmcp=debug")).try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "mcp_pool=debug,rmcp=debug",
+            ))
+            .try_init();
     }
     let server = Everything::start(free_port()).await;
     let url = server.url();
@@ -210,7 +217,9 @@ async fn everything_over_streamable_http_lists_calls_and_survives_a_server_resta
         .collect();
     assert!(names.iter().any(|n| n == "echo"), "{names:?}");
 
-    let echo = alice.call("everything", "echo", &json!({"message": "hi"})).await;
+    let echo = alice
+        .call("everything", "echo", &json!({"message": "hi"}))
+        .await;
     assert_eq!(echo.status, 200, "{}", echo.text());
     assert!(content_text(&echo.json()).contains("hi"));
     // A tool that reports progress while it runs.
@@ -227,7 +236,10 @@ async fn everything_over_streamable_http_lists_calls_and_survives_a_server_resta
     let stats = stats_of(&ts, "alice", "everything").await;
     assert_eq!(stats["state"], "ready");
     assert_eq!(stats["sandbox"], "remote");
-    assert!(stats["pid"].is_null(), "a remote session has no pid: {stats}");
+    assert!(
+        stats["pid"].is_null(),
+        "a remote session has no pid: {stats}"
+    );
     let started_at = stats["started_at"].clone();
 
     // Another user gets a session of their own.
@@ -369,7 +381,8 @@ async fn per_user_bearer_tokens_refresh_after_a_401_and_never_cross_users() {
         assert_eq!(first, sub, "session {session} carried two users' tokens");
     }
     assert!(
-        sub_of_session.values().any(|s| s == "alice") && sub_of_session.values().any(|s| s == "bob"),
+        sub_of_session.values().any(|s| s == "alice")
+            && sub_of_session.values().any(|s| s == "bob"),
         "{sub_of_session:?}"
     );
     ts.stop().await;
@@ -383,10 +396,7 @@ async fn a_revoked_grant_gives_reconnect_required() {
     let ts = TestServer::start("", &oauth_remote("linear", &bearer.url, &mock), "", &[]).await;
     connect(&ts, &mock, "alice", "linear").await;
     let alice = ts.user("alice");
-    assert_eq!(
-        alice.call("linear", "whoami", &json!({})).await.status,
-        200
-    );
+    assert_eq!(alice.call("linear", "whoami", &json!({})).await.status, 200);
     // The grant is revoked at the authorization server and the token at the server.
     mock.control(json!({ "revoke_all": true })).await;
     bearer.control(json!({ "revoke_seen": true })).await;
@@ -425,7 +435,11 @@ async fn static_api_keys_go_in_the_named_header_of_their_own_user() {
     )
     .await;
     let (alice, bob, carol) = (ts.user("alice"), ts.user("bob"), ts.user("carol"));
-    for (client, key) in [(&alice, "key-of-alice"), (&bob, "key-of-bob"), (&carol, "wrong")] {
+    for (client, key) in [
+        (&alice, "key-of-alice"),
+        (&bob, "key-of-bob"),
+        (&carol, "wrong"),
+    ] {
         let put = client
             .put_json("/v1/connections/keyed", &json!({ "access_token": key }))
             .await;
@@ -434,6 +448,9 @@ async fn static_api_keys_go_in_the_named_header_of_their_own_user() {
     let resp = alice.call("keyed", "whoami", &json!({})).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(content_text(&resp.json()), "alice");
+    // The key lives in the encrypted row only: no plaintext credentials file for a remote server.
+    let file = ts.dir.path().join("creds/alice/keyed/credentials.json");
+    assert!(!file.exists(), "{}", file.display());
     let resp = bob.call("keyed", "whoami", &json!({})).await;
     assert_eq!(content_text(&resp.json()), "bob");
     // A key the server refuses is the user's to replace.
@@ -466,6 +483,120 @@ async fn missing_credentials_are_reported_not_sent() {
         .await
         .expect_error(404, "no_credentials");
     assert!(bearer.seen().await.is_empty(), "nothing was sent");
+    ts.stop().await;
+    bearer.stop().await;
+}
+
+// === discovery, registration, PKCE and resource indicators (oidc-provider) ===
+
+/// npm `oidc-provider` (`tests/fixtures/remote/oidc-server.mjs`); killed on drop.
+struct Oidc {
+    url: String,
+    _child: tokio::process::Child,
+}
+
+impl Oidc {
+    async fn start() -> Oidc {
+        let modules = required_env("MCP_POOL_TEST_NODE_MODULES");
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/remote/oidc-server.mjs"
+        );
+        let mut child = tokio::process::Command::new("node")
+            .arg(script)
+            .arg(modules)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs oidc-provider");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(PATIENCE, lines.next_line())
+            .await
+            .expect("oidc-provider starts")
+            .expect("read")
+            .expect("it prints its URL");
+        let url = serde_json::from_str::<Value>(&line).expect("JSON")["url"]
+            .as_str()
+            .expect("url")
+            .to_owned();
+        Oidc { url, _child: child }
+    }
+
+    async fn control(&self, body: Value) -> Value {
+        let (status, _, text) = send(
+            "POST",
+            &format!("{}/__control", self.url),
+            Some(("application/json", body.to_string())),
+        )
+        .await;
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str(&text).expect("JSON")
+    }
+
+    async fn stats(&self) -> Value {
+        self.control(json!({})).await
+    }
+}
+
+/// Discovery (RFC 9728 from the 401's `resource_metadata`, then OIDC discovery), dynamic
+/// registration (RFC 7591, once per server) and the authorization URL (the registered client,
+/// PKCE S256, the RFC 8707 resource). The browser part of the flow against oidc-provider is not
+/// covered here (oidc-provider's login interaction is not automated yet).
+#[tokio::test]
+async fn discovery_registers_one_client_and_authorizes_with_pkce_and_the_resource() {
+    let oidc = Oidc::start().await;
+    let bearer = BearerServer::start(json!({ "issuer": oidc.url, "resource": "self" })).await;
+    let callback = "http://127.0.0.1:9/v1/oauth/notion/callback";
+    let config = format!(
+        "{}[servers.notion.oauth]\nredirect_uri = \"{callback}\"\n\
+         success_redirect = \"{SUCCESS}\"\nerror_redirect = \"{FAILURE}\"\n",
+        remote_server("notion", &bearer.url, "")
+    );
+    let ts = TestServer::start("", &config, "", &[]).await;
+    let mut client_ids = Vec::new();
+    for user in ["alice", "bob"] {
+        let resp = ts
+            .user(user)
+            .post_json("/v1/oauth/notion/start", &json!({}))
+            .await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        let url = resp.json()["authorization_url"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(url.starts_with(&format!("{}/auth?", oidc.url)), "{url}");
+        assert_eq!(
+            query_param(&url, "resource").as_deref(),
+            Some(bearer.url.as_str())
+        );
+        assert_eq!(
+            query_param(&url, "code_challenge_method").as_deref(),
+            Some("S256")
+        );
+        assert_eq!(query_param(&url, "redirect_uri").as_deref(), Some(callback));
+        client_ids.push(query_param(&url, "client_id").expect("client_id"));
+    }
+    assert!(!client_ids[0].is_empty());
+    assert_eq!(client_ids[0], client_ids[1], "one client for the server");
+    let stats = oidc.stats().await;
+    assert_eq!(stats["registrations"], 1, "registered once: {stats}");
+    // The authorization server knows the client: its authorize endpoint takes the URL (and
+    // sends the browser on to its login interaction).
+    let url = ts
+        .user("carol")
+        .post_json("/v1/oauth/notion/start", &json!({}))
+        .await
+        .json()["authorization_url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, headers, body) = send("GET", &url, None).await;
+    assert_eq!(status, 303, "{body}");
+    let location = headers["location"].to_str().unwrap();
+    assert!(location.starts_with("/interaction/"), "{location}");
     ts.stop().await;
     bearer.stop().await;
 }

@@ -20,8 +20,8 @@ use super::pool::{EventKind, PoolError, PoolEvents, PoolMsg};
 pub use crate::ids::SessionKey;
 use crate::mcp::sandbox::{Sandbox, SandboxError, SandboxStatus, ServerPolicy, SessionPaths};
 use crate::mcp::{ExitReason, McpClient, McpError, McpSession, ProcessRegistry, SessionLaunch};
-use crate::store::CredentialError;
 use crate::oauth::TokenRefresher;
+use crate::store::CredentialError;
 
 /// Life-cycle state of a connection as reported in stats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -477,7 +477,9 @@ async fn start_session(
             return McpSession::connect_remote(&remote, startup_timeout)
                 .await
                 .map_err(|err| match err {
-                    unauthorized @ McpError::Unauthorized(_) => unauthorized_error(&key, unauthorized),
+                    unauthorized @ McpError::Unauthorized(_) => {
+                        unauthorized_error(&key, unauthorized)
+                    }
                     other => PoolError::StartFailed(Arc::new(other)),
                 });
         }
@@ -737,7 +739,11 @@ impl ConnectionActorState {
                 );
                 tracing::info!("Dynamically loaded {} tools: {:?}", key.server, names);
                 // A remote session has no process: its id stays internal (stats show no pid).
-                let pid = if session.is_remote() { 0 } else { session.pid() };
+                let pid = if session.is_remote() {
+                    0
+                } else {
+                    session.pid()
+                };
                 self.shared.pid.store(pid, Ordering::Relaxed);
                 self.shared.started_at_ms.store(now_ms(), Ordering::Relaxed);
                 self.shared.set_client(Some(client.clone()));

@@ -325,6 +325,12 @@ fn mcp_error(err: &McpError) -> ApiError {
             "reconnect_required",
             "the remote MCP server refused the stored credentials; connect it again",
         ),
+        McpError::HttpStatus { status } => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            format!("the remote MCP server answered HTTP {status}"),
+        )
+        .with_retry_safe(false),
         McpError::Protocol(_) => {
             tracing::warn!(cause = %err, "MCP protocol error");
             ApiError::new(

@@ -56,6 +56,10 @@ pub enum McpError {
     /// a rejected API key, `NotFound` for none stored).
     #[error("the remote MCP server refused the user's credentials")]
     Unauthorized(Option<std::sync::Arc<crate::store::CredentialError>>),
+    /// A remote server answered a request with HTTP 429 or 5xx (it may or may not have acted on
+    /// it); the session stays up.
+    #[error("the remote MCP server answered HTTP {status}")]
+    HttpStatus { status: u16 },
     /// The demo server failed to start or stopped abnormally.
     #[error("demo server: {0}")]
     DemoServer(String),

@@ -32,6 +32,6 @@ pub use error::McpError;
 pub use process::{
     ProcessRegistry, ServerLaunch, base_environment, process_start_time, terminate_group,
 };
-pub use sandbox::{Sandbox, SandboxMode, SandboxStatus};
 pub use remote::{AuthScheme, CurrentSecret, RemoteCredentials, RemoteLaunch};
+pub use sandbox::{Sandbox, SandboxMode, SandboxStatus};
 pub use session::{ExitReason, McpClient, McpSession, SessionLaunch};

@@ -167,7 +167,10 @@ impl AuthorizedHttp {
     /// Why the last rejected secret could not be replaced, if it could not.
     pub(crate) fn auth_failure(&self) -> Option<Arc<CredentialError>> {
         let auth = self.auth.as_ref()?;
-        auth.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        auth.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Reads the secret before the session starts, so missing credentials fail the start
@@ -204,8 +207,8 @@ impl AuthorizedHttp {
                 return Err(challenge);
             }
         };
-        let attempt = |secret: &Secret, headers: &mut HashMap<HeaderName, HeaderValue>| {
-            match &auth.scheme {
+        let attempt =
+            |secret: &Secret, headers: &mut HashMap<HeaderName, HeaderValue>| match &auth.scheme {
                 AuthScheme::Bearer => Some(secret.expose().to_owned()),
                 AuthScheme::Header(name) => {
                     if let Ok(mut value) = HeaderValue::from_str(secret.expose()) {
@@ -214,8 +217,7 @@ impl AuthorizedHttp {
                     }
                     None
                 }
-            }
-        };
+            };
         let mut first = headers.clone();
         let bearer = attempt(&sent, &mut first);
         match call(bearer, first).await {
@@ -231,7 +233,8 @@ impl AuthorizedHttp {
     }
 }
 
-type SseStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<sse_stream::Sse, SseError>> + Send>>;
+type SseStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<sse_stream::Sse, SseError>> + Send>>;
 
 impl StreamableHttpClient for AuthorizedHttp {
     type Error = reqwest::Error;

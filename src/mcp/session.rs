@@ -5,6 +5,7 @@ use std::{
     time::Duration,
 };
 
+use rmcp::transport::streamable_http_client::StreamableHttpError;
 use rmcp::{
     ClientHandler, Peer, RoleClient, ServiceExt as _,
     model::{
@@ -21,15 +22,14 @@ use tokio::{
     process::ChildStderr,
     sync::watch,
 };
-use rmcp::transport::streamable_http_client::StreamableHttpError;
 use tracing::{debug, info, warn};
 
 use super::{
     McpError, ProcessRegistry, ServerLaunch,
-    remote::{AuthorizedHttp, RemoteLaunch, is_auth_challenge},
     process::{
         as_pgid, kill_group_now, spawn_server, terminate_group, wait_group_gone, wait_reaped,
     },
+    remote::{AuthorizedHttp, RemoteLaunch, is_auth_challenge},
     sandbox::{Confinement, SandboxStatus, SessionCgroup},
 };
 
@@ -167,8 +167,7 @@ struct RemoteKill {
 
 impl RemoteKill {
     fn kill(&self) {
-        self.killed
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.killed.store(true, std::sync::atomic::Ordering::SeqCst);
         self.cancel.cancel();
     }
 }
@@ -201,17 +200,25 @@ impl McpClient {
         if is_auth_challenge(transport.error.as_ref()) {
             return Some(McpError::Unauthorized(remote.http.auth_failure()));
         }
+        // rmcp's `Client(E)` and `HttpStatus` variants are not reachable through `source()`
+        // (one is no source, the other is transparent), so the chain is searched by type.
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(transport.error.as_ref());
         let mut connect = false;
-        // rmcp's `Client(E)` variant is no `source`, so it is looked for by type as well.
         while let Some(current) = source {
-            let http = current.downcast_ref::<reqwest::Error>().or_else(|| {
-                match current.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
-                    Some(StreamableHttpError::Client(http)) => Some(http),
-                    _ => None,
+            match current.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
+                // Busy or failing, but there: the session stays, the call reports it.
+                Some(StreamableHttpError::HttpStatus(status)) => {
+                    return Some(McpError::HttpStatus {
+                        status: status.status,
+                    });
                 }
-            });
-            if let Some(http) = http {
+                Some(StreamableHttpError::Client(http)) => {
+                    connect = http.is_connect();
+                    break;
+                }
+                _ => {}
+            }
+            if let Some(http) = current.downcast_ref::<reqwest::Error>() {
                 connect = http.is_connect();
                 break;
             }
@@ -683,7 +690,10 @@ impl McpSession {
                 .await
                 .is_err()
             {
-                warn!(session = self.pgid, "remote MCP session did not end in time");
+                warn!(
+                    session = self.pgid,
+                    "remote MCP session did not end in time"
+                );
             }
             return;
         }

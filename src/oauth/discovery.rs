@@ -19,10 +19,15 @@
 //! Every URL met on the way must be https (or loopback http when the server's
 //! `allow_insecure_loopback` allows it), and no request here carries a user's token.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::Url;
 use reqwest::header::{ACCEPT, HeaderValue, WWW_AUTHENTICATE};
+
+use super::{Provider, TokenRefresher};
+use crate::config::ServerConfig;
+use crate::store::{RegisteredClientRow, Secret, ServerName, Store};
 
 /// Upper bound of each discovery request.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,6 +53,10 @@ pub enum DiscoveryError {
     NoRegistration,
     #[error("insecure URL refused: {0} (https is required except on loopback)")]
     Insecure(String),
+    #[error("this server is not configured for OAuth discovery")]
+    NotConfigured,
+    #[error("cannot store the registered client: {0}")]
+    Store(String),
 }
 
 /// Where a remote server's users authorize, as discovered.
@@ -68,7 +77,7 @@ pub struct Endpoints {
 #[derive(Debug, Clone)]
 pub struct RegisteredClient {
     pub client_id: String,
-    pub client_secret: Option<crate::store::Secret>,
+    pub client_secret: Option<Secret>,
 }
 
 /// What may be fetched: https, or http on a loopback address when allowed.
@@ -119,6 +128,148 @@ struct ServerMetadata {
     scopes_supported: Vec<String>,
 }
 
+/// The OAuth client of `server`, a remote server configured for discovery
+/// ([`crate::config::ServerConfig::uses_discovery`]): the refresher's if it has one, else the
+/// one registered earlier (from the store), else discovered and registered now, and stored
+/// once for the server. The refresher gets it, so tokens are refreshed with it from then on.
+pub async fn ensure_provider(
+    refresher: &TokenRefresher,
+    store: &Store,
+    server: &ServerName,
+    config: &ServerConfig,
+    http: &reqwest::Client,
+) -> Result<Arc<Provider>, DiscoveryError> {
+    if let Some(provider) = refresher.provider(server) {
+        return Ok(provider);
+    }
+    let (Some(url), Some(oauth)) = (config.url.as_deref(), config.oauth.as_ref()) else {
+        return Err(DiscoveryError::NotConfigured);
+    };
+    if !config.uses_discovery() {
+        return Err(DiscoveryError::NotConfigured);
+    }
+    if let Some(provider) = load_provider(refresher, store, server, config, http).await? {
+        return Ok(provider);
+    }
+    let policy = UrlPolicy {
+        allow_insecure_loopback: config.allow_insecure_loopback,
+    };
+    let endpoints = discover(http, url, policy).await?;
+    let redirect_uri = oauth
+        .redirect_uri
+        .as_deref()
+        .ok_or(DiscoveryError::NotConfigured)?;
+    let (client_id, client_secret) = if oauth.client_id.is_empty() {
+        let scopes = if oauth.scopes.is_empty() {
+            &endpoints.scopes
+        } else {
+            &oauth.scopes
+        };
+        let registered = register(http, &endpoints, redirect_uri, scopes).await?;
+        tracing::info!(
+            server = %server, issuer = %endpoints.issuer,
+            "Registered mcp-pool as an OAuth client (dynamic client registration)"
+        );
+        let stored = store
+            .insert_oauth_client(&RegisteredClientRow {
+                server: server.clone(),
+                endpoints: serde_json::to_string(&endpoints)
+                    .map_err(|err| DiscoveryError::Store(err.to_string()))?,
+                client_id: Secret::new(registered.client_id),
+                client_secret: registered.client_secret,
+                created_at: chrono::Utc::now(),
+            })
+            .await
+            .map_err(|err| DiscoveryError::Store(err.to_string()))?;
+        // Another instance may have registered first: its client is the one used.
+        let endpoints: Endpoints = serde_json::from_str(&stored.endpoints)
+            .map_err(|err| DiscoveryError::Store(err.to_string()))?;
+        return install(
+            refresher,
+            server,
+            config,
+            &endpoints,
+            stored.client_id.expose().to_owned(),
+            stored.client_secret,
+            http,
+        );
+    } else {
+        let secret = oauth
+            .client_secret_env
+            .as_deref()
+            .and_then(|name| std::env::var(name).ok())
+            .filter(|s| !s.is_empty())
+            .map(Secret::new);
+        (oauth.client_id.clone(), secret)
+    };
+    install(
+        refresher,
+        server,
+        config,
+        &endpoints,
+        client_id,
+        client_secret,
+        http,
+    )
+}
+
+/// The client registered earlier for `server`, if the store has one (no network): at start-up,
+/// so that tokens obtained before a restart are still refreshed.
+pub async fn load_provider(
+    refresher: &TokenRefresher,
+    store: &Store,
+    server: &ServerName,
+    config: &ServerConfig,
+    http: &reqwest::Client,
+) -> Result<Option<Arc<Provider>>, DiscoveryError> {
+    let Some(row) = store
+        .oauth_client(server)
+        .await
+        .map_err(|err| DiscoveryError::Store(err.to_string()))?
+    else {
+        return Ok(None);
+    };
+    let endpoints: Endpoints = serde_json::from_str(&row.endpoints)
+        .map_err(|err| DiscoveryError::Store(err.to_string()))?;
+    install(
+        refresher,
+        server,
+        config,
+        &endpoints,
+        row.client_id.expose().to_owned(),
+        row.client_secret,
+        http,
+    )
+    .map(Some)
+}
+
+fn install(
+    refresher: &TokenRefresher,
+    server: &ServerName,
+    config: &ServerConfig,
+    endpoints: &Endpoints,
+    client_id: String,
+    client_secret: Option<Secret>,
+    http: &reqwest::Client,
+) -> Result<Arc<Provider>, DiscoveryError> {
+    let oauth = config.oauth.as_ref().ok_or(DiscoveryError::NotConfigured)?;
+    let provider = Provider::discovered(
+        server.clone(),
+        oauth,
+        endpoints,
+        client_id,
+        client_secret,
+        http.clone(),
+    )
+    .ok_or_else(|| DiscoveryError::Invalid {
+        url: endpoints.issuer.clone(),
+        problem: "unusable endpoint URLs".into(),
+    })?;
+    let provider = Arc::new(provider);
+    refresher.add_provider(provider.clone());
+    Ok(provider)
+}
+
 /// Discovers the endpoints of the MCP server at `mcp_url`.
 pub async fn discover(
     http: &reqwest::Client,
@@ -136,7 +287,11 @@ pub async fn discover(
             problem: "its resource metadata names no authorization server".into(),
         })?;
     let meta = server_metadata(http, &issuer, policy).await?;
-    if !meta.code_challenge_methods_supported.iter().any(|m| m == "S256") {
+    if !meta
+        .code_challenge_methods_supported
+        .iter()
+        .any(|m| m == "S256")
+    {
         return Err(DiscoveryError::NoPkce);
     }
     let endpoint = |value: Option<String>, name: &str| -> Result<String, DiscoveryError> {
@@ -205,7 +360,7 @@ pub async fn register(
     #[derive(serde::Deserialize)]
     struct Registration {
         client_id: Option<String>,
-        client_secret: Option<crate::store::Secret>,
+        client_secret: Option<Secret>,
     }
     let registration: Registration =
         serde_json::from_slice(&bytes).map_err(|_| DiscoveryError::Invalid {
@@ -254,7 +409,9 @@ async fn resource_metadata(
     let path = server.path().trim_end_matches('/');
     let origin = origin(server);
     if !path.is_empty() {
-        candidates.push(format!("{origin}/.well-known/oauth-protected-resource{path}"));
+        candidates.push(format!(
+            "{origin}/.well-known/oauth-protected-resource{path}"
+        ));
     }
     candidates.push(format!("{origin}/.well-known/oauth-protected-resource"));
     for url in candidates {
@@ -296,12 +453,13 @@ async fn server_metadata(
         ]
     };
     for url in candidates {
-        if let Some(meta) = fetch_json::<ServerMetadata>(http, Url::parse(&url).map_err(|_| {
-            DiscoveryError::Invalid {
+        if let Some(meta) = fetch_json::<ServerMetadata>(
+            http,
+            Url::parse(&url).map_err(|_| DiscoveryError::Invalid {
                 url: url.clone(),
                 problem: "not a URL".into(),
-            }
-        })?)
+            })?,
+        )
         .await?
         {
             // RFC 8414 section 3.3: the issuer in the document must be the one asked for.
@@ -348,7 +506,10 @@ async fn fetch_json<T: serde::de::DeserializeOwned>(
         })
 }
 
-async fn read_limited(url: &str, mut response: reqwest::Response) -> Result<Vec<u8>, DiscoveryError> {
+async fn read_limited(
+    url: &str,
+    mut response: reqwest::Response,
+) -> Result<Vec<u8>, DiscoveryError> {
     let mut out = Vec::new();
     while let Some(chunk) = response
         .chunk()
@@ -379,7 +540,13 @@ fn origin(url: &Url) -> String {
 
 /// The same resource: equal once a trailing slash and a fragment are ignored.
 fn same_resource(a: &str, server: &Url) -> bool {
-    let strip = |s: &str| s.split('#').next().unwrap_or(s).trim_end_matches('/').to_owned();
+    let strip = |s: &str| {
+        s.split('#')
+            .next()
+            .unwrap_or(s)
+            .trim_end_matches('/')
+            .to_owned()
+    };
     strip(a) == strip(server.as_str())
 }
 
@@ -421,11 +588,17 @@ mod tests {
             Some("http://127.0.0.1:1/.well-known/oauth-protected-resource/mcp")
         );
         assert_eq!(
-            challenge_param("Bearer resource_metadata=https://x/y, scope=a", "resource_metadata")
-                .as_deref(),
+            challenge_param(
+                "Bearer resource_metadata=https://x/y, scope=a",
+                "resource_metadata"
+            )
+            .as_deref(),
             Some("https://x/y")
         );
-        assert_eq!(challenge_param("Bearer xresource_metadata=\"a\"", "resource_metadata"), None);
+        assert_eq!(
+            challenge_param("Bearer xresource_metadata=\"a\"", "resource_metadata"),
+            None
+        );
     }
 
     #[test]

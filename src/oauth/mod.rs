@@ -16,8 +16,8 @@
 //!
 //! [`Secret`]: crate::store::Secret
 
-pub mod flow;
 pub mod discovery;
+pub mod flow;
 pub mod pkce;
 pub mod provider;
 pub mod refresh;

@@ -47,8 +47,7 @@ use super::provider::{Provider, TokenResponse, http_client};
 use crate::config::Config;
 use crate::ids::SessionKey;
 use crate::store::{
-    CredentialError, CredentialWriter, Secret, ServerName, StoreError, TokenUpdate, Tokens,
-    UserId,
+    CredentialError, CredentialWriter, Secret, ServerName, StoreError, TokenUpdate, Tokens, UserId,
 };
 
 /// Token requests per refresh before giving up for now.
@@ -87,7 +86,9 @@ struct Backoff {
 struct Inner {
     /// The single writer of credentials (the `CredentialActor`'s handle).
     credentials: Arc<dyn CredentialWriter>,
-    providers: BTreeMap<ServerName, Arc<Provider>>,
+    /// Configured at start-up; remote servers found by discovery are added later
+    /// ([`TokenRefresher::add_provider`]).
+    providers: std::sync::RwLock<BTreeMap<ServerName, Arc<Provider>>>,
     restart_on_refresh: BTreeSet<ServerName>,
     /// One async mutex per key being checked; entries go when nobody holds or waits for them.
     locks: Mutex<HashMap<SessionKey, Arc<tokio::sync::Mutex<()>>>>,
@@ -108,7 +109,10 @@ pub struct TokenRefresher {
 impl std::fmt::Debug for TokenRefresher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenRefresher")
-            .field("servers", &self.inner.providers.keys().collect::<Vec<_>>())
+            .field(
+                "servers",
+                &self.providers().keys().cloned().collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -164,7 +168,7 @@ impl TokenRefresher {
         Ok(TokenRefresher {
             inner: Arc::new(Inner {
                 credentials,
-                providers,
+                providers: std::sync::RwLock::new(providers),
                 restart_on_refresh,
                 locks: Mutex::new(HashMap::new()),
                 fresh_until: Mutex::new(HashMap::new()),
@@ -175,13 +179,29 @@ impl TokenRefresher {
     }
 
     /// The OAuth client of `server`, if it has a token endpoint.
-    pub fn provider(&self, server: &ServerName) -> Option<&Arc<Provider>> {
-        self.inner.providers.get(server)
+    pub fn provider(&self, server: &ServerName) -> Option<Arc<Provider>> {
+        self.providers().get(server).cloned()
+    }
+
+    /// Adds (or replaces) the OAuth client of a server found by discovery.
+    pub fn add_provider(&self, provider: Arc<Provider>) {
+        self.inner
+            .providers
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(provider.server().clone(), provider);
+    }
+
+    fn providers(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<ServerName, Arc<Provider>>> {
+        self.inner
+            .providers
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Whether `server`'s tokens are refreshed here.
     pub fn manages(&self, server: &ServerName) -> bool {
-        self.inner.providers.contains_key(server)
+        self.providers().contains_key(server)
     }
 
     /// Whether `server` reads its token only at start-up (`restart_on_token_refresh`): its
@@ -192,11 +212,7 @@ impl TokenRefresher {
 
     /// The shortest `refresh_before` of all servers, for the background sweep's interval.
     pub fn min_refresh_before(&self) -> Option<Duration> {
-        self.inner
-            .providers
-            .values()
-            .map(|p| p.refresh_before())
-            .min()
+        self.providers().values().map(|p| p.refresh_before()).min()
     }
 
     /// Before a tool call: refreshes if the access token expires within `refresh_before`.
@@ -262,7 +278,7 @@ impl TokenRefresher {
         use_cache: bool,
         rejected: Option<&Secret>,
     ) -> Result<Freshness, CredentialError> {
-        let Some(provider) = self.inner.providers.get(&key.server).cloned() else {
+        let Some(provider) = self.provider(&key.server) else {
             return Ok(Freshness::Unmanaged);
         };
         if use_cache
@@ -433,9 +449,7 @@ impl TokenRefresher {
             let mut backoffs = lock(&self.inner.backoff);
             let failures = backoffs.get(key).map_or(0, |b| b.failures) + 1;
             let base = self
-                .inner
-                .providers
-                .get(&key.server)
+                .provider(&key.server)
                 .map_or(Duration::from_secs(1), |p| p.cooldown());
             let wait = base
                 .saturating_mul(2u32.saturating_pow((failures - 1).min(16)))
@@ -548,9 +562,7 @@ impl TokenRefresher {
 
     fn remember_expiry(&self, key: &SessionKey, expiry: Option<DateTime<Utc>>) {
         let refresh_before = self
-            .inner
-            .providers
-            .get(&key.server)
+            .provider(&key.server)
             .map_or(Duration::ZERO, |p| p.refresh_before());
         let until = expiry.map_or(DateTime::<Utc>::MAX_UTC, |e| {
             e.checked_sub_signed(chrono_duration(refresh_before))

@@ -121,5 +121,6 @@ fn mcp_code(err: &McpError) -> &'static str {
         McpError::Protocol(_) => "server_protocol_error",
         McpError::Unauthorized(Some(cause)) => cause.code(),
         McpError::Unauthorized(None) => "reconnect_required",
+        McpError::HttpStatus { .. } => "server_error",
     }
 }

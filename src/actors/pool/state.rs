@@ -18,9 +18,9 @@ use crate::actors::connection::{
     SessionShared, SessionState,
 };
 use crate::backoff::{FailureWindow, full_jitter};
+use crate::config::RemoteAuth;
 use crate::config::ServerConfig;
 use crate::ids::{ServerName, SessionKey, UserId};
-use crate::config::RemoteAuth;
 use crate::mcp::{
     AuthScheme, RemoteCredentials, RemoteLaunch, ServerLaunch, SessionLaunch, base_environment,
 };
