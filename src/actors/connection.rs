@@ -347,7 +347,8 @@ impl CloseReason {
 /// Messages of the [`ConnectionActor`]. Only the pool sends them (and the actor to itself).
 pub enum ConnectionMsg {
     /// The start-up task finished.
-    Connected(Result<McpSession, PoolError>),
+    /// Boxed: a session is large next to the other messages.
+    Connected(Result<Box<McpSession>, PoolError>),
     /// The session ended (the child exited or crashed).
     Ended(ExitReason),
     /// The session of `pid` cannot serve: a health check went unanswered for
@@ -589,7 +590,8 @@ impl Actor for ConnectionActor {
         tokio::spawn(
             async move {
                 let result = startup.await;
-                if let Err(unsent) = myself.send_message(ConnectionMsg::Connected(result))
+                if let Err(unsent) =
+                    myself.send_message(ConnectionMsg::Connected(result.map(Box::new)))
                     && let ractor::MessagingErr::SendErr(ConnectionMsg::Connected(Ok(session))) =
                         unsent
                 {
@@ -621,7 +623,9 @@ impl Actor for ConnectionActor {
         let span = tracing::info_span!("connection", user_id = %key.user, server = %key.server);
         async move {
             match message {
-                ConnectionMsg::Connected(result) => state.on_connected(&myself, result).await,
+                ConnectionMsg::Connected(result) => {
+                    state.on_connected(&myself, result.map(|s| *s)).await
+                }
                 ConnectionMsg::Ended(reason) => {
                     if state.shared.state() == SessionState::Closing {
                         return Ok(());
