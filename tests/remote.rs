@@ -69,6 +69,31 @@ impl Everything {
     }
 }
 
+/// Runs a node fixture that prints one JSON line `{"url": ...}` on stdout; killed on drop.
+async fn spawn_fixture(script: &str, args: &[String]) -> (tokio::process::Child, String) {
+    let mut child = tokio::process::Command::new("node")
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs the fixture");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .expect("the fixture starts")
+        .expect("read")
+        .expect("it prints its URL");
+    let url = serde_json::from_str::<Value>(&line).expect("JSON")["url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    (child, url)
+}
+
 /// The token-checking server (`bearer-server.mjs`) with `options`; killed on drop.
 struct BearerServer {
     url: String,
@@ -77,32 +102,15 @@ struct BearerServer {
 
 impl BearerServer {
     async fn start(options: Value) -> BearerServer {
-        let modules = required_env("MCP_POOL_TEST_NODE_MODULES");
         let script = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/remote/bearer-server.mjs"
         );
-        let mut child = tokio::process::Command::new("node")
-            .arg(script)
-            .arg(modules)
-            .arg(options.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("node runs the bearer server");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(PATIENCE, lines.next_line())
-            .await
-            .expect("the bearer server starts")
-            .expect("read")
-            .expect("it prints its URL");
-        let url = serde_json::from_str::<Value>(&line).expect("JSON")["url"]
-            .as_str()
-            .expect("url")
-            .to_owned();
+        let args = [
+            required_env("MCP_POOL_TEST_NODE_MODULES"),
+            options.to_string(),
+        ];
+        let (child, url) = spawn_fixture(script, &args).await;
         BearerServer { url, child }
     }
 
@@ -497,31 +505,12 @@ struct Oidc {
 
 impl Oidc {
     async fn start() -> Oidc {
-        let modules = required_env("MCP_POOL_TEST_NODE_MODULES");
         let script = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/remote/oidc-server.mjs"
         );
-        let mut child = tokio::process::Command::new("node")
-            .arg(script)
-            .arg(modules)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("node runs oidc-provider");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(PATIENCE, lines.next_line())
-            .await
-            .expect("oidc-provider starts")
-            .expect("read")
-            .expect("it prints its URL");
-        let url = serde_json::from_str::<Value>(&line).expect("JSON")["url"]
-            .as_str()
-            .expect("url")
-            .to_owned();
+        let args = [required_env("MCP_POOL_TEST_NODE_MODULES")];
+        let (child, url) = spawn_fixture(script, &args).await;
         Oidc { url, _child: child }
     }
 
