@@ -11,8 +11,11 @@
 //!    takes 5 s to start;
 //! 7. sandbox: the cost of preparing a session's confinement, and a demo server's cold start
 //!    confined vs unconfined.
+//! 8. remote: warm echo on server-everything over Streamable HTTP (loopback) through the pool,
+//!    beside a direct rmcp client (rmcp's own reqwest transport) and our remote transport
+//!    without the pool.
 //!
-//! `cargo bench --bench pool -- sandbox` runs section 7 alone.
+//! `cargo bench --bench pool -- sandbox` runs section 7 alone, `-- remote` section 8.
 //!
 //! Third-party servers come from `.test-servers/env.sh` (missing ones are reported as skipped).
 //! Benchmarks check what they measure (echo replies are compared) but never fail on speed.
@@ -220,6 +223,10 @@ async fn main() {
     // `cargo bench --bench pool -- sandbox`: section 7 alone.
     if std::env::args().any(|arg| arg == "sandbox") {
         sandbox_cost(dir.path()).await;
+        return;
+    }
+    if std::env::args().any(|arg| arg == "remote") {
+        remote_echo(dir.path()).await;
         return;
     }
     let (servers, skipped) = servers();
@@ -533,6 +540,131 @@ async fn main() {
     println!("\n(crash-and-restart cycles during the loaded run: {crashes})");
     bench.app.stop().await;
     sandbox_cost(dir.path()).await;
+    remote_echo(dir.path()).await;
+}
+
+/// Section 8: warm echo to server-everything in `streamableHttp` mode on loopback.
+async fn remote_echo(dir: &std::path::Path) {
+    use rmcp::ServiceExt as _;
+    use rmcp::model::{CallToolRequestParams, ClientRequest, ServerResult};
+
+    println!("\n## 8. Remote server (Streamable HTTP, loopback): warm echo\n");
+    let Ok(entry) = std::env::var("MCP_POOL_TEST_EVERYTHING") else {
+        println!("skipped: server-everything is not installed (scripts/setup-test-env)");
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new("node")
+        .arg(&entry)
+        .arg("streamableHttp")
+        .env("PORT", port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs server-everything");
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "server-everything listens"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let text = format!(
+        "[service]\ndata_dir = {data:?}\n[database]\nurl = \"sqlite://{data}/remote.sqlite\"\n\
+         [credentials]\ndir = {creds:?}\n[encryption]\nkey_file = \"{data}/key\"\n\
+         [servers.remote]\nurl = {url:?}\nallow_insecure_loopback = true\nauth = \"none\"\n",
+        data = dir.join("remote-data").display(),
+        creds = dir.join("remote-creds").display(),
+    );
+    let config = Config::parse(&text).expect("remote bench config");
+    config.validate().expect("remote bench config validates");
+    let app = App::build(config).await.expect("app");
+    let user = UserId::parse("bench").unwrap();
+    let server = ServerName::parse("remote").unwrap();
+    app.pool
+        .get_session(&user, &server)
+        .await
+        .expect("pool session");
+
+    // rmcp's own client on its default reqwest transport.
+    let rmcp_direct = ()
+        .serve(rmcp::transport::StreamableHttpClientTransport::from_uri(
+            url.as_str(),
+        ))
+        .await
+        .expect("direct rmcp client");
+    // Our transport (the session the pool wraps), without the pool.
+    let ours = McpSession::connect_remote(
+        &mcp_pool::mcp::RemoteLaunch {
+            url: url.clone(),
+            auth: None,
+            http: mcp_pool::mcp::remote::http_client().expect("http client"),
+        },
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("direct remote session");
+
+    let calls = WARM_CALLS / 2;
+    let (mut r, mut o, mut p) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..calls * ROUNDS {
+        let message = format!("m{i}");
+        let call_args = args(json!({ "message": message }));
+        let expected = format!("Echo: {message}");
+        let start = Instant::now();
+        let answer = rmcp_direct
+            .send_request(ClientRequest::CallToolRequest(
+                rmcp::model::CallToolRequest::new(
+                    CallToolRequestParams::new("echo").with_arguments(call_args.clone().unwrap()),
+                ),
+            ))
+            .await
+            .expect("rmcp echo");
+        r.push(start.elapsed());
+        let ServerResult::CallToolResult(result) = answer else {
+            panic!("unexpected answer");
+        };
+        assert_eq!(text_of(&result), expected);
+        let start = Instant::now();
+        let result = ours
+            .call_tool("echo", call_args.clone(), Duration::from_secs(10))
+            .await
+            .expect("our echo");
+        o.push(start.elapsed());
+        assert_eq!(text_of(&result), expected);
+        let start = Instant::now();
+        let result = app
+            .pool
+            .call_tool(&user, &server, "echo", call_args)
+            .await
+            .expect("pool echo");
+        p.push(start.elapsed());
+        assert_eq!(text_of(&result), expected);
+    }
+    println!("| client | median | p99 |\n|---|---|---|");
+    for (label, samples) in [
+        ("direct rmcp client (rmcp's default reqwest transport)", r),
+        ("our remote transport, no pool", o),
+        ("through the pool (`PoolHandle::call_tool`)", p),
+    ] {
+        let summary = summarize(samples);
+        println!("| {label} | {} | {} |", us(summary.median), us(summary.p99));
+    }
+    println!("\n({} interleaved calls each)", calls * ROUNDS);
+    let _ = rmcp_direct.cancel().await;
+    ours.close(Duration::from_secs(1)).await;
+    app.stop().await;
+    let _ = child.kill().await;
 }
 
 /// Section 7, what confinement adds to a start: `Sandbox::prepare` (state directory, cgroup,

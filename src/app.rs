@@ -107,7 +107,8 @@ pub fn raise_open_files_limit(config: &Config) -> Result<u64, AppError> {
 /// on: other servers may work, and requests for this one get `server_program_not_found`.
 pub fn warn_missing_programs(config: &Config) -> usize {
     let mut missing = 0;
-    for (name, server) in &config.servers {
+    // A remote server (`url`) runs no program here.
+    for (name, server) in config.servers.iter().filter(|(_, s)| !s.is_remote()) {
         if let Err(err) = server.resolve_program() {
             missing += 1;
             tracing::warn!(
@@ -272,6 +273,25 @@ impl App {
             std::sync::Arc::new(storage.credentials.clone()),
             &|var| std::env::var(var).ok(),
         )?;
+        // Remote servers whose client was registered before this start: their tokens are
+        // refreshed with it (no network here; discovery itself waits for a connect flow).
+        let discovery_http = crate::oauth::provider::http_client()?;
+        for (name, server) in config.servers.iter().filter(|(_, s)| s.uses_discovery()) {
+            let Ok(name) = crate::store::ServerName::parse(name) else {
+                continue;
+            };
+            if let Err(err) = crate::oauth::discovery::load_provider(
+                &refresher,
+                &storage.store,
+                &name,
+                server,
+                &discovery_http,
+            )
+            .await
+            {
+                tracing::warn!(server = %name, cause = %err, "cannot load the registered OAuth client");
+            }
+        }
         let interval = refresher
             .min_refresh_before()
             .map(TokenRefreshHandle::interval_for);

@@ -546,28 +546,62 @@ impl Default for LlmConfig {
 }
 
 /// How the per-user credentials file is laid out for a server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CredentialsFormat {
     /// Google's `authorized_user` JSON: `type`, `client_id`, `client_secret`, `refresh_token`.
     GoogleAuthorizedUser,
     /// `access_token`, `refresh_token`, `token_expiry` (RFC 3339) as JSON.
+    #[default]
     TokenJson,
+}
+
+/// How a remote server (`url`) is given the user's credentials.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemoteAuth {
+    /// The user's OAuth access token as `Authorization: Bearer`, refreshed when it is due or
+    /// when the server answers 401 (`[servers.<name>.oauth]`).
+    #[default]
+    Oauth,
+    /// A static per-user secret (stored as the credentials' `access_token`, encrypted like a
+    /// token): `Authorization: Bearer <key>`, or `<api_key_header>: <key>` when that is set.
+    ApiKey,
+    /// No credentials: the server is open (sessions are still one per user).
+    None,
 }
 
 /// One MCP server users may connect.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    /// Program to run; `{self}` is the mcp-pool binary.
+    /// Program to run; `{self}` is the mcp-pool binary. Exactly one of `command` and `url`.
+    #[serde(default)]
     pub command: String,
+    /// A remote MCP server's Streamable HTTP endpoint (`https://…/mcp`) instead of a program.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Allows `http://` for a `url` on a loopback address (tests, a local sidecar); anything
+    /// else must be `https://`.
+    #[serde(default)]
+    pub allow_insecure_loopback: bool,
+    /// How a remote server receives the user's credentials.
+    #[serde(default)]
+    pub auth: RemoteAuth,
+    /// With `auth = "api_key"`: the header carrying the key (e.g. `X-Api-Key`); unset means
+    /// `Authorization: Bearer`.
+    #[serde(default)]
+    pub api_key_header: Option<String>,
     #[serde(default)]
     pub args: Vec<String>,
     /// Extra environment for the child. Values are not secret: use `oauth.client_secret_env`.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Environment variable through which the child learns its credentials file path.
+    /// Environment variable through which the child learns its credentials file path
+    /// (required for a `command`; a remote server gets its credentials over HTTP instead).
+    #[serde(default)]
     pub credentials_env: String,
+    #[serde(default)]
     pub credentials_format: CredentialsFormat,
     /// OAuth client the user's tokens were issued to.
     #[serde(default)]
@@ -594,6 +628,9 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OAuthClientConfig {
+    /// Required, except for a remote server using discovery, where none means dynamic client
+    /// registration (RFC 7591).
+    #[serde(default)]
     pub client_id: String,
     /// Environment variable holding the client secret (never the secret itself).
     #[serde(default)]
@@ -693,6 +730,22 @@ pub struct ProgramNotFound {
 }
 
 impl ServerConfig {
+    /// Whether this is a remote server (`url`) rather than a program.
+    pub fn is_remote(&self) -> bool {
+        self.url.is_some()
+    }
+
+    /// A remote OAuth server whose `[oauth]` names no endpoints: they are discovered the MCP
+    /// way (`oauth::discovery`), and the client registered when no `client_id` is configured.
+    pub fn uses_discovery(&self) -> bool {
+        self.is_remote()
+            && self.auth == RemoteAuth::Oauth
+            && self
+                .oauth
+                .as_ref()
+                .is_some_and(|o| o.authorization_url.is_none() && o.token_url.is_none())
+    }
+
     /// This server's confinement: its overrides over the `[sandbox]` defaults.
     pub fn sandbox_policy(&self, defaults: &SandboxConfig) -> ServerPolicy {
         let own = &self.sandbox;
@@ -949,8 +1002,27 @@ impl Config {
                     "`warm` is reserved (POST /v1/connections/warm)",
                 ));
             }
+            if let Some(url) = &server.url {
+                validate_remote(server, url, &key)?;
+                continue;
+            }
             if server.command.trim().is_empty() {
-                return Err(invalid(key("command"), "must not be empty"));
+                return Err(invalid(
+                    key("command"),
+                    "must not be empty (or set `url` for a remote server)",
+                ));
+            }
+            if server.auth != RemoteAuth::Oauth || server.api_key_header.is_some() {
+                return Err(invalid(
+                    key("auth"),
+                    "`auth` and `api_key_header` apply to remote servers (`url`) only",
+                ));
+            }
+            if server.allow_insecure_loopback {
+                return Err(invalid(
+                    key("allow_insecure_loopback"),
+                    "applies to remote servers (`url`) only",
+                ));
             }
             if !is_env_name(&server.credentials_env) {
                 return Err(invalid(
@@ -1184,6 +1256,138 @@ fn validate_limits(
     Ok(())
 }
 
+/// A remote server: `url` instead of `command`, https unless on loopback with the switch, and
+/// none of the keys that only mean something for a process.
+fn validate_remote(
+    server: &ServerConfig,
+    url: &str,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    if !server.command.is_empty() {
+        return Err(invalid(
+            key("url"),
+            "set either `command` (a program) or `url` (a remote server), not both",
+        ));
+    }
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|_| invalid(key("url"), "must be an absolute https:// URL"))?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(invalid(
+            key("url"),
+            "must not carry credentials (use `auth`)",
+        ));
+    }
+    match parsed.scheme() {
+        "https" if parsed.host().is_some() => {}
+        "http" if is_loopback(&parsed) => {
+            if !server.allow_insecure_loopback {
+                return Err(invalid(
+                    key("url"),
+                    "must be https:// (http:// on a loopback address needs                      allow_insecure_loopback = true)",
+                ));
+            }
+        }
+        _ => {
+            return Err(invalid(
+                key("url"),
+                "must be an absolute https:// URL (http:// only on loopback)",
+            ));
+        }
+    }
+    let process_only = [
+        ("args", !server.args.is_empty()),
+        ("env", !server.env.is_empty()),
+        ("credentials_env", !server.credentials_env.is_empty()),
+        ("env_passthrough", !server.env_passthrough.is_empty()),
+        ("restart_on_token_refresh", server.restart_on_token_refresh),
+    ];
+    for (field, set) in process_only {
+        if set {
+            return Err(invalid(
+                key(field),
+                "applies to servers run as a program (`command`), not to a remote `url`",
+            ));
+        }
+    }
+    if let Some(header) = &server.api_key_header {
+        if server.auth != RemoteAuth::ApiKey {
+            return Err(invalid(
+                key("api_key_header"),
+                "is only used with auth = \"api_key\"",
+            ));
+        }
+        let reserved = [
+            "host",
+            "content-type",
+            "content-length",
+            "accept",
+            "mcp-session-id",
+        ];
+        if reqwest::header::HeaderName::from_bytes(header.as_bytes()).is_err()
+            || reserved.contains(&header.to_ascii_lowercase().as_str())
+        {
+            return Err(invalid(
+                key("api_key_header"),
+                "must be an HTTP header name (not one the transport sets itself)",
+            ));
+        }
+    }
+    if let Some(oauth) = &server.oauth {
+        if server.auth != RemoteAuth::Oauth {
+            return Err(invalid(key("oauth"), "is only used with auth = \"oauth\""));
+        }
+        if let Some(secret_env) = &oauth.client_secret_env
+            && !(is_env_name(secret_env) && secret_env.starts_with("MCP_POOL_"))
+        {
+            return Err(invalid(
+                key("oauth.client_secret_env"),
+                "must be an environment variable name starting with MCP_POOL_",
+            ));
+        }
+        if server.uses_discovery() {
+            // Endpoints (and, without a client_id, the client) come from discovery; where the
+            // browser goes is still ours to say.
+            for (field, value) in [
+                ("redirect_uri", &oauth.redirect_uri),
+                ("success_redirect", &oauth.success_redirect),
+                ("error_redirect", &oauth.error_redirect),
+            ] {
+                match value {
+                    Some(value) if is_http_url(value) => {}
+                    Some(_) => {
+                        return Err(invalid(
+                            key(&format!("oauth.{field}")),
+                            "must be an absolute http:// or https:// URL",
+                        ));
+                    }
+                    None => {
+                        return Err(invalid(
+                            key(&format!("oauth.{field}")),
+                            "is required (the connect flow of a server whose endpoints are \
+                             discovered)",
+                        ));
+                    }
+                }
+            }
+        } else {
+            validate_oauth(oauth, key)?;
+        }
+    }
+    Ok(())
+}
+
+/// `localhost`, `127.0.0.0/8` or `::1`.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 fn validate_oauth(
     oauth: &OAuthClientConfig,
     key: &dyn Fn(&str) -> String,
@@ -1402,6 +1606,60 @@ mod tests {
             (secs(120), 8, 4)
         );
         assert!(config.servers.is_empty());
+    }
+
+    #[test]
+    fn remote_servers_need_https_except_on_loopback_with_the_switch() {
+        let check = |body: &str| {
+            Config::parse(&format!("[servers.r]\n{body}"))
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map_err(|e| e.to_string()))
+        };
+        check("url = \"https://mcp.example.com/mcp\"").unwrap();
+        check("url = \"http://127.0.0.1:9/mcp\"\nallow_insecure_loopback = true").unwrap();
+        check("url = \"http://[::1]:9/mcp\"\nallow_insecure_loopback = true").unwrap();
+        check("url = \"http://localhost:9/mcp\"\nallow_insecure_loopback = true").unwrap();
+        for (body, names) in [
+            ("url = \"http://127.0.0.1:9/mcp\"", "servers.r.url"),
+            (
+                "url = \"http://example.com/mcp\"\nallow_insecure_loopback = true",
+                "servers.r.url",
+            ),
+            (
+                "url = \"http://127.0.0.2.example.com/mcp\"\nallow_insecure_loopback = true",
+                "servers.r.url",
+            ),
+            ("url = \"ftp://example.com/mcp\"", "servers.r.url"),
+            ("url = \"https://u:p@example.com/mcp\"", "servers.r.url"),
+            (
+                "url = \"https://example.com/mcp\"\ncommand = \"x\"",
+                "servers.r.url",
+            ),
+            (
+                "url = \"https://example.com/mcp\"\ncredentials_env = \"X\"",
+                "servers.r.credentials_env",
+            ),
+            (
+                "url = \"https://example.com/mcp\"\napi_key_header = \"X-Key\"",
+                "servers.r.api_key_header",
+            ),
+            (
+                "url = \"https://example.com/mcp\"\nauth = \"api_key\"\napi_key_header = \"Mcp-Session-Id\"",
+                "servers.r.api_key_header",
+            ),
+            (
+                "command = \"x\"\ncredentials_env = \"X\"\nauth = \"none\"",
+                "servers.r.auth",
+            ),
+            ("credentials_env = \"X\"", "servers.r.command"),
+        ] {
+            let err = check(body).unwrap_err();
+            assert!(err.contains(names), "{body}: {err}");
+        }
+        check(
+            "url = \"https://example.com/mcp\"\nauth = \"api_key\"\napi_key_header = \"X-Api-Key\"",
+        )
+        .unwrap();
     }
 
     /// The shipped file states the same values as the code (it is a working default, not a
@@ -1644,6 +1902,10 @@ mod tests {
         std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
         let server = |command: &str| ServerConfig {
             command: command.into(),
+            url: None,
+            allow_insecure_loopback: false,
+            auth: RemoteAuth::Oauth,
+            api_key_header: None,
             args: Vec::new(),
             env: BTreeMap::new(),
             credentials_env: "X".into(),

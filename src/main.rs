@@ -156,7 +156,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load_config()?;
             // A missing program does not make the file invalid (other servers may work), but
             // the operator must hear about it now rather than from a failed session later.
-            for (name, server) in &config.servers {
+            for (name, server) in config.servers.iter().filter(|(_, s)| !s.is_remote()) {
                 if let Err(err) = server.resolve_program() {
                     eprintln!(
                         "warning: server `{name}`: {err}; its sessions will fail with \

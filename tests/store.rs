@@ -72,6 +72,7 @@ fn specs() -> BTreeMap<ServerName, CredentialSpec> {
             format: CredentialsFormat::TokenJson,
             client_id: None,
             client_secret: None,
+            file: true,
         },
     );
     specs.insert(
@@ -80,6 +81,7 @@ fn specs() -> BTreeMap<ServerName, CredentialSpec> {
             format: CredentialsFormat::GoogleAuthorizedUser,
             client_id: Some("client-123.apps.googleusercontent.com".into()),
             client_secret: Some(Secret::new("client-secret")),
+            file: true,
         },
     );
     specs

@@ -19,8 +19,9 @@ use super::credential::CredentialHandle;
 use super::pool::{EventKind, PoolError, PoolEvents, PoolMsg};
 pub use crate::ids::SessionKey;
 use crate::mcp::sandbox::{Sandbox, SandboxError, SandboxStatus, ServerPolicy, SessionPaths};
-use crate::mcp::{ExitReason, McpClient, McpError, McpSession, ProcessRegistry, ServerLaunch};
+use crate::mcp::{ExitReason, McpClient, McpError, McpSession, ProcessRegistry, SessionLaunch};
 use crate::oauth::TokenRefresher;
+use crate::store::CredentialError;
 use crate::store::CredentialWriter;
 
 /// Life-cycle state of a connection as reported in stats.
@@ -306,6 +307,9 @@ impl Session {
                     Some(limit) => PoolError::MemoryLimit(limit),
                     None => PoolError::ServerCrashed,
                 },
+                unauthorized @ McpError::Unauthorized(_) => {
+                    unauthorized_error(&self.shared.key, unauthorized)
+                }
                 other => PoolError::Mcp(Arc::new(other)),
             })
     }
@@ -344,7 +348,8 @@ impl CloseReason {
 /// Messages of the [`ConnectionActor`]. Only the pool sends them (and the actor to itself).
 pub enum ConnectionMsg {
     /// The start-up task finished.
-    Connected(Result<McpSession, PoolError>),
+    /// Boxed: a session is large next to the other messages.
+    Connected(Result<Box<McpSession>, PoolError>),
     /// The session ended (the child exited or crashed).
     Ended(ExitReason),
     /// The session of `pid` cannot serve: a health check went unanswered for
@@ -361,7 +366,7 @@ pub enum ConnectionMsg {
 /// What a `ConnectionActor` is started with.
 pub struct ConnectionArgs {
     pub shared: Arc<SessionShared>,
-    pub launch: ServerLaunch,
+    pub launch: SessionLaunch,
     pub sandbox: Arc<Sandbox>,
     pub policy: ServerPolicy,
     /// Started as a restart after a crash: runs at the backoff CPU weight until ready.
@@ -421,7 +426,7 @@ pub struct ChildExited {
 
 /// What a session start needs besides the key.
 struct SessionStart {
-    launch: ServerLaunch,
+    launch: SessionLaunch,
     sandbox: Arc<Sandbox>,
     policy: ServerPolicy,
     restarting: bool,
@@ -439,7 +444,7 @@ async fn start_session(
     shared: Arc<SessionShared>,
 ) -> Result<McpSession, PoolError> {
     let SessionStart {
-        mut launch,
+        launch,
         sandbox,
         policy,
         restarting,
@@ -458,6 +463,29 @@ async fn start_session(
             .await
             .map_err(PoolError::from_credentials)?;
     }
+    let mut launch = match launch {
+        SessionLaunch::Process(launch) => launch,
+        SessionLaunch::Remote(remote) => {
+            tracing::info!(
+                "Connecting to remote MCP server {} for user {}",
+                key.server,
+                key.user
+            );
+            shared.set_sandbox(SandboxStatus::Remote);
+            let _slot = start_slots
+                .acquire_owned()
+                .await
+                .map_err(|_| PoolError::Unavailable)?;
+            return McpSession::connect_remote(&remote, startup_timeout)
+                .await
+                .map_err(|err| match err {
+                    unauthorized @ McpError::Unauthorized(_) => {
+                        unauthorized_error(&key, unauthorized)
+                    }
+                    other => PoolError::StartFailed(Arc::new(other)),
+                });
+        }
+    };
     let path = credentials
         .prepare_file(&key.user, &key.server)
         .await
@@ -515,6 +543,22 @@ async fn start_session(
     .map_err(start_failed)
 }
 
+/// Credentials a remote server refused, as the pool reports them: the user's to fix (at start
+/// they are not counted as a crash). A refusal with no known cause is a server that still said
+/// 401 after the one retry: "reconnect required".
+fn unauthorized_error(key: &SessionKey, err: McpError) -> PoolError {
+    match err {
+        McpError::Unauthorized(Some(cause)) => match &*cause {
+            CredentialError::NotFound(server) => PoolError::NoCredentials(server.clone()),
+            _ => PoolError::Credentials(cause),
+        },
+        McpError::Unauthorized(None) => PoolError::Credentials(Arc::new(
+            CredentialError::ReconnectRequired(key.server.clone()),
+        )),
+        other => PoolError::Mcp(Arc::new(other)),
+    }
+}
+
 impl Actor for ConnectionActor {
     type Msg = ConnectionMsg;
     type State = ConnectionActorState;
@@ -547,7 +591,8 @@ impl Actor for ConnectionActor {
         tokio::spawn(
             async move {
                 let result = startup.await;
-                if let Err(unsent) = myself.send_message(ConnectionMsg::Connected(result))
+                if let Err(unsent) =
+                    myself.send_message(ConnectionMsg::Connected(result.map(Box::new)))
                     && let ractor::MessagingErr::SendErr(ConnectionMsg::Connected(Ok(session))) =
                         unsent
                 {
@@ -579,7 +624,9 @@ impl Actor for ConnectionActor {
         let span = tracing::info_span!("connection", user_id = %key.user, server = %key.server);
         async move {
             match message {
-                ConnectionMsg::Connected(result) => state.on_connected(&myself, result).await,
+                ConnectionMsg::Connected(result) => {
+                    state.on_connected(&myself, result.map(|s| *s)).await
+                }
                 ConnectionMsg::Ended(reason) => {
                     if state.shared.state() == SessionState::Closing {
                         return Ok(());
@@ -696,7 +743,13 @@ impl ConnectionActorState {
                     key.server
                 );
                 tracing::info!("Dynamically loaded {} tools: {:?}", key.server, names);
-                self.shared.pid.store(session.pid(), Ordering::Relaxed);
+                // A remote session has no process: its id stays internal (stats show no pid).
+                let pid = if session.is_remote() {
+                    0
+                } else {
+                    session.pid()
+                };
+                self.shared.pid.store(pid, Ordering::Relaxed);
                 self.shared.started_at_ms.store(now_ms(), Ordering::Relaxed);
                 self.shared.set_client(Some(client.clone()));
                 let mut ended = session.ended();

@@ -287,7 +287,11 @@ impl CredentialState {
         server: &ServerName,
         tokens: &Tokens,
     ) -> Result<PathBuf, CredentialError> {
-        let bytes = self.spec(server)?.render(tokens);
+        let spec = self.spec(server)?;
+        if !spec.file {
+            return Ok(self.files.path_for(user, server));
+        }
+        let bytes = spec.render(tokens);
         self.files
             .write(user, server, &bytes)
             .map_err(|cause| CredentialError::File {

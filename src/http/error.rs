@@ -317,6 +317,20 @@ fn mcp_error(err: &McpError) -> ApiError {
             )
             .with_retry_safe(true)
         }
+        // The pool maps these to their credential error; one without a cause is a server that
+        // still refuses after the one retry the credentials allowed.
+        McpError::Unauthorized(Some(cause)) => credential_error(cause),
+        McpError::Unauthorized(None) => ApiError::new(
+            StatusCode::CONFLICT,
+            "reconnect_required",
+            "the remote MCP server refused the stored credentials; connect it again",
+        ),
+        McpError::HttpStatus { status } => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            format!("the remote MCP server answered HTTP {status}"),
+        )
+        .with_retry_safe(false),
         McpError::Protocol(_) => {
             tracing::warn!(cause = %err, "MCP protocol error");
             ApiError::new(

@@ -18,6 +18,7 @@ use chrono::{DateTime, Utc};
 use super::error::ApiError;
 use super::openapi::{ErrorBody, UserAuthErrors};
 use super::{AuthUser, HttpState, ServerParam};
+use crate::oauth::discovery::{self, DiscoveryError};
 use crate::oauth::flow::{self, FlowStartError};
 use crate::oauth::{CallbackError, CallbackParams};
 use crate::store::{ServerName, Stored};
@@ -50,6 +51,7 @@ fn not_configured(server: &ServerName) -> ApiError {
         (status = 400, description = "`missing_user_id`, `invalid_user_id`, `duplicate_header` or `invalid_server_name`", body = ErrorBody),
         UserAuthErrors,
         (status = 404, description = "`unknown_server` or `oauth_not_configured`", body = ErrorBody),
+        (status = 502, description = "`oauth_discovery_failed`: a remote server's authorization server could not be discovered or registered with", body = ErrorBody),
         (status = 503, description = "`too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
     )
 )]
@@ -58,13 +60,8 @@ pub async fn start(
     AuthUser(user): AuthUser,
     ServerParam(server): ServerParam,
 ) -> Result<Json<StartResponse>, ApiError> {
-    let provider = state
-        .pool
-        .refresher()
-        .and_then(|r| r.provider(&server))
-        .filter(|p| p.connect_flow_enabled())
-        .ok_or_else(|| not_configured(&server))?;
-    let started = flow::start(&state.store, provider, &user)
+    let provider = provider_of(&state, &server, true).await?;
+    let started = flow::start(&state.store, &provider, &user)
         .await
         .map_err(|err| match err {
             FlowStartError::NotConfigured => not_configured(&server),
@@ -104,13 +101,8 @@ pub async fn callback(
     let Some(refresher) = state.pool.refresher() else {
         return Err(not_configured(&server));
     };
-    let Some(provider) = refresher
-        .provider(&server)
-        .filter(|p| p.connect_flow_enabled())
-        .cloned()
-    else {
-        return Err(not_configured(&server));
-    };
+    // A callback never registers a client: it finishes a flow whose start found one.
+    let provider = provider_of(&state, &server, false).await?;
     let params = query.map(|Query(params)| params).unwrap_or_default();
     let outcome = flow::complete(refresher, &state.credentials, &server, params).await;
     let target = match outcome {
@@ -140,4 +132,47 @@ pub async fn callback(
     // Validation guarantees both redirects exist when the flow is enabled.
     let target = target.ok_or_else(|| not_configured(&server))?;
     Ok(Redirect::to(target.as_str()).into_response())
+}
+
+/// The connect flow's OAuth client of `server`: configured, or for a remote server configured
+/// for discovery, discovered (and registered, when `register`) on first use.
+async fn provider_of(
+    state: &HttpState,
+    server: &ServerName,
+    register: bool,
+) -> Result<std::sync::Arc<crate::oauth::Provider>, ApiError> {
+    let refresher = state
+        .pool
+        .refresher()
+        .ok_or_else(|| not_configured(server))?;
+    if let Some(provider) = refresher.provider(server) {
+        return if provider.connect_flow_enabled() {
+            Ok(provider)
+        } else {
+            Err(not_configured(server))
+        };
+    }
+    let Some(config) = state.config.server(server).filter(|c| c.uses_discovery()) else {
+        return Err(not_configured(server));
+    };
+    let http = crate::oauth::provider::http_client().map_err(|err| ApiError::internal(&err))?;
+    let found = if register {
+        discovery::ensure_provider(refresher, &state.store, server, config, &http).await
+    } else {
+        discovery::load_provider(refresher, &state.store, server, config, &http)
+            .await
+            .and_then(|p| p.ok_or(DiscoveryError::NotConfigured))
+    };
+    found.map_err(|err| match err {
+        DiscoveryError::NotConfigured => not_configured(server),
+        DiscoveryError::Store(_) => ApiError::internal(&err),
+        other => {
+            tracing::warn!(cause = %other, "OAuth discovery failed");
+            ApiError::new(
+                axum::http::StatusCode::BAD_GATEWAY,
+                "oauth_discovery_failed",
+                format!("cannot discover the authorization server of `{server}`: {other}"),
+            )
+        }
+    })
 }

@@ -51,6 +51,15 @@ pub enum McpError {
     /// The session's confinement could not be prepared or is unavailable.
     #[error(transparent)]
     Sandbox(#[from] super::sandbox::SandboxError),
+    /// A remote server answered 401 (or 403) and the user's credentials could not be made to
+    /// satisfy it; the cause, when known, says why (`ReconnectRequired` for a revoked grant or
+    /// a rejected API key, `NotFound` for none stored).
+    #[error("the remote MCP server refused the user's credentials")]
+    Unauthorized(Option<std::sync::Arc<crate::store::CredentialError>>),
+    /// A remote server answered a request with HTTP 429 or 5xx (it may or may not have acted on
+    /// it); the session stays up.
+    #[error("the remote MCP server answered HTTP {status}")]
+    HttpStatus { status: u16 },
     /// The demo server failed to start or stopped abnormally.
     #[error("demo server: {0}")]
     DemoServer(String),

@@ -1,11 +1,14 @@
-//! MCP client sessions over stdio, child-process hygiene, and the bundled demo server.
+//! MCP client sessions over stdio and Streamable HTTP, child-process hygiene, and the bundled demo server.
 //!
 //! # Layout
 //! - [`process`]: spawning a server as the leader of its own process group from a long-lived
 //!   spawner thread (so `PR_SET_PDEATHSIG` means "the service died"), terminating a whole group,
 //!   and a directory-backed [`ProcessRegistry`] that reaps groups left behind by a crash.
-//! - [`session`]: one rmcp client session ([`McpSession`]) on such a child: start-up under a
-//!   timeout, a cached tool list refreshed on `notifications/tools/list_changed`, tool calls
+//! - [`remote`]: the transport of a remote server (Streamable HTTP on our reqwest client),
+//!   adding the user's credentials to each request and answering a 401 with one refresh and
+//!   one retry.
+//! - [`session`]: one rmcp client session ([`McpSession`]) on such a child, or on a remote
+//!   server: start-up under a timeout, a cached tool list refreshed on `notifications/tools/list_changed`, tool calls
 //!   with per-call timeouts, an "ended" signal, and an explicit [`McpSession::close`].
 //! - [`sandbox`]: confinement of each server to its own user: Landlock, a PID namespace
 //!   behind a minimal init, no capabilities, and a cgroup with memory, process and CPU limits.
@@ -22,6 +25,7 @@
 pub mod demo_server;
 pub mod error;
 pub mod process;
+pub mod remote;
 pub mod sandbox;
 pub mod session;
 pub mod usage;
@@ -31,5 +35,6 @@ pub use error::McpError;
 pub use process::{
     ProcessRegistry, ServerLaunch, base_environment, process_start_time, terminate_group,
 };
+pub use remote::{AuthScheme, CurrentSecret, RemoteCredentials, RemoteLaunch};
 pub use sandbox::{Sandbox, SandboxMode, SandboxStatus};
-pub use session::{ExitReason, McpClient, McpSession};
+pub use session::{ExitReason, McpClient, McpSession, SessionLaunch};

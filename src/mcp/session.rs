@@ -5,6 +5,7 @@ use std::{
     time::Duration,
 };
 
+use rmcp::transport::streamable_http_client::StreamableHttpError;
 use rmcp::{
     ClientHandler, Peer, RoleClient, ServiceExt as _,
     model::{
@@ -28,6 +29,7 @@ use super::{
     process::{
         as_pgid, kill_group_now, spawn_server, terminate_group, wait_group_gone, wait_reaped,
     },
+    remote::{AuthorizedHttp, RemoteLaunch, is_auth_challenge},
     sandbox::{Confinement, SandboxStatus, SessionCgroup},
 };
 
@@ -37,6 +39,15 @@ const REFRESH_TIMEOUT: Duration = Duration::from_secs(30);
 const FAILED_START_REAP: Duration = Duration::from_secs(5);
 /// Extra time for rmcp to reap the leader after the group was signalled.
 const REAP_MARGIN: Duration = Duration::from_secs(5);
+
+/// What a session connects to: a program the pool runs (confined, with a credentials file)
+/// or a remote server reached over Streamable HTTP (credentials on each request). Everything
+/// above [`McpSession`] treats both alike; a "restart" of a remote session is a reconnect.
+#[derive(Debug, Clone)]
+pub enum SessionLaunch {
+    Process(ServerLaunch),
+    Remote(RemoteLaunch),
+}
 
 /// Why a session ended, as reported by [`McpSession::ended`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,12 +146,91 @@ pub struct McpClient {
     cgroup: Option<Arc<SessionCgroup>>,
     /// `Some` once rmcp's service task has ended.
     ended: watch::Receiver<Option<ExitReason>>,
+    /// A remote session's HTTP side (its credentials), and how to end it from a call.
+    remote: Option<RemoteSide>,
 }
 
+/// What a remote session's client needs beyond the peer.
+#[derive(Clone)]
+struct RemoteSide {
+    http: AuthorizedHttp,
+    /// Ends the session as a crash would (see [`McpSession::kill_now`]).
+    kill: Arc<RemoteKill>,
+}
+
+/// Ends a remote session from any holder of its client: there is no process to signal, so a
+/// broken session is cancelled and its end reported as [`ExitReason::TransportClosed`].
+struct RemoteKill {
+    cancel: tokio_util::sync::CancellationToken,
+    killed: std::sync::atomic::AtomicBool,
+}
+
+impl RemoteKill {
+    fn kill(&self) {
+        self.killed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cancel.cancel();
+    }
+}
+
+/// Remote sessions have no process; they get ids from this counter instead, so that the
+/// pool can still tell one incarnation of a key from the next (`stale`). Never shown as a pid.
+static REMOTE_SESSION_IDS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
 impl McpClient {
-    /// The leader's pid, which is also the process group id.
+    /// The leader's pid, which is also the process group id; for a remote session, its
+    /// session id (see [`McpClient::is_remote`]).
     pub fn pid(&self) -> u32 {
         self.pgid
+    }
+
+    /// Whether this is a session on a remote (Streamable HTTP) server.
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// Maps a failed request of a remote session: a 401 the credentials could not answer is
+    /// [`McpError::Unauthorized`]; a connection that could not be made sent nothing; anything
+    /// else may have reached the server, and the session is ended so the pool restarts it
+    /// (reconnects) under its restart policy, as it would a crashed process.
+    fn remote_failure(&self, err: &rmcp::ServiceError) -> Option<McpError> {
+        let remote = self.remote.as_ref()?;
+        let rmcp::ServiceError::TransportSend(transport) = err else {
+            return None;
+        };
+        if is_auth_challenge(transport.error.as_ref()) {
+            return Some(McpError::Unauthorized(remote.http.auth_failure()));
+        }
+        // rmcp's `Client(E)` and `HttpStatus` variants are not reachable through `source()`
+        // (one is no source, the other is transparent), so the chain is searched by type.
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(transport.error.as_ref());
+        let mut connect = false;
+        while let Some(current) = source {
+            match current.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
+                // Busy or failing, but there: the session stays, the call reports it.
+                Some(StreamableHttpError::HttpStatus(status)) => {
+                    return Some(McpError::HttpStatus {
+                        status: status.status,
+                    });
+                }
+                Some(StreamableHttpError::Client(http)) => {
+                    connect = http.is_connect();
+                    break;
+                }
+                _ => {}
+            }
+            if let Some(http) = current.downcast_ref::<reqwest::Error>() {
+                connect = http.is_connect();
+                break;
+            }
+            source = current.source();
+        }
+        debug!(cause = %transport.error, connect, "remote MCP request failed; ending the session");
+        remote.kill.kill();
+        Some(if connect {
+            McpError::NotSent
+        } else {
+            McpError::Closed
+        })
     }
 
     /// `Some(limit in bytes)` when the kernel killed a process of this session at its memory
@@ -202,7 +292,7 @@ impl McpClient {
             Ok(handle) => handle,
             // The service task had already stopped reading its queue: nothing was written.
             Err(rmcp::ServiceError::TransportClosed) => return Err(McpError::NotSent),
-            Err(err) => return Err(err.into()),
+            Err(err) => return Err(self.remote_failure(&err).unwrap_or_else(|| err.into())),
         };
         // Sends `notifications/cancelled` when this future is dropped before the answer (an
         // outer timeout, a caller that gives up), as `Peer::call_tool` would.
@@ -225,6 +315,9 @@ impl McpClient {
             Ok(_) => Err(McpError::Protocol(Box::new(
                 rmcp::ServiceError::UnexpectedResponse,
             ))),
+            Err(err) if self.remote.is_some() => {
+                Err(self.remote_failure(&err).unwrap_or_else(|| err.into()))
+            }
             // The write itself failed: the server's stdin was already closed (EPIPE), so the
             // server can no longer read it, and a request without its closing newline is
             // never parsed as one.
@@ -239,13 +332,19 @@ impl McpClient {
             return Err(McpError::Closed);
         }
         let request = ClientRequest::PingRequest(Default::default());
-        match self
+        let answer = match self
             .peer
             .send_request_with_option(request, PeerRequestOptions::with_timeout(timeout))
-            .await?
-            .await_response()
-            .await?
+            .await
         {
+            Ok(handle) => handle.await_response().await,
+            Err(err) => Err(err),
+        };
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(err) => return Err(self.remote_failure(&err).unwrap_or_else(|| err.into())),
+        };
+        match answer {
             ServerResult::EmptyResult(_) => Ok(()),
             _ => Err(McpError::Protocol(Box::new(
                 rmcp::ServiceError::UnexpectedResponse,
@@ -298,8 +397,10 @@ pub struct McpSession {
     registry: Option<ProcessRegistry>,
     /// Set by `close`, so that `Drop` knows there is nothing left to do.
     closed: bool,
-    /// How the server is confined.
+    /// How the server is confined (`Remote` for a remote server).
     sandbox: SandboxStatus,
+    /// `Some` for a remote session: there is no process group, and ending it is a cancel.
+    remote: Option<Arc<RemoteKill>>,
 }
 
 impl std::fmt::Debug for McpSession {
@@ -415,13 +516,117 @@ impl McpSession {
                 cache,
                 cgroup,
                 ended: ended.clone(),
+                remote: None,
             },
             cancel: Some(cancel),
             ended,
             registry: registry.cloned(),
             closed: false,
             sandbox,
+            remote: None,
         })
+    }
+
+    /// Connects to a remote server over Streamable HTTP: `initialize` and `tools/list` within
+    /// `startup_timeout`, with the user's credentials (read first, so missing ones fail with
+    /// their own error). rmcp keeps the `Mcp-Session-Id`, and when the server answers 404 for
+    /// it (the session expired, e.g. the server restarted) it initializes again and retries
+    /// the request once, which is safe because a 404 means the request was not processed.
+    pub async fn connect_remote(
+        launch: &RemoteLaunch,
+        startup_timeout: Duration,
+    ) -> Result<McpSession, McpError> {
+        use rmcp::transport::StreamableHttpClientTransport;
+        use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+
+        let deadline = tokio::time::Instant::now() + startup_timeout;
+        let http = AuthorizedHttp::new(launch);
+        http.preload()
+            .await
+            .map_err(|err| McpError::Unauthorized(Some(Arc::new(err))))?;
+        let config = StreamableHttpClientTransportConfig::with_uri(launch.url.as_str())
+            .reinit_on_expired_session(true);
+        let transport = StreamableHttpClientTransport::with_client(http.clone(), config);
+        let cache = Arc::new(ToolCache::new());
+        let handler = PoolClient {
+            cache: cache.clone(),
+        };
+        let kill = Arc::new(RemoteKill {
+            cancel: tokio_util::sync::CancellationToken::new(),
+            killed: std::sync::atomic::AtomicBool::new(false),
+        });
+        let running = match tokio::time::timeout_at(
+            deadline,
+            handler.serve_with_ct(transport, kill.cancel.clone()),
+        )
+        .await
+        {
+            Ok(Ok(running)) => running,
+            Ok(Err(err)) => {
+                let unauthorized = err.auth_challenge().is_some();
+                return Err(if unauthorized {
+                    McpError::Unauthorized(http.auth_failure())
+                } else {
+                    McpError::Handshake(Box::new(err))
+                });
+            }
+            Err(_) => return Err(McpError::StartupTimeout(startup_timeout)),
+        };
+        let listed = tokio::time::timeout_at(deadline, cache.refresh(running.peer())).await;
+        if let Err(err) = listed
+            .map_err(|_| McpError::StartupTimeout(startup_timeout))
+            .and_then(|r| r)
+        {
+            let _ = tokio::time::timeout(FAILED_START_REAP, running.cancel()).await;
+            return Err(err);
+        }
+        let id = REMOTE_SESSION_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let peer = running.peer().clone();
+        let cancel = running.cancellation_token();
+        let (ended_tx, ended) = watch::channel(None);
+        let watched = kill.clone();
+        tokio::spawn(async move {
+            let reason = match running.waiting().await {
+                // Cancelled by a failed call or an unanswered ping: that is a crash.
+                Ok(QuitReason::Cancelled)
+                    if watched.killed.load(std::sync::atomic::Ordering::SeqCst) =>
+                {
+                    ExitReason::TransportClosed
+                }
+                Ok(QuitReason::Cancelled) => ExitReason::Cancelled,
+                Ok(QuitReason::Closed) => ExitReason::TransportClosed,
+                Ok(_) | Err(_) => ExitReason::Aborted,
+            };
+            if reason != ExitReason::Cancelled {
+                info!(session = id, ?reason, "remote MCP session ended");
+            }
+            let _ = ended_tx.send(Some(reason));
+        });
+        Ok(McpSession {
+            pgid: id,
+            client: McpClient {
+                pgid: id,
+                peer,
+                cache,
+                cgroup: None,
+                ended: ended.clone(),
+                remote: Some(RemoteSide {
+                    http,
+                    kill: kill.clone(),
+                }),
+            },
+            cancel: Some(cancel),
+            ended,
+            registry: None,
+            closed: false,
+            sandbox: SandboxStatus::Remote,
+            remote: Some(kill),
+        })
+    }
+
+    /// Whether this is a session on a remote server (its "pid" is then a session id).
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
     }
 
     /// The leader's pid, which is also the process group id.
@@ -476,6 +681,22 @@ impl McpSession {
     /// Takes at most about `3 * grace + 5 s`; a well-behaved server exits on EOF at once.
     pub async fn close(mut self, grace: Duration) {
         self.closed = true;
+        if self.remote.is_some() {
+            // rmcp's worker sends the `DELETE` of the session before it ends.
+            if let Some(cancel) = self.cancel.take() {
+                cancel.cancel();
+            }
+            if tokio::time::timeout(grace, wait_ended(self.ended.clone()))
+                .await
+                .is_err()
+            {
+                warn!(
+                    session = self.pgid,
+                    "remote MCP session did not end in time"
+                );
+            }
+            return;
+        }
         let pgid = as_pgid(self.pgid);
         if let Some(cancel) = self.cancel.take() {
             // rmcp then closes stdin and waits for the child, with SIGTERM/SIGKILL of the
@@ -504,7 +725,10 @@ impl McpSession {
     /// the session ends with [`ExitReason::TransportClosed`]; `close` is still the way to
     /// clean up the registry record.
     pub fn kill_now(&self) {
-        kill_group_now(as_pgid(self.pgid));
+        match &self.remote {
+            Some(kill) => kill.kill(),
+            None => kill_group_now(as_pgid(self.pgid)),
+        }
     }
 }
 
@@ -518,7 +742,8 @@ impl Drop for McpSession {
         if let Some(cancel) = self.cancel.take() {
             cancel.cancel();
         }
-        if self.ended.borrow().is_none() {
+        // A remote session has no group: the cancel above is all there is.
+        if self.remote.is_none() && self.ended.borrow().is_none() {
             warn!(
                 pgid = self.pgid,
                 "McpSession dropped without close(); killing its group"

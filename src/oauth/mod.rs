@@ -8,16 +8,20 @@
 //! - [`refresh`]: [`TokenRefresher`], automatic refresh with exactly one refresh at a time per
 //!   (user, server) in this process and a compare-and-swap on the row's `version` across
 //!   processes.
+//! - [`remote`]: the credentials of a remote MCP server's session, read from the user's row
+//!   and replaced after a 401 through the refresher.
 //!
 //! Secrets (codes, verifiers, states, tokens, the client secret) are [`Secret`]s or hashed:
 //! they never reach a log line, an error message or an HTTP response.
 //!
 //! [`Secret`]: crate::store::Secret
 
+pub mod discovery;
 pub mod flow;
 pub mod pkce;
 pub mod provider;
 pub mod refresh;
+pub mod remote;
 
 use std::time::Duration;
 

@@ -53,6 +53,9 @@ pub struct Provider {
     auth_method: TokenAuthMethod,
     timeout: Duration,
     cooldown: Duration,
+    /// RFC 8707 resource indicator (the remote MCP server's URL), sent on authorize, token and
+    /// refresh requests so the tokens are issued for that server only.
+    resource: Option<String>,
     http: reqwest::Client,
 }
 
@@ -134,6 +137,46 @@ impl Provider {
             auth_method: config.token_auth_method,
             timeout: config.token_timeout,
             cooldown: config.refresh_cooldown,
+            resource: None,
+            http,
+        })
+    }
+
+    /// A remote server's OAuth client found by discovery (`oauth::discovery`): the endpoints
+    /// and the client come from there, everything else (redirects, timings, configured scopes)
+    /// from the server's `[oauth]` table.
+    pub fn discovered(
+        server: ServerName,
+        config: &OAuthClientConfig,
+        endpoints: &super::discovery::Endpoints,
+        client_id: String,
+        client_secret: Option<Secret>,
+        http: reqwest::Client,
+    ) -> Option<Provider> {
+        Some(Provider {
+            server,
+            client_id,
+            auth_method: if client_secret.is_some() {
+                config.token_auth_method
+            } else {
+                TokenAuthMethod::ClientSecretPost
+            },
+            client_secret,
+            authorization_url: Some(Url::parse(&endpoints.authorization_endpoint).ok()?),
+            token_url: Url::parse(&endpoints.token_endpoint).ok()?,
+            scopes: if config.scopes.is_empty() {
+                endpoints.scopes.clone()
+            } else {
+                config.scopes.clone()
+            },
+            redirect_uri: config.redirect_uri.clone(),
+            extra_auth_params: config.extra_auth_params.clone(),
+            success_redirect: parse_url(config.success_redirect.as_ref()),
+            error_redirect: parse_url(config.error_redirect.as_ref()),
+            refresh_before: config.refresh_before,
+            timeout: config.token_timeout,
+            cooldown: config.refresh_cooldown,
+            resource: Some(endpoints.resource.clone()),
             http,
         })
     }
@@ -189,6 +232,9 @@ impl Provider {
             for (name, value) in &self.extra_auth_params {
                 query.append_pair(name, value);
             }
+            if let Some(resource) = &self.resource {
+                query.append_pair("resource", resource);
+            }
         }
         Ok(url)
     }
@@ -240,6 +286,9 @@ impl Provider {
 
     async fn token_request(&self, params: &[(&str, &str)]) -> Result<TokenResponse, OAuthError> {
         let mut form: Vec<(&str, &str)> = params.to_vec();
+        if let Some(resource) = &self.resource {
+            form.push(("resource", resource));
+        }
         let mut request = self
             .http
             .post(self.token_url.clone())

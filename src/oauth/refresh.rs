@@ -47,7 +47,7 @@ use super::provider::{Provider, TokenResponse, http_client};
 use crate::config::Config;
 use crate::ids::SessionKey;
 use crate::store::{
-    CredentialError, CredentialWriter, ServerName, StoreError, TokenUpdate, Tokens, UserId,
+    CredentialError, CredentialWriter, Secret, ServerName, StoreError, TokenUpdate, Tokens, UserId,
 };
 
 /// Token requests per refresh before giving up for now.
@@ -86,7 +86,9 @@ struct Backoff {
 struct Inner {
     /// The single writer of credentials (the `CredentialActor`'s handle).
     credentials: Arc<dyn CredentialWriter>,
-    providers: BTreeMap<ServerName, Arc<Provider>>,
+    /// Configured at start-up; remote servers found by discovery are added later
+    /// ([`TokenRefresher::add_provider`]).
+    providers: std::sync::RwLock<BTreeMap<ServerName, Arc<Provider>>>,
     restart_on_refresh: BTreeSet<ServerName>,
     /// One async mutex per key being checked; entries go when nobody holds or waits for them.
     locks: Mutex<HashMap<SessionKey, Arc<tokio::sync::Mutex<()>>>>,
@@ -105,7 +107,10 @@ pub struct TokenRefresher {
 impl std::fmt::Debug for TokenRefresher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenRefresher")
-            .field("servers", &self.inner.providers.keys().collect::<Vec<_>>())
+            .field(
+                "servers",
+                &self.providers().keys().cloned().collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -161,7 +166,7 @@ impl TokenRefresher {
         Ok(TokenRefresher {
             inner: Arc::new(Inner {
                 credentials,
-                providers,
+                providers: std::sync::RwLock::new(providers),
                 restart_on_refresh,
                 locks: Mutex::new(HashMap::new()),
                 fresh_until: Mutex::new(HashMap::new()),
@@ -171,13 +176,29 @@ impl TokenRefresher {
     }
 
     /// The OAuth client of `server`, if it has a token endpoint.
-    pub fn provider(&self, server: &ServerName) -> Option<&Arc<Provider>> {
-        self.inner.providers.get(server)
+    pub fn provider(&self, server: &ServerName) -> Option<Arc<Provider>> {
+        self.providers().get(server).cloned()
+    }
+
+    /// Adds (or replaces) the OAuth client of a server found by discovery.
+    pub fn add_provider(&self, provider: Arc<Provider>) {
+        self.inner
+            .providers
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(provider.server().clone(), provider);
+    }
+
+    fn providers(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<ServerName, Arc<Provider>>> {
+        self.inner
+            .providers
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Whether `server`'s tokens are refreshed here.
     pub fn manages(&self, server: &ServerName) -> bool {
-        self.inner.providers.contains_key(server)
+        self.providers().contains_key(server)
     }
 
     /// Whether `server` reads its token only at start-up (`restart_on_token_refresh`): its
@@ -188,11 +209,7 @@ impl TokenRefresher {
 
     /// The shortest `refresh_before` of all servers, for the background sweep's interval.
     pub fn min_refresh_before(&self) -> Option<Duration> {
-        self.inner
-            .providers
-            .values()
-            .map(|p| p.refresh_before())
-            .min()
+        self.providers().values().map(|p| p.refresh_before()).min()
     }
 
     /// Before a tool call: refreshes if the access token expires within `refresh_before`.
@@ -202,7 +219,7 @@ impl TokenRefresher {
         user: &UserId,
         server: &ServerName,
     ) -> Result<Freshness, CredentialError> {
-        self.check(SessionKey::new(user, server), true).await
+        self.check(SessionKey::new(user, server), true, None).await
     }
 
     /// Before a session starts (it is about to read the file) and in the background sweep:
@@ -212,7 +229,34 @@ impl TokenRefresher {
         user: &UserId,
         server: &ServerName,
     ) -> Result<Freshness, CredentialError> {
-        self.check(SessionKey::new(user, server), false).await
+        self.check(SessionKey::new(user, server), false, None).await
+    }
+
+    /// A remote server answered 401 to `rejected`, the access token it was sent: refresh now,
+    /// whatever the expiry says, through the same single flight and compare-and-swap as a
+    /// refresh that is due. A caller that waited behind another refresh of the key finds a
+    /// different token stored and sends nothing. `Ok` means the stored token is now another
+    /// one; a token that cannot be replaced is an error (`ReconnectRequired` without a refresh
+    /// token or after `invalid_grant`, `RefreshUnavailable` while the provider fails).
+    pub async fn refresh_rejected(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        rejected: &Secret,
+    ) -> Result<Freshness, CredentialError> {
+        let result = self
+            .check(SessionKey::new(user, server), false, Some(rejected))
+            .await;
+        match result {
+            Ok(Freshness::Refreshed | Freshness::RefreshedElsewhere) => result,
+            // No provider for the server, or the refresh could not be made now: the rejected
+            // token is all there is.
+            Ok(Freshness::Stale) => Err(CredentialError::RefreshUnavailable(server.clone())),
+            Ok(Freshness::Unmanaged | Freshness::Fresh) => {
+                Err(CredentialError::ReconnectRequired(server.clone()))
+            }
+            Err(err) => Err(err),
+        }
     }
 
     /// Forgets what is known about the key: new credentials were stored (connect flow).
@@ -224,8 +268,13 @@ impl TokenRefresher {
 
     // === the single flight ===
 
-    async fn check(&self, key: SessionKey, use_cache: bool) -> Result<Freshness, CredentialError> {
-        let Some(provider) = self.inner.providers.get(&key.server).cloned() else {
+    async fn check(
+        &self,
+        key: SessionKey,
+        use_cache: bool,
+        rejected: Option<&Secret>,
+    ) -> Result<Freshness, CredentialError> {
+        let Some(provider) = self.provider(&key.server) else {
             return Ok(Freshness::Unmanaged);
         };
         if use_cache
@@ -241,7 +290,7 @@ impl TokenRefresher {
             .clone();
         let result = {
             let _guard = mutex.lock().await;
-            self.check_locked(&key, &provider).await
+            self.check_locked(&key, &provider, rejected).await
         };
         // Drop the key's mutex from the map once only the map and this caller hold it. Under the
         // map's lock nobody can clone it meanwhile; a later caller makes a new one, which is
@@ -257,6 +306,7 @@ impl TokenRefresher {
         &self,
         key: &SessionKey,
         provider: &Provider,
+        rejected: Option<&Secret>,
     ) -> Result<Freshness, CredentialError> {
         let store = self.inner.credentials.store();
         let Some(record) = store.get(&key.user, &key.server).await? else {
@@ -266,12 +316,28 @@ impl TokenRefresher {
             }
             return Ok(Freshness::Unmanaged);
         };
+        // A rejected token forces the refresh, unless it is no longer the stored one (a
+        // concurrent refresh or a reconnect replaced it: that one is used).
+        let forced = match rejected {
+            Some(sent) if record.tokens.access_token.as_ref() != Some(sent) => {
+                self.remember_expiry(key, record.tokens.token_expiry);
+                return Ok(Freshness::RefreshedElsewhere);
+            }
+            Some(_) if record.tokens.refresh_token.is_none() => {
+                return Err(CredentialError::ReconnectRequired(key.server.clone()));
+            }
+            Some(_) => true,
+            None => false,
+        };
         let now = Utc::now();
-        let Some(due) = refresh_due(&record.tokens, provider.refresh_before()) else {
+        let due = refresh_due(&record.tokens, provider.refresh_before())
+            // A token without an expiry is refreshed only when it was rejected.
+            .or(forced.then_some(now));
+        let Some(due) = due else {
             lock(&self.inner.fresh_until).insert(key.clone(), DateTime::<Utc>::MAX_UTC);
             return Ok(Freshness::Unmanaged);
         };
-        if now < due {
+        if now < due && !forced {
             lock(&self.inner.fresh_until).insert(key.clone(), due);
             return Ok(Freshness::Fresh);
         }
@@ -379,9 +445,7 @@ impl TokenRefresher {
             let mut backoffs = lock(&self.inner.backoff);
             let failures = backoffs.get(key).map_or(0, |b| b.failures) + 1;
             let base = self
-                .inner
-                .providers
-                .get(&key.server)
+                .provider(&key.server)
                 .map_or(Duration::from_secs(1), |p| p.cooldown());
             let wait = base
                 .saturating_mul(2u32.saturating_pow((failures - 1).min(16)))
@@ -492,9 +556,7 @@ impl TokenRefresher {
 
     fn remember_expiry(&self, key: &SessionKey, expiry: Option<DateTime<Utc>>) {
         let refresh_before = self
-            .inner
-            .providers
-            .get(&key.server)
+            .provider(&key.server)
             .map_or(Duration::ZERO, |p| p.refresh_before());
         let until = expiry.map_or(DateTime::<Utc>::MAX_UTC, |e| {
             e.checked_sub_signed(chrono_duration(refresh_before))

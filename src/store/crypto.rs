@@ -53,6 +53,9 @@ pub enum TokenField {
     Refresh,
     /// The PKCE verifier of a pending OAuth connect flow (`oauth_states`).
     PkceVerifier,
+    /// A client registered by mcp-pool for a remote server (`oauth_clients`).
+    ClientId,
+    ClientSecret,
 }
 
 impl TokenField {
@@ -61,6 +64,8 @@ impl TokenField {
             TokenField::Access => b"access_token",
             TokenField::Refresh => b"refresh_token",
             TokenField::PkceVerifier => b"pkce_verifier",
+            TokenField::ClientId => b"client_id",
+            TokenField::ClientSecret => b"client_secret",
         }
     }
 }

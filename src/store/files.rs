@@ -186,6 +186,9 @@ pub struct CredentialSpec {
     /// OAuth client the tokens were issued to (Google's file format needs it).
     pub client_id: Option<String>,
     pub client_secret: Option<super::Secret>,
+    /// Whether the file is written at all: a remote server gets its credentials over HTTP, so
+    /// its tokens are kept in the (encrypted) row only, never in a plaintext file.
+    pub file: bool,
 }
 
 impl CredentialSpec {
@@ -203,6 +206,7 @@ impl CredentialSpec {
                 .and_then(|o| o.client_secret_env.as_deref())
                 .and_then(env)
                 .map(super::Secret::new),
+            file: !server.is_remote(),
         }
     }
 

@@ -18,6 +18,7 @@ use super::crypto::{CryptoError, Keyring, TokenField};
 use super::secret::Secret;
 use crate::ids::{ServerName, UserId};
 
+pub use oauth_clients::RegisteredClientRow;
 pub use oauth_states::{NewOAuthState, OAuthState};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -790,4 +791,5 @@ impl Store {
 }
 
 // Declared after the macros above, which it uses (macro_rules! scoping is textual).
+mod oauth_clients;
 mod oauth_states;

@@ -140,6 +140,16 @@ pub async fn send(
     url: &str,
     body: Option<(&str, String)>,
 ) -> (u16, hyper::HeaderMap, String) {
+    send_with(method, url, body, &[]).await
+}
+
+/// [`send`] with extra request headers (a browser's cookies, say).
+pub async fn send_with(
+    method: &str,
+    url: &str,
+    body: Option<(&str, String)>,
+    headers: &[(&str, &str)],
+) -> (u16, hyper::HeaderMap, String) {
     let parsed = reqwest::Url::parse(url).expect("URL");
     let addr = format!(
         "{}:{}",
@@ -158,6 +168,9 @@ pub async fn send(
         .method(method)
         .uri(target)
         .header("host", addr);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
     let bytes = match body {
         Some((content_type, text)) => {
             builder = builder.header("content-type", content_type);

@@ -119,5 +119,8 @@ fn mcp_code(err: &McpError) -> &'static str {
         | McpError::Sandbox(_)
         | McpError::DemoServer(_) => "server_start_failed",
         McpError::Protocol(_) => "server_protocol_error",
+        McpError::Unauthorized(Some(cause)) => cause.code(),
+        McpError::Unauthorized(None) => "reconnect_required",
+        McpError::HttpStatus { .. } => "server_error",
     }
 }

@@ -244,6 +244,16 @@ impl PoolHandle {
                 self.retry_call(user, server, Some(session.pid()), tool, arguments)
                     .await
             }
+            // A remote server refused the user's credentials and they could not be replaced:
+            // as after a revoked grant found by a freshness check, the session is closed.
+            Err(PoolError::Credentials(cause))
+                if matches!(*cause, CredentialError::ReconnectRequired(_)) =>
+            {
+                if let Err(close) = self.close_session(user, server).await {
+                    tracing::warn!(cause = %close, "could not close the session after a refused token");
+                }
+                Err(PoolError::Credentials(cause))
+            }
             other => other,
         }
     }

@@ -149,6 +149,9 @@ pub struct PoolArgs {
     pub events: PoolEvents,
     /// Counters and histograms recorded by the pool.
     pub metrics: PoolMetrics,
+    /// The HTTP client of every remote session (`mcp::remote::http_client`); `None` if it
+    /// could not be built (remote sessions then fail to start, saying so).
+    pub remote_http: Option<reqwest::Client>,
 }
 
 impl PoolArgs {
@@ -174,6 +177,11 @@ impl PoolArgs {
             )),
             events: PoolEvents::default(),
             metrics: PoolMetrics::default(),
+            remote_http: crate::mcp::remote::http_client()
+                .inspect_err(|err| {
+                    tracing::error!(cause = %err, "cannot build the HTTP client of remote MCP servers");
+                })
+                .ok(),
         }
     }
 }

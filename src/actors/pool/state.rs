@@ -18,9 +18,15 @@ use crate::actors::connection::{
     SessionShared, SessionState,
 };
 use crate::backoff::{AfterFailure, Circuit, RestartPolicy};
+use crate::config::RemoteAuth;
 use crate::config::ServerConfig;
 use crate::ids::{ServerName, SessionKey, UserId};
-use crate::mcp::{ServerLaunch, base_environment};
+use crate::mcp::{
+    AuthScheme, RemoteCredentials, RemoteLaunch, ServerLaunch, SessionLaunch, base_environment,
+};
+use crate::oauth::remote::StoredCredentials;
+use crate::store::CredentialWriter;
+use reqwest::header::HeaderName;
 
 /// Per-key bookkeeping of the supervisor.
 struct Entry {
@@ -264,13 +270,27 @@ impl PoolState {
         env.extend(server.env.clone());
         // Checked before every spawn, with the server's own PATH: a missing program is a
         // configuration problem, reported as such and not counted as a crash (nothing ran).
-        let launch = match server.resolve_program_in(env.get("PATH").map(std::ffi::OsStr::new)) {
-            Ok(command) => ServerLaunch {
-                command: command.to_string_lossy().into_owned(),
-                args: server.args.clone(),
-                env,
-                cwd: None,
+        let program = match &server.url {
+            Some(url) => match self.remote_launch(key, &server, url) {
+                Some(launch) => Ok(launch),
+                None => {
+                    self.fail_waiters(key, PoolError::Unavailable);
+                    return;
+                }
             },
+            None => server
+                .resolve_program_in(env.get("PATH").map(std::ffi::OsStr::new))
+                .map(|command| {
+                    SessionLaunch::Process(ServerLaunch {
+                        command: command.to_string_lossy().into_owned(),
+                        args: server.args.clone(),
+                        env,
+                        cwd: None,
+                    })
+                }),
+        };
+        let launch = match program {
+            Ok(launch) => launch,
             Err(err) => {
                 tracing::debug!(server = %key.server, cause = %err, "MCP server program not found");
                 // Like missing credentials: not retried in the background. A key whose restart
@@ -336,6 +356,37 @@ impl PoolState {
                 self.fail_waiters(key, PoolError::Unavailable);
             }
         }
+    }
+
+    /// A remote server's session: its URL, and the user's own credentials (read from the
+    /// user's row for this server only) in the form the server takes them.
+    fn remote_launch(
+        &self,
+        key: &SessionKey,
+        server: &ServerConfig,
+        url: &str,
+    ) -> Option<SessionLaunch> {
+        let source = || -> Arc<dyn RemoteCredentials> {
+            Arc::new(StoredCredentials::new(
+                key.user.clone(),
+                key.server.clone(),
+                self.args.credentials.store().clone(),
+                self.args.refresher.clone(),
+                server.auth,
+            ))
+        };
+        let auth = match (server.auth, &server.api_key_header) {
+            (RemoteAuth::None, _) => None,
+            (RemoteAuth::ApiKey, Some(header)) => HeaderName::from_bytes(header.as_bytes())
+                .ok()
+                .map(|name| (AuthScheme::Header(name), source())),
+            (RemoteAuth::Oauth | RemoteAuth::ApiKey, _) => Some((AuthScheme::Bearer, source())),
+        };
+        Some(SessionLaunch::Remote(RemoteLaunch {
+            url: url.to_owned(),
+            auth,
+            http: self.args.remote_http.clone()?,
+        }))
     }
 
     fn fail_waiters(&mut self, key: &SessionKey, err: PoolError) {

@@ -118,15 +118,18 @@ pub enum SandboxStatus {
     Partial(String),
     /// `mode = "off"`.
     Off,
+    /// A remote server (Streamable HTTP): no process of ours to confine.
+    Remote,
 }
 
 impl SandboxStatus {
-    /// `enforced`, `partial` or `off`: the label in stats and metrics.
+    /// `enforced`, `partial`, `off` or `remote`: the label in stats and metrics.
     pub fn label(&self) -> &'static str {
         match self {
             SandboxStatus::Enforced => "enforced",
             SandboxStatus::Partial(_) => "partial",
             SandboxStatus::Off => "off",
+            SandboxStatus::Remote => "remote",
         }
     }
 }
