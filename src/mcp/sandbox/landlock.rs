@@ -86,8 +86,9 @@ impl SystemRules {
     }
 
     /// Builds the ruleset of one session and returns its file descriptor. `own_proc`: the
-    /// session gets its own `/proc` (added by the child, see `ChildPlan::proc_rule`); without
-    /// a PID namespace the host's `/proc` is granted here instead.
+    /// session gets its own `/proc` (added by the child, see `ChildPlan::proc_rule`), or none
+    /// at all (a forked child); otherwise the host's `/proc` is granted here. `credentials`:
+    /// grant the session's credentials directory.
     pub(super) fn ruleset(
         &self,
         settings: &SandboxSettings,
@@ -96,6 +97,7 @@ impl SystemRules {
         state_dir: &Path,
         kernel_abi: i32,
         own_proc: bool,
+        credentials: bool,
     ) -> Result<std::os::fd::OwnedFd, String> {
         let protected = protected_paths(settings);
         let read = AccessFs::from_read(RULES_ABI);
@@ -114,12 +116,14 @@ impl SystemRules {
             add_beneath(&mut rules, Path::new("/proc"), read, &[]);
         }
         // Granted directly: both sit inside protected roots on purpose.
-        add_beneath(
-            &mut rules,
-            session.credentials_dir,
-            AccessFs::ReadFile | AccessFs::ReadDir,
-            &[],
-        );
+        if credentials {
+            add_beneath(
+                &mut rules,
+                session.credentials_dir,
+                AccessFs::ReadFile | AccessFs::ReadDir,
+                &[],
+            );
+        }
         add_beneath(&mut rules, state_dir, all, &[]);
 
         let level = if kernel_abi >= super::REQUIRED_LANDLOCK_ABI {
