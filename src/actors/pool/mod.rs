@@ -30,6 +30,7 @@ use super::credential::CredentialHandle;
 use super::fairness::UserCallLimiter;
 use crate::config::{Config, PoolConfig, SandboxConfig, ServerConfig};
 use crate::ids::{SessionKey, UserId};
+use crate::mcp::prefork::Prefork;
 use crate::mcp::{ProcessRegistry, Sandbox};
 use crate::oauth::TokenRefresher;
 
@@ -149,6 +150,8 @@ pub struct PoolArgs {
     pub events: PoolEvents,
     /// Counters and histograms recorded by the pool.
     pub metrics: PoolMetrics,
+    /// The zygotes of preforked servers, which start their sessions by fork.
+    pub prefork: Arc<Prefork>,
 }
 
 impl PoolArgs {
@@ -158,6 +161,7 @@ impl PoolArgs {
         refresher: Option<TokenRefresher>,
         registry: Option<ProcessRegistry>,
         sandbox: Arc<Sandbox>,
+        prefork: Arc<Prefork>,
     ) -> PoolArgs {
         PoolArgs {
             pool: config.pool.clone(),
@@ -174,6 +178,7 @@ impl PoolArgs {
             )),
             events: PoolEvents::default(),
             metrics: PoolMetrics::default(),
+            prefork,
         }
     }
 }

@@ -379,7 +379,7 @@ impl Zygote {
                 *phase = Phase::Running(running);
                 Ok(())
             }
-            Err(StartError::Threads(why)) => {
+            Err(StartError::Permanent(why)) => {
                 warn!(server = %self.server, cause = %why, "Prefork disabled; sessions are spawned");
                 let mut counters = self.counters();
                 counters.state = "disabled";
@@ -520,21 +520,20 @@ impl Zygote {
         let answer: serde_json::Value = serde_json::from_slice(&message).unwrap_or_default();
         if let Some(threads) = answer.get("threads") {
             kill_group_now(as_pgid(leader));
-            return Err(StartError::Threads(format!(
+            return Err(StartError::Permanent(format!(
                 "{} threads run after importing {} ({}): forking would lose them",
                 threads,
                 entry.module,
                 answer["names"]
             )));
         }
+        if let Some(error) = answer.get("error").and_then(|e| e.as_str()) {
+            // The import itself failed: the same code fails the same way next time.
+            kill_group_now(as_pgid(leader));
+            return Err(StartError::Permanent(error.to_owned()));
+        }
         if answer.get("ready") != Some(&serde_json::Value::Bool(true)) {
-            return Err(fail(format!(
-                "{}",
-                answer
-                    .get("error")
-                    .and_then(|e| e.as_str())
-                    .unwrap_or("unexpected answer from the zygote")
-            )));
+            return Err(fail("unexpected answer from the zygote".to_owned()));
         }
         let pid = pid.ok_or_else(|| fail("the zygote's pid was not passed".into()))?;
         info!(
@@ -551,8 +550,9 @@ impl Zygote {
 }
 
 enum StartError {
-    /// Threads ran after the import: never retried.
-    Threads(String),
+    /// The import failed, or threads ran after it: never retried (until the service restarts).
+    Permanent(String),
+    /// Anything else (a crash, a timeout): retried under the restart policy.
     Failed(String),
 }
 
