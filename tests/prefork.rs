@@ -6,6 +6,8 @@
 mod common;
 #[path = "common/http.rs"]
 mod http;
+#[path = "common/service.rs"]
+mod service;
 
 use std::path::{Path, PathBuf};
 
@@ -487,4 +489,52 @@ async fn threads_at_import_or_a_broken_entry_point_fall_back_to_a_plain_spawn() 
     assert_eq!(z["state"], "disabled", "{z}");
     assert!(z["reason"].as_str().unwrap().contains("no_such_module_here"), "{z}");
     ts.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigkill_of_the_service_no_zygote_and_no_forked_child_is_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let time = required_env("MCP_POOL_TEST_TIME_BIN");
+    let config = service::write_config(
+        dir.path(),
+        &format!(
+            "[servers.time]\ncommand = {time:?}\nprefork = true\n\
+             credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n"
+        ),
+    );
+    let mut service = service::Service::start(&config);
+    let data = dir.path().join("data");
+    for user in ["gil", "hal"] {
+        let client = service.client(user);
+        connect_with(&client, "time", &format!("{user}-token")).await;
+        let now = client
+            .call("time", "get_current_time", &json!({ "timezone": "UTC" }))
+            .await;
+        assert_eq!(now.status, 200, "{}", now.text());
+    }
+    let stats = service.stats(&data).await;
+    let mut pids: Vec<u32> = stats["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            assert_eq!(c["started"], "forked", "{c}");
+            c["pid"].as_u64().unwrap() as u32
+        })
+        .collect();
+    let zygote = stats["prefork"][0]["pid"].as_u64().expect("zygote pid") as u32;
+    pids.push(zygote);
+    // The init of the zygote's namespace and the shim leading its group, too.
+    let init = parent_of(zygote).expect("the zygote's init");
+    pids.extend([init, parent_of(init).expect("the zygote's shim")]);
+    assert!(pids.iter().all(|pid| alive(*pid)), "{pids:?}");
+
+    service.signal(Signal::SIGKILL);
+    service.wait();
+    for pid in pids {
+        assert!(
+            wait_until(PATIENCE, || std::future::ready(!alive(pid))).await,
+            "pid {pid} outlived a SIGKILLed service"
+        );
+    }
 }
