@@ -413,9 +413,7 @@ impl App {
             ),
         }
         // After the sessions: a zygote's end takes its forked children with it.
-        self.prefork
-            .shutdown(self.config.pool.close_grace)
-            .await;
+        self.prefork.shutdown(self.config.pool.close_grace).await;
         // Whatever is still recorded did not close in time (or its actor died): kill it.
         let killed = self.registry.reap_leftovers();
         if killed > 0 {

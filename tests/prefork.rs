@@ -132,7 +132,12 @@ async fn ready_zygote_pid(ts: &TestServer, server: &str) -> u32 {
 
 fn parent_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Whether `needle` occurs anywhere in the readable memory of `pid`.
@@ -175,12 +180,23 @@ async fn preforked_third_party_servers_list_tools_and_reach_their_own_code() {
     let tools = ada.get("/v1/connections/time/tools").await;
     assert_eq!(tools.status, 200, "{}", tools.text());
     let names = tools.text();
-    assert!(names.contains("get_current_time") && names.contains("convert_time"), "{names}");
+    assert!(
+        names.contains("get_current_time") && names.contains("convert_time"),
+        "{names}"
+    );
     let now = ada
-        .call("time", "get_current_time", &json!({ "timezone": "Europe/Paris" }))
+        .call(
+            "time",
+            "get_current_time",
+            &json!({ "timezone": "Europe/Paris" }),
+        )
         .await;
     assert_eq!(now.status, 200, "{}", now.text());
-    assert!(content_text(&now.json()).contains("Europe/Paris"), "{}", now.text());
+    assert!(
+        content_text(&now.json()).contains("Europe/Paris"),
+        "{}",
+        now.text()
+    );
 
     // analytics-mcp: nine tools; a call gets past loading the credentials (from the memfd)
     // into Google's client code, which fails offline as it does when spawned.
@@ -195,7 +211,10 @@ async fn preforked_third_party_servers_list_tools_and_reach_their_own_code() {
     let body = call.text();
     assert_eq!(call.status, 200, "{body}");
     assert_eq!(call.json()["is_error"], true, "{body}");
-    assert!(!body.contains("default credentials were not found"), "{body}");
+    assert!(
+        !body.contains("default credentials were not found"),
+        "{body}"
+    );
     assert!(
         body.contains("analyticsadmin.googleapis.com") || body.contains("invalid_grant"),
         "{body}"
@@ -207,7 +226,11 @@ async fn preforked_third_party_servers_list_tools_and_reach_their_own_code() {
         assert_eq!(s["started"], "forked", "{s}");
         assert_eq!(s["sandbox"], "enforced", "{s}");
         let pid = s["pid"].as_u64().unwrap() as u32;
-        assert_eq!(parent_of(pid), Some(zygote_pid), "{server} forked from its zygote");
+        assert_eq!(
+            parent_of(pid),
+            Some(zygote_pid),
+            "{server} forked from its zygote"
+        );
         let z = zygote(&ts, server).await;
         assert!(z["forks"].as_u64().unwrap() >= 1, "{z}");
         assert_eq!(z["fallbacks"], 0, "{z}");
@@ -219,8 +242,13 @@ async fn preforked_third_party_servers_list_tools_and_reach_their_own_code() {
 async fn a_forked_child_is_confined_like_a_spawned_one_and_sees_only_its_own_credentials() {
     let scripts = tempfile::tempdir().unwrap();
     let script = probe_script(scripts.path(), "mcp_pool_probe");
-    let ts = TestServer::start("", &probe_server("probe", &script, "prefork = true"), "", &[])
-        .await;
+    let ts = TestServer::start(
+        "",
+        &probe_server("probe", &script, "prefork = true"),
+        "",
+        &[],
+    )
+    .await;
     let dir = ts.dir.path().to_owned();
     let alice = ts.user("alice");
     let mallory = ts.user("mallory");
@@ -231,16 +259,27 @@ async fn a_forked_child_is_confined_like_a_spawned_one_and_sees_only_its_own_cre
     let alices = probe(&alice, "probe", "whoami", json!({})).await;
     let mallorys = probe(&mallory, "probe", "whoami", json!({})).await;
     // Each sees its own credentials (through the memfd), and nothing else's.
-    for (who, token) in [(&alices, "alice-secret-4f1d"), (&mallorys, "mallory-secret-9c2e")] {
+    for (who, token) in [
+        (&alices, "alice-secret-4f1d"),
+        (&mallorys, "mallory-secret-9c2e"),
+    ] {
         let creds = &who["credentials_file"];
         assert!(
-            creds["path"].as_str().unwrap().starts_with("/proc/self/fd/"),
+            creds["path"]
+                .as_str()
+                .unwrap()
+                .starts_with("/proc/self/fd/"),
             "{creds}"
         );
-        assert!(creds["contents"].as_str().unwrap().contains(token), "{creds}");
+        assert!(
+            creds["contents"].as_str().unwrap().contains(token),
+            "{creds}"
+        );
     }
     assert!(!mallorys.to_string().contains("alice-secret"));
-    let alice_server = session(&ts, "alice", "probe").await["pid"].as_u64().unwrap() as u32;
+    let alice_server = session(&ts, "alice", "probe").await["pid"]
+        .as_u64()
+        .unwrap() as u32;
     assert_ne!(alice_server, 0);
     assert_eq!(parent_of(alice_server), Some(zygote_pid));
     let service = std::process::id();
@@ -291,7 +330,10 @@ async fn a_forked_child_is_confined_like_a_spawned_one_and_sees_only_its_own_cre
             json!({ "path": target, "content": "x" }),
         )
         .await;
-        assert_eq!(denied(&report, &format!("writing {}", target.display())), EACCES);
+        assert_eq!(
+            denied(&report, &format!("writing {}", target.display())),
+            EACCES
+        );
         assert!(!target.exists());
     }
     let own = dir.join("state/mallory/probe/scratch.txt");
@@ -312,7 +354,13 @@ async fn a_forked_child_is_confined_like_a_spawned_one_and_sees_only_its_own_cre
         (1, "the namespace's init"),
         (2, "the zygote in its namespace"),
     ] {
-        let report = probe(&mallory, "probe", "signal", json!({ "pid": pid, "signal": 15 })).await;
+        let report = probe(
+            &mallory,
+            "probe",
+            "signal",
+            json!({ "pid": pid, "signal": 15 }),
+        )
+        .await;
         denied(&report, &format!("signalling {what}"));
     }
     assert!(alive(alice_server) && alive(zygote_pid));
@@ -324,7 +372,13 @@ async fn a_forked_child_is_confined_like_a_spawned_one_and_sees_only_its_own_cre
         assert!(
             matches!(
                 name,
-                "PATH" | "LANG" | "LANGUAGE" | "TZ" | "HOME" | "TMPDIR" | "PYTHONPATH"
+                "PATH"
+                    | "LANG"
+                    | "LANGUAGE"
+                    | "TZ"
+                    | "HOME"
+                    | "TMPDIR"
+                    | "PYTHONPATH"
                     | "MCP_POOL_CREDENTIALS_FILE"
             ) || name.starts_with("LC_"),
             "unexpected variable {name} in {env}"
@@ -340,7 +394,9 @@ async fn a_forked_child_is_confined_like_a_spawned_one_and_sees_only_its_own_cre
     assert_eq!(privileges["MaxOpenFiles"], "1024");
     // Each child sits in its own session cgroup, not the zygote's.
     let cgroup_of = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let mallory_server = session(&ts, "mallory", "probe").await["pid"].as_u64().unwrap() as u32;
+    let mallory_server = session(&ts, "mallory", "probe").await["pid"]
+        .as_u64()
+        .unwrap() as u32;
     let (a, m, z) = (
         cgroup_of(alice_server),
         cgroup_of(mallory_server),
@@ -368,7 +424,10 @@ async fn a_forked_child_is_confined_like_a_spawned_one_and_sees_only_its_own_cre
             "{token} in the zygote's memory"
         );
     }
-    for fd in std::fs::read_dir(format!("/proc/{zygote_pid}/fd")).unwrap().flatten() {
+    for fd in std::fs::read_dir(format!("/proc/{zygote_pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
         let target = std::fs::read_link(fd.path()).unwrap_or_default();
         assert!(
             !target.starts_with(dir.join("creds")) && !target.to_string_lossy().contains("memfd"),
@@ -387,7 +446,12 @@ async fn kill_9_of_a_forked_child_restarts_it_and_leaves_other_users_alone() {
     connect_with(&cal, "time", "cal-token").await;
     let time_now = json!({ "timezone": "UTC" });
     for user in [&bea, &cal] {
-        assert_eq!(user.call("time", "get_current_time", &time_now).await.status, 200);
+        assert_eq!(
+            user.call("time", "get_current_time", &time_now)
+                .await
+                .status,
+            200
+        );
     }
     let bea_pid = session(&ts, "bea", "time").await["pid"].as_u64().unwrap() as u32;
     let cal_pid = session(&ts, "cal", "time").await["pid"].as_u64().unwrap() as u32;
@@ -402,12 +466,18 @@ async fn kill_9_of_a_forked_child_restarts_it_and_leaves_other_users_alone() {
     );
     let s = session(&ts, "bea", "time").await;
     assert_eq!(s["started"], "forked", "restarted by fork: {s}");
-    assert_eq!(bea.call("time", "get_current_time", &time_now).await.status, 200);
+    assert_eq!(
+        bea.call("time", "get_current_time", &time_now).await.status,
+        200
+    );
     // Cal's session never noticed.
     let c = session(&ts, "cal", "time").await;
     assert_eq!(c["pid"].as_u64(), Some(u64::from(cal_pid)), "{c}");
     assert_eq!(c["restarts"], 0, "{c}");
-    assert_eq!(cal.call("time", "get_current_time", &time_now).await.status, 200);
+    assert_eq!(
+        cal.call("time", "get_current_time", &time_now).await.status,
+        200
+    );
     ts.stop().await;
 }
 
@@ -423,7 +493,10 @@ async fn kill_9_of_the_zygote_restarts_it_and_its_sessions() {
     let dee = ts.user("dee");
     connect_with(&dee, "time", "dee-token").await;
     let time_now = json!({ "timezone": "UTC" });
-    assert_eq!(dee.call("time", "get_current_time", &time_now).await.status, 200);
+    assert_eq!(
+        dee.call("time", "get_current_time", &time_now).await.status,
+        200
+    );
     let old_zygote = ready_zygote_pid(&ts, "time").await;
     let old_child = session(&ts, "dee", "time").await["pid"].as_u64().unwrap() as u32;
     kill(Pid::from_raw(old_zygote as i32), Signal::SIGKILL).unwrap();
@@ -440,18 +513,30 @@ async fn kill_9_of_the_zygote_restarts_it_and_its_sessions() {
         .await,
         "dee's session restarts"
     );
-    assert_eq!(dee.call("time", "get_current_time", &time_now).await.status, 200);
+    assert_eq!(
+        dee.call("time", "get_current_time", &time_now).await.status,
+        200
+    );
     // A new zygote is up, and new sessions fork from it again.
     let z = zygote(&ts, "time").await;
-    assert!(z["restarts"].as_u64().unwrap() >= 1 || z["fallbacks"].as_u64().unwrap() >= 1, "{z}");
+    assert!(
+        z["restarts"].as_u64().unwrap() >= 1 || z["fallbacks"].as_u64().unwrap() >= 1,
+        "{z}"
+    );
     let new_zygote = ready_zygote_pid(&ts, "time").await;
     assert_ne!(new_zygote, old_zygote);
     let eve = ts.user("eve");
     connect_with(&eve, "time", "eve-token").await;
-    assert_eq!(eve.call("time", "get_current_time", &time_now).await.status, 200);
+    assert_eq!(
+        eve.call("time", "get_current_time", &time_now).await.status,
+        200
+    );
     let e = session(&ts, "eve", "time").await;
     assert_eq!(e["started"], "forked", "{e}");
-    assert_eq!(parent_of(e["pid"].as_u64().unwrap() as u32), Some(new_zygote));
+    assert_eq!(
+        parent_of(e["pid"].as_u64().unwrap() as u32),
+        Some(new_zygote)
+    );
     ts.stop().await;
 }
 
@@ -487,7 +572,13 @@ async fn threads_at_import_or_a_broken_entry_point_fall_back_to_a_plain_spawn() 
     assert!(z["reason"].as_str().unwrap().contains("threads"), "{z}");
     let z = zygote(&ts, "broken").await;
     assert_eq!(z["state"], "disabled", "{z}");
-    assert!(z["reason"].as_str().unwrap().contains("no_such_module_here"), "{z}");
+    assert!(
+        z["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no_such_module_here"),
+        "{z}"
+    );
     ts.stop().await;
 }
 

@@ -391,7 +391,10 @@ impl McpSession {
             ready_cpu_weight: confinement.ready_cpu_weight,
         };
         let pipes = tokio::net::unix::pipe::Receiver::from_owned_fd(stdout).and_then(|stdout| {
-            Ok((stdout, tokio::net::unix::pipe::Sender::from_owned_fd(stdin)?))
+            Ok((
+                stdout,
+                tokio::net::unix::pipe::Sender::from_owned_fd(stdin)?,
+            ))
         });
         let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(stderr).ok();
         match pipes {
@@ -453,22 +456,21 @@ impl McpSession {
             cache: cache.clone(),
         };
         // rmcp's `serve` has no timeout of its own: a server that never answers would hang it.
-        let running =
-            match tokio::time::timeout_at(deadline, handler.serve(transport)).await {
-                Ok(Ok(running)) => running,
-                Ok(Err(err)) => {
-                    fail_start(pgid, start_time, registry).await;
-                    remove_cgroup(cgroup).await;
-                    return Err(McpError::Handshake(Box::new(err)));
-                }
-                Err(_) => {
-                    // Dropping the `serve` future dropped the transport, whose cleanup task
-                    // kills and reaps the leader; `fail_start` takes care of the rest.
-                    fail_start(pgid, start_time, registry).await;
-                    remove_cgroup(cgroup).await;
-                    return Err(McpError::StartupTimeout(startup_timeout));
-                }
-            };
+        let running = match tokio::time::timeout_at(deadline, handler.serve(transport)).await {
+            Ok(Ok(running)) => running,
+            Ok(Err(err)) => {
+                fail_start(pgid, start_time, registry).await;
+                remove_cgroup(cgroup).await;
+                return Err(McpError::Handshake(Box::new(err)));
+            }
+            Err(_) => {
+                // Dropping the `serve` future dropped the transport, whose cleanup task
+                // kills and reaps the leader; `fail_start` takes care of the rest.
+                fail_start(pgid, start_time, registry).await;
+                remove_cgroup(cgroup).await;
+                return Err(McpError::StartupTimeout(startup_timeout));
+            }
+        };
         let listed = tokio::time::timeout_at(deadline, cache.refresh(running.peer())).await;
         if let Err(err) = listed
             .map_err(|_| McpError::StartupTimeout(startup_timeout))

@@ -159,4 +159,3 @@ impl Drop for Service {
         let _ = self.child.wait();
     }
 }
-

@@ -38,8 +38,8 @@ use std::{
     time::Duration,
 };
 
-pub use zygote::{ForkRequest, PreforkError, Zygote, ZygoteStats};
 pub(crate) use zygote::ForkedServer;
+pub use zygote::{ForkRequest, PreforkError, Zygote, ZygoteStats};
 
 use super::{
     McpSession, ProcessRegistry, Sandbox, ServerLaunch, base_environment,
@@ -115,8 +115,7 @@ fn shebang_python(script: &str) -> Option<PathBuf> {
     let mut interpreter = PathBuf::from(words.next()?);
     if interpreter.file_name().is_some_and(|name| name == "env") {
         let name = words.find(|word| !word.starts_with('-'))?;
-        interpreter =
-            super::sandbox::resolve_program(name, std::env::var("PATH").ok().as_deref())?;
+        interpreter = super::sandbox::resolve_program(name, std::env::var("PATH").ok().as_deref())?;
     }
     interpreter
         .file_name()?

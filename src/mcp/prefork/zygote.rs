@@ -402,10 +402,9 @@ impl Zygote {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let now = Instant::now();
-        while failures
-            .front()
-            .is_some_and(|at| now.duration_since(*at) > self.restart.window.max(self.restart.cooldown))
-        {
+        while failures.front().is_some_and(|at| {
+            now.duration_since(*at) > self.restart.window.max(self.restart.cooldown)
+        }) {
             failures.pop_front();
         }
         let in_window = failures
@@ -424,7 +423,9 @@ impl Zygote {
                 self.restart.window
             )));
         }
-        let exponent = u32::try_from(in_window.saturating_sub(1)).unwrap_or(u32::MAX).min(16);
+        let exponent = u32::try_from(in_window.saturating_sub(1))
+            .unwrap_or(u32::MAX)
+            .min(16);
         let backoff = self
             .restart
             .backoff_base
@@ -441,14 +442,9 @@ impl Zygote {
 
     /// Starts the zygote confined, and waits for it to report its import done.
     async fn start(&self) -> Result<Running, StartError> {
-        let failed = |what: &str, err: &dyn std::fmt::Display| {
-            StartError::Failed(format!("{what}: {err}"))
-        };
-        let program = self
-            .launch
-            .program
-            .clone()
-            .map_err(StartError::Failed)?;
+        let failed =
+            |what: &str, err: &dyn std::fmt::Display| StartError::Failed(format!("{what}: {err}"));
+        let program = self.launch.program.clone().map_err(StartError::Failed)?;
         let entry = self.launch.entry.clone().map_err(StartError::Failed)?;
         let home = self.sandbox.state_dir(".prefork", &self.server);
         let launch = self
@@ -508,7 +504,9 @@ impl Zygote {
         };
         let (message, pid) = match ready {
             Ok(Ok(Some(answer))) => answer,
-            Ok(Ok(None)) => return Err(fail("the zygote exited during import (see its log)".into())),
+            Ok(Ok(None)) => {
+                return Err(fail("the zygote exited during import (see its log)".into()));
+            }
             Ok(Err(err)) => return Err(fail(format!("control socket: {err}"))),
             Err(_) => {
                 return Err(fail(format!(
@@ -522,9 +520,7 @@ impl Zygote {
             kill_group_now(as_pgid(leader));
             return Err(StartError::Permanent(format!(
                 "{} threads run after importing {} ({}): forking would lose them",
-                threads,
-                entry.module,
-                answer["names"]
+                threads, entry.module, answer["names"]
             )));
         }
         if let Some(error) = answer.get("error").and_then(|e| e.as_str()) {
@@ -664,7 +660,11 @@ async fn fork_in(
     }
     let (message, pid) = match receive(&report).await {
         Ok(Some(report)) => report,
-        Ok(None) => return Err(PreforkError::Fork("the child exited before reporting".into())),
+        Ok(None) => {
+            return Err(PreforkError::Fork(
+                "the child exited before reporting".into(),
+            ));
+        }
         Err(err) => return Err(io("report", &err)),
     };
     let pid = pid.ok_or_else(|| PreforkError::Fork("the child's pid was not passed".into()))?;
