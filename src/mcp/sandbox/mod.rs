@@ -25,7 +25,10 @@ use tracing::{info, warn};
 
 pub(crate) use child::{ChildPlan, confine_child};
 
-use self::{cgroup::Cgroups, landlock::SystemRules};
+use self::{
+    cgroup::Cgroups,
+    landlock::{Grants, SystemRules},
+};
 pub(crate) use cgroup::SessionCgroup;
 
 /// How strictly a server is confined (`sandbox.mode`, per server `servers.<name>.sandbox.mode`).
@@ -378,11 +381,13 @@ impl Sandbox {
                             Start::Spawn | Start::Fork => &state_dir,
                         },
                         self.support.landlock_abi,
-                        match start {
-                            Start::Spawn | Start::Zygote => namespaces,
-                            Start::Fork => true,
+                        Grants {
+                            host_proc: match start {
+                                Start::Spawn | Start::Zygote => !namespaces,
+                                Start::Fork => false,
+                            },
+                            credentials: start == Start::Spawn,
                         },
-                        start == Start::Spawn,
                     )
                     .map_err(SandboxError::Setup)?,
             )
