@@ -12,7 +12,7 @@ mod service;
 use std::path::{Path, PathBuf};
 
 use common::{PATIENCE, alive, required_env, wait_until};
-use http::{Client, TestServer, content_text};
+use http::{Client, TestServer, content_text, denied};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -79,17 +79,9 @@ async fn connect_with(client: &Client, server: &str, token: &str) {
     assert_eq!(resp.status, 201, "{}", resp.text());
 }
 
-/// Runs a probe tool and returns its `{"ok", "value", "error", "errno"}` report.
+/// Runs a probe tool of `server` (tests/fixtures/prefork/mcp_pool_probe.py).
 async fn probe(client: &Client, server: &str, tool: &str, args: Value) -> Value {
-    let resp = client.call(server, tool, &args).await;
-    assert_eq!(resp.status, 200, "{tool}: {}", resp.text());
-    serde_json::from_str(&content_text(&resp.json())).expect("probe answers JSON")
-}
-
-fn denied(report: &Value, what: &str) -> i64 {
-    eprintln!("probe: {what} -> {}", report["error"]);
-    assert_eq!(report["ok"], false, "{what} was allowed: {report}");
-    report["errno"].as_i64().unwrap_or(0)
+    http::probe_on(client, server, tool, args).await
 }
 
 async fn stats(ts: &TestServer) -> Value {
@@ -105,6 +97,15 @@ async fn session(ts: &TestServer, user: &str, server: &str) -> Value {
         .find(|c| c["user_id"] == user && c["server"] == server)
         .cloned()
         .unwrap_or(Value::Null)
+}
+
+/// Waits until (user, server) is ready again on a process other than `old`.
+async fn restarted(ts: &TestServer, user: &str, server: &str, old: u32) -> bool {
+    wait_until(PATIENCE, || async {
+        let s = session(ts, user, server).await;
+        s["state"] == "ready" && s["pid"].as_u64().is_some_and(|p| p as u32 != old)
+    })
+    .await
 }
 
 async fn zygote(ts: &TestServer, server: &str) -> Value {
@@ -211,14 +212,7 @@ async fn preforked_third_party_servers_list_tools_and_reach_their_own_code() {
     let body = call.text();
     assert_eq!(call.status, 200, "{body}");
     assert_eq!(call.json()["is_error"], true, "{body}");
-    assert!(
-        !body.contains("default credentials were not found"),
-        "{body}"
-    );
-    assert!(
-        body.contains("analyticsadmin.googleapis.com") || body.contains("invalid_grant"),
-        "{body}"
-    );
+    common::assert_reached_google(&body);
 
     // Both sessions are children of their zygotes, confined, and counted as forks.
     for (server, zygote_pid) in [("time", time_zygote), ("analytics", analytics_zygote)] {
@@ -370,17 +364,7 @@ async fn a_forked_child_is_confined_like_a_spawned_one_and_sees_only_its_own_cre
     for name in env["value"].as_array().unwrap() {
         let name = name.as_str().unwrap();
         assert!(
-            matches!(
-                name,
-                "PATH"
-                    | "LANG"
-                    | "LANGUAGE"
-                    | "TZ"
-                    | "HOME"
-                    | "TMPDIR"
-                    | "PYTHONPATH"
-                    | "MCP_POOL_CREDENTIALS_FILE"
-            ) || name.starts_with("LC_"),
+            common::allowed_server_env(name, &["PYTHONPATH"]),
             "unexpected variable {name} in {env}"
         );
     }
@@ -457,11 +441,7 @@ async fn kill_9_of_a_forked_child_restarts_it_and_leaves_other_users_alone() {
     let cal_pid = session(&ts, "cal", "time").await["pid"].as_u64().unwrap() as u32;
     kill(Pid::from_raw(bea_pid as i32), Signal::SIGKILL).unwrap();
     assert!(
-        wait_until(PATIENCE, || async {
-            let s = session(&ts, "bea", "time").await;
-            s["state"] == "ready" && s["pid"].as_u64().is_some_and(|p| p as u32 != bea_pid)
-        })
-        .await,
+        restarted(&ts, "bea", "time", bea_pid).await,
         "bea's session restarts"
     );
     let s = session(&ts, "bea", "time").await;
@@ -506,11 +486,7 @@ async fn kill_9_of_the_zygote_restarts_it_and_its_sessions() {
         "the forked child died with its zygote"
     );
     assert!(
-        wait_until(PATIENCE, || async {
-            let s = session(&ts, "dee", "time").await;
-            s["state"] == "ready" && s["pid"].as_u64().is_some_and(|p| p as u32 != old_child)
-        })
-        .await,
+        restarted(&ts, "dee", "time", old_child).await,
         "dee's session restarts"
     );
     assert_eq!(

@@ -490,6 +490,13 @@ async fn start_session(
     // Resolved by the pool (through the server's PATH) before this start was scheduled.
     let program = std::path::PathBuf::from(&launch.command);
     let credentials_dir = path.parent().unwrap_or(&path).to_owned();
+    let paths = SessionPaths {
+        user: key.user.as_str(),
+        server: key.server.as_str(),
+        program: &program,
+        args: &launch.args,
+        credentials_dir: &credentials_dir,
+    };
     if let Some(zygote) = &prefork {
         let _slot = start_slots
             .acquire()
@@ -500,13 +507,7 @@ async fn start_session(
             ForkedStart {
                 sandbox: &sandbox,
                 policy: &policy,
-                session: SessionPaths {
-                    user: key.user.as_str(),
-                    server: key.server.as_str(),
-                    program: &program,
-                    args: &launch.args,
-                    credentials_dir: &credentials_dir,
-                },
+                session: paths,
                 restarting,
                 env: &launch.env,
                 credentials: Some((credentials_env.as_str(), &path)),
@@ -529,17 +530,7 @@ async fn start_session(
     }
     shared.started.store(1, Ordering::Relaxed);
     let confinement = sandbox
-        .prepare(
-            &policy,
-            SessionPaths {
-                user: key.user.as_str(),
-                server: key.server.as_str(),
-                program: &program,
-                args: &launch.args,
-                credentials_dir: &credentials_dir,
-            },
-            restarting,
-        )
+        .prepare(&policy, paths, restarting)
         .map_err(|err| match err {
             SandboxError::Unavailable(missing) => PoolError::SandboxUnavailable(missing),
             other => start_failed(McpError::Sandbox(other)),

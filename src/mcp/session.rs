@@ -290,6 +290,9 @@ struct Started {
     cgroup: Option<Arc<SessionCgroup>>,
     sandbox: SandboxStatus,
     ready_cpu_weight: Option<u32>,
+    /// When `initialize` and `tools/list` must be done, and the limit it came from.
+    deadline: tokio::time::Instant,
+    startup_timeout: Duration,
 }
 
 /// A live MCP client session on a child process that leads its own process group.
@@ -353,17 +356,10 @@ impl McpSession {
             cgroup,
             sandbox,
             ready_cpu_weight,
-        };
-        let stderr = spawned.stderr;
-        Self::establish(
-            spawned.transport,
-            stderr,
-            started,
             deadline,
             startup_timeout,
-            registry,
-        )
-        .await
+        };
+        Self::establish(spawned.transport, spawned.stderr, started, registry).await
     }
 
     /// Runs the session on a server forked from its zygote (see [`super::prefork`]): the same
@@ -389,6 +385,8 @@ impl McpSession {
             cgroup: confinement.cgroup,
             sandbox: confinement.status,
             ready_cpu_weight: confinement.ready_cpu_weight,
+            deadline,
+            startup_timeout,
         };
         let pipes = tokio::net::unix::pipe::Receiver::from_owned_fd(stdout).and_then(|stdout| {
             Ok((
@@ -397,27 +395,18 @@ impl McpSession {
             ))
         });
         let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(stderr).ok();
-        match pipes {
-            Ok(transport) => {
-                Self::establish(
-                    transport,
-                    stderr,
-                    started,
-                    deadline,
-                    startup_timeout,
-                    registry,
-                )
-                .await
-            }
+        let transport = match pipes {
+            Ok(transport) => transport,
             Err(err) => {
                 fail_start(pid, start_time, None).await;
                 remove_cgroup(started.cgroup).await;
-                Err(McpError::Spawn {
+                return Err(McpError::Spawn {
                     command: "forked server".to_owned(),
                     source: err,
-                })
+                });
             }
-        }
+        };
+        Self::establish(transport, stderr, started, registry).await
     }
 
     /// Everything after the server process exists: records its group, forwards its stderr,
@@ -426,8 +415,6 @@ impl McpSession {
         transport: T,
         stderr: Option<impl tokio::io::AsyncRead + Unpin + Send + 'static>,
         started: Started,
-        deadline: tokio::time::Instant,
-        startup_timeout: Duration,
         registry: Option<&ProcessRegistry>,
     ) -> Result<McpSession, McpError>
     where
@@ -440,6 +427,8 @@ impl McpSession {
             cgroup,
             sandbox,
             ready_cpu_weight,
+            deadline,
+            startup_timeout,
         } = started;
         if let Some(registry) = registry
             && let Err(err) = registry.register(pgid)

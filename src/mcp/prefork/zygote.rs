@@ -462,16 +462,7 @@ impl Zygote {
             .map_err(|err| failed("confinement", &err))?;
         let mut launch = launch;
         launch.cwd = Some(confinement.state_dir.clone());
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .map_err(|err| failed("socketpair", &err))?;
-        setsockopt(&ours, sockopt::PassCred, &true).map_err(|err| failed("SO_PASSCRED", &err))?;
-        set_nonblocking(&ours).map_err(|err| failed("O_NONBLOCK", &err))?;
-        let control = seqpacket(ours).map_err(|err| failed("control socket", &err))?;
+        let (control, theirs) = passcred_pair().map_err(|err| failed("control socket", &err))?;
         let Confinement { plan, cgroup, .. } = confinement;
         let mut child = spawn_helper(&launch, theirs, plan)
             .await
@@ -593,16 +584,7 @@ async fn fork_in(
     let (stdin_child, stdin) = pipe()?;
     let (stdout, stdout_child) = pipe()?;
     let (stderr, stderr_child) = pipe()?;
-    let (report, report_child) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|err| io("socketpair", &err))?;
-    setsockopt(&report, sockopt::PassCred, &true).map_err(|err| io("SO_PASSCRED", &err))?;
-    set_nonblocking(&report).map_err(|err| io("O_NONBLOCK", &err))?;
-    let report = seqpacket(report).map_err(|err| io("report socket", &err))?;
+    let (report, report_child) = passcred_pair().map_err(|err| io("report socket", &err))?;
 
     let mut labels = vec!["stdin", "stdout", "stderr", "report"];
     let mut fds: Vec<RawFd> = vec![
@@ -710,10 +692,21 @@ fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
     Ok(())
 }
 
-/// A non-blocking `SOCK_SEQPACKET` socket registered with the runtime. tokio has no type for
-/// one; a `UnixStream` serves for its readiness, and only `sendmsg`/`recvmsg` touch it.
-fn seqpacket(fd: OwnedFd) -> std::io::Result<UnixStream> {
-    UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
+/// A `SOCK_SEQPACKET` pair: the pool's end non-blocking, registered with the runtime and told
+/// each sender's pid (`SO_PASSCRED`); the other end blocking, for the zygote or a child. tokio
+/// has no type for a seqpacket socket; a `UnixStream` serves for its readiness, and only
+/// `sendmsg`/`recvmsg` touch it.
+fn passcred_pair() -> std::io::Result<(UnixStream, OwnedFd)> {
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    setsockopt(&ours, sockopt::PassCred, &true)?;
+    set_nonblocking(&ours)?;
+    let ours = UnixStream::from_std(std::os::unix::net::UnixStream::from(ours))?;
+    Ok((ours, theirs))
 }
 
 /// Sends one message with `fds` attached.
