@@ -229,6 +229,12 @@ async fn preforked_third_party_servers_list_tools_and_reach_their_own_code() {
         assert!(z["forks"].as_u64().unwrap() >= 1, "{z}");
         assert_eq!(z["fallbacks"], 0, "{z}");
     }
+    let metrics = ts.anonymous().get("/metrics").await.text();
+    assert!(
+        metrics.contains("mcp_pool_prefork_fallbacks{server=\"analytics\"} 0")
+            && metrics.contains("mcp_pool_prefork_forks{server=\"time\"} "),
+        "{metrics}"
+    );
     ts.stop().await;
 }
 

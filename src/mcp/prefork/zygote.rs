@@ -303,11 +303,20 @@ impl Zygote {
         request: ForkRequest<'_>,
         deadline: tokio::time::Instant,
     ) -> Result<ForkedServer, PreforkError> {
-        let mut phase = self.phase.lock().await;
+        // Waiting for the zygote (one request at a time, or its import under way) counts
+        // against the session's start-up time; past it the session spawns instead.
+        let mut phase = tokio::time::timeout_at(deadline, self.phase.lock())
+            .await
+            .map_err(|_| PreforkError::Unavailable("busy until the start-up deadline".into()))?;
         self.ensure_running(&mut phase).await?;
         let Phase::Running(running) = &*phase else {
             return Err(PreforkError::Unavailable("not running".into()));
         };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(PreforkError::Unavailable(
+                "ready only after the start-up deadline".into(),
+            ));
+        }
         match tokio::time::timeout_at(deadline, fork_in(running, request)).await {
             Ok(Ok(forked)) => {
                 self.counters().forks += 1;
