@@ -132,6 +132,10 @@ def child(request, fds, control, zygote_pid, entry):
 def main():
     module, function = sys.argv[1], sys.argv[2]
     sys.argv = [sys.argv[3]] if len(sys.argv) > 3 else [module]
+    # `-c` puts the working directory first on sys.path, and each child's is its user's state
+    # directory: import from the script's directory instead, as the console script would.
+    if sys.path and sys.path[0] == "":
+        sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
     control = socket.socket(fileno=0)
     try:
         entry = getattr(importlib.import_module(module), function)
