@@ -41,6 +41,8 @@ use std::{
 pub(crate) use zygote::ForkedServer;
 pub use zygote::{ForkRequest, PreforkError, Zygote, ZygoteStats};
 
+use tracing::debug;
+
 use super::{
     McpSession, ProcessRegistry, Sandbox, ServerLaunch, base_environment,
     sandbox::{ServerPolicy, SessionPaths},
@@ -162,7 +164,8 @@ pub async fn connect_forked(
     zygote: &Zygote,
     start: ForkedStart<'_>,
 ) -> Result<McpSession, PreforkError> {
-    let deadline = tokio::time::Instant::now() + start.startup_timeout;
+    let began = tokio::time::Instant::now();
+    let deadline = began + start.startup_timeout;
     let mut confinement =
         start
             .sandbox
@@ -181,6 +184,7 @@ pub async fn connect_forked(
     env.insert("HOME".to_owned(), state_dir.clone());
     env.insert("TMPDIR".to_owned(), state_dir);
     let cwd = confinement.state_dir.clone();
+    let prepared = began.elapsed();
     let forked = zygote
         .fork(
             ForkRequest {
@@ -195,7 +199,8 @@ pub async fn connect_forked(
     // The plan's descriptors went to the child; the pool keeps the cgroup, for limits,
     // OOM reports and removal.
     confinement.plan = None;
-    McpSession::connect_forked(
+    let reported = began.elapsed();
+    let session = McpSession::connect_forked(
         forked,
         confinement,
         start.startup_timeout,
@@ -203,7 +208,16 @@ pub async fn connect_forked(
         start.registry,
     )
     .await
-    .map_err(|err| PreforkError::Fork(format!("the forked server did not start: {err}")))
+    .map_err(|err| PreforkError::Fork(format!("the forked server did not start: {err}")))?;
+    // Where a forked start spends its time, for `RUST_LOG=mcp_pool::mcp::prefork=debug`.
+    debug!(
+        pid = session.pid(),
+        prepare_ms = prepared.as_secs_f64() * 1e3,
+        fork_ms = (reported - prepared).as_secs_f64() * 1e3,
+        handshake_ms = (began.elapsed() - reported).as_secs_f64() * 1e3,
+        "forked session ready"
+    );
+    Ok(session)
 }
 
 /// When a crashed zygote may start again, with the pool's numbers for sessions.
