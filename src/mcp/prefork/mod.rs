@@ -38,8 +38,8 @@ use std::{
     time::Duration,
 };
 
-pub(crate) use zygote::ForkedServer;
 pub use zygote::{ForkRequest, PreforkError, Zygote, ZygoteStats};
+pub(crate) use zygote::{ForkedServer, ZygoteSettings};
 
 use tracing::debug;
 
@@ -271,11 +271,13 @@ impl Prefork {
                 let zygote = Zygote::new(
                     name.clone(),
                     launch,
-                    server.sandbox_policy(&config.sandbox),
-                    sandbox.clone(),
-                    registry.clone(),
-                    restart,
-                    config.pool.startup_timeout,
+                    ZygoteSettings {
+                        policy: server.sandbox_policy(&config.sandbox),
+                        sandbox: sandbox.clone(),
+                        registry: registry.clone(),
+                        restart,
+                        startup_timeout: config.pool.startup_timeout,
+                    },
                 );
                 Some((name.clone(), Arc::new(zygote)))
             })

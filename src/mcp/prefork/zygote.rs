@@ -139,15 +139,22 @@ struct Counters {
     state: &'static str,
 }
 
+/// What a zygote is started and supervised with, besides its server's name and launch.
+pub(crate) struct ZygoteSettings {
+    /// The server's confinement (the zygote's cgroup limits, its extra paths).
+    pub(crate) policy: ServerPolicy,
+    pub(crate) sandbox: Arc<Sandbox>,
+    pub(crate) registry: Option<ProcessRegistry>,
+    pub(crate) restart: super::RestartPolicy,
+    /// How long its import may take (`pool.startup_timeout`).
+    pub(crate) startup_timeout: Duration,
+}
+
 /// See the module docs.
 pub struct Zygote {
     server: String,
     launch: ZygoteLaunch,
-    policy: ServerPolicy,
-    sandbox: Arc<Sandbox>,
-    registry: Option<ProcessRegistry>,
-    restart: super::RestartPolicy,
-    startup_timeout: Duration,
+    settings: ZygoteSettings,
     /// Serializes starts and fork requests: the control socket carries one at a time.
     phase: tokio::sync::Mutex<Phase>,
     /// Crashes (and failed starts) in the restart window.
@@ -160,15 +167,7 @@ pub struct Zygote {
 }
 
 impl Zygote {
-    pub(crate) fn new(
-        server: String,
-        launch: ZygoteLaunch,
-        policy: ServerPolicy,
-        sandbox: Arc<Sandbox>,
-        registry: Option<ProcessRegistry>,
-        restart: super::RestartPolicy,
-        startup_timeout: Duration,
-    ) -> Zygote {
+    pub(crate) fn new(server: String, launch: ZygoteLaunch, settings: ZygoteSettings) -> Zygote {
         let disabled = launch.entry.as_ref().err().cloned();
         if let Some(why) = &disabled {
             warn!(server = %server, cause = %why, "Prefork disabled; sessions are spawned");
@@ -181,11 +180,7 @@ impl Zygote {
                 Phase::Down
             }),
             launch,
-            policy,
-            sandbox,
-            registry,
-            restart,
-            startup_timeout,
+            settings,
             failures: SyncMutex::new(VecDeque::new()),
             started_once: std::sync::atomic::AtomicBool::new(false),
             stopped: std::sync::atomic::AtomicBool::new(false),
@@ -268,8 +263,13 @@ impl Zygote {
                 }
                 // Backing off or cooling down: look again shortly.
                 None => {
-                    tokio::time::sleep(self.restart.backoff_base.max(Duration::from_millis(100)))
-                        .await
+                    tokio::time::sleep(
+                        self.settings
+                            .restart
+                            .backoff_base
+                            .max(Duration::from_millis(100)),
+                    )
+                    .await
                 }
             }
         }
@@ -412,34 +412,40 @@ impl Zygote {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let now = Instant::now();
         while failures.front().is_some_and(|at| {
-            now.duration_since(*at) > self.restart.window.max(self.restart.cooldown)
+            now.duration_since(*at)
+                > self
+                    .settings
+                    .restart
+                    .window
+                    .max(self.settings.restart.cooldown)
         }) {
             failures.pop_front();
         }
         let in_window = failures
             .iter()
-            .filter(|at| now.duration_since(**at) <= self.restart.window)
+            .filter(|at| now.duration_since(**at) <= self.settings.restart.window)
             .count();
         let Some(last) = failures.back() else {
             return Ok(());
         };
-        if in_window > self.restart.max_restarts as usize
-            && now.duration_since(*last) < self.restart.cooldown
+        if in_window > self.settings.restart.max_restarts as usize
+            && now.duration_since(*last) < self.settings.restart.cooldown
         {
             self.counters().state = "cooling_down";
             return Err(PreforkError::Unavailable(format!(
                 "crashed {in_window} times within {:?}; cooling down",
-                self.restart.window
+                self.settings.restart.window
             )));
         }
         let exponent = u32::try_from(in_window.saturating_sub(1))
             .unwrap_or(u32::MAX)
             .min(16);
         let backoff = self
+            .settings
             .restart
             .backoff_base
             .saturating_mul(1 << exponent)
-            .min(self.restart.backoff_cap);
+            .min(self.settings.restart.backoff_cap);
         if now.duration_since(*last) < backoff {
             return Err(PreforkError::Unavailable(format!(
                 "restarting after a crash, in {:?}",
@@ -455,15 +461,16 @@ impl Zygote {
             |what: &str, err: &dyn std::fmt::Display| StartError::Failed(format!("{what}: {err}"));
         let program = self.launch.program.clone().map_err(StartError::Failed)?;
         let entry = self.launch.entry.clone().map_err(StartError::Failed)?;
-        let home = self.sandbox.state_dir(".prefork", &self.server);
+        let home = self.settings.sandbox.state_dir(".prefork", &self.server);
         let launch = self
             .launch
             .server_launch(&home)
             .map_err(StartError::Failed)?;
         let confinement = self
+            .settings
             .sandbox
             .prepare_zygote(
-                &self.policy,
+                &self.settings.policy,
                 &self.server,
                 &entry.python,
                 &[program.to_string_lossy().into_owned()],
@@ -479,7 +486,7 @@ impl Zygote {
         let leader = child
             .id()
             .ok_or_else(|| StartError::Failed("the zygote exited at once".into()))?;
-        if let Some(registry) = &self.registry
+        if let Some(registry) = &self.settings.registry
             && let Err(err) = registry.register(leader)
         {
             warn!(pgid = leader, cause = %err, "cannot record the zygote's process group");
@@ -492,11 +499,11 @@ impl Zygote {
             child,
             leader,
             cgroup,
-            self.registry.clone(),
+            self.settings.registry.clone(),
             exited_tx,
             self.server.clone(),
         ));
-        let deadline = tokio::time::Instant::now() + self.startup_timeout;
+        let deadline = tokio::time::Instant::now() + self.settings.startup_timeout;
         let ready = tokio::time::timeout_at(deadline, receive(&control)).await;
         let fail = |why: String| {
             kill_group_now(as_pgid(leader));
@@ -511,7 +518,7 @@ impl Zygote {
             Err(_) => {
                 return Err(fail(format!(
                     "import not done within {:?}",
-                    self.startup_timeout
+                    self.settings.startup_timeout
                 )));
             }
         };
