@@ -15,7 +15,11 @@
 //!    beside a direct rmcp client (rmcp's own reqwest transport) and our remote transport
 //!    without the pool.
 //!
-//! `cargo bench --bench pool -- sandbox` runs section 7 alone, `-- remote` section 8.
+//! 9. prefork: analytics-mcp preforked from a zygote beside spawned, in one run: cold start,
+//!    PSS per session at 1, 20 and 100 live sessions, the machine's used memory.
+//!
+//! `cargo bench --bench pool -- sandbox` runs section 7 alone, `-- remote` section 8,
+//! `-- prefork` section 9.
 //!
 //! Third-party servers come from `.test-servers/env.sh` (missing ones are reported as skipped).
 //! Benchmarks check what they measure (echo replies are compared) but never fail on speed.
@@ -227,6 +231,10 @@ async fn main() {
     }
     if std::env::args().any(|arg| arg == "remote") {
         remote_echo(dir.path()).await;
+        return;
+    }
+    if std::env::args().any(|arg| arg == "prefork") {
+        prefork(dir.path()).await;
         return;
     }
     let (servers, skipped) = servers();
@@ -786,4 +794,270 @@ async fn sandbox_cost(dir: &std::path::Path) {
         (confined.median.as_secs_f64() - plain.median.as_secs_f64()) * 1e6
     );
     sandbox.shutdown();
+}
+
+/// Sessions forked, and spawned, in section 9. Spawned analytics-mcp sessions cost about
+/// 140 MiB each: 100 of them would take 14 GiB of a machine shared with others, so the spawned
+/// side stops at 20 and the table extrapolates from there (and says so).
+const PREFORK_LIVE: [usize; 3] = [1, COLD_FORKS, 100];
+const SPAWN_LIVE: [usize; 2] = [1, 20];
+const COLD_FORKS: usize = 20;
+
+/// Proportional set size of every live process in group `pgid`, in KiB (`smaps_rollup`).
+fn group_pss_kib(pgid: u32) -> u64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let fields: Vec<String> = stat
+                        .rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .map(str::to_owned)
+                        .collect();
+                    Some(fields.get(2)?.parse::<u32>().ok()? == pgid)
+                })
+                .unwrap_or(false)
+        })
+        .map(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+                .ok()
+                .and_then(|text| {
+                    let line = text.lines().find(|l| l.starts_with("Pss:"))?;
+                    line.split_whitespace().nth(1)?.parse::<u64>().ok()
+                })
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// `MemTotal - MemAvailable` of the machine, in KiB.
+fn machine_used_kib() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field("MemTotal:").saturating_sub(field("MemAvailable:"))
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// Section 8: analytics-mcp preforked vs spawned, through the pool.
+async fn prefork(dir: &std::path::Path) {
+    println!("\n## 9. Pre-forked analytics-mcp vs spawned (through the pool)\n");
+    let Ok(analytics) = std::env::var("MCP_POOL_TEST_ANALYTICS_BIN") else {
+        println!("skipped: analytics-mcp not installed (scripts/setup-test-env)");
+        return;
+    };
+    let server = |name: &str, prefork: bool| {
+        format!(
+            "[servers.{name}]\ncommand = {analytics:?}\nprefork = {prefork}\n\
+             credentials_env = \"GOOGLE_APPLICATION_CREDENTIALS\"\n\
+             credentials_format = \"google_authorized_user\"\n\
+             [servers.{name}.oauth]\nclient_id = \"bench.apps.googleusercontent.com\"\n"
+        )
+    };
+    let text = format!(
+        "[service]\ndata_dir = {data:?}\nshutdown_grace = \"60s\"\n\
+         [database]\nurl = \"sqlite://{data}/db.sqlite\"\n\
+         [credentials]\ndir = {creds:?}\n[encryption]\nkey_file = \"{data}/key\"\n\
+         [pool]\nclose_grace = \"1s\"\nmax_connections = 1000\nidle_timeout = \"1h\"\n\
+         startup_timeout = \"120s\"\nmax_concurrent_starts = 4\n\
+         [sandbox]\nstate_dir = \"{data}/state\"\n{}{}",
+        server("gafork", true),
+        server("gaspawn", false),
+        data = dir.join("data").display(),
+        creds = dir.join("creds").display(),
+    );
+    let app = App::build(Config::parse(&text).expect("prefork bench config"))
+        .await
+        .expect("app");
+    let bench = Bench {
+        pool: app.pool.clone(),
+        app,
+    };
+    let (fork, spawn) = (
+        ServerName::parse("gafork").unwrap(),
+        ServerName::parse("gaspawn").unwrap(),
+    );
+    // The zygote imports analytics-mcp once, in the background from the start.
+    let zygote_ready = Instant::now();
+    let zygote = loop {
+        let stats = bench.pool.stats().await.expect("stats");
+        let zygote = stats.prefork.into_iter().next().expect("one zygote");
+        if zygote.state == "ready" {
+            break zygote;
+        }
+        assert!(
+            zygote_ready.elapsed() < Duration::from_secs(120),
+            "zygote not ready: {zygote:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let zygote_start = zygote_ready.elapsed();
+    let zygote_pid = zygote.pid.expect("zygote pid");
+    let zygote_group = std::fs::read_to_string(format!("/proc/{zygote_pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(2)?
+                .parse::<u32>()
+                .ok()
+        })
+        .unwrap_or(zygote_pid);
+    let used_before = machine_used_kib();
+
+    // Cold start: first `get_session` of a user with nothing running, one at a time; PSS is
+    // read whenever the number of live sessions reaches a row of the table.
+    let pss = |server: ServerName| {
+        let bench = &bench;
+        async move {
+            let stats = bench.pool.stats().await.expect("stats");
+            stats
+                .connections
+                .iter()
+                .filter(|c| c.server == server)
+                .filter_map(|c| c.pid)
+                .map(group_pss_kib)
+                .sum::<u64>()
+        }
+    };
+    let mut rows = Vec::new();
+    let cold_start = |server: ServerName, users: Vec<UserId>, rows_at: &'static [usize]| {
+        let bench = &bench;
+        let pss = &pss;
+        async move {
+            let mut samples = Vec::new();
+            let mut rows = Vec::new();
+            for (i, user) in users.iter().enumerate() {
+                bench.credentials(user, &server).await;
+                let start = Instant::now();
+                bench
+                    .pool
+                    .get_session(user, &server)
+                    .await
+                    .expect("cold start");
+                samples.push(start.elapsed());
+                if rows_at.contains(&(i + 1)) {
+                    rows.push((i + 1, pss(server.clone()).await));
+                }
+            }
+            (samples, rows)
+        }
+    };
+    let (forked_cold, forked_rows) =
+        cold_start(fork.clone(), users("f", COLD_FORKS), &[1, 20]).await;
+    let forked_cold = summarize(forked_cold);
+    for (live, total) in forked_rows {
+        rows.push(("preforked", live, total, group_pss_kib(zygote_group)));
+    }
+    let all_forked = users("f", *PREFORK_LIVE.last().unwrap());
+    bench.open_all(&all_forked[COLD_FORKS..], &fork).await;
+    let live = all_forked.len();
+    rows.push((
+        "preforked",
+        live,
+        pss(fork.clone()).await,
+        group_pss_kib(zygote_group),
+    ));
+    let used_forked_100 = machine_used_kib().saturating_sub(used_before);
+    let forked_live = live;
+    // Spawned: close the preforked sessions first so both sides see the same machine.
+    for user in &all_forked {
+        let _ = bench.pool.close_session(user, &fork).await;
+    }
+    let used_between = machine_used_kib();
+    let (spawned_cold, spawned_rows) =
+        cold_start(spawn.clone(), users("s", COLD_STARTS), &[1]).await;
+    let spawned_cold = summarize(spawned_cold);
+    for (live, total) in spawned_rows {
+        rows.push(("spawned", live, total, 0));
+    }
+    let spawned_live = *SPAWN_LIVE.last().unwrap();
+    let all_spawned = users("s", spawned_live);
+    bench.open_all(&all_spawned[COLD_STARTS..], &spawn).await;
+    rows.push(("spawned", spawned_live, pss(spawn.clone()).await, 0));
+    let used_spawned = machine_used_kib().saturating_sub(used_between);
+    let rows: Vec<(&str, usize, u64, u64)> = rows
+        .into_iter()
+        .map(|(kind, live, total, zygote)| {
+            let n = live as u64;
+            (kind, live, total / n, (total + zygote) / n)
+        })
+        .collect();
+
+    println!(
+        "zygote: ready {:.1} s after the service started (import once), PSS {}\n",
+        zygote_start.as_secs_f64(),
+        mib(group_pss_kib(zygote_group))
+    );
+    println!("| cold start (`get_session`, nothing running) | samples | median | p99 |");
+    println!("|---|---|---|---|");
+    println!(
+        "| preforked | {COLD_FORKS} | {} | {} |",
+        ms(forked_cold.median),
+        ms(forked_cold.p99)
+    );
+    println!(
+        "| spawned | {COLD_STARTS} | {} | {} |",
+        ms(spawned_cold.median),
+        ms(spawned_cold.p99)
+    );
+    println!("\n| start | live sessions | PSS per session | PSS per session incl. zygote |");
+    println!("|---|---|---|---|");
+    for (kind, live, per, with_zygote) in &rows {
+        println!(
+            "| {kind} | {live} | {} | {} |",
+            mib(*per),
+            mib(*with_zygote)
+        );
+    }
+    let spawned_per = rows
+        .iter()
+        .rev()
+        .find(|row| row.0 == "spawned")
+        .map(|row| row.2)
+        .unwrap_or(0);
+    println!(
+        "| spawned | 100 (extrapolated from {spawned_live}) | {} | — |",
+        mib(spawned_per)
+    );
+    println!("\n| machine used memory (MemTotal − MemAvailable, delta) | measured |");
+    println!("|---|---|");
+    println!(
+        "| {forked_live} preforked sessions (incl. zygote) | {} |",
+        mib(used_forked_100)
+    );
+    println!(
+        "| {spawned_live} spawned sessions | {} |",
+        mib(used_spawned)
+    );
+    println!(
+        "| 100 spawned sessions, extrapolated ×{} | {} |",
+        100 / spawned_live,
+        mib(used_spawned * (100 / spawned_live) as u64)
+    );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "\n(machine shared with other workloads, load average {}: used-memory deltas are \
+         approximate, PSS is per process)",
+        load.split_whitespace().next().unwrap_or("?")
+    );
+    for user in &all_spawned {
+        let _ = bench.pool.close_session(user, &spawn).await;
+    }
+    bench.app.stop().await;
 }

@@ -12,6 +12,7 @@ use crate::actors::{
     PoolHandle, PoolTree, RefreshArgs, TokenRefreshHandle,
 };
 use crate::config::{Config, ENCRYPTION_KEYS_ENV};
+use crate::mcp::prefork::Prefork;
 use crate::mcp::sandbox::SandboxSettings;
 use crate::mcp::{McpError, ProcessRegistry, Sandbox, SandboxMode};
 use crate::oauth::TokenRefresher;
@@ -203,6 +204,8 @@ pub struct App {
     pub refresh: Option<TokenRefreshHandle>,
     /// Confinement of the servers; its cgroups are removed at the end.
     sandbox: Arc<Sandbox>,
+    /// The zygotes of preforked servers.
+    prefork: Arc<Prefork>,
 }
 
 /// `mcp-pool-<hash>` of the data directory: one cgroup parent per instance, stable across
@@ -295,12 +298,15 @@ impl App {
         let interval = refresher
             .min_refresh_before()
             .map(TokenRefreshHandle::interval_for);
+        let prefork = Prefork::from_config(&config, sandbox.clone(), Some(registry.clone()));
+        prefork.start_all();
         let args = PoolArgs::from_config(
             &config,
             storage.credentials.clone(),
             Some(refresher),
             Some(registry.clone()),
             sandbox.clone(),
+            prefork.clone(),
         );
         let PoolTree {
             pool,
@@ -323,6 +329,7 @@ impl App {
             registry,
             refresh,
             sandbox,
+            prefork,
         })
     }
 
@@ -425,6 +432,8 @@ impl App {
                 "connections did not close within the shutdown grace"
             ),
         }
+        // After the sessions: a zygote's end takes its forked children with it.
+        self.prefork.shutdown(self.config.pool.close_grace).await;
         // Whatever is still recorded did not close in time (or its actor died): kill it.
         let killed = self.registry.reap_leftovers();
         if killed > 0 {

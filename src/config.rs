@@ -617,6 +617,53 @@ pub struct ServerConfig {
     /// This server's confinement, over `[sandbox]`.
     #[serde(default)]
     pub sandbox: ServerSandboxConfig,
+    /// Start sessions of this Python server by forking a zygote that imported it once
+    /// (`prefork = true`, or a `[servers.<name>.prefork]` table).
+    #[serde(default)]
+    pub prefork: PreforkSetting,
+}
+
+/// `servers.<name>.prefork`: `true`/`false`, or a table naming the entry point.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum PreforkSetting {
+    /// `prefork = true`: entry point and interpreter from the console script.
+    Enabled(bool),
+    /// `[servers.<name>.prefork]` with overrides.
+    Table(PreforkConfig),
+}
+
+impl Default for PreforkSetting {
+    fn default() -> Self {
+        PreforkSetting::Enabled(false)
+    }
+}
+
+/// `[servers.<name>.prefork]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PreforkConfig {
+    /// Module to import in the zygote (`from MODULE import FUNCTION` of the console script
+    /// when absent).
+    #[serde(default)]
+    pub module: Option<String>,
+    /// Function each forked child calls, as the console script would.
+    #[serde(default)]
+    pub function: Option<String>,
+    /// Python interpreter of the zygote; the console script's `#!` line when absent.
+    #[serde(default)]
+    pub python: Option<PathBuf>,
+}
+
+impl PreforkSetting {
+    /// The prefork settings, when prefork is on.
+    pub fn enabled(&self) -> Option<PreforkConfig> {
+        match self {
+            PreforkSetting::Enabled(true) => Some(PreforkConfig::default()),
+            PreforkSetting::Enabled(false) => None,
+            PreforkSetting::Table(table) => Some(table.clone()),
+        }
+    }
 }
 
 /// `[servers.<name>.oauth]`: the OAuth client of a server, its provider's endpoints, and the
@@ -1024,6 +1071,19 @@ impl Config {
                     "applies to remote servers (`url`) only",
                 ));
             }
+            if let Some(prefork) = server.prefork.enabled() {
+                for (field, value) in [("module", &prefork.module), ("function", &prefork.function)]
+                {
+                    if let Some(value) = value
+                        && !is_python_name(value, field == "module")
+                    {
+                        return Err(invalid(
+                            key(&format!("prefork.{field}")),
+                            "must be a Python name (dotted for a module)",
+                        ));
+                    }
+                }
+            }
             if !is_env_name(&server.credentials_env) {
                 return Err(invalid(
                     key("credentials_env"),
@@ -1214,6 +1274,23 @@ impl Config {
 }
 
 /// Bounds that keep a server startable and the host safe.
+/// A Python identifier, or a dotted path of them when `dotted`: what a console script may
+/// name as its entry point (the zygote passes it to `importlib`, never to a shell).
+pub fn is_python_name(value: &str, dotted: bool) -> bool {
+    let identifier = |part: &str| {
+        let mut chars = part.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    if dotted {
+        value.split('.').all(identifier)
+    } else {
+        identifier(value)
+    }
+}
+
 fn validate_limits(
     prefix: &str,
     memory_max: Option<ByteSize>,
@@ -1914,6 +1991,7 @@ mod tests {
             restart_on_token_refresh: false,
             env_passthrough: Vec::new(),
             sandbox: ServerSandboxConfig::default(),
+            prefork: PreforkSetting::default(),
         };
         let path = std::env::join_paths(["/nonexistent-dir".as_ref(), dir.path()]).unwrap();
         let path = Some(path.as_os_str());

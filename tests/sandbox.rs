@@ -11,24 +11,14 @@ mod http;
 use std::path::{Path, PathBuf};
 
 use common::{PATIENCE, alive, host_pid, pids_with_marker, wait_until};
-use http::{Client, TestServer, content_text};
+use http::{Client, TestServer, content_text, denied};
 use serde_json::{Value, json};
 
 const EACCES: i64 = 13;
 
 /// Runs a probe tool and returns its `{"ok", "value", "error", "errno"}` report.
 async fn probe(client: &Client, tool: &str, args: Value) -> Value {
-    let resp = client.call("demo", tool, &args).await;
-    assert_eq!(resp.status, 200, "{tool}: {}", resp.text());
-    serde_json::from_str(&content_text(&resp.json())).expect("probe answers JSON")
-}
-
-/// Asserts the probe was refused, and returns its errno. Each probe and its answer is printed
-/// (`cargo nextest run --test sandbox --no-capture` lists them).
-fn denied(report: &Value, what: &str) -> i64 {
-    eprintln!("probe: {what} -> {}", report["error"]);
-    assert_eq!(report["ok"], false, "{what} was allowed: {report}");
-    report["errno"].as_i64().unwrap_or(0)
+    http::probe_on(client, "demo", tool, args).await
 }
 
 async fn whoami(client: &Client, server: &str) -> Value {
@@ -199,16 +189,7 @@ async fn a_hostile_server_reaches_nothing_of_other_users_or_the_service() {
         .collect();
     for name in &names {
         assert!(
-            matches!(
-                *name,
-                "PATH"
-                    | "LANG"
-                    | "LANGUAGE"
-                    | "TZ"
-                    | "HOME"
-                    | "TMPDIR"
-                    | "MCP_POOL_CREDENTIALS_FILE"
-            ) || name.starts_with("LC_"),
+            common::allowed_server_env(name, &[]),
             "unexpected variable {name} in {names:?}"
         );
     }

@@ -18,6 +18,7 @@ use tracing::Instrument;
 use super::credential::CredentialHandle;
 use super::pool::{EventKind, PoolError, PoolEvents, PoolMsg};
 pub use crate::ids::SessionKey;
+use crate::mcp::prefork::{self, ForkedStart, Zygote};
 use crate::mcp::sandbox::{Sandbox, SandboxError, SandboxStatus, ServerPolicy, SessionPaths};
 use crate::mcp::{ExitReason, McpClient, McpError, McpSession, ProcessRegistry, SessionLaunch};
 use crate::oauth::TokenRefresher;
@@ -75,6 +76,8 @@ pub struct SessionShared {
     call_timeout: Duration,
     /// How the current (or last) server process is confined.
     sandbox: RwLock<Option<SandboxStatus>>,
+    /// How the current (or last) server process started: 0 not yet, 1 spawned, 2 forked.
+    started: AtomicU8,
     /// Notified when the last call in flight ends (see [`SessionShared::calls_ended`]).
     calls_ended: tokio::sync::Notify,
 }
@@ -93,6 +96,7 @@ impl SessionShared {
             client: RwLock::new(None),
             call_timeout,
             sandbox: RwLock::new(None),
+            started: AtomicU8::new(0),
             calls_ended: tokio::sync::Notify::new(),
         })
     }
@@ -198,6 +202,15 @@ impl SessionShared {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
+    }
+
+    /// `forked` (from the server's zygote) or `spawned`; `None` before the first start.
+    pub fn started(&self) -> Option<&'static str> {
+        match self.started.load(Ordering::Relaxed) {
+            1 => Some("spawned"),
+            2 => Some("forked"),
+            _ => None,
+        }
     }
 
     fn set_sandbox(&self, status: SandboxStatus) {
@@ -368,6 +381,9 @@ pub struct ConnectionArgs {
     pub shared: Arc<SessionShared>,
     pub launch: SessionLaunch,
     pub sandbox: Arc<Sandbox>,
+    /// The server's zygote, when it is preforked: sessions start by fork, or spawn if that
+    /// fails.
+    pub prefork: Option<Arc<Zygote>>,
     pub policy: ServerPolicy,
     /// Started as a restart after a crash: runs at the backoff CPU weight until ready.
     pub restarting: bool,
@@ -428,6 +444,7 @@ pub struct ChildExited {
 struct SessionStart {
     launch: SessionLaunch,
     sandbox: Arc<Sandbox>,
+    prefork: Option<Arc<Zygote>>,
     policy: ServerPolicy,
     restarting: bool,
     credentials_env: String,
@@ -446,6 +463,7 @@ async fn start_session(
     let SessionStart {
         launch,
         sandbox,
+        prefork,
         policy,
         restarting,
         credentials_env,
@@ -500,18 +518,47 @@ async fn start_session(
     // Resolved by the pool (through the server's PATH) before this start was scheduled.
     let program = std::path::PathBuf::from(&launch.command);
     let credentials_dir = path.parent().unwrap_or(&path).to_owned();
-    let confinement = sandbox
-        .prepare(
-            &policy,
-            SessionPaths {
-                user: key.user.as_str(),
-                server: key.server.as_str(),
-                program: &program,
-                args: &launch.args,
-                credentials_dir: &credentials_dir,
+    let paths = SessionPaths {
+        user: key.user.as_str(),
+        server: key.server.as_str(),
+        program: &program,
+        args: &launch.args,
+        credentials_dir: &credentials_dir,
+    };
+    if let Some(zygote) = &prefork {
+        let _slot = start_slots
+            .acquire()
+            .await
+            .map_err(|_| PoolError::Unavailable)?;
+        let forked = prefork::connect_forked(
+            zygote,
+            ForkedStart {
+                sandbox: &sandbox,
+                policy: &policy,
+                session: paths,
+                restarting,
+                env: &launch.env,
+                credentials: Some((credentials_env.as_str(), &path)),
+                startup_timeout,
+                registry: registry.as_ref(),
             },
-            restarting,
         )
+        .await;
+        match forked {
+            Ok(session) => {
+                shared.set_sandbox(session.sandbox().clone());
+                shared.started.store(2, Ordering::Relaxed);
+                return Ok(session);
+            }
+            Err(err) => {
+                tracing::warn!(cause = %err, "Cannot start {} by fork; spawning it", key.server);
+                zygote.count_fallback(&err);
+            }
+        }
+    }
+    shared.started.store(1, Ordering::Relaxed);
+    let confinement = sandbox
+        .prepare(&policy, paths, restarting)
         .map_err(|err| match err {
             SandboxError::Unavailable(missing) => PoolError::SandboxUnavailable(missing),
             other => start_failed(McpError::Sandbox(other)),
@@ -577,6 +624,7 @@ impl Actor for ConnectionActor {
             SessionStart {
                 launch: args.launch,
                 sandbox: args.sandbox,
+                prefork: args.prefork,
                 policy: args.policy,
                 restarting: args.restarting,
                 credentials_env: args.credentials_env,

@@ -139,6 +139,10 @@ pub struct Metrics {
     server_memory: Family<ServerLabel, Gauge>,
     server_cpu: Family<ServerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     process: ProcessMetrics,
+    /// Sessions started by fork, and starts that fell back to a spawn, per preforked server
+    /// (totals since the service started, read from `PoolStats::prefork` at scrape time).
+    prefork_forks: Family<ServerLabel, Gauge>,
+    prefork_fallbacks: Family<ServerLabel, Gauge>,
     /// Scrapes run one at a time: gauges are set then encoded.
     scrape: Mutex<()>,
 }
@@ -197,6 +201,18 @@ impl Metrics {
              lacks something) or off",
             sandboxes.clone(),
         );
+        let prefork_forks = Family::<ServerLabel, Gauge>::default();
+        registry.register(
+            "prefork_forks",
+            "Sessions of a preforked server started by fork from its zygote, since start-up",
+            prefork_forks.clone(),
+        );
+        let prefork_fallbacks = Family::<ServerLabel, Gauge>::default();
+        registry.register(
+            "prefork_fallbacks",
+            "Session starts of a preforked server that fell back to a plain spawn, since start-up",
+            prefork_fallbacks.clone(),
+        );
         Metrics {
             registry: root,
             errors,
@@ -206,6 +222,8 @@ impl Metrics {
             server_memory,
             server_cpu,
             process,
+            prefork_forks,
+            prefork_fallbacks,
             scrape: Mutex::new(()),
         }
     }
@@ -272,6 +290,18 @@ impl Metrics {
                         sandbox: label.to_owned(),
                     })
                     .set(count as i64);
+            }
+            for zygote in &stats.prefork {
+                let label = ServerLabel {
+                    server: zygote.server.clone(),
+                };
+                let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                self.prefork_forks
+                    .get_or_create(&label)
+                    .set(count(zygote.forks));
+                self.prefork_fallbacks
+                    .get_or_create(&label)
+                    .set(count(zygote.fallbacks));
             }
         }
         let mut text = String::new();

@@ -14,6 +14,8 @@
 //!   behind a minimal init, no capabilities, and a cgroup with memory, process and CPU limits.
 //! - [`usage`]: resident memory and CPU time of a session's process group and of the service,
 //!   read from `/proc`.
+//! - [`prefork`]: pre-forked Python servers: a confined zygote per server imports it once and
+//!   forks a session per user in milliseconds (`servers.<name>.prefork`).
 //! - [`demo_server`]: the MCP server bundled in this binary (`mcp-pool demo-server`), used by
 //!   the tests and as a smoke target.
 //! - [`error`]: [`McpError`], the one error type of this module.
@@ -24,6 +26,7 @@
 
 pub mod demo_server;
 pub mod error;
+pub mod prefork;
 pub mod process;
 pub mod remote;
 pub mod sandbox;

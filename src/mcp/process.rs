@@ -102,20 +102,12 @@ pub(crate) struct SpawnedServer {
 // in a static, so the thread ends only with the process, which is exactly when the children
 // should die. The thread does nothing but fork, so a slow spawn never blocks an executor.
 
-/// One spawn request for the spawner thread.
-struct SpawnRequest {
-    launch: ServerLaunch,
-    /// The confinement the child applies to itself before exec.
-    plan: Option<ChildPlan>,
-    /// tokio registers the child's pipes and SIGCHLD handling with the runtime that is current
-    /// during the spawn, so the spawner enters the caller's runtime for each request.
-    runtime: tokio::runtime::Handle,
-    reply: oneshot::Sender<io::Result<SpawnedServer>>,
-}
+/// One job for the spawner thread: it gets the service's pid, to check after each fork.
+type SpawnJob = Box<dyn FnOnce(Pid) + Send>;
 
-static SPAWNER: Mutex<Option<mpsc::Sender<SpawnRequest>>> = Mutex::new(None);
+static SPAWNER: Mutex<Option<mpsc::Sender<SpawnJob>>> = Mutex::new(None);
 
-fn spawner() -> io::Result<mpsc::Sender<SpawnRequest>> {
+fn spawner() -> io::Result<mpsc::Sender<SpawnJob>> {
     // A poisoned lock only means another thread panicked while holding a `Sender`, which is
     // still valid, so recover it instead of failing every later spawn.
     let mut slot = SPAWNER
@@ -124,26 +116,42 @@ fn spawner() -> io::Result<mpsc::Sender<SpawnRequest>> {
     if let Some(sender) = slot.as_ref() {
         return Ok(sender.clone());
     }
-    let (sender, receiver) = mpsc::channel::<SpawnRequest>();
+    let (sender, receiver) = mpsc::channel::<SpawnJob>();
     std::thread::Builder::new()
         .name("mcp-spawner".to_owned())
         .spawn(move || {
             let parent = nix::unistd::getpid();
-            for request in receiver {
-                let _runtime = request.runtime.enter();
-                // A panic here would end this thread and, through the death signal, every
-                // server it ever started; process-wrap has `expect`s on its spawn path.
-                let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    spawn_here(&request.launch, request.plan, parent)
-                }))
-                .unwrap_or_else(|_| Err(io::Error::other("panic while spawning")));
-                // The caller may have given up (its future was dropped); dropping the result
-                // then drops the transport, whose cleanup kills the child.
-                let _ = request.reply.send(result);
+            for job in receiver {
+                job(parent);
             }
         })?;
     *slot = Some(sender.clone());
     Ok(sender)
+}
+
+/// Runs `fork` on the spawner thread, inside the caller's runtime (tokio registers a child's
+/// pipes and SIGCHLD handling with the runtime current during the spawn).
+async fn on_spawner_thread<T: Send + 'static>(
+    fork: impl FnOnce(Pid) -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+    let (reply, result) = oneshot::channel();
+    let job: SpawnJob = Box::new(move |parent| {
+        let _runtime = runtime.enter();
+        // A panic here would end the thread and, through the death signal, every server it
+        // ever started; process-wrap has `expect`s on its spawn path.
+        let spawned = std::panic::catch_unwind(AssertUnwindSafe(|| fork(parent)))
+            .unwrap_or_else(|_| Err(io::Error::other("panic while spawning")));
+        // The caller may have given up (its future was dropped); dropping the result then
+        // drops the child's handle, whose cleanup kills it.
+        let _ = reply.send(spawned);
+    });
+    spawner()?
+        .send(job)
+        .map_err(|_| io::Error::other("the spawner thread is gone"))?;
+    result
+        .await
+        .map_err(|_| io::Error::other("the spawner thread dropped the request"))?
 }
 
 /// Spawns `launch` as the leader of a new process group, from the spawner thread, confined by
@@ -152,31 +160,41 @@ pub(crate) async fn spawn_server(
     launch: &ServerLaunch,
     plan: Option<ChildPlan>,
 ) -> Result<SpawnedServer, McpError> {
-    let spawn_error = |source| McpError::Spawn {
-        command: launch.command.clone(),
-        source,
-    };
-    let runtime = tokio::runtime::Handle::try_current()
-        .map_err(io::Error::other)
-        .map_err(spawn_error)?;
-    let (reply, result) = oneshot::channel();
-    spawner()
-        .and_then(|sender| {
-            sender
-                .send(SpawnRequest {
-                    launch: launch.clone(),
-                    plan,
-                    runtime,
-                    reply,
-                })
-                .map_err(|_| io::Error::other("the spawner thread is gone"))
-        })
-        .map_err(spawn_error)?;
-    result
+    let owned = launch.clone();
+    on_spawner_thread(move |parent| spawn_here(&owned, plan, parent))
         .await
-        .map_err(|_| io::Error::other("the spawner thread dropped the request"))
-        .and_then(|spawned| spawned)
-        .map_err(spawn_error)
+        .map_err(|source| McpError::Spawn {
+            command: launch.command.clone(),
+            source,
+        })
+}
+
+/// Spawns a helper process that talks over `stdin` (a socket) rather than MCP: a prefork
+/// zygote. Like a server it leads its own process group, dies with the service, and is
+/// confined by `plan`; its stdout goes to /dev/null and its stderr is piped.
+pub(crate) async fn spawn_helper(
+    launch: &ServerLaunch,
+    stdin: std::os::fd::OwnedFd,
+    plan: Option<ChildPlan>,
+) -> io::Result<tokio::process::Child> {
+    let launch = launch.clone();
+    on_spawner_thread(move |parent| {
+        let mut command = tokio::process::Command::new(&launch.command);
+        command
+            .env_clear()
+            .args(&launch.args)
+            .envs(&launch.env)
+            .stdin(Stdio::from(stdin))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        if let Some(cwd) = &launch.cwd {
+            command.current_dir(cwd);
+        }
+        prepare_child(&mut command, parent, plan);
+        command.spawn()
+    })
+    .await
 }
 
 /// Runs on the spawner thread: builds the command and forks.

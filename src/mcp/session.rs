@@ -19,7 +19,6 @@ use rmcp::{
 };
 use tokio::{
     io::{AsyncBufReadExt as _, BufReader},
-    process::ChildStderr,
     sync::watch,
 };
 use tracing::{debug, info, warn};
@@ -381,6 +380,20 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// A server process that exists, before its MCP session does.
+struct Started {
+    /// The leader's pid, which is also the process group id.
+    pgid: u32,
+    /// The leader's start time, to tell it from a later process that reuses its pid.
+    start_time: Option<u64>,
+    cgroup: Option<Arc<SessionCgroup>>,
+    sandbox: SandboxStatus,
+    ready_cpu_weight: Option<u32>,
+    /// When `initialize` and `tools/list` must be done, and the limit it came from.
+    deadline: tokio::time::Instant,
+    startup_timeout: Duration,
+}
+
 /// A live MCP client session on a child process that leads its own process group.
 ///
 /// Close it with [`McpSession::close`]; dropping it only SIGKILLs the group as a last resort.
@@ -437,16 +450,94 @@ impl McpSession {
                 return Err(err);
             }
         };
-        let pgid = spawned.pgid;
-        let start_time = spawned.start_time;
-        debug!(pgid, command = %launch.command, "spawned MCP server");
+        debug!(pgid = spawned.pgid, command = %launch.command, "spawned MCP server");
+        let started = Started {
+            pgid: spawned.pgid,
+            start_time: spawned.start_time,
+            cgroup,
+            sandbox,
+            ready_cpu_weight,
+            deadline,
+            startup_timeout,
+        };
+        Self::establish(spawned.transport, spawned.stderr, started, registry).await
+    }
+
+    /// Runs the session on a server forked from its zygote (see [`super::prefork`]): the same
+    /// handshake, tool cache, end watch and close as a spawned one, over the pipes the child
+    /// was given. `forked.pid` leads the child's own process group.
+    pub(crate) async fn connect_forked(
+        forked: super::prefork::ForkedServer,
+        confinement: Confinement,
+        startup_timeout: Duration,
+        deadline: tokio::time::Instant,
+        registry: Option<&ProcessRegistry>,
+    ) -> Result<McpSession, McpError> {
+        let super::prefork::ForkedServer {
+            pid,
+            start_time,
+            stdin,
+            stdout,
+            stderr,
+        } = forked;
+        let started = Started {
+            pgid: pid,
+            start_time,
+            cgroup: confinement.cgroup,
+            sandbox: confinement.status,
+            ready_cpu_weight: confinement.ready_cpu_weight,
+            deadline,
+            startup_timeout,
+        };
+        let pipes = tokio::net::unix::pipe::Receiver::from_owned_fd(stdout).and_then(|stdout| {
+            Ok((
+                stdout,
+                tokio::net::unix::pipe::Sender::from_owned_fd(stdin)?,
+            ))
+        });
+        let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(stderr).ok();
+        let transport = match pipes {
+            Ok(transport) => transport,
+            Err(err) => {
+                fail_start(pid, start_time, None).await;
+                remove_cgroup(started.cgroup).await;
+                return Err(McpError::Spawn {
+                    command: "forked server".to_owned(),
+                    source: err,
+                });
+            }
+        };
+        Self::establish(transport, stderr, started, registry).await
+    }
+
+    /// Everything after the server process exists: records its group, forwards its stderr,
+    /// runs `initialize` and `tools/list` before `deadline`, and watches for its end.
+    async fn establish<T, E, A>(
+        transport: T,
+        stderr: Option<impl tokio::io::AsyncRead + Unpin + Send + 'static>,
+        started: Started,
+        registry: Option<&ProcessRegistry>,
+    ) -> Result<McpSession, McpError>
+    where
+        T: rmcp::transport::IntoTransport<RoleClient, E, A> + Send + 'static,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let Started {
+            pgid,
+            start_time,
+            cgroup,
+            sandbox,
+            ready_cpu_weight,
+            deadline,
+            startup_timeout,
+        } = started;
         if let Some(registry) = registry
             && let Err(err) = registry.register(pgid)
         {
             // The registry is a backstop for crashes; a session without it still works.
             warn!(pgid, cause = %err, "cannot record the process group");
         }
-        if let Some(stderr) = spawned.stderr {
+        if let Some(stderr) = stderr {
             tokio::spawn(forward_stderr(stderr, pgid));
         }
 
@@ -455,22 +546,21 @@ impl McpSession {
             cache: cache.clone(),
         };
         // rmcp's `serve` has no timeout of its own: a server that never answers would hang it.
-        let running =
-            match tokio::time::timeout_at(deadline, handler.serve(spawned.transport)).await {
-                Ok(Ok(running)) => running,
-                Ok(Err(err)) => {
-                    fail_start(pgid, start_time, registry).await;
-                    remove_cgroup(cgroup).await;
-                    return Err(McpError::Handshake(Box::new(err)));
-                }
-                Err(_) => {
-                    // Dropping the `serve` future dropped the transport, whose cleanup task
-                    // kills and reaps the leader; `fail_start` takes care of the rest.
-                    fail_start(pgid, start_time, registry).await;
-                    remove_cgroup(cgroup).await;
-                    return Err(McpError::StartupTimeout(startup_timeout));
-                }
-            };
+        let running = match tokio::time::timeout_at(deadline, handler.serve(transport)).await {
+            Ok(Ok(running)) => running,
+            Ok(Err(err)) => {
+                fail_start(pgid, start_time, registry).await;
+                remove_cgroup(cgroup).await;
+                return Err(McpError::Handshake(Box::new(err)));
+            }
+            Err(_) => {
+                // Dropping the `serve` future dropped the transport, whose cleanup task
+                // kills and reaps the leader; `fail_start` takes care of the rest.
+                fail_start(pgid, start_time, registry).await;
+                remove_cgroup(cgroup).await;
+                return Err(McpError::StartupTimeout(startup_timeout));
+            }
+        };
         let listed = tokio::time::timeout_at(deadline, cache.refresh(running.peer())).await;
         if let Err(err) = listed
             .map_err(|_| McpError::StartupTimeout(startup_timeout))
@@ -788,7 +878,7 @@ async fn remove_cgroup(cgroup: Option<Arc<SessionCgroup>>) {
 }
 
 /// Forwards the server's stderr to tracing, line by line, until EOF.
-async fn forward_stderr(stderr: ChildStderr, pgid: u32) {
+async fn forward_stderr(stderr: impl tokio::io::AsyncRead + Unpin, pgid: u32) {
     let mut lines = BufReader::new(stderr).lines();
     loop {
         match lines.next_line().await {

@@ -425,6 +425,22 @@ impl Client {
     }
 }
 
+/// Runs a sandbox probe tool (the demo server's `--test-tools`, or the Python probe server of
+/// tests/prefork.rs) and returns its `{"ok", "value", "error", "errno"}` report.
+pub async fn probe_on(client: &Client, server: &str, tool: &str, args: Value) -> Value {
+    let resp = client.call(server, tool, &args).await;
+    assert_eq!(resp.status, 200, "{tool}: {}", resp.text());
+    serde_json::from_str(&content_text(&resp.json())).expect("probe answers JSON")
+}
+
+/// Asserts the probe was refused, and returns its errno. Each probe and its answer is printed
+/// (`cargo nextest run --test sandbox --no-capture` lists them).
+pub fn denied(report: &Value, what: &str) -> i64 {
+    eprintln!("probe: {what} -> {}", report["error"]);
+    assert_eq!(report["ok"], false, "{what} was allowed: {report}");
+    report["errno"].as_i64().unwrap_or(0)
+}
+
 /// Text of the content blocks of a call response.
 pub fn content_text(body: &Value) -> String {
     body["content"]

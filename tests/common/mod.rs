@@ -67,6 +67,31 @@ pub fn credentials_dir(dir: &std::path::Path) -> PathBuf {
 /// The real mcp-pool binary (which also serves the bundled demo server).
 pub const BIN: &str = env!("CARGO_BIN_EXE_mcp-pool");
 
+/// Asserts that an analytics-mcp tool call failed past loading its credentials, inside
+/// Google's client code: offline, the Admin API's host does not resolve; with a network, Google
+/// refuses the test refresh token. (A missing file would say "default credentials were not
+/// found".)
+pub fn assert_reached_google(body: &str) {
+    assert!(
+        !body.contains("default credentials were not found"),
+        "{body}"
+    );
+    assert!(
+        body.contains("analyticsadmin.googleapis.com") || body.contains("invalid_grant"),
+        "{body}"
+    );
+}
+
+/// Whether `name` may be in a confined server's environment: the allowlist (README, "Security
+/// model"), its HOME/TMPDIR, its credentials variable, and the names in `configured`.
+pub fn allowed_server_env(name: &str, configured: &[&str]) -> bool {
+    matches!(
+        name,
+        "PATH" | "LANG" | "LANGUAGE" | "TZ" | "HOME" | "TMPDIR" | "MCP_POOL_CREDENTIALS_FILE"
+    ) || name.starts_with("LC_")
+        || configured.contains(&name)
+}
+
 /// A path the test command exports; a missing one fails the test rather than skipping it.
 pub fn required_env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {

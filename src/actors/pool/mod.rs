@@ -30,6 +30,7 @@ use super::credential::CredentialHandle;
 use super::fairness::UserCallLimiter;
 use crate::config::{Config, PoolConfig, SandboxConfig, ServerConfig};
 use crate::ids::{SessionKey, UserId};
+use crate::mcp::prefork::Prefork;
 use crate::mcp::{ProcessRegistry, Sandbox};
 use crate::oauth::TokenRefresher;
 
@@ -152,6 +153,8 @@ pub struct PoolArgs {
     /// The HTTP client of every remote session (`mcp::remote::http_client`); `None` if it
     /// could not be built (remote sessions then fail to start, saying so).
     pub remote_http: Option<reqwest::Client>,
+    /// The zygotes of preforked servers, which start their sessions by fork.
+    pub prefork: Arc<Prefork>,
 }
 
 impl PoolArgs {
@@ -161,6 +164,7 @@ impl PoolArgs {
         refresher: Option<TokenRefresher>,
         registry: Option<ProcessRegistry>,
         sandbox: Arc<Sandbox>,
+        prefork: Arc<Prefork>,
     ) -> PoolArgs {
         PoolArgs {
             pool: config.pool.clone(),
@@ -182,6 +186,7 @@ impl PoolArgs {
                     tracing::error!(cause = %err, "cannot build the HTTP client of remote MCP servers");
                 })
                 .ok(),
+            prefork,
         }
     }
 }

@@ -326,6 +326,7 @@ impl PoolState {
             shared: entry.shared.clone(),
             launch,
             sandbox: self.args.sandbox.clone(),
+            prefork: self.args.prefork.zygote(key.server.as_str()),
             policy: server.sandbox_policy(&self.args.sandbox_defaults),
             restarting,
             credentials_env: server.credentials_env.clone(),
@@ -743,6 +744,7 @@ impl PoolState {
                 failures: entry.circuit.attempts(),
                 memory_bytes: None,
                 cpu_seconds: None,
+                started: entry.shared.started(),
             })
             .collect();
         connections.sort_by(|a, b| (&a.user_id, &a.server).cmp(&(&b.user_id, &b.server)));
@@ -764,6 +766,7 @@ impl PoolState {
             connections,
             servers: Default::default(),
             counters: self.counters,
+            prefork: self.args.prefork.stats(),
         }
     }
 

@@ -29,6 +29,8 @@ pub struct SessionStats {
     pub memory_bytes: Option<u64>,
     /// CPU time the session's processes have used, in seconds.
     pub cpu_seconds: Option<f64>,
+    /// `forked` (from the server's zygote) or `spawned`; `None` before the first start.
+    pub started: Option<&'static str>,
 }
 
 /// One configured server across every user, for the status page.
@@ -63,6 +65,8 @@ pub struct PoolStats {
     pub servers: std::collections::BTreeMap<String, ServerSummary>,
     /// Events since this supervisor started.
     pub counters: PoolCounters,
+    /// One entry per preforked server: its zygote, forks and fallbacks to a plain spawn.
+    pub prefork: Vec<crate::mcp::prefork::ZygoteStats>,
 }
 
 impl PoolStats {

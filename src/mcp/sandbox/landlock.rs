@@ -48,6 +48,17 @@ const DEVICES_READ: &[&str] = &["/dev/random", "/dev/urandom"];
 /// The ABI whose access rights the rulesets handle (signal and abstract-socket scoping).
 const RULES_ABI: ABI = ABI::V6;
 
+/// What a ruleset grants beyond the program, the system and the state directory.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Grants {
+    /// The host's `/proc`: for a session without a PID namespace of its own. With one, the
+    /// child adds its own `/proc` (see `ChildPlan::proc_rule`); a forked child gets none.
+    pub(super) host_proc: bool,
+    /// The directory holding the session's credentials file (not for a forked child, which
+    /// gets them as a memfd, nor for a zygote).
+    pub(super) credentials: bool,
+}
+
 /// One allowed path, opened once.
 struct Rule {
     fd: PathFd,
@@ -85,9 +96,7 @@ impl SystemRules {
         SystemRules { rules }
     }
 
-    /// Builds the ruleset of one session and returns its file descriptor. `own_proc`: the
-    /// session gets its own `/proc` (added by the child, see `ChildPlan::proc_rule`); without
-    /// a PID namespace the host's `/proc` is granted here instead.
+    /// Builds the ruleset of one session and returns its file descriptor.
     pub(super) fn ruleset(
         &self,
         settings: &SandboxSettings,
@@ -95,7 +104,7 @@ impl SystemRules {
         session: &SessionPaths<'_>,
         state_dir: &Path,
         kernel_abi: i32,
-        own_proc: bool,
+        grants: Grants,
     ) -> Result<std::os::fd::OwnedFd, String> {
         let protected = protected_paths(settings);
         let read = AccessFs::from_read(RULES_ABI);
@@ -110,16 +119,18 @@ impl SystemRules {
         for path in &policy.write {
             add_beneath(&mut rules, &absolute(path), all, &protected);
         }
-        if !own_proc {
+        if grants.host_proc {
             add_beneath(&mut rules, Path::new("/proc"), read, &[]);
         }
         // Granted directly: both sit inside protected roots on purpose.
-        add_beneath(
-            &mut rules,
-            session.credentials_dir,
-            AccessFs::ReadFile | AccessFs::ReadDir,
-            &[],
-        );
+        if grants.credentials {
+            add_beneath(
+                &mut rules,
+                session.credentials_dir,
+                AccessFs::ReadFile | AccessFs::ReadDir,
+                &[],
+            );
+        }
         add_beneath(&mut rules, state_dir, all, &[]);
 
         let level = if kernel_abi >= super::REQUIRED_LANDLOCK_ABI {

@@ -25,7 +25,10 @@ use tracing::{info, warn};
 
 pub(crate) use child::{ChildPlan, confine_child};
 
-use self::{cgroup::Cgroups, landlock::SystemRules};
+use self::{
+    cgroup::Cgroups,
+    landlock::{Grants, SystemRules},
+};
 pub(crate) use cgroup::SessionCgroup;
 
 /// How strictly a server is confined (`sandbox.mode`, per server `servers.<name>.sandbox.mode`).
@@ -282,6 +285,52 @@ impl Sandbox {
         session: SessionPaths<'_>,
         restarting: bool,
     ) -> Result<Confinement, SandboxError> {
+        self.prepare_as(policy, session, restarting, Start::Spawn)
+    }
+
+    /// Prepares one session forked from its server's zygote (see [`crate::mcp::prefork`]).
+    /// The child joins the cgroup and restricts itself with the ruleset itself; the ruleset
+    /// grants no `/proc` at all (a forked child never execs, so no runtime start needs it, and
+    /// the zygote's namespace holds the other users' sessions) and not the credentials
+    /// directory (the credentials arrive as a sealed memfd).
+    pub fn prepare_forked(
+        &self,
+        policy: &ServerPolicy,
+        session: SessionPaths<'_>,
+        restarting: bool,
+    ) -> Result<Confinement, SandboxError> {
+        self.prepare_as(policy, session, restarting, Start::Fork)
+    }
+
+    /// Prepares the zygote of `server`: its own cgroup, PID and mount namespace, and a ruleset
+    /// that covers what any of its children may need (Landlock domains only narrow across a
+    /// fork): the program, the system, and the state root read-write, since sessions' state
+    /// directories are created after the zygote starts. Nothing of the data or credentials
+    /// directories. Its HOME is `<state_dir>/.prefork/<server>` (no user id starts with a dot).
+    pub fn prepare_zygote(
+        &self,
+        policy: &ServerPolicy,
+        server: &str,
+        program: &Path,
+        args: &[String],
+    ) -> Result<Confinement, SandboxError> {
+        let session = SessionPaths {
+            user: ".prefork",
+            server,
+            program,
+            args,
+            credentials_dir: Path::new(""),
+        };
+        self.prepare_as(policy, session, false, Start::Zygote)
+    }
+
+    fn prepare_as(
+        &self,
+        policy: &ServerPolicy,
+        session: SessionPaths<'_>,
+        restarting: bool,
+        start: Start,
+    ) -> Result<Confinement, SandboxError> {
         let state_dir = self.state_dir(session.user, session.server);
         create_state_dir(&state_dir).map_err(|err| {
             SandboxError::Setup(format!(
@@ -308,7 +357,8 @@ impl Sandbox {
                 "Starting an MCP server with partial confinement (sandbox.mode = best_effort)"
             );
         }
-        let namespaces = self.support.namespaces.is_none();
+        // A forked child lives in its zygote's namespace; it cannot make one of its own.
+        let namespaces = self.support.namespaces.is_none() && start != Start::Fork;
         let cgroup = match &self.support.cgroups {
             Ok(cgroups) => {
                 let weight = if restarting {
@@ -329,9 +379,18 @@ impl Sandbox {
                         &self.settings,
                         policy,
                         &session,
-                        &state_dir,
+                        match start {
+                            Start::Zygote => &self.settings.state_dir,
+                            Start::Spawn | Start::Fork => &state_dir,
+                        },
                         self.support.landlock_abi,
-                        namespaces,
+                        Grants {
+                            host_proc: match start {
+                                Start::Spawn | Start::Zygote => !namespaces,
+                                Start::Fork => false,
+                            },
+                            credentials: start == Start::Spawn,
+                        },
                     )
                     .map_err(SandboxError::Setup)?,
             )
@@ -364,6 +423,17 @@ impl Sandbox {
             ready_cpu_weight: restarting.then_some(policy.limits.cpu_weight),
         })
     }
+}
+
+/// How a process is started, which decides what its confinement holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// A session spawned as its own program.
+    Spawn,
+    /// A session forked from its server's zygote.
+    Fork,
+    /// A server's zygote.
+    Zygote,
 }
 
 /// The paths of one session that its ruleset is built from.
@@ -433,7 +503,7 @@ fn absolute(path: &Path) -> PathBuf {
 /// Looks `command` up the way `execvp` would with `path_var`; a command with a slash is taken
 /// as it is. (Server commands are resolved with their config, `ServerConfig::resolve_program`;
 /// this one serves `#!/usr/bin/env NAME` lines, below the config layer.)
-fn resolve_program(command: &str, path_var: Option<&str>) -> Option<PathBuf> {
+pub(crate) fn resolve_program(command: &str, path_var: Option<&str>) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt as _;
     let is_executable = |path: &Path| {
         path.metadata()
