@@ -192,6 +192,8 @@ pub enum SessionErrors {
         super::health::healthz,
         super::health::readyz,
         super::metrics::scrape,
+        super::mcp::mcp_route_doc,
+        super::mcp::protected_resource,
         document,
     ),
     components(schemas(ErrorBody, SessionState)),

@@ -13,6 +13,8 @@
 //!   read from `/proc`.
 //! - [`demo_server`]: the MCP server bundled in this binary (`mcp-pool demo-server`), used by
 //!   the tests and as a smoke target.
+//! - [`names`]: the `{server}__{tool}` names under which `/v1/chat` and `/mcp` offer a user's
+//!   tools (valid, at most 64 characters, unique).
 //! - [`error`]: [`McpError`], the one error type of this module.
 //!
 //! Cleanup never relies on `Drop`: the owner of a session calls [`McpSession::close`], which
@@ -21,6 +23,7 @@
 
 pub mod demo_server;
 pub mod error;
+pub mod names;
 pub mod process;
 pub mod sandbox;
 pub mod session;
