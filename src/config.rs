@@ -1844,6 +1844,7 @@ mod tests {
             restart_on_token_refresh: false,
             env_passthrough: Vec::new(),
             sandbox: ServerSandboxConfig::default(),
+            tools: ToolFilter::default(),
         };
         let path = std::env::join_paths(["/nonexistent-dir".as_ref(), dir.path()]).unwrap();
         let path = Some(path.as_os_str());

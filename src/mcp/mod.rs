@@ -35,4 +35,4 @@ pub use process::{
     ProcessRegistry, ServerLaunch, base_environment, process_start_time, terminate_group,
 };
 pub use sandbox::{Sandbox, SandboxMode, SandboxStatus};
-pub use session::{ExitReason, McpClient, McpSession};
+pub use session::{ExitReason, McpClient, McpSession, Progress, ProgressSink};

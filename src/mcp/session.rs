@@ -7,10 +7,11 @@ use std::{
 
 use rmcp::{
     ClientHandler, Peer, RoleClient, ServiceExt as _,
+    handler::client::progress::{ProgressDispatcher, ProgressSubscriber},
     model::{
         CallToolRequest, CallToolRequestParams, CallToolResult, CancelledNotification,
         CancelledNotificationParam, ClientConfig, ClientNotification, ClientRequest,
-        Implementation, ProtocolVersion, RequestId, ServerResult, Tool,
+        Implementation, ProgressNotificationParam, ProtocolVersion, RequestId, ServerResult, Tool,
     },
     service::{
         NotificationContext, PeerRequestOptions, QuitReason, RunningServiceCancellationToken,
@@ -89,9 +90,38 @@ impl ToolCache {
     }
 }
 
-/// The client side of the session: it only reacts to tool-list changes.
+// === progress ===
+
+/// One progress notification of a call, as its server sent it (without the server's token).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub progress: f64,
+    pub total: Option<f64>,
+    pub message: Option<String>,
+}
+
+/// Where a caller wants a call's progress. Lossy: a sink that is full misses notifications
+/// rather than holding up the answer.
+pub type ProgressSink = tokio::sync::mpsc::Sender<Progress>;
+
+/// The next progress notification of a subscribed call; never, without a subscription.
+async fn next_progress(subscriber: &mut Option<ProgressSubscriber>) -> Option<Progress> {
+    use tokio_stream::StreamExt as _;
+    match subscriber {
+        Some(subscriber) => subscriber.next().await.map(|p| Progress {
+            progress: p.progress,
+            total: p.total,
+            message: p.message,
+        }),
+        None => std::future::pending().await,
+    }
+}
+
+/// The client side of the session: it reacts to tool-list changes and routes progress
+/// notifications to the call they belong to.
 struct PoolClient {
     cache: Arc<ToolCache>,
+    progress: ProgressDispatcher,
 }
 
 impl ClientHandler for PoolClient {
@@ -117,6 +147,16 @@ impl ClientHandler for PoolClient {
             Err(_) => warn!(timeout = ?REFRESH_TIMEOUT, "tool list refresh timed out"),
         }
     }
+
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        // Tokens are rmcp's per-request numbers: a notification for a call nobody subscribed
+        // to (or one that ended) is dropped here.
+        self.progress.handle_notification(params).await;
+    }
 }
 
 // === McpSession ===
@@ -131,6 +171,8 @@ pub struct McpClient {
     peer: Peer<RoleClient>,
     /// Tool list from the last `tools/list`.
     cache: Arc<ToolCache>,
+    /// Progress notifications by the token rmcp gave each request.
+    progress: ProgressDispatcher,
     /// The session's cgroup, to tell an OOM kill at the memory limit from a crash.
     cgroup: Option<Arc<SessionCgroup>>,
     /// `Some` once rmcp's service task has ended.
@@ -184,6 +226,19 @@ impl McpClient {
         args: Option<serde_json::Map<String, serde_json::Value>>,
         timeout: Duration,
     ) -> Result<CallToolResult, McpError> {
+        self.call_tool_with_progress(name, args, timeout, None)
+            .await
+    }
+
+    /// [`McpClient::call_tool`], passing the server's progress notifications of this call to
+    /// `progress` while it runs.
+    pub async fn call_tool_with_progress(
+        &self,
+        name: &str,
+        args: Option<serde_json::Map<String, serde_json::Value>>,
+        timeout: Duration,
+        progress: Option<ProgressSink>,
+    ) -> Result<CallToolResult, McpError> {
         if self.peer.is_transport_closed() {
             return Err(McpError::NotSent);
         }
@@ -210,7 +265,28 @@ impl McpClient {
             peer: self.peer.clone(),
             id: Some(handle.id.clone()),
         };
-        let answer = tokio::time::timeout(timeout, handle.await_response()).await;
+        // Subscribed right after the request was queued, before it can have been written, so
+        // no notification of this call arrives unrouted.
+        let mut subscriber = match &progress {
+            Some(_) => Some(self.progress.subscribe(handle.progress_token.clone()).await),
+            None => None,
+        };
+        let response = handle.await_response();
+        let answer = tokio::time::timeout(timeout, async {
+            tokio::pin!(response);
+            loop {
+                tokio::select! {
+                    biased;
+                    answer = &mut response => break answer,
+                    Some(update) = next_progress(&mut subscriber) => {
+                        if let Some(sink) = &progress {
+                            let _ = sink.try_send(update);
+                        }
+                    }
+                }
+            }
+        })
+        .await;
         let answer = match answer {
             Ok(answer) => {
                 guard.id = None;
@@ -350,8 +426,10 @@ impl McpSession {
         }
 
         let cache = Arc::new(ToolCache::new());
+        let progress = ProgressDispatcher::new();
         let handler = PoolClient {
             cache: cache.clone(),
+            progress: progress.clone(),
         };
         // rmcp's `serve` has no timeout of its own: a server that never answers would hang it.
         let running =
@@ -413,6 +491,7 @@ impl McpSession {
                 pgid,
                 peer,
                 cache,
+                progress,
                 cgroup,
                 ended: ended.clone(),
             },
