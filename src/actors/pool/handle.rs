@@ -12,7 +12,16 @@ use crate::actors::connection::Session;
 use crate::actors::credential::CredentialError;
 use crate::actors::fairness::{MAX_ARGUMENT_DEPTH, UserCallLimiter, arguments_depth};
 use crate::ids::{ServerName, SessionKey, UserId};
+use crate::mcp::ProgressSink;
 use crate::oauth::{Freshness, TokenRefresher};
+
+/// What a caller may add to a tool call.
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// Receives the server's progress notifications for this call (`/mcp` forwards them to
+    /// its client); REST and chat pass none.
+    pub progress: Option<ProgressSink>,
+}
 
 /// Typed handle to the pool; cheap to clone. Survives a restart of the supervisor (see
 /// [`super::guardian`]): it reads the current supervisor from a shared slot.
@@ -188,6 +197,8 @@ impl PoolHandle {
     /// Refused at once, before anything starts, when the arguments nest deeper than
     /// [`MAX_ARGUMENT_DEPTH`] or the user already has `pool.max_in_flight_per_user` calls in
     /// flight.
+    ///
+    /// Dropping the returned future cancels the call: the server gets `notifications/cancelled`.
     pub async fn call_tool(
         &self,
         user: &UserId,
@@ -195,8 +206,24 @@ impl PoolHandle {
         tool: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
     ) -> Result<rmcp::model::CallToolResult, PoolError> {
+        self.call_tool_with(user, server, tool, arguments, CallOptions::default())
+            .await
+    }
+
+    /// [`PoolHandle::call_tool`] with options (the server's progress notifications of the
+    /// call). Every call goes through here.
+    pub async fn call_tool_with(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        tool: &str,
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+        options: CallOptions,
+    ) -> Result<rmcp::model::CallToolResult, PoolError> {
         let began = Instant::now();
-        let result = self.call_tool_once(user, server, tool, arguments).await;
+        let result = self
+            .call_tool_once(user, server, tool, arguments, options)
+            .await;
         let outcome = match &result {
             Ok(done) if done.is_error == Some(true) => "tool_error",
             Ok(_) => "ok",
@@ -216,6 +243,7 @@ impl PoolHandle {
         server: &ServerName,
         tool: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
+        options: CallOptions,
     ) -> Result<rmcp::model::CallToolResult, PoolError> {
         if arguments_depth(arguments.as_ref()) > MAX_ARGUMENT_DEPTH {
             return Err(PoolError::ArgumentsTooDeep {
@@ -233,16 +261,28 @@ impl PoolHandle {
         let session = self.get_session(user, server).await?;
         let Some(slot) = session.reserve() else {
             // It started closing, and the pool no longer hands it out.
-            return self.retry_call(user, server, None, tool, arguments).await;
+            return self
+                .retry_call(user, server, None, tool, arguments, options)
+                .await;
         };
-        match session.call_reserved(slot, tool, arguments.clone()).await {
+        match session
+            .call_reserved(slot, tool, arguments.clone(), options.progress.clone())
+            .await
+        {
             // A call that never reached the server is tried again, once, on another session;
             // one that may have run reports `ServerCrashed` (a tool need not be idempotent).
             Err(PoolError::Reconnect) => {
                 // The session is broken (its transport closed, or a write to the server
                 // failed): the retry must not be handed the same session back.
-                self.retry_call(user, server, Some(session.pid()), tool, arguments)
-                    .await
+                self.retry_call(
+                    user,
+                    server,
+                    Some(session.pid()),
+                    tool,
+                    arguments,
+                    options,
+                )
+                .await
             }
             other => other,
         }
@@ -256,13 +296,16 @@ impl PoolHandle {
         stale: Option<u32>,
         tool: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
+        options: CallOptions,
     ) -> Result<rmcp::model::CallToolResult, PoolError> {
         tracing::debug!(user_id = %user, server = %server, ?stale, "retrying a call that was not sent");
         let session = self
             .fetch_session(SessionKey::new(user, server), stale)
             .await?;
         let slot = session.reserve().ok_or(PoolError::Reconnect)?;
-        session.call_reserved(slot, tool, arguments).await
+        session
+            .call_reserved(slot, tool, arguments, options.progress)
+            .await
     }
 
     pub async fn close_session(

@@ -3,21 +3,23 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
 
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorData,
     Implementation, InitializeRequestParams, InitializeResult, ListToolsResult,
-    PaginatedRequestParams, ProtocolVersion, ServerCapabilities, ServerConfig, Tool,
+    PaginatedRequestParams, ProgressNotificationParam, ProgressToken, ProtocolVersion,
+    ServerCapabilities, ServerConfig, SubscriptionFilter, Tool,
 };
-use rmcp::service::RequestContext;
-use rmcp::{RoleServer, ServerHandler};
-use tokio::sync::Semaphore;
+use rmcp::service::{NotificationContext, RequestContext, SubscriptionContext};
+use rmcp::{Peer, RoleServer, ServerHandler};
+use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio::task::JoinSet;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::McpCaller;
-use crate::actors::PoolError;
+use crate::actors::{CallOptions, EventKind, PoolError, PoolEvent};
 use crate::http::HttpState;
+use crate::mcp::Progress;
 use crate::mcp::names::{ToolRoute, namespace};
 use crate::store::{ServerName, UserId};
 
@@ -36,12 +38,87 @@ pub struct Facade {
 }
 
 /// What one session remembers.
-#[derive(Default)]
 struct Session {
     /// The user who initialized it; every later request must come from them.
     user: OnceLock<UserId>,
     /// Namespaced name → (server, tool), from this session's last `tools/list`.
     routes: Mutex<Arc<HashMap<String, ToolRoute>>>,
+    /// Ends the session's `list_changed` forwarder when rmcp drops the session's handler.
+    stop: CancellationToken,
+    _stop_on_drop: DropGuard,
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        let stop = CancellationToken::new();
+        Session {
+            user: OnceLock::new(),
+            routes: Mutex::default(),
+            _stop_on_drop: stop.clone().drop_guard(),
+            stop,
+        }
+    }
+}
+
+/// Progress notifications buffered between a server and a slow client; more are dropped.
+const PROGRESS_BUFFER: usize = 64;
+
+/// Whether `event` changes what `user` sees in `tools/list`.
+fn changes_tools_of(event: &PoolEvent, user: &UserId) -> bool {
+    &event.user_id == user
+        && matches!(
+            event.kind,
+            EventKind::ToolsChanged | EventKind::CredentialsChanged
+        )
+}
+
+/// Waits for the next event that changes `user`'s tool list; `false` once the pool's event
+/// stream is gone. A listener that fell behind assumes it missed one.
+async fn next_tools_change(events: &mut broadcast::Receiver<PoolEvent>, user: &UserId) -> bool {
+    loop {
+        match events.recv().await {
+            Ok(event) if changes_tools_of(&event, user) => return true,
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => return true,
+            Err(broadcast::error::RecvError::Closed) => return false,
+        }
+    }
+}
+
+/// Sends `notifications/tools/list_changed` to a session's client whenever `user`'s tools
+/// change, until the session ends.
+async fn forward_list_changed(
+    mut events: broadcast::Receiver<PoolEvent>,
+    user: UserId,
+    peer: Peer<RoleServer>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = next_tools_change(&mut events, &user) => {
+                if !changed || peer.notify_tool_list_changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Relays a call's progress to the client under the client's own token.
+async fn forward_progress(
+    mut updates: mpsc::Receiver<Progress>,
+    token: ProgressToken,
+    peer: Peer<RoleServer>,
+) {
+    while let Some(update) = updates.recv().await {
+        let mut param = ProgressNotificationParam::new(token.clone(), update.progress);
+        param.total = update.total;
+        param.message = update.message;
+        if peer.notify_progress(param).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Facade {
@@ -217,6 +294,45 @@ fn tool_failure(err: &PoolError) -> CallToolResult {
 }
 
 impl ServerHandler for Facade {
+    async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        // Subscribed before the client can list, so no change after its first listing is
+        // missed.
+        if let Some(user) = self.session.user.get() {
+            tokio::spawn(forward_list_changed(
+                self.state.pool.subscribe_events(),
+                user.clone(),
+                context.peer,
+                self.session.stop.clone(),
+            ));
+        }
+    }
+
+    fn accepted_subscription_filter(
+        &self,
+        requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
+        // 2026-07-28 has no sessions: a client asks for notifications with
+        // `subscriptions/listen`, and only tool-list changes are offered.
+        let mut accepted = SubscriptionFilter::new();
+        accepted.tools_list_changed = requested.tools_list_changed;
+        Some(accepted)
+    }
+
+    async fn listen(&self, context: SubscriptionContext) -> Result<(), ErrorData> {
+        let user = self.caller(context.request_context())?;
+        let mut events = self.state.pool.subscribe_events();
+        loop {
+            tokio::select! {
+                () = context.cancelled() => return Ok(()),
+                changed = next_tools_change(&mut events, &user) => {
+                    if !changed || context.sink().notify_tool_list_changed().await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(
             ServerCapabilities::builder()
@@ -267,28 +383,37 @@ impl ServerHandler for Facade {
         span.record("user_id", user.as_str());
         let route = self.route(&user, &request.name).await?;
         span.record("server", route.server.as_str());
-        let started = Instant::now();
-        let call = self
-            .state
-            .pool
-            .call_tool(&user, &route.server, &route.tool, request.arguments);
+        let mut options = CallOptions::default();
+        let mut forwarder = None;
+        if let Some(token) = context.meta.get_progress_token() {
+            let (sink, updates) = mpsc::channel(PROGRESS_BUFFER);
+            options.progress = Some(sink);
+            forwarder = Some(tokio::spawn(forward_progress(
+                updates,
+                token,
+                context.peer.clone(),
+            )));
+        }
+        let call = self.state.pool.call_tool_with(
+            &user,
+            &route.server,
+            &route.tool,
+            request.arguments,
+            options,
+        );
         // Dropping the call on the client's `notifications/cancelled` cancels it upstream
-        // (rmcp sends the server its own `notifications/cancelled`).
+        // (the server gets its own `notifications/cancelled`).
         let result = tokio::select! {
             result = call => result,
             () = context.ct.cancelled() => {
-                self.state.metrics.tool_call(route.server.as_str(), "cancelled", started.elapsed());
                 return Err(ErrorData::internal_error("cancelled by the client", None));
             }
         };
-        let outcome = match &result {
-            Ok(result) if result.is_error == Some(true) => "tool_error",
-            Ok(_) => "ok",
-            Err(err) => err.code(),
-        };
-        self.state
-            .metrics
-            .tool_call(route.server.as_str(), outcome, started.elapsed());
+        // The sink went with the call: the forwarder ends after the last update, so every
+        // progress notification goes out before the result.
+        if let Some(forwarder) = forwarder {
+            let _ = forwarder.await;
+        }
         match result {
             Ok(result) => Ok(result.into()),
             Err(err) => call_outcome(err).map(Into::into),
