@@ -714,3 +714,57 @@ async fn a_users_sessions_are_capped_oldest_first() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_filters_apply_to_rest_and_mcp_alike() {
+    let filters = "[servers.demo2.tools]\ndeny = [\"add\", \"spawn_*\"]\n\
+                   [servers.demo3.tools]\nallow = [\"echo\", \"who*\"]\n";
+    let server = TestServer::start("", filters, "", &[]).await;
+    let alice = server.user("alice");
+    for name in ["demo2", "demo3"] {
+        assert_eq!(alice.connect(name).await.status, 201);
+    }
+    let rest_names = |body: Value| -> Vec<String> {
+        body["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let demo2 = rest_names(alice.get("/v1/connections/demo2/tools").await.json());
+    assert!(demo2.contains(&"echo".to_owned()), "{demo2:?}");
+    assert!(
+        !demo2.iter().any(|t| t == "add" || t.starts_with("spawn_")),
+        "{demo2:?}"
+    );
+    let demo3 = rest_names(alice.get("/v1/connections/demo3/tools").await.json());
+    assert_eq!(demo3, ["echo", "whoami"]);
+    alice
+        .call("demo2", "add", &json!({ "a": 1, "b": 2 }))
+        .await
+        .expect_error(404, "unknown_tool");
+    alice
+        .call("demo3", "add", &json!({ "a": 1, "b": 2 }))
+        .await
+        .expect_error(404, "unknown_tool");
+
+    let session = initialize(&alice).await;
+    let tools = list_tools(&alice, &session).await;
+    assert!(tools.contains(&"demo2__echo".to_owned()), "{tools:?}");
+    assert!(
+        !tools.iter().any(|t| t == "demo2__add" || t == "demo3__add"),
+        "{tools:?}"
+    );
+    let refused = call(&alice, &session, "demo2__add", json!({ "a": 1, "b": 2 })).await;
+    assert_eq!(refused["error"]["code"], -32602, "{refused}");
+    let echoed = call(
+        &alice,
+        &session,
+        "demo3__echo",
+        json!({ "message": "allowed" }),
+    )
+    .await;
+    assert_eq!(echoed["result"]["content"][0]["text"], "allowed");
+    server.stop().await;
+}

@@ -192,6 +192,38 @@ impl PoolHandle {
         Ok(self.get_session(user, server).await?.tools())
     }
 
+    /// The tool lists of several of `user`'s servers, in the order given, listed concurrently
+    /// with at most `parallel` at once (each cold one also waits for one of
+    /// `pool.max_concurrent_starts`). One server's failure is its own entry, never the others'.
+    pub async fn list_tools_of(
+        &self,
+        user: &UserId,
+        servers: &[ServerName],
+        parallel: usize,
+    ) -> Vec<Result<Arc<Vec<rmcp::model::Tool>>, PoolError>> {
+        let limit = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (index, server) in servers.iter().enumerate() {
+            let (pool, user, server, limit) =
+                (self.clone(), user.clone(), server.clone(), limit.clone());
+            tasks.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                (index, pool.list_tools(&user, &server).await)
+            });
+        }
+        let mut listed: Vec<_> = servers
+            .iter()
+            .map(|_| Err(PoolError::Unavailable))
+            .collect();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((index, result)) => listed[index] = result,
+                Err(err) => tracing::error!(cause = %err, "listing tools panicked"),
+            }
+        }
+        listed
+    }
+
     /// Calls a tool, after refreshing OAuth tokens due for a refresh (an in-memory check when
     /// none is). Retried only if the session was closed before the call was sent.
     /// Refused at once, before anything starts, when the arguments nest deeper than

@@ -12,8 +12,7 @@ use rmcp::model::{
 };
 use rmcp::service::{NotificationContext, RequestContext, SubscriptionContext};
 use rmcp::{Peer, RoleServer, ServerHandler};
-use tokio::sync::{Semaphore, broadcast, mpsc};
-use tokio::task::JoinSet;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::McpCaller;
@@ -178,30 +177,15 @@ impl Facade {
     /// and logged. Only a pool that is shutting down or gone fails the listing.
     async fn gather(&self, user: &UserId) -> Result<Vec<(ServerName, Arc<Vec<Tool>>)>, ErrorData> {
         let servers = self.servers_of(user).await?;
-        let limit = Arc::new(Semaphore::new(self.state.config.mcp.max_parallel_starts));
-        let mut tasks = JoinSet::new();
-        for (index, server) in servers.iter().enumerate() {
-            let (pool, user, server, limit) = (
-                self.state.pool.clone(),
-                user.clone(),
-                server.clone(),
-                limit.clone(),
-            );
-            tasks.spawn(async move {
-                let _permit = limit.acquire_owned().await;
-                (index, pool.list_tools(&user, &server).await)
-            });
-        }
-        let mut listed = vec![None; servers.len()];
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok((index, result)) => listed[index] = Some(result),
-                Err(err) => tracing::error!(cause = %err, "listing tools panicked"),
-            }
-        }
+        let parallel = self.state.config.mcp.max_parallel_starts;
+        let listed = self
+            .state
+            .pool
+            .list_tools_of(user, &servers, parallel)
+            .await;
         let mut available = Vec::with_capacity(servers.len());
         for (server, result) in servers.into_iter().zip(listed) {
-            match result.unwrap_or(Err(PoolError::Unavailable)) {
+            match result {
                 Ok(tools) => available.push((server, tools)),
                 Err(err @ (PoolError::ShuttingDown | PoolError::Unavailable)) => {
                     return Err(ErrorData::internal_error(err.to_string(), None));
