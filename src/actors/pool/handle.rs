@@ -306,15 +306,8 @@ impl PoolHandle {
             Err(PoolError::Reconnect) => {
                 // The session is broken (its transport closed, or a write to the server
                 // failed): the retry must not be handed the same session back.
-                self.retry_call(
-                    user,
-                    server,
-                    Some(session.pid()),
-                    tool,
-                    arguments,
-                    options,
-                )
-                .await
+                self.retry_call(user, server, Some(session.pid()), tool, arguments, options)
+                    .await
             }
             other => other,
         }
