@@ -490,6 +490,13 @@ async fn a_server_that_fails_to_start_leaves_the_rest_of_the_list() {
     )
     .await;
     assert_eq!(echoed["result"]["content"][0]["text"], "still here");
+    // The operator sees why: the pool's events name the failed start and its code.
+    let failed = server.state.pool.recent_events().into_iter().any(|event| {
+        event.user_id.as_str() == "alice"
+            && event.server.as_str() == "broken"
+            && matches!(event.kind, mcp_pool::actors::EventKind::StartFailed { .. })
+    });
+    assert!(failed, "{:?}", server.state.pool.recent_events());
     server.stop().await;
 }
 
