@@ -289,6 +289,9 @@ pub async fn serve(
                 continue;
             }
         };
+        // Streamed answers (`/mcp`'s server-sent events, chat streams) are several small writes:
+        // with Nagle's algorithm each waited for the client's delayed ACK (~40 ms per answer).
+        let _ = stream.set_nodelay(true);
         let Ok(permit) = limits.open.clone().try_acquire_owned() else {
             refuse_connection(stream, &limits, &state);
             continue;
