@@ -274,17 +274,30 @@ impl McpClient {
         let response = handle.await_response();
         let answer = tokio::time::timeout(timeout, async {
             tokio::pin!(response);
-            loop {
+            let forward = |update| {
+                if let Some(sink) = &progress {
+                    let _ = sink.try_send(update);
+                }
+            };
+            let answer = loop {
                 tokio::select! {
+                    // Progress already queued goes out before the answer.
                     biased;
+                    Some(update) = next_progress(&mut subscriber) => forward(update),
                     answer = &mut response => break answer,
-                    Some(update) = next_progress(&mut subscriber) => {
-                        if let Some(sink) = &progress {
-                            let _ = sink.try_send(update);
-                        }
-                    }
+                }
+            };
+            // rmcp runs notification handlers in tasks of their own, so the last progress
+            // notification can reach the dispatcher just after the answer: give it a turn.
+            if subscriber.is_some() {
+                tokio::task::yield_now().await;
+                while let Ok(Some(update)) =
+                    tokio::time::timeout(Duration::ZERO, next_progress(&mut subscriber)).await
+                {
+                    forward(update);
                 }
             }
+            answer
         })
         .await;
         let answer = match answer {
