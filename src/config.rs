@@ -88,6 +88,9 @@ pub struct Config {
     /// How the service logs.
     #[serde(default)]
     pub log: LogConfig,
+    /// The `/mcp` endpoint: each user's servers served as one MCP server.
+    #[serde(default)]
+    pub mcp: McpConfig,
     /// One entry per MCP server users may connect, keyed by server name.
     #[serde(default)]
     pub servers: BTreeMap<String, ServerConfig>,
@@ -510,6 +513,91 @@ impl Default for HttpConfig {
     }
 }
 
+/// `[mcp]`: the Streamable HTTP MCP endpoint `/mcp`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct McpConfig {
+    /// The service's address as MCP clients reach it (scheme, host, optional port and path
+    /// prefix), for the OAuth protected-resource metadata of `jwt` mode. Unset: `http://` and
+    /// `service.listen`, right only when clients connect directly.
+    pub public_url: Option<String>,
+    /// Open `/mcp` sessions one user may hold; at the cap the user's least recently
+    /// initialized session is closed to admit the new one.
+    pub max_sessions_per_user: usize,
+    /// A `/mcp` session with no request and no open stream for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub session_idle_timeout: Duration,
+    /// Servers whose tools a `tools/list` starts at the same time when their sessions are
+    /// not live (each start also takes one of `pool.max_concurrent_starts`).
+    pub max_parallel_starts: usize,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        Self {
+            public_url: None,
+            max_sessions_per_user: 16,
+            session_idle_timeout: Duration::from_secs(300),
+            max_parallel_starts: 4,
+        }
+    }
+}
+
+impl McpConfig {
+    /// `public_url` without a trailing `/`, or the listener's address over plain HTTP.
+    pub fn base_url(&self, listen: SocketAddr) -> String {
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!("http://{listen}"),
+        }
+    }
+}
+
+/// `[servers.<name>.tools]`: which of a server's tools callers see and may call. Applied by
+/// the pool, so REST, `/v1/chat` and `/mcp` all obey it. Patterns are exact tool names or
+/// contain `*` (any run of characters).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ToolFilter {
+    /// When not empty, only tools matching one of these are offered.
+    pub allow: Vec<String>,
+    /// Tools matching one of these are never offered (wins over `allow`).
+    pub deny: Vec<String>,
+}
+
+impl ToolFilter {
+    /// Whether tool `name` may be listed and called.
+    pub fn permits(&self, name: &str) -> bool {
+        (self.allow.is_empty() || self.allow.iter().any(|p| glob_match(p, name)))
+            && !self.deny.iter().any(|p| glob_match(p, name))
+    }
+
+    /// Whether every tool passes (the common case: no copying of tool lists).
+    pub fn is_open(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty()
+    }
+}
+
+/// `*` matches any run of characters (also none); everything else matches itself.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty(); // no `*`: an exact match
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
 /// The OpenAI-compatible chat-completions API (OpenAI, vLLM, llama.cpp, Ollama, ...).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -621,6 +709,9 @@ pub struct ServerConfig {
     /// (`prefork = true`, or a `[servers.<name>.prefork]` table).
     #[serde(default)]
     pub prefork: PreforkSetting,
+    /// Which of its tools are offered (`allow`, `deny`).
+    #[serde(default)]
+    pub tools: ToolFilter,
 }
 
 /// `servers.<name>.prefork`: `true`/`false`, or a table naming the entry point.
@@ -1021,6 +1112,7 @@ impl Config {
         self.validate_http()?;
         self.validate_auth()?;
         self.validate_llm()?;
+        self.validate_mcp()?;
         validate_limits(
             "sandbox",
             Some(self.sandbox.memory_max),
@@ -1106,6 +1198,18 @@ impl Config {
                             "`{name}` must be an environment variable name, and never MCP_POOL_* \
                              (the service's own secrets)"
                         ),
+                    ));
+                }
+            }
+            for (field, patterns) in [("allow", &server.tools.allow), ("deny", &server.tools.deny)]
+            {
+                if patterns
+                    .iter()
+                    .any(|p| p.is_empty() || p.chars().any(char::is_control))
+                {
+                    return Err(invalid(
+                        key(&format!("tools.{field}")),
+                        "patterns must be non-empty tool names, `*` matching any characters",
                     ));
                 }
             }
@@ -1231,6 +1335,34 @@ impl Config {
             if value.as_ref().is_some_and(|v| v.trim().is_empty()) {
                 return Err(invalid(key, "must not be empty when set"));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_mcp(&self) -> Result<(), ConfigError> {
+        let mcp = &self.mcp;
+        if let Some(url) = &mcp.public_url {
+            let rest = url
+                .strip_prefix("https://")
+                .or_else(|| url.strip_prefix("http://"));
+            if rest.is_none_or(|host| host.is_empty() || host.contains(['?', '#', ' ', '"'])) {
+                return Err(invalid(
+                    "mcp.public_url",
+                    "must be an http:// or https:// URL with no query, e.g. https://mcp-pool.example.com",
+                ));
+            }
+        }
+        if mcp.max_sessions_per_user == 0 {
+            return Err(invalid("mcp.max_sessions_per_user", "must be at least 1"));
+        }
+        if mcp.session_idle_timeout.is_zero() {
+            return Err(invalid(
+                "mcp.session_idle_timeout",
+                "must be longer than zero",
+            ));
+        }
+        if mcp.max_parallel_starts == 0 {
+            return Err(invalid("mcp.max_parallel_starts", "must be at least 1"));
         }
         Ok(())
     }
@@ -1561,6 +1693,66 @@ mod tests {
         assert!(config.database.url.starts_with("sqlite:"));
         assert!(config.servers.contains_key("google-analytics"));
         assert!(config.servers.contains_key("demo"));
+    }
+
+    #[test]
+    fn tool_filters_match_names_and_globs() {
+        assert!(glob_match("echo", "echo"));
+        assert!(!glob_match("echo", "echo2"));
+        assert!(glob_match("get_*", "get_report"));
+        assert!(glob_match("*_report", "run_report"));
+        assert!(glob_match("run_*_report", "run_funnel_report"));
+        assert!(!glob_match("run_*_report", "run_report_x"));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("a*a", "a"));
+        let filter = ToolFilter {
+            allow: vec!["run_*".into(), "echo".into()],
+            deny: vec!["run_realtime_*".into()],
+        };
+        assert!(filter.permits("echo") && filter.permits("run_report"));
+        assert!(!filter.permits("run_realtime_report") && !filter.permits("add"));
+        assert!(ToolFilter::default().permits("anything") && ToolFilter::default().is_open());
+        let text = "[servers.x]\ncommand = \"x\"\ncredentials_env = \"X\"\n\
+                    credentials_format = \"token_json\"\n[servers.x.tools]\ndeny = [\"\"]\n";
+        let err = Config::parse(text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("servers.x.tools.deny"), "{err}");
+    }
+
+    #[test]
+    fn mcp_keys_are_checked() {
+        for (text, key) in [
+            ("[mcp]\npublic_url = \"ftp://x\"\n", "mcp.public_url"),
+            ("[mcp]\npublic_url = \"https://\"\n", "mcp.public_url"),
+            (
+                "[mcp]\nmax_sessions_per_user = 0\n",
+                "mcp.max_sessions_per_user",
+            ),
+            (
+                "[mcp]\nsession_idle_timeout = \"0s\"\n",
+                "mcp.session_idle_timeout",
+            ),
+            (
+                "[mcp]\nmax_parallel_starts = 0\n",
+                "mcp.max_parallel_starts",
+            ),
+        ] {
+            let err = Config::parse(text)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        let config = Config::parse("[mcp]\npublic_url = \"https://pool.example.com/\"\n").unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.mcp.base_url(config.service.listen),
+            "https://pool.example.com"
+        );
     }
 
     #[test]
@@ -1992,6 +2184,7 @@ mod tests {
             env_passthrough: Vec::new(),
             sandbox: ServerSandboxConfig::default(),
             prefork: PreforkSetting::default(),
+            tools: ToolFilter::default(),
         };
         let path = std::env::join_paths(["/nonexistent-dir".as_ref(), dir.path()]).unwrap();
         let path = Some(path.as_os_str());

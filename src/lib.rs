@@ -8,8 +8,10 @@
 //! - [`store`]: the `mcp_connections` repository (SQLite or PostgreSQL), token encryption,
 //!   private credential files.
 //! - [`actors`]: the ractor actor tree; each actor file holds its message enum and typed handle.
-//! - [`mcp`]: rmcp client sessions over stdio, child-process hygiene, the bundled demo server.
-//! - [`http`]: the axum facade: auth, one module per resource, `ApiError` → status + JSON.
+//! - [`mcp`]: rmcp client sessions over stdio, child-process hygiene, the bundled demo server,
+//!   and the `{server}__{tool}` names under which a user's tools are offered.
+//! - [`http`]: the axum facade: auth, one module per resource, `ApiError` → status + JSON, and
+//!   `/mcp` (each user's servers as one Streamable HTTP MCP server, rmcp's server side).
 //! - [`llm`]: the OpenAI-compatible chat-completions client and the tool-call loop of `/v1/chat`.
 //! - [`oauth`]: the OAuth connect flow (PKCE, server-side state) and automatic token refresh.
 #![deny(unsafe_code)]

@@ -17,10 +17,13 @@ use tracing::Instrument;
 
 use super::credential::CredentialHandle;
 use super::pool::{EventKind, PoolError, PoolEvents, PoolMsg};
+use crate::config::ToolFilter;
 pub use crate::ids::SessionKey;
 use crate::mcp::prefork::{self, ForkedStart, Zygote};
 use crate::mcp::sandbox::{Sandbox, SandboxError, SandboxStatus, ServerPolicy, SessionPaths};
-use crate::mcp::{ExitReason, McpClient, McpError, McpSession, ProcessRegistry, SessionLaunch};
+use crate::mcp::{
+    ExitReason, McpClient, McpError, McpSession, ProcessRegistry, ProgressSink, SessionLaunch,
+};
 use crate::oauth::TokenRefresher;
 use crate::store::CredentialError;
 use crate::store::CredentialWriter;
@@ -74,6 +77,8 @@ pub struct SessionShared {
     restarts: AtomicU32,
     client: RwLock<Option<McpClient>>,
     call_timeout: Duration,
+    /// `[servers.<name>.tools]`: the tools callers may see and call.
+    filter: Arc<ToolFilter>,
     /// How the current (or last) server process is confined.
     sandbox: RwLock<Option<SandboxStatus>>,
     /// How the current (or last) server process started: 0 not yet, 1 spawned, 2 forked.
@@ -83,7 +88,11 @@ pub struct SessionShared {
 }
 
 impl SessionShared {
-    pub fn new(key: SessionKey, call_timeout: Duration) -> Arc<SessionShared> {
+    pub fn new(
+        key: SessionKey,
+        call_timeout: Duration,
+        filter: Arc<ToolFilter>,
+    ) -> Arc<SessionShared> {
         Arc::new(SessionShared {
             key,
             state: AtomicU8::new(SessionState::Starting as u8),
@@ -95,6 +104,7 @@ impl SessionShared {
             restarts: AtomicU32::new(0),
             client: RwLock::new(None),
             call_timeout,
+            filter,
             sandbox: RwLock::new(None),
             started: AtomicU8::new(0),
             calls_ended: tokio::sync::Notify::new(),
@@ -221,7 +231,23 @@ impl SessionShared {
     }
 
     pub fn tool_count(&self) -> usize {
-        self.client().map(|c| c.tools().len()).unwrap_or(0)
+        self.client()
+            .map(|c| self.offered(c.tools()).len())
+            .unwrap_or(0)
+    }
+
+    /// The server's tools that `[servers.<name>.tools]` lets callers see.
+    fn offered(&self, tools: Arc<Vec<Tool>>) -> Arc<Vec<Tool>> {
+        if self.filter.is_open() {
+            return tools;
+        }
+        Arc::new(
+            tools
+                .iter()
+                .filter(|tool| self.filter.permits(&tool.name))
+                .cloned()
+                .collect(),
+        )
     }
 
     fn touch(&self) {
@@ -276,10 +302,11 @@ impl Session {
         self.client.is_closed()
     }
 
-    /// The cached tool list: no server round trip.
+    /// The cached tool list, less the tools the server's `tools` filter withholds: no server
+    /// round trip.
     pub fn tools(&self) -> Arc<Vec<Tool>> {
         self.shared.touch();
-        self.client.tools()
+        self.shared.offered(self.client.tools())
     }
 
     /// Calls a tool with the configured call timeout. A tool that fails is `Ok` with
@@ -290,7 +317,7 @@ impl Session {
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
     ) -> Result<CallToolResult, PoolError> {
         let slot = self.reserve().ok_or(PoolError::Reconnect)?;
-        self.call_reserved(slot, name, arguments).await
+        self.call_reserved(slot, name, arguments, None).await
     }
 
     /// Counts a call as in flight before it is made, so the reaper and a concurrent close leave
@@ -305,12 +332,16 @@ impl Session {
         _slot: InFlight,
         name: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
+        progress: Option<ProgressSink>,
     ) -> Result<CallToolResult, PoolError> {
-        if !self.client.tools().iter().any(|tool| tool.name == name) {
+        // A tool the filter withholds is as unknown as one the server does not have.
+        if !self.shared.filter.permits(name)
+            || !self.client.tools().iter().any(|tool| tool.name == name)
+        {
             return Err(PoolError::UnknownTool(name.to_owned()));
         }
         self.client
-            .call_tool(name, arguments, self.shared.call_timeout)
+            .call_tool_with_progress(name, arguments, self.shared.call_timeout, progress)
             .await
             .map_err(|err| match err {
                 McpError::Timeout(after) => PoolError::CallTimeout(after),

@@ -15,7 +15,7 @@ pub use connection::SessionState;
 pub use credential::{CredentialArgs, CredentialError, CredentialHandle};
 pub use guardian::{GuardianMsg, PoolGuardian, PoolTree};
 pub use pool::{
-    EventKind, PoolArgs, PoolError, PoolEvent, PoolHandle, PoolMetrics, PoolStats, SessionStats,
-    Warmed,
+    CallOptions, EventKind, PoolArgs, PoolError, PoolEvent, PoolHandle, PoolMetrics, PoolStats,
+    SessionStats, Warmed,
 };
 pub use refresh::{RefreshArgs, TokenRefreshHandle};

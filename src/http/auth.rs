@@ -103,7 +103,7 @@ impl Auth {
     }
 
     /// The user a request acts for, or why not.
-    fn user_of(&self, parts: &Parts) -> Result<UserId, ApiError> {
+    pub(crate) fn user_of(&self, parts: &Parts) -> Result<UserId, ApiError> {
         let token = bearer(parts)?;
         match &self.users {
             UserAuth::ApiKey { service_key } => {

@@ -3,6 +3,8 @@
 //!
 //! - [`connections`]: store, list, inspect and remove the caller's credentials per server.
 //! - [`tools`]: list a server's tools and call one.
+//! - [`mcp`]: `/mcp`, the caller's servers as one Streamable HTTP MCP server, and the OAuth
+//!   protected-resource metadata of `jwt` mode.
 //! - [`oauth`]: the OAuth connect flow (`start`, and the unauthenticated `callback`).
 //! - [`admin`]: pool stats, closing a user's sessions, credential cleanup (admin key).
 //! - [`health`], [`metrics`], [`openapi`]: probes, Prometheus text, the API description.
@@ -24,6 +26,7 @@ pub mod connections;
 pub mod error;
 pub mod health;
 pub mod logging;
+pub mod mcp;
 pub mod metrics;
 pub mod oauth;
 pub mod openapi;
@@ -80,6 +83,8 @@ pub struct HttpState {
     shutdown: tokio_util::sync::CancellationToken,
     /// Rate-limited logging of error responses.
     pub refusals: Arc<logging::RefusalLog>,
+    /// `/mcp`: its sessions and their owners.
+    pub mcp: Arc<mcp::McpEndpoint>,
 }
 
 impl HttpState {
@@ -102,6 +107,7 @@ impl HttpState {
             pool,
             credentials,
             store,
+            mcp: Arc::new(mcp::McpEndpoint::new(&config)),
             config,
             llm,
             auth: Arc::new(auth),
@@ -168,6 +174,12 @@ pub fn router(state: HttpState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics::scrape))
         .route("/openapi.json", get(openapi::document))
+        .route(mcp::RESOURCE_METADATA_PATH, get(mcp::protected_resource))
+        .route(
+            mcp::ROOT_RESOURCE_METADATA_PATH,
+            get(mcp::protected_resource),
+        )
+        .merge(mcp::service(&state))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     api.layer(DefaultBodyLimit::max(body_limit))
@@ -255,6 +267,7 @@ pub async fn serve(
             }
             tracing::info!("HTTP listener closed; draining in-flight requests");
             draining.cancel();
+            state.mcp.shut_down();
         }
     });
     let _stop_announcer = draining.clone().drop_guard();
@@ -276,6 +289,9 @@ pub async fn serve(
                 continue;
             }
         };
+        // Streamed answers (`/mcp`'s server-sent events, chat streams) are several small writes:
+        // with Nagle's algorithm each waited for the client's delayed ACK (~40 ms per answer).
+        let _ = stream.set_nodelay(true);
         let Ok(permit) = limits.open.clone().try_acquire_owned() else {
             refuse_connection(stream, &limits, &state);
             continue;

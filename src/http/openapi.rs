@@ -192,6 +192,8 @@ pub enum SessionErrors {
         super::health::healthz,
         super::health::readyz,
         super::metrics::scrape,
+        super::mcp::mcp_route_doc,
+        super::mcp::protected_resource,
         document,
     ),
     components(schemas(ErrorBody, SessionState)),
@@ -446,7 +448,7 @@ mod tests {
         let count = ids.len();
         ids.sort_unstable();
         ids.dedup();
-        assert_eq!((ids.len(), count), (22, 22), "{ids:?}");
+        assert_eq!((ids.len(), count), (24, 24), "{ids:?}");
         // No operation carries a `null` where a list belongs.
         assert!(!doc.to_string().contains("\"parameters\":null"));
 

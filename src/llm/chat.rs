@@ -402,23 +402,12 @@ async fn gather_tools(
             unique.push(server);
         }
     }
-    let mut tasks = JoinSet::new();
-    for (index, server) in unique.iter().enumerate() {
-        let (pool, user, server) = (pool.clone(), user.clone(), server.clone());
-        tasks.spawn(async move { (index, pool.list_tools(&user, &server).await) });
-    }
-    let mut listed: Vec<Option<Result<Arc<Vec<rmcp::model::Tool>>, PoolError>>> =
-        vec![None; unique.len()];
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok((index, result)) => listed[index] = Some(result),
-            Err(err) => tracing::error!(cause = %err, "listing tools panicked"),
-        }
-    }
+    // No bound of its own: cold starts already queue for `pool.max_concurrent_starts`.
+    let listed = pool.list_tools_of(user, &unique, unique.len()).await;
     let mut available = Vec::new();
     let mut skipped = Vec::new();
     for (server, result) in unique.into_iter().zip(listed) {
-        match result.unwrap_or(Err(PoolError::Unavailable)) {
+        match result {
             Ok(tools) => available.push((server, tools)),
             Err(err) if is_fatal(&err) => return Err(ChatError::Pool(err)),
             Err(err) => {

@@ -18,6 +18,8 @@
 //!   forks a session per user in milliseconds (`servers.<name>.prefork`).
 //! - [`demo_server`]: the MCP server bundled in this binary (`mcp-pool demo-server`), used by
 //!   the tests and as a smoke target.
+//! - [`names`]: the `{server}__{tool}` names under which `/v1/chat` and `/mcp` offer a user's
+//!   tools (valid, at most 64 characters, unique).
 //! - [`error`]: [`McpError`], the one error type of this module.
 //!
 //! Cleanup never relies on `Drop`: the owner of a session calls [`McpSession::close`], which
@@ -26,6 +28,7 @@
 
 pub mod demo_server;
 pub mod error;
+pub mod names;
 pub mod prefork;
 pub mod process;
 pub mod remote;
@@ -40,4 +43,4 @@ pub use process::{
 };
 pub use remote::{AuthScheme, CurrentSecret, RemoteCredentials, RemoteLaunch};
 pub use sandbox::{Sandbox, SandboxMode, SandboxStatus};
-pub use session::{ExitReason, McpClient, McpSession, SessionLaunch};
+pub use session::{ExitReason, McpClient, McpSession, Progress, ProgressSink, SessionLaunch};

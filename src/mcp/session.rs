@@ -8,10 +8,11 @@ use std::{
 use rmcp::transport::streamable_http_client::StreamableHttpError;
 use rmcp::{
     ClientHandler, Peer, RoleClient, ServiceExt as _,
+    handler::client::progress::{ProgressDispatcher, ProgressSubscriber},
     model::{
         CallToolRequest, CallToolRequestParams, CallToolResult, CancelledNotification,
         CancelledNotificationParam, ClientConfig, ClientNotification, ClientRequest,
-        Implementation, ProtocolVersion, RequestId, ServerResult, Tool,
+        Implementation, ProgressNotificationParam, ProtocolVersion, RequestId, ServerResult, Tool,
     },
     service::{
         NotificationContext, PeerRequestOptions, QuitReason, RunningServiceCancellationToken,
@@ -99,9 +100,38 @@ impl ToolCache {
     }
 }
 
-/// The client side of the session: it only reacts to tool-list changes.
+// === progress ===
+
+/// One progress notification of a call, as its server sent it (without the server's token).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub progress: f64,
+    pub total: Option<f64>,
+    pub message: Option<String>,
+}
+
+/// Where a caller wants a call's progress. Lossy: a sink that is full misses notifications
+/// rather than holding up the answer.
+pub type ProgressSink = tokio::sync::mpsc::Sender<Progress>;
+
+/// The next progress notification of a subscribed call; never, without a subscription.
+async fn next_progress(subscriber: &mut Option<ProgressSubscriber>) -> Option<Progress> {
+    use tokio_stream::StreamExt as _;
+    match subscriber {
+        Some(subscriber) => subscriber.next().await.map(|p| Progress {
+            progress: p.progress,
+            total: p.total,
+            message: p.message,
+        }),
+        None => std::future::pending().await,
+    }
+}
+
+/// The client side of the session: it reacts to tool-list changes and routes progress
+/// notifications to the call they belong to.
 struct PoolClient {
     cache: Arc<ToolCache>,
+    progress: ProgressDispatcher,
 }
 
 impl ClientHandler for PoolClient {
@@ -127,6 +157,16 @@ impl ClientHandler for PoolClient {
             Err(_) => warn!(timeout = ?REFRESH_TIMEOUT, "tool list refresh timed out"),
         }
     }
+
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        // Tokens are rmcp's per-request numbers: a notification for a call nobody subscribed
+        // to (or one that ended) is dropped here.
+        self.progress.handle_notification(params).await;
+    }
 }
 
 // === McpSession ===
@@ -141,6 +181,8 @@ pub struct McpClient {
     peer: Peer<RoleClient>,
     /// Tool list from the last `tools/list`.
     cache: Arc<ToolCache>,
+    /// Progress notifications by the token rmcp gave each request.
+    progress: ProgressDispatcher,
     /// The session's cgroup, to tell an OOM kill at the memory limit from a crash.
     cgroup: Option<Arc<SessionCgroup>>,
     /// `Some` once rmcp's service task has ended.
@@ -273,6 +315,19 @@ impl McpClient {
         args: Option<serde_json::Map<String, serde_json::Value>>,
         timeout: Duration,
     ) -> Result<CallToolResult, McpError> {
+        self.call_tool_with_progress(name, args, timeout, None)
+            .await
+    }
+
+    /// [`McpClient::call_tool`], passing the server's progress notifications of this call to
+    /// `progress` while it runs.
+    pub async fn call_tool_with_progress(
+        &self,
+        name: &str,
+        args: Option<serde_json::Map<String, serde_json::Value>>,
+        timeout: Duration,
+        progress: Option<ProgressSink>,
+    ) -> Result<CallToolResult, McpError> {
         if self.peer.is_transport_closed() {
             return Err(McpError::NotSent);
         }
@@ -299,7 +354,41 @@ impl McpClient {
             peer: self.peer.clone(),
             id: Some(handle.id.clone()),
         };
-        let answer = tokio::time::timeout(timeout, handle.await_response()).await;
+        // Subscribed right after the request was queued, before it can have been written, so
+        // no notification of this call arrives unrouted.
+        let mut subscriber = match &progress {
+            Some(_) => Some(self.progress.subscribe(handle.progress_token.clone()).await),
+            None => None,
+        };
+        let response = handle.await_response();
+        let answer = tokio::time::timeout(timeout, async {
+            tokio::pin!(response);
+            let forward = |update| {
+                if let Some(sink) = &progress {
+                    let _ = sink.try_send(update);
+                }
+            };
+            let answer = loop {
+                tokio::select! {
+                    // Progress already queued goes out before the answer.
+                    biased;
+                    Some(update) = next_progress(&mut subscriber) => forward(update),
+                    answer = &mut response => break answer,
+                }
+            };
+            // rmcp runs notification handlers in tasks of their own, so the last progress
+            // notification can reach the dispatcher just after the answer: give it a turn.
+            if subscriber.is_some() {
+                tokio::task::yield_now().await;
+                while let Ok(Some(update)) =
+                    tokio::time::timeout(Duration::ZERO, next_progress(&mut subscriber)).await
+                {
+                    forward(update);
+                }
+            }
+            answer
+        })
+        .await;
         let answer = match answer {
             Ok(answer) => {
                 guard.id = None;
@@ -542,8 +631,10 @@ impl McpSession {
         }
 
         let cache = Arc::new(ToolCache::new());
+        let progress = ProgressDispatcher::new();
         let handler = PoolClient {
             cache: cache.clone(),
+            progress: progress.clone(),
         };
         // rmcp's `serve` has no timeout of its own: a server that never answers would hang it.
         let running = match tokio::time::timeout_at(deadline, handler.serve(transport)).await {
@@ -604,6 +695,7 @@ impl McpSession {
                 pgid,
                 peer,
                 cache,
+                progress,
                 cgroup,
                 ended: ended.clone(),
                 remote: None,
@@ -638,8 +730,10 @@ impl McpSession {
             .reinit_on_expired_session(true);
         let transport = StreamableHttpClientTransport::with_client(http.clone(), config);
         let cache = Arc::new(ToolCache::new());
+        let progress = ProgressDispatcher::new();
         let handler = PoolClient {
             cache: cache.clone(),
+            progress: progress.clone(),
         };
         let kill = Arc::new(RemoteKill {
             cancel: tokio_util::sync::CancellationToken::new(),
@@ -700,6 +794,7 @@ impl McpSession {
                 cache,
                 cgroup: None,
                 ended: ended.clone(),
+                progress,
                 remote: Some(RemoteSide {
                     http,
                     kill: kill.clone(),

@@ -12,7 +12,16 @@ use crate::actors::connection::Session;
 use crate::actors::credential::CredentialError;
 use crate::actors::fairness::{MAX_ARGUMENT_DEPTH, UserCallLimiter, arguments_depth};
 use crate::ids::{ServerName, SessionKey, UserId};
+use crate::mcp::ProgressSink;
 use crate::oauth::{Freshness, TokenRefresher};
+
+/// What a caller may add to a tool call.
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// Receives the server's progress notifications for this call (`/mcp` forwards them to
+    /// its client); REST and chat pass none.
+    pub progress: Option<ProgressSink>,
+}
 
 /// Typed handle to the pool; cheap to clone. Survives a restart of the supervisor (see
 /// [`super::guardian`]): it reads the current supervisor from a shared slot.
@@ -183,11 +192,45 @@ impl PoolHandle {
         Ok(self.get_session(user, server).await?.tools())
     }
 
+    /// The tool lists of several of `user`'s servers, in the order given, listed concurrently
+    /// with at most `parallel` at once (each cold one also waits for one of
+    /// `pool.max_concurrent_starts`). One server's failure is its own entry, never the others'.
+    pub async fn list_tools_of(
+        &self,
+        user: &UserId,
+        servers: &[ServerName],
+        parallel: usize,
+    ) -> Vec<Result<Arc<Vec<rmcp::model::Tool>>, PoolError>> {
+        let limit = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (index, server) in servers.iter().enumerate() {
+            let (pool, user, server, limit) =
+                (self.clone(), user.clone(), server.clone(), limit.clone());
+            tasks.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                (index, pool.list_tools(&user, &server).await)
+            });
+        }
+        let mut listed: Vec<_> = servers
+            .iter()
+            .map(|_| Err(PoolError::Unavailable))
+            .collect();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((index, result)) => listed[index] = result,
+                Err(err) => tracing::error!(cause = %err, "listing tools panicked"),
+            }
+        }
+        listed
+    }
+
     /// Calls a tool, after refreshing OAuth tokens due for a refresh (an in-memory check when
     /// none is). Retried only if the session was closed before the call was sent.
     /// Refused at once, before anything starts, when the arguments nest deeper than
     /// [`MAX_ARGUMENT_DEPTH`] or the user already has `pool.max_in_flight_per_user` calls in
     /// flight.
+    ///
+    /// Dropping the returned future cancels the call: the server gets `notifications/cancelled`.
     pub async fn call_tool(
         &self,
         user: &UserId,
@@ -195,8 +238,24 @@ impl PoolHandle {
         tool: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
     ) -> Result<rmcp::model::CallToolResult, PoolError> {
+        self.call_tool_with(user, server, tool, arguments, CallOptions::default())
+            .await
+    }
+
+    /// [`PoolHandle::call_tool`] with options (the server's progress notifications of the
+    /// call). Every call goes through here.
+    pub async fn call_tool_with(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        tool: &str,
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+        options: CallOptions,
+    ) -> Result<rmcp::model::CallToolResult, PoolError> {
         let began = Instant::now();
-        let result = self.call_tool_once(user, server, tool, arguments).await;
+        let result = self
+            .call_tool_once(user, server, tool, arguments, options)
+            .await;
         let outcome = match &result {
             Ok(done) if done.is_error == Some(true) => "tool_error",
             Ok(_) => "ok",
@@ -216,6 +275,7 @@ impl PoolHandle {
         server: &ServerName,
         tool: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
+        options: CallOptions,
     ) -> Result<rmcp::model::CallToolResult, PoolError> {
         if arguments_depth(arguments.as_ref()) > MAX_ARGUMENT_DEPTH {
             return Err(PoolError::ArgumentsTooDeep {
@@ -233,15 +293,20 @@ impl PoolHandle {
         let session = self.get_session(user, server).await?;
         let Some(slot) = session.reserve() else {
             // It started closing, and the pool no longer hands it out.
-            return self.retry_call(user, server, None, tool, arguments).await;
+            return self
+                .retry_call(user, server, None, tool, arguments, options)
+                .await;
         };
-        match session.call_reserved(slot, tool, arguments.clone()).await {
+        match session
+            .call_reserved(slot, tool, arguments.clone(), options.progress.clone())
+            .await
+        {
             // A call that never reached the server is tried again, once, on another session;
             // one that may have run reports `ServerCrashed` (a tool need not be idempotent).
             Err(PoolError::Reconnect) => {
                 // The session is broken (its transport closed, or a write to the server
                 // failed): the retry must not be handed the same session back.
-                self.retry_call(user, server, Some(session.pid()), tool, arguments)
+                self.retry_call(user, server, Some(session.pid()), tool, arguments, options)
                     .await
             }
             // A remote server refused the user's credentials and they could not be replaced:
@@ -266,13 +331,16 @@ impl PoolHandle {
         stale: Option<u32>,
         tool: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
+        options: CallOptions,
     ) -> Result<rmcp::model::CallToolResult, PoolError> {
         tracing::debug!(user_id = %user, server = %server, ?stale, "retrying a call that was not sent");
         let session = self
             .fetch_session(SessionKey::new(user, server), stale)
             .await?;
         let slot = session.reserve().ok_or(PoolError::Reconnect)?;
-        session.call_reserved(slot, tool, arguments).await
+        session
+            .call_reserved(slot, tool, arguments, options.progress)
+            .await
     }
 
     pub async fn close_session(

@@ -36,7 +36,7 @@ use crate::oauth::TokenRefresher;
 
 pub use error::PoolError;
 pub use events::{EventKind, PoolEvent, PoolEvents};
-pub use handle::PoolHandle;
+pub use handle::{CallOptions, PoolHandle};
 pub use index::PoolIndex;
 pub use metrics::PoolMetrics;
 use state::PoolState;

@@ -237,7 +237,13 @@ impl PoolState {
                 _ => entry.waiters.extend(reply),
             }
         } else {
-            let shared = SessionShared::new(key.clone(), self.args.pool.call_timeout);
+            let filter = self
+                .args
+                .servers
+                .get(key.server.as_str())
+                .map(|server| Arc::new(server.tools.clone()))
+                .unwrap_or_default();
+            let shared = SessionShared::new(key.clone(), self.args.pool.call_timeout, filter);
             self.args.index.write().insert(key.clone(), shared.clone());
             self.entries.insert(
                 key.clone(),
