@@ -73,6 +73,18 @@ impl Harness {
             .map(|c| c.state)
     }
 
+    /// Restarts scheduled so far for the key, and whether its circuit is open.
+    async fn restarts_of(&self, user: &UserId, server: &ServerName) -> (u32, bool) {
+        let stats = self.pool().stats().await.unwrap();
+        stats
+            .connections
+            .iter()
+            .find(|c| &c.user_id == user && &c.server == server)
+            .map_or((0, false), |c| {
+                (c.restarts, c.state == SessionState::Failed)
+            })
+    }
+
     /// Connections with a call in flight.
     async fn busy_connections(&self) -> usize {
         let stats = self.pool().stats().await.unwrap();
@@ -515,15 +527,22 @@ async fn a_crash_loop_trips_the_circuit_and_recovers_after_the_cool_down() {
         let asked_at = Instant::now();
         match h.pool().get_session(&ivan, &demo).await {
             Ok(conn) => {
+                let (restarts, _) = h.restarts_of(&ivan, &demo).await;
                 let crashed = conn.call_tool("crash", None).await;
                 assert!(crashed.is_err(), "{crashed:?}");
                 crashes += 1;
                 assert!(crashes <= 3, "still restarting after {crashes} crashes");
-                // Wait for the supervisor to notice before asking again.
-                wait_until(LONG, || async {
-                    h.state_of(&ivan, &demo).await != Some(SessionState::Ready)
-                })
-                .await;
+                // Wait for the supervisor to handle the crash before asking again: it either
+                // schedules a restart (a counter, so a restart too quick to see as a state is
+                // not missed) or opens the circuit.
+                assert!(
+                    wait_until(LONG, || async {
+                        let (now, open) = h.restarts_of(&ivan, &demo).await;
+                        now > restarts || open
+                    })
+                    .await,
+                    "crash {crashes} was handled"
+                );
             }
             Err(PoolError::CircuitOpen { retry_after }) => break (asked_at, retry_after),
             Err(other) => panic!("unexpected {other:?}"),
