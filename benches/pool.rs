@@ -100,7 +100,7 @@ fn config(dir: &std::path::Path, servers: &[Server]) -> Config {
         "[service]\ndata_dir = {data:?}\nshutdown_grace = \"60s\"\n\
          [database]\nurl = \"sqlite://{data}/db.sqlite\"\n\
          [credentials]\ndir = {creds:?}\n[encryption]\nkey_file = \"{data}/key\"\n\
-         [pool]\nclose_grace = \"1s\"\nmax_connections = 20000\nmax_connections_per_user = 50\n\
+         [pool]\nclose_grace = \"1s\"\nmax_connections = 2000\nmax_connections_per_user = 50\n\
          idle_timeout = \"3s\"\nreap_interval = \"24h\"\nmax_restarts = 100000\n\
          restart_backoff_base = \"10ms\"\nrestart_backoff_cap = \"50ms\"\n\
          [servers.slow]\ncommand = {bin:?}\nargs = [\"demo-server\", \"--slow-start\", \"5s\"]\n\
