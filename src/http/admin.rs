@@ -28,7 +28,7 @@ pub async fn stats(
     State(state): State<HttpState>,
     _admin: AdminAuth,
 ) -> Result<Json<PoolStats>, ApiError> {
-    Ok(Json(state.pool.stats().await?))
+    Ok(Json(state.pool.stats_with_usage().await?))
 }
 
 /// The `{user}` path parameter of admin routes.

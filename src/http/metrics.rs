@@ -332,7 +332,7 @@ pub fn state_name(state: SessionState) -> &'static str {
 pub async fn scrape(State(state): State<HttpState>) -> Result<Response, ApiError> {
     // A pool that does not answer must not make the whole scrape fail: the HTTP counters
     // are still worth having.
-    let stats = state.pool.stats().await.ok();
+    let stats = state.pool.stats_with_usage().await.ok();
     let text = state
         .metrics
         .render(stats.as_ref())

@@ -449,10 +449,17 @@ impl PoolHandle {
             .await
     }
 
-    /// Every session with its cost, and a summary per server. Reading `/proc` happens here,
-    /// off the supervisor's mailbox.
+    /// Every session as the supervisor knows it: cheap, for request paths (no `/proc`, no
+    /// per-server summary).
     pub async fn stats(&self) -> Result<PoolStats, PoolError> {
-        let mut stats = self.ask(|reply| PoolMsg::Stats { reply }).await?;
+        self.ask(|reply| PoolMsg::Stats { reply }).await
+    }
+
+    /// [`PoolHandle::stats`] plus each session's cost and a summary per server, for the
+    /// operator (`/v1/stats`, `/metrics`). Reading `/proc` happens here, on a blocking thread,
+    /// off the supervisor's mailbox and off every user's request.
+    pub async fn stats_with_usage(&self) -> Result<PoolStats, PoolError> {
+        let mut stats = self.stats().await?;
         let metrics = self.metrics.clone();
         tokio::task::spawn_blocking(move || {
             stats.complete(&metrics);
