@@ -775,3 +775,430 @@ async fn tool_filters_apply_to_rest_and_mcp_alike() {
     assert_eq!(echoed["result"]["content"][0]["text"], "allowed");
     server.stop().await;
 }
+
+// === prompts and resources ===
+
+/// Where server-everything's static documents are stored (it serves them as they are).
+fn everything_doc(name: &str) -> String {
+    let js = std::path::PathBuf::from(required_env("MCP_POOL_TEST_EVERYTHING"));
+    let path = js.parent().unwrap().join("docs").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+}
+
+const ARCHITECTURE: &str = "mcp-pool://everything/demo://resource/static/document/architecture.md";
+const TEXT_TEMPLATE: &str = "mcp-pool://everything/demo://resource/dynamic/text/{resourceId}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typescript_sdk_gets_prompts_and_reads_resources_and_templates() {
+    let (server, alice) = alice_with_two_servers().await;
+    let mut client = ClientProcess::typescript(
+        &server,
+        &alice,
+        "catalog",
+        "everything__args-prompt",
+        &json!({ "city": "Paris" }),
+    );
+    assert!(client.next().await["connected"].as_bool().unwrap());
+    let prompts = names(&client.next().await["prompts"]);
+    for expected in [
+        "everything__simple-prompt",
+        "everything__args-prompt",
+        "everything__resource-prompt",
+    ] {
+        assert!(prompts.contains(&expected.to_owned()), "{prompts:?}");
+    }
+    // The demo server offers no prompts (and is not asked for any).
+    assert!(prompts.iter().all(|p| p.starts_with("everything__")), "{prompts:?}");
+    assert!(prompts.iter().all(|p| p.len() <= 64), "{prompts:?}");
+    let prompt = client.next().await["prompt"].clone();
+    assert_eq!(
+        prompt["messages"][0]["content"]["text"], "What's weather in Paris?",
+        "{prompt}"
+    );
+
+    let catalog = client.next().await;
+    let resources = catalog["resources"].as_array().unwrap();
+    assert!(!resources.is_empty(), "{catalog}");
+    for resource in resources {
+        let uri = resource["uri"].as_str().unwrap();
+        assert!(uri.starts_with("mcp-pool://everything/demo://"), "{uri}");
+        assert!(
+            resource["name"].as_str().unwrap().starts_with("everything__"),
+            "{resource}"
+        );
+    }
+    assert!(
+        resources.iter().any(|r| r["uri"] == ARCHITECTURE),
+        "{catalog}"
+    );
+    let templates = catalog["templates"].as_array().unwrap();
+    assert!(
+        templates.iter().any(|t| t["uriTemplate"] == TEXT_TEMPLATE),
+        "{catalog}"
+    );
+
+    // Through mcp-pool, the same document as server-everything gives directly.
+    let reads = client.next().await;
+    assert_eq!(
+        reads["original"], "demo://resource/static/document/architecture.md",
+        "{reads}"
+    );
+    let (pooled, direct) = (&reads["read"]["contents"][0], &reads["directly"]["contents"][0]);
+    assert_eq!(pooled["uri"], ARCHITECTURE, "{reads}");
+    assert_eq!(direct["uri"], reads["original"], "{reads}");
+    assert_eq!(pooled["text"], direct["text"], "{reads}");
+    assert_eq!(pooled["mimeType"], direct["mimeType"], "{reads}");
+    assert_eq!(pooled["text"], everything_doc("architecture.md"));
+
+    // The SDK's RFC 6570 expansion of the mapped template reads the server's resource 7.
+    let filled = client.next().await;
+    assert_eq!(
+        filled["filled"], "mcp-pool://everything/demo://resource/dynamic/text/7",
+        "{filled}"
+    );
+    let contents = &filled["template_read"]["contents"][0];
+    assert_eq!(contents["uri"], filled["filled"], "{filled}");
+    assert!(
+        contents["text"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("Resource 7: This is a plaintext resource"),
+        "{filled}"
+    );
+    client.finish().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_gets_a_prompt_and_reads_resources() {
+    let (server, alice) = alice_with_two_servers().await;
+    let mut command = tokio::process::Command::new(required_env("MCP_POOL_TEST_PY_MCP"));
+    command.arg(fixture("client.py")).args([
+        &url(&server),
+        "demo__echo",
+        &json!({ "message": "x" }).to_string(),
+        "everything__simple-prompt",
+        "{}",
+    ]);
+    let mut client = ClientProcess::spawn(command, &alice, None);
+    assert_eq!(client.next().await["connected"], true);
+    client.next().await; // tools
+    client.next().await; // the call
+    let prompts = names(&client.next().await["prompts"]);
+    assert!(
+        prompts.contains(&"everything__simple-prompt".to_owned()),
+        "{prompts:?}"
+    );
+    let prompt = client.next().await["prompt"].clone();
+    assert_eq!(
+        prompt["messages"][0]["content"]["text"], "This is a simple prompt without arguments.",
+        "{prompt}"
+    );
+    let catalog = client.next().await;
+    let first = catalog["resources"][0].as_str().unwrap().to_owned();
+    assert!(first.starts_with("mcp-pool://everything/"), "{catalog}");
+    let read = client.next().await["read"].clone();
+    assert_eq!(read["contents"][0]["uri"], first.as_str(), "{read}");
+    let name = first.rsplit('/').next().unwrap();
+    assert_eq!(read["contents"][0]["text"], everything_doc(name), "{read}");
+    let filled = client.next().await;
+    assert_eq!(
+        filled["template_read"]["contents"][0]["uri"], filled["filled"],
+        "{filled}"
+    );
+    assert!(
+        filled["template_read"]["contents"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("Resource 3:"),
+        "{filled}"
+    );
+    client.finish().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspector_cli_gets_a_prompt_and_reads_a_resource() {
+    let (server, alice) = alice_with_two_servers().await;
+    let listed = inspector(&server, &alice, &["--method", "prompts/list"]).await;
+    let prompts: Vec<&str> = listed["prompts"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{listed}"))
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(prompts.contains(&"everything__args-prompt"), "{listed}");
+    let got = inspector(
+        &server,
+        &alice,
+        &[
+            "--method",
+            "prompts/get",
+            "--prompt-name",
+            "everything__args-prompt",
+            "--prompt-args",
+            "city=Lyon",
+            "state=Rhône",
+        ],
+    )
+    .await;
+    assert_eq!(
+        got["messages"][0]["content"]["text"], "What's weather in Lyon, Rhône?",
+        "{got}"
+    );
+    let read = inspector(
+        &server,
+        &alice,
+        &["--method", "resources/read", "--uri", ARCHITECTURE],
+    )
+    .await;
+    assert_eq!(read["contents"][0]["uri"], ARCHITECTURE, "{read}");
+    assert_eq!(
+        read["contents"][0]["text"],
+        everything_doc("architecture.md")
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_list_changed_reaches_the_client_and_links_are_readable() {
+    let (server, alice) = alice_with_two_servers().await;
+    // "hello from mcp-pool", compressed by server-everything into a resource of the session.
+    let args = json!({
+        "name": "hello.txt.gz",
+        "data": "data:text/plain;base64,aGVsbG8gZnJvbSBtY3AtcG9vbA==",
+        "outputType": "resourceLink",
+    });
+    let mut client = ClientProcess::typescript(
+        &server,
+        &alice,
+        "resource-changed",
+        "everything__gzip-file-as-resource",
+        &args,
+    );
+    assert!(client.next().await["connected"].as_bool().unwrap());
+    let before = client.next().await;
+    let link = "mcp-pool://everything/demo://resource/session/hello.txt.gz";
+    assert!(
+        !before["before"].as_array().unwrap().iter().any(|u| u == link),
+        "{before}"
+    );
+    let done = client.next().await;
+    // The tool result links to the resource under the URI /mcp hands out...
+    let links: Vec<&Value> = done["result"]["content"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{done}"))
+        .iter()
+        .filter(|c| c["type"] == "resource_link")
+        .collect();
+    assert_eq!(links.len(), 1, "{done}");
+    assert_eq!(links[0]["uri"], link, "{done}");
+    // ...the list the client fetched on `resources/list_changed` has it (the session's kept
+    // list was dropped when the server announced the change)...
+    assert!(
+        done["listed"].as_array().unwrap().iter().any(|u| u == link),
+        "{done}"
+    );
+    // ...and the link reads: a gzip stream, in base64.
+    let contents = &done["read"]["contents"][0];
+    assert_eq!(contents["uri"], link, "{done}");
+    assert_eq!(contents["mimeType"], "application/gzip", "{done}");
+    assert!(
+        contents["blob"].as_str().unwrap_or_default().starts_with("H4sI"),
+        "{done}"
+    );
+    client.finish().await;
+    server.stop().await;
+}
+
+async fn request(client: &Client, session: &str, id: u64, method: &str, params: Value) -> Value {
+    let resp = post(
+        client,
+        Some(session),
+        &json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params }),
+    )
+    .await;
+    answer(&resp)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_never_read_each_others_resources() {
+    let server = TestServer::start("", &everything(), "", &[]).await;
+    let (alice, bob) = (server.user("alice"), server.user("bob"));
+    assert_eq!(alice.connect("everything").await.status, 201);
+    assert_eq!(bob.connect("demo").await.status, 201);
+    let alice_session = initialize(&alice).await;
+    let listed = request(&alice, &alice_session, 2, "resources/list", json!({})).await;
+    assert!(
+        listed["result"]["resources"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{listed}"))
+            .iter()
+            .any(|r| r["uri"] == ARCHITECTURE),
+        "{listed}"
+    );
+    let read = request(
+        &alice,
+        &alice_session,
+        3,
+        "resources/read",
+        json!({ "uri": ARCHITECTURE }),
+    )
+    .await;
+    assert_eq!(
+        read["result"]["contents"][0]["text"],
+        everything_doc("architecture.md")
+    );
+
+    // Bob holds Alice's URI but has no server-everything: not found, and nothing started.
+    let bob_session = initialize(&bob).await;
+    let refused = request(
+        &bob,
+        &bob_session,
+        2,
+        "resources/read",
+        json!({ "uri": ARCHITECTURE }),
+    )
+    .await;
+    assert_eq!(refused["error"]["code"], -32002, "{refused}");
+    assert!(refused.get("result").is_none(), "{refused}");
+    // Nor does he see her resources, or her servers' prompts.
+    let his = request(&bob, &bob_session, 3, "resources/list", json!({})).await;
+    assert_eq!(his["result"]["resources"], json!([]), "{his}");
+    let prompts = request(&bob, &bob_session, 4, "prompts/list", json!({})).await;
+    assert_eq!(prompts["result"]["prompts"], json!([]), "{prompts}");
+    let got = request(
+        &bob,
+        &bob_session,
+        5,
+        "prompts/get",
+        json!({ "name": "everything__simple-prompt" }),
+    )
+    .await;
+    assert_eq!(got["error"]["code"], -32602, "{got}");
+    // A URI of no server at all is refused the same way.
+    let foreign = request(
+        &bob,
+        &bob_session,
+        6,
+        "resources/read",
+        json!({ "uri": "demo://resource/static/document/architecture.md" }),
+    )
+    .await;
+    assert_eq!(foreign["error"]["code"], -32002, "{foreign}");
+    let stats = server.state.pool.stats().await.unwrap();
+    assert!(
+        !stats
+            .connections
+            .iter()
+            .any(|c| c.user_id.as_str() == "bob" && c.server.as_str() == "everything"),
+        "{:?}",
+        stats.connections
+    );
+
+    // Once Bob connects server-everything himself, the same URI reads from his own session:
+    // the URI names a server, never a user.
+    assert_eq!(bob.connect("everything").await.status, 201);
+    let own = request(
+        &bob,
+        &bob_session,
+        7,
+        "resources/read",
+        json!({ "uri": ARCHITECTURE }),
+    )
+    .await;
+    assert_eq!(
+        own["result"]["contents"][0]["text"],
+        everything_doc("architecture.md"),
+        "{own}"
+    );
+    let stats = server.state.pool.stats().await.unwrap();
+    let everything_sessions: Vec<&str> = stats
+        .connections
+        .iter()
+        .filter(|c| c.server.as_str() == "everything")
+        .map(|c| c.user_id.as_str())
+        .collect();
+    assert_eq!(everything_sessions.len(), 2, "{everything_sessions:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stateless_subscriptions_listen_streams_list_changes() {
+    let server = TestServer::api_key().await;
+    let alice = server.user("alice");
+    assert_eq!(alice.connect("demo").await.status, 201);
+    let meta = json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": { "name": "raw", "version": "1" },
+    });
+    let mut stream = mcp(&alice)
+        .with_header("mcp-protocol-version", "2026-07-28")
+        .with_header("mcp-method", "subscriptions/listen")
+        .post_streaming(
+            "/mcp",
+            &json!({ "jsonrpc": "2.0", "id": "listen-1", "method": "subscriptions/listen",
+                "params": { "_meta": meta, "notifications": {
+                    "toolsListChanged": true, "promptsListChanged": true,
+                    "resourcesListChanged": true,
+                    "resourceSubscriptions": ["mcp-pool://demo/x"] } } }),
+        )
+        .await;
+    assert_eq!(stream.status, 200);
+    assert!(stream.headers.get("mcp-session-id").is_none());
+    let ack = stream.next_data().await.expect("an acknowledgment");
+    assert_eq!(ack["method"], "notifications/subscriptions/acknowledged", "{ack}");
+    // List changes are accepted; resource updates are not offered.
+    assert_eq!(
+        ack["params"]["notifications"],
+        json!({ "toolsListChanged": true, "promptsListChanged": true,
+                "resourcesListChanged": true }),
+        "{ack}"
+    );
+
+    // Alice connects another server: every list of hers changed.
+    assert_eq!(alice.connect("demo2").await.status, 201);
+    let mut methods = Vec::new();
+    for _ in 0..3 {
+        let note = stream.next_data().await.expect("a notification");
+        assert_eq!(
+            note["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "listen-1",
+            "{note}"
+        );
+        methods.push(note["method"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        methods,
+        [
+            "notifications/tools/list_changed",
+            "notifications/prompts/list_changed",
+            "notifications/resources/list_changed",
+        ]
+    );
+    // A stateless listing sees the new server at once.
+    let listed = mcp(&alice)
+        .with_header("mcp-protocol-version", "2026-07-28")
+        .with_header("mcp-method", "tools/list")
+        .request(
+            "POST",
+            "/mcp",
+            Some("application/json"),
+            json!({ "jsonrpc": "2.0", "id": 2, "method": "tools/list",
+                    "params": { "_meta": meta } })
+            .to_string()
+            .into_bytes(),
+        )
+        .await;
+    let tools = answer(&listed);
+    assert!(
+        tools["result"]["tools"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{tools}"))
+            .iter()
+            .any(|t| t["name"] == "demo2__echo"),
+        "{tools}"
+    );
+    drop(stream);
+    server.stop().await;
+}

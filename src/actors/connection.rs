@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use rmcp::model::{CallToolResult, Tool};
+use rmcp::model::{
+    CallToolResult, GetPromptResult, Prompt, ReadResourceResult, Resource, ResourceTemplate, Tool,
+};
 use tracing::Instrument;
 
 use super::credential::CredentialHandle;
@@ -343,24 +345,101 @@ impl Session {
         self.client
             .call_tool_with_progress(name, arguments, self.shared.call_timeout, progress)
             .await
-            .map_err(|err| match err {
-                McpError::Timeout(after) => PoolError::CallTimeout(after),
-                // Nothing reached the server: the pool retries it on a fresh session.
-                McpError::NotSent => PoolError::Reconnect,
-                McpError::Closed => match self.client.memory_limit_hit() {
-                    Some(limit) => PoolError::MemoryLimit(limit),
-                    None => PoolError::ServerCrashed,
-                },
-                unauthorized @ McpError::Unauthorized(_) => {
-                    unauthorized_error(&self.shared.key, unauthorized)
-                }
-                other => PoolError::Mcp(Arc::new(other)),
-            })
+            .map_err(|err| self.failure(err))
+    }
+
+    /// The server's prompts (see [`McpClient::list_prompts`]), in a slot from
+    /// [`Session::reserve`]: a listing that reaches the server counts as in flight.
+    pub(crate) async fn list_prompts(&self, _slot: InFlight) -> Result<Arc<Vec<Prompt>>, PoolError> {
+        self.client
+            .list_prompts(self.shared.call_timeout)
+            .await
+            .map_err(|err| self.failure(err))
+    }
+
+    /// The server's resources, as [`Session::list_prompts`].
+    pub(crate) async fn list_resources(
+        &self,
+        _slot: InFlight,
+    ) -> Result<Arc<Vec<Resource>>, PoolError> {
+        self.client
+            .list_resources(self.shared.call_timeout)
+            .await
+            .map_err(|err| self.failure(err))
+    }
+
+    /// The server's resource templates, as [`Session::list_prompts`].
+    pub(crate) async fn list_resource_templates(
+        &self,
+        _slot: InFlight,
+    ) -> Result<Arc<Vec<ResourceTemplate>>, PoolError> {
+        self.client
+            .list_resource_templates(self.shared.call_timeout)
+            .await
+            .map_err(|err| self.failure(err))
+    }
+
+    /// `prompts/get` with the call timeout, in a slot from [`Session::reserve`].
+    pub(crate) async fn get_prompt(
+        &self,
+        _slot: InFlight,
+        name: &str,
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<GetPromptResult, PoolError> {
+        self.client
+            .get_prompt(name, arguments, self.shared.call_timeout)
+            .await
+            .map_err(|err| self.failure(err))
+    }
+
+    /// `resources/read` with the call timeout, in a slot from [`Session::reserve`].
+    pub(crate) async fn read_resource(
+        &self,
+        _slot: InFlight,
+        uri: &str,
+    ) -> Result<ReadResourceResult, PoolError> {
+        self.client
+            .read_resource(uri, self.shared.call_timeout)
+            .await
+            .map_err(|err| self.failure(err))
+    }
+
+    /// A failed request as the pool reports it.
+    fn failure(&self, err: McpError) -> PoolError {
+        match err {
+            McpError::Timeout(after) => PoolError::CallTimeout(after),
+            // Nothing reached the server: the pool retries it on a fresh session.
+            McpError::NotSent => PoolError::Reconnect,
+            McpError::Closed => match self.client.memory_limit_hit() {
+                Some(limit) => PoolError::MemoryLimit(limit),
+                None => PoolError::ServerCrashed,
+            },
+            unauthorized @ McpError::Unauthorized(_) => {
+                unauthorized_error(&self.shared.key, unauthorized)
+            }
+            other => PoolError::Mcp(Arc::new(other)),
+        }
     }
 
     pub(crate) fn new(shared: Arc<SessionShared>, client: McpClient) -> Session {
         Session { shared, client }
     }
+}
+
+/// Publishes `kind` each time the session's server announces a change of that list. Ends with
+/// the session (the watch's sender goes with it).
+fn publish_changes(
+    mut changes: tokio::sync::watch::Receiver<u64>,
+    kind: EventKind,
+    events: PoolEvents,
+    key: SessionKey,
+) {
+    tokio::spawn(async move {
+        changes.mark_unchanged();
+        while changes.changed().await.is_ok() {
+            events.publish(&key, kind.clone());
+        }
+    });
 }
 
 // === ConnectionActor ===
@@ -852,15 +931,13 @@ impl ConnectionActorState {
                     client.clone(),
                     self.health,
                 );
-                let (mut changes, events, key) =
-                    (client.tools_changed(), self.events.clone(), key.clone());
-                // Ends with the session (the watch's sender goes with it).
-                tokio::spawn(async move {
-                    changes.mark_unchanged();
-                    while changes.changed().await.is_ok() {
-                        events.publish(&key, EventKind::ToolsChanged);
-                    }
-                });
+                for (changes, kind) in [
+                    (client.tools_changed(), EventKind::ToolsChanged),
+                    (client.prompts_changed(), EventKind::PromptsChanged),
+                    (client.resources_changed(), EventKind::ResourcesChanged),
+                ] {
+                    publish_changes(changes, kind, self.events.clone(), key.clone());
+                }
                 let _ = self.pool.send_message(PoolMsg::Ready {
                     actor: myself.get_id(),
                     session: Session::new(self.shared.clone(), client),

@@ -9,7 +9,8 @@
 //!   one retry.
 //! - [`session`]: one rmcp client session ([`McpSession`]) on such a child, or on a remote
 //!   server: start-up under a timeout, a cached tool list refreshed on `notifications/tools/list_changed`, tool calls
-//!   with per-call timeouts, an "ended" signal, and an explicit [`McpSession::close`].
+//!   with per-call timeouts, prompts and resources listed on demand (kept until the server
+//!   says they changed), an "ended" signal, and an explicit [`McpSession::close`].
 //! - [`sandbox`]: confinement of each server to its own user: Landlock, a PID namespace
 //!   behind a minimal init, no capabilities, and a cgroup with memory, process and CPU limits.
 //! - [`usage`]: resident memory and CPU time of a session's process group and of the service,
@@ -19,7 +20,8 @@
 //! - [`demo_server`]: the MCP server bundled in this binary (`mcp-pool demo-server`), used by
 //!   the tests and as a smoke target.
 //! - [`names`]: the `{server}__{tool}` names under which `/v1/chat` and `/mcp` offer a user's
-//!   tools (valid, at most 64 characters, unique).
+//!   tools (valid, at most 64 characters, unique), the same for prompts, and the
+//!   `mcp-pool://{server}/{uri}` form of resource URIs on `/mcp`.
 //! - [`error`]: [`McpError`], the one error type of this module.
 //!
 //! Cleanup never relies on `Drop`: the owner of a session calls [`McpSession::close`], which

@@ -9,6 +9,18 @@
 //! of a hash of the original (server, tool), cut so that the whole stays within 64 characters.
 //! Valid names are claimed first, so a clean name never changes because some other tool
 //! needed rewriting; the same lists in the same order always give the same names.
+//! `/mcp` names prompts the same way ([`namespace_by`]).
+//!
+//! Resources are found by URI, not by name, so `/mcp` rewrites their URIs instead
+//! ([`resource_uri`], [`resource_route`]): `mcp-pool://{server}/{original}`, the original URI
+//! appended as it is. Stripping the prefix gives back any original byte for byte, and because
+//! the prefix holds no template expression, the same rule maps a resource template: a client
+//! that fills `mcp-pool://{server}/demo://item/{id}` gets exactly the prefix plus what filling
+//! the server's own `demo://item/{id}` gives, whatever the values and their escaping. (Percent-
+//! encoding the original would not survive filling: a value the client escapes would be
+//! unescaped on the way back.) The URI names a server, never a user: it is resolved among the
+//! caller's own servers, so a URI copied from another user leads, at most, to the caller's own
+//! session of that server.
 
 use std::collections::HashSet;
 
@@ -39,27 +51,75 @@ pub struct NamedTool<'a> {
     pub tool: &'a Tool,
 }
 
+/// One upstream item of any kind (a prompt, ...) under its namespaced name.
+#[derive(Debug, Clone)]
+pub struct Named<'a, T> {
+    pub name: String,
+    pub server: &'a ServerName,
+    pub item: &'a T,
+}
+
+/// Where a namespaced prompt name leads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub server: ServerName,
+    /// The name as the server spells it.
+    pub name: String,
+}
+
 /// Names every tool of `servers`, in the order given. A tool listed twice by one server is
 /// named (and offered) once.
 pub fn namespace<'a>(
     servers: impl IntoIterator<Item = (&'a ServerName, &'a [Tool])>,
 ) -> Vec<NamedTool<'a>> {
-    let mut seen = HashSet::new();
-    let tools: Vec<(&ServerName, &Tool)> = servers
+    namespace_by(servers, |tool| tool.name.as_ref())
         .into_iter()
-        .flat_map(|(server, tools)| tools.iter().map(move |tool| (server, tool)))
-        .filter(|(server, tool)| seen.insert((server.as_str(), tool.name.as_ref())))
+        .map(|named| NamedTool {
+            name: named.name,
+            server: named.server,
+            tool: named.item,
+        })
+        .collect()
+}
+
+/// Names every item of `servers` as [`namespace`] names tools, `name_of` giving an item's
+/// upstream name.
+pub fn namespace_by<'a, T>(
+    servers: impl IntoIterator<Item = (&'a ServerName, &'a [T])>,
+    name_of: impl Fn(&T) -> &str,
+) -> Vec<Named<'a, T>> {
+    let mut seen = HashSet::new();
+    let items: Vec<(&ServerName, &T)> = servers
+        .into_iter()
+        .flat_map(|(server, items)| items.iter().map(move |item| (server, item)))
+        .filter(|(server, item)| seen.insert((server.as_str(), name_of(item).to_owned())))
         .collect();
     let names = unique_names(
-        tools
+        items
             .iter()
-            .map(|(server, tool)| (server.as_str(), tool.name.as_ref())),
+            .map(|(server, item)| (server.as_str(), name_of(item))),
     );
-    tools
+    items
         .into_iter()
         .zip(names)
-        .map(|((server, tool), name)| NamedTool { name, server, tool })
+        .map(|((server, item), name)| Named { name, server, item })
         .collect()
+}
+
+/// The scheme of the resource URIs `/mcp` hands out.
+pub const RESOURCE_SCHEME: &str = "mcp-pool";
+
+/// The URI under which `/mcp` offers `server`'s resource `uri` (or resource template: see the
+/// module docs).
+pub fn resource_uri(server: &ServerName, uri: &str) -> String {
+    format!("{RESOURCE_SCHEME}://{server}/{uri}")
+}
+
+/// The server and original URI of a URI from [`resource_uri`]; `None` for any other URI.
+pub fn resource_route(uri: &str) -> Option<(ServerName, &str)> {
+    let rest = uri.strip_prefix(RESOURCE_SCHEME)?.strip_prefix("://")?;
+    let (server, original) = rest.split_once('/')?;
+    Some((ServerName::parse(server).ok()?, original))
 }
 
 /// Whether `name` is acceptable to the model APIs (and so to MCP clients).
@@ -232,6 +292,77 @@ mod tests {
         // Exactly 64 characters is valid and kept.
         assert_eq!(names[2], format!("analytics__{exact}"));
         assert!(names.iter().all(|n| is_valid_tool_name(n)), "{names:?}");
+    }
+
+    #[test]
+    fn resource_uris_round_trip_any_original() {
+        let server = ServerName::parse("everything").unwrap();
+        for original in [
+            "demo://resource/static/document/architecture.md",
+            "file:///home/a%20b/c.txt?x=1#frag",
+            "https://example.com/a/../b",
+            "",
+            "no scheme at all",
+            "mcp-pool://other/nested",
+            "résumé://ü/{id}",
+        ] {
+            let mapped = resource_uri(&server, original);
+            assert!(mapped.starts_with("mcp-pool://everything/"), "{mapped}");
+            assert_eq!(resource_route(&mapped), Some((server.clone(), original)));
+        }
+    }
+
+    #[test]
+    fn filling_a_mapped_template_fills_the_original() {
+        let server = ServerName::parse("everything").unwrap();
+        let template = resource_uri(&server, "demo://resource/dynamic/text/{resourceId}");
+        // What any RFC 6570 client does with a simple expression, escaping included.
+        let fill = |template: &str, value: &str| template.replace("{resourceId}", value);
+        for value in ["1", "a%2Fb", "x%20y"] {
+            let (routed, original) = resource_route(&fill(&template, value)).unwrap();
+            assert_eq!(routed, server);
+            assert_eq!(
+                original,
+                fill("demo://resource/dynamic/text/{resourceId}", value)
+            );
+        }
+    }
+
+    #[test]
+    fn other_uris_lead_nowhere() {
+        for uri in [
+            "demo://resource/static/document/architecture.md",
+            "mcp-pool://",
+            "mcp-pool://everything",
+            "mcp-pool://Everything/x",
+            "mcp-pool://../x",
+            "mcp-pool:everything/x",
+            "MCP-POOL://everything/x",
+        ] {
+            assert_eq!(resource_route(uri), None, "{uri}");
+        }
+    }
+
+    #[test]
+    fn prompts_are_named_like_tools() {
+        let (a, b) = (
+            ServerName::parse("everything").unwrap(),
+            ServerName::parse("demo").unwrap(),
+        );
+        let prompts_a = ["simple-prompt", "args prompt", "simple-prompt"];
+        let prompts_b = ["simple-prompt"];
+        let named = namespace_by([(&a, &prompts_a[..]), (&b, &prompts_b[..])], |p| *p);
+        let names: Vec<&str> = named.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "everything__simple-prompt",
+                "everything__args_prompt",
+                "demo__simple-prompt"
+            ]
+        );
+        assert_eq!(*named[1].item, "args prompt");
+        assert_eq!(named[2].server, &b);
     }
 
     #[test]

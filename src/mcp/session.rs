@@ -12,7 +12,11 @@ use rmcp::{
     model::{
         CallToolRequest, CallToolRequestParams, CallToolResult, CancelledNotification,
         CancelledNotificationParam, ClientConfig, ClientNotification, ClientRequest,
-        Implementation, ProgressNotificationParam, ProtocolVersion, RequestId, ServerResult, Tool,
+        GetPromptRequest, GetPromptRequestParams, GetPromptResult, Implementation,
+        JsonObject, ListPromptsRequest, ListResourceTemplatesRequest, ListResourcesRequest,
+        PaginatedRequestParams, ProgressNotificationParam, Prompt, ProtocolVersion,
+        ReadResourceRequest, ReadResourceRequestParams, ReadResourceResult, RequestId, Resource,
+        ResourceTemplate, ServerCapabilities, ServerResult, Tool,
     },
     service::{
         NotificationContext, PeerRequestOptions, QuitReason, RunningServiceCancellationToken,
@@ -100,6 +104,97 @@ impl ToolCache {
     }
 }
 
+// === prompts and resources ===
+
+/// Pages one listing may follow before the server is deemed to loop.
+const MAX_LIST_PAGES: usize = 1000;
+
+/// One list of a server's prompts, resources or resource templates. Unlike tools it is not
+/// listed at start-up (most servers have none, and no caller may ever ask): it is listed on
+/// first demand and kept until the server's `list_changed` notification drops it. A listing
+/// that began before such a drop is answered but not kept (its generation is stale).
+struct ListCache<T> {
+    /// (generation, the list if known).
+    state: std::sync::Mutex<(u64, Option<Arc<Vec<T>>>)>,
+}
+
+impl<T> Default for ListCache<T> {
+    fn default() -> Self {
+        ListCache {
+            state: std::sync::Mutex::new((0, None)),
+        }
+    }
+}
+
+impl<T> ListCache<T> {
+    fn state(&self) -> std::sync::MutexGuard<'_, (u64, Option<Arc<Vec<T>>>)> {
+        // Every write leaves a complete state: a panic elsewhere cannot break it.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn get(&self) -> (u64, Option<Arc<Vec<T>>>) {
+        let state = self.state();
+        (state.0, state.1.clone())
+    }
+
+    /// Keeps `items`, unless the list was dropped since `generation` was read.
+    fn store(&self, generation: u64, items: Arc<Vec<T>>) {
+        let mut state = self.state();
+        if state.0 == generation {
+            state.1 = Some(items);
+        }
+    }
+
+    fn invalidate(&self) {
+        let mut state = self.state();
+        state.0 += 1;
+        state.1 = None;
+    }
+}
+
+/// The server's prompts and resources, shared by the session and its notification handler.
+#[derive(Default)]
+struct Catalog {
+    prompts: ListCache<Prompt>,
+    resources: ListCache<Resource>,
+    templates: ListCache<ResourceTemplate>,
+    /// Counts `notifications/prompts/list_changed` from the server.
+    prompts_changed: watch::Sender<u64>,
+    /// Counts `notifications/resources/list_changed` from the server.
+    resources_changed: watch::Sender<u64>,
+}
+
+/// Which list a request is about, to find its capability and cache.
+#[derive(Debug, Clone, Copy)]
+enum CatalogList {
+    Prompts,
+    Resources,
+    Templates,
+}
+
+impl CatalogList {
+    /// Whether the server offers this list at all, and whether it announces changes to it
+    /// (only then is a listing kept).
+    fn offered(self, capabilities: &ServerCapabilities) -> (bool, bool) {
+        match self {
+            CatalogList::Prompts => capabilities
+                .prompts
+                .as_ref()
+                .map_or((false, false), |p| (true, p.list_changed == Some(true))),
+            CatalogList::Resources | CatalogList::Templates => capabilities
+                .resources
+                .as_ref()
+                .map_or((false, false), |r| (true, r.list_changed == Some(true))),
+        }
+    }
+}
+
+fn unexpected_answer() -> McpError {
+    McpError::Protocol(Box::new(rmcp::ServiceError::UnexpectedResponse))
+}
+
 // === progress ===
 
 /// One progress notification of a call, as its server sent it (without the server's token).
@@ -131,6 +226,7 @@ async fn next_progress(subscriber: &mut Option<ProgressSubscriber>) -> Option<Pr
 /// notifications to the call they belong to.
 struct PoolClient {
     cache: Arc<ToolCache>,
+    catalog: Arc<Catalog>,
     progress: ProgressDispatcher,
 }
 
@@ -158,6 +254,19 @@ impl ClientHandler for PoolClient {
         }
     }
 
+    async fn on_prompt_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        self.catalog.prompts.invalidate();
+        self.catalog.prompts_changed.send_modify(|count| *count += 1);
+    }
+
+    async fn on_resource_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        // Templates have no notification of their own: the spec's resources/list_changed
+        // covers both lists.
+        self.catalog.resources.invalidate();
+        self.catalog.templates.invalidate();
+        self.catalog.resources_changed.send_modify(|count| *count += 1);
+    }
+
     async fn on_progress(
         &self,
         params: ProgressNotificationParam,
@@ -181,6 +290,8 @@ pub struct McpClient {
     peer: Peer<RoleClient>,
     /// Tool list from the last `tools/list`.
     cache: Arc<ToolCache>,
+    /// Prompts and resources, listed on demand.
+    catalog: Arc<Catalog>,
     /// Progress notifications by the token rmcp gave each request.
     progress: ProgressDispatcher,
     /// The session's cgroup, to tell an OOM kill at the memory limit from a crash.
@@ -300,6 +411,187 @@ impl McpClient {
     /// `changed()` on it to learn about the next one.
     pub fn tools_changed(&self) -> watch::Receiver<u64> {
         self.cache.changes.subscribe()
+    }
+
+    /// Counts `notifications/prompts/list_changed` from the server.
+    pub fn prompts_changed(&self) -> watch::Receiver<u64> {
+        self.catalog.prompts_changed.subscribe()
+    }
+
+    /// Counts `notifications/resources/list_changed` from the server.
+    pub fn resources_changed(&self) -> watch::Receiver<u64> {
+        self.catalog.resources_changed.subscribe()
+    }
+
+    /// The server's prompts: none if it does not offer the capability (no request is sent);
+    /// kept after the first listing if it announces changes (`listChanged`), else listed anew
+    /// each time. Each page may take up to `timeout`.
+    pub async fn list_prompts(&self, timeout: Duration) -> Result<Arc<Vec<Prompt>>, McpError> {
+        self.list_catalog(
+            CatalogList::Prompts,
+            &self.catalog.prompts,
+            timeout,
+            |params| ClientRequest::ListPromptsRequest(ListPromptsRequest::with_param(params)),
+            |answer| match answer {
+                ServerResult::ListPromptsResult(page) => Some((page.prompts, page.next_cursor)),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// The server's resources, as [`McpClient::list_prompts`] lists prompts.
+    pub async fn list_resources(&self, timeout: Duration) -> Result<Arc<Vec<Resource>>, McpError> {
+        self.list_catalog(
+            CatalogList::Resources,
+            &self.catalog.resources,
+            timeout,
+            |params| ClientRequest::ListResourcesRequest(ListResourcesRequest::with_param(params)),
+            |answer| match answer {
+                ServerResult::ListResourcesResult(page) => {
+                    Some((page.resources, page.next_cursor))
+                }
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// The server's resource templates, as [`McpClient::list_prompts`] lists prompts.
+    pub async fn list_resource_templates(
+        &self,
+        timeout: Duration,
+    ) -> Result<Arc<Vec<ResourceTemplate>>, McpError> {
+        self.list_catalog(
+            CatalogList::Templates,
+            &self.catalog.templates,
+            timeout,
+            |params| {
+                ClientRequest::ListResourceTemplatesRequest(
+                    ListResourceTemplatesRequest::with_param(params),
+                )
+            },
+            |answer| match answer {
+                ServerResult::ListResourceTemplatesResult(page) => {
+                    Some((page.resource_templates, page.next_cursor))
+                }
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// `prompts/get`.
+    pub async fn get_prompt(
+        &self,
+        name: &str,
+        arguments: Option<JsonObject>,
+        timeout: Duration,
+    ) -> Result<GetPromptResult, McpError> {
+        let mut params = GetPromptRequestParams::new(name);
+        params.arguments = arguments;
+        let request = ClientRequest::GetPromptRequest(GetPromptRequest::new(params));
+        match self.request(request, timeout).await? {
+            ServerResult::GetPromptResult(result) => Ok(result),
+            _ => Err(unexpected_answer()),
+        }
+    }
+
+    /// `resources/read` of `uri`, as the server spells it.
+    pub async fn read_resource(
+        &self,
+        uri: &str,
+        timeout: Duration,
+    ) -> Result<ReadResourceResult, McpError> {
+        let request = ClientRequest::ReadResourceRequest(ReadResourceRequest::new(
+            ReadResourceRequestParams::new(uri),
+        ));
+        match self.request(request, timeout).await? {
+            ServerResult::ReadResourceResult(result) => Ok(result),
+            _ => Err(unexpected_answer()),
+        }
+    }
+
+    /// Every page of one of the catalog's lists, or the kept list (see
+    /// [`McpClient::list_prompts`]).
+    async fn list_catalog<T>(
+        &self,
+        list: CatalogList,
+        cache: &ListCache<T>,
+        timeout: Duration,
+        request: impl Fn(PaginatedRequestParams) -> ClientRequest,
+        page: impl Fn(ServerResult) -> Option<(Vec<T>, Option<String>)>,
+    ) -> Result<Arc<Vec<T>>, McpError> {
+        let (offered, announced) = self
+            .peer
+            .peer_info()
+            .map_or((false, false), |info| list.offered(&info.capabilities));
+        if !offered {
+            return Ok(Arc::new(Vec::new()));
+        }
+        let (generation, kept) = cache.get();
+        if announced && let Some(items) = kept {
+            return Ok(items);
+        }
+        let mut items = Vec::new();
+        let mut cursor = None;
+        for _ in 0..MAX_LIST_PAGES {
+            let params = PaginatedRequestParams::default().with_cursor(cursor.take());
+            let answer = self.request(request(params), timeout).await?;
+            let (more, next) = page(answer).ok_or_else(unexpected_answer)?;
+            items.extend(more);
+            if next.is_none() {
+                let items = Arc::new(items);
+                if announced {
+                    cache.store(generation, items.clone());
+                }
+                return Ok(items);
+            }
+            cursor = next;
+        }
+        warn!(?list, pages = MAX_LIST_PAGES, "the server's listing never ended");
+        Err(unexpected_answer())
+    }
+
+    /// Sends one request and waits up to `timeout` for its answer (the request is then
+    /// cancelled on the server), telling a request that was never written
+    /// ([`McpError::NotSent`]) from one that may have reached the server, as tool calls do.
+    async fn request(
+        &self,
+        request: ClientRequest,
+        timeout: Duration,
+    ) -> Result<ServerResult, McpError> {
+        if self.peer.is_transport_closed() {
+            return Err(McpError::NotSent);
+        }
+        let handle = match self
+            .peer
+            .send_request_with_option(request, PeerRequestOptions::no_options())
+            .await
+        {
+            Ok(handle) => handle,
+            Err(rmcp::ServiceError::TransportClosed) => return Err(McpError::NotSent),
+            Err(err) => return Err(self.remote_failure(&err).unwrap_or_else(|| err.into())),
+        };
+        let mut guard = CancelOnDrop {
+            peer: self.peer.clone(),
+            id: Some(handle.id.clone()),
+        };
+        let answer = match tokio::time::timeout(timeout, handle.await_response()).await {
+            Ok(answer) => {
+                guard.id = None;
+                answer
+            }
+            Err(_) => return Err(McpError::Timeout(timeout)),
+        };
+        match answer {
+            Ok(result) => Ok(result),
+            Err(err) if self.remote.is_some() => {
+                Err(self.remote_failure(&err).unwrap_or_else(|| err.into()))
+            }
+            Err(rmcp::ServiceError::TransportSend(_)) => Err(McpError::NotSent),
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// Calls tool `name`; on timeout the request is cancelled on the server and
@@ -632,8 +924,10 @@ impl McpSession {
 
         let cache = Arc::new(ToolCache::new());
         let progress = ProgressDispatcher::new();
+        let catalog = Arc::new(Catalog::default());
         let handler = PoolClient {
             cache: cache.clone(),
+            catalog: catalog.clone(),
             progress: progress.clone(),
         };
         // rmcp's `serve` has no timeout of its own: a server that never answers would hang it.
@@ -695,6 +989,7 @@ impl McpSession {
                 pgid,
                 peer,
                 cache,
+                catalog,
                 progress,
                 cgroup,
                 ended: ended.clone(),
@@ -731,8 +1026,10 @@ impl McpSession {
         let transport = StreamableHttpClientTransport::with_client(http.clone(), config);
         let cache = Arc::new(ToolCache::new());
         let progress = ProgressDispatcher::new();
+        let catalog = Arc::new(Catalog::default());
         let handler = PoolClient {
             cache: cache.clone(),
+            catalog: catalog.clone(),
             progress: progress.clone(),
         };
         let kill = Arc::new(RemoteKill {
@@ -792,6 +1089,7 @@ impl McpSession {
                 pgid: id,
                 peer,
                 cache,
+                catalog,
                 cgroup: None,
                 ended: ended.clone(),
                 progress,

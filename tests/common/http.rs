@@ -266,6 +266,42 @@ impl Streaming {
     }
 }
 
+impl Streaming {
+    /// The JSON data of the next server-sent event, named or not (rmcp's MCP streams name
+    /// none), waiting for it at most `PATIENCE`; `None` once the stream ended. Events with no
+    /// data (keep-alives, priming) are skipped.
+    pub async fn next_data(&mut self) -> Option<Value> {
+        loop {
+            while let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let data: Vec<&str> = block
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(str::trim_start)
+                    .collect();
+                let data = data.join("\n");
+                if !data.trim().is_empty() {
+                    return Some(serde_json::from_str(&data).unwrap_or_else(|err| {
+                        panic!("event data is not JSON ({err}): {data}")
+                    }));
+                }
+            }
+            let frame = tokio::time::timeout(PATIENCE, self.body.frame())
+                .await
+                .expect("more of the stream within patience");
+            match frame {
+                None => return None,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buffer.push_str(&String::from_utf8_lossy(&data));
+                    }
+                }
+                Some(Err(err)) => panic!("stream failed: {err}"),
+            }
+        }
+    }
+}
+
 impl Drop for Streaming {
     fn drop(&mut self) {
         self.connection.abort();

@@ -52,6 +52,11 @@ pub enum EventKind {
     Closed { reason: String },
     /// The server told its session that its tool list changed, and the cache was refreshed.
     ToolsChanged,
+    /// The server announced that its prompts changed (`notifications/prompts/list_changed`).
+    PromptsChanged,
+    /// The server announced that its resources or resource templates changed
+    /// (`notifications/resources/list_changed`).
+    ResourcesChanged,
     /// The user's OAuth tokens for this server were refreshed.
     TokenRefreshed,
     /// A token refresh failed; `code` is the credential error code (`reconnect_required`…).

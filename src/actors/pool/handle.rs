@@ -4,11 +4,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{ActorCell, ActorRef, RpcReplyPort};
+use rmcp::model::{GetPromptResult, Prompt, ReadResourceResult, Resource, ResourceTemplate, Tool};
 use tokio::time::Instant;
 
 use super::events::{EventKind, PoolEvent, PoolEvents};
 use super::{PoolArgs, PoolError, PoolIndex, PoolMetrics, PoolMsg, PoolStats, Warmed};
-use crate::actors::connection::Session;
+use crate::actors::connection::{InFlight, Session};
 use crate::actors::credential::CredentialError;
 use crate::actors::fairness::{MAX_ARGUMENT_DEPTH, UserCallLimiter, arguments_depth};
 use crate::ids::{ServerName, SessionKey, UserId};
@@ -21,6 +22,15 @@ pub struct CallOptions {
     /// Receives the server's progress notifications for this call (`/mcp` forwards them to
     /// its client); REST and chat pass none.
     pub progress: Option<ProgressSink>,
+}
+
+/// Which bound a request is counted in, besides the session's calls in flight.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    /// `pool.max_in_flight_per_user` too: tool calls, `prompts/get`, `resources/read`.
+    User,
+    /// Only the session: listings, which are bounded per listing by its caller instead.
+    Session,
 }
 
 /// Typed handle to the pool; cheap to clone. Survives a restart of the supervisor (see
@@ -187,7 +197,7 @@ impl PoolHandle {
         &self,
         user: &UserId,
         server: &ServerName,
-    ) -> Result<Arc<Vec<rmcp::model::Tool>>, PoolError> {
+    ) -> Result<Arc<Vec<Tool>>, PoolError> {
         self.ensure_fresh(user, server).await?;
         Ok(self.get_session(user, server).await?.tools())
     }
@@ -200,15 +210,150 @@ impl PoolHandle {
         user: &UserId,
         servers: &[ServerName],
         parallel: usize,
-    ) -> Vec<Result<Arc<Vec<rmcp::model::Tool>>, PoolError>> {
+    ) -> Vec<Result<Arc<Vec<Tool>>, PoolError>> {
+        self.each_server(user, servers, parallel, |pool, user, server| async move {
+            pool.list_tools(&user, &server).await
+        })
+        .await
+    }
+
+    /// The server's prompts. Like a tool list, with token freshness first and a restart in
+    /// progress waited for; unlike it, listed from the server on first demand and kept while
+    /// the server announces changes (see [`crate::mcp::McpClient::list_prompts`]). A listing
+    /// that reaches the server counts as in flight on the session (never in
+    /// `pool.max_in_flight_per_user`, as for tool lists) and is retried once if it was not sent.
+    pub async fn list_prompts(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<Arc<Vec<Prompt>>, PoolError> {
+        self.with_session(user, server, Limit::Session, |session, slot| async move {
+            session.list_prompts(slot).await
+        })
+        .await
+    }
+
+    /// [`PoolHandle::list_prompts`] of several servers, as [`PoolHandle::list_tools_of`].
+    pub async fn list_prompts_of(
+        &self,
+        user: &UserId,
+        servers: &[ServerName],
+        parallel: usize,
+    ) -> Vec<Result<Arc<Vec<Prompt>>, PoolError>> {
+        self.each_server(user, servers, parallel, |pool, user, server| async move {
+            pool.list_prompts(&user, &server).await
+        })
+        .await
+    }
+
+    /// The server's resources, as [`PoolHandle::list_prompts`].
+    pub async fn list_resources(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<Arc<Vec<Resource>>, PoolError> {
+        self.with_session(user, server, Limit::Session, |session, slot| async move {
+            session.list_resources(slot).await
+        })
+        .await
+    }
+
+    /// [`PoolHandle::list_resources`] of several servers, as [`PoolHandle::list_tools_of`].
+    pub async fn list_resources_of(
+        &self,
+        user: &UserId,
+        servers: &[ServerName],
+        parallel: usize,
+    ) -> Vec<Result<Arc<Vec<Resource>>, PoolError>> {
+        self.each_server(user, servers, parallel, |pool, user, server| async move {
+            pool.list_resources(&user, &server).await
+        })
+        .await
+    }
+
+    /// The server's resource templates, as [`PoolHandle::list_prompts`].
+    pub async fn list_resource_templates(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+    ) -> Result<Arc<Vec<ResourceTemplate>>, PoolError> {
+        self.with_session(user, server, Limit::Session, |session, slot| async move {
+            session.list_resource_templates(slot).await
+        })
+        .await
+    }
+
+    /// [`PoolHandle::list_resource_templates`] of several servers, as
+    /// [`PoolHandle::list_tools_of`].
+    pub async fn list_resource_templates_of(
+        &self,
+        user: &UserId,
+        servers: &[ServerName],
+        parallel: usize,
+    ) -> Vec<Result<Arc<Vec<ResourceTemplate>>, PoolError>> {
+        self.each_server(user, servers, parallel, |pool, user, server| async move {
+            pool.list_resource_templates(&user, &server).await
+        })
+        .await
+    }
+
+    /// `prompts/get`, treated as a tool call: token freshness, `pool.max_in_flight_per_user`,
+    /// the call timeout, in flight on the session, the one retry of a request never sent.
+    pub async fn get_prompt(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        name: &str,
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<GetPromptResult, PoolError> {
+        if arguments_depth(arguments.as_ref()) > MAX_ARGUMENT_DEPTH {
+            return Err(PoolError::ArgumentsTooDeep {
+                max: MAX_ARGUMENT_DEPTH,
+            });
+        }
+        let arguments = &arguments;
+        self.with_session(user, server, Limit::User, |session, slot| async move {
+            session.get_prompt(slot, name, arguments.clone()).await
+        })
+        .await
+    }
+
+    /// `resources/read` of `uri` (as the server spells it), treated as a tool call (see
+    /// [`PoolHandle::get_prompt`]).
+    pub async fn read_resource(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        uri: &str,
+    ) -> Result<ReadResourceResult, PoolError> {
+        self.with_session(user, server, Limit::User, |session, slot| async move {
+            session.read_resource(slot, uri).await
+        })
+        .await
+    }
+
+    /// Runs `list` for each of `servers` concurrently, at most `parallel` at once; the
+    /// results in the order given, one server's failure never the others'.
+    async fn each_server<T, F, Fut>(
+        &self,
+        user: &UserId,
+        servers: &[ServerName],
+        parallel: usize,
+        list: F,
+    ) -> Vec<Result<T, PoolError>>
+    where
+        T: Send + 'static,
+        F: Fn(PoolHandle, UserId, ServerName) -> Fut,
+        Fut: std::future::Future<Output = Result<T, PoolError>> + Send + 'static,
+    {
         let limit = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
         for (index, server) in servers.iter().enumerate() {
-            let (pool, user, server, limit) =
-                (self.clone(), user.clone(), server.clone(), limit.clone());
+            let listing = list(self.clone(), user.clone(), server.clone());
+            let limit = limit.clone();
             tasks.spawn(async move {
                 let _permit = limit.acquire_owned().await;
-                (index, pool.list_tools(&user, &server).await)
+                (index, listing.await)
             });
         }
         let mut listed: Vec<_> = servers
@@ -218,7 +363,7 @@ impl PoolHandle {
         while let Some(joined) = tasks.join_next().await {
             match joined {
                 Ok((index, result)) => listed[index] = result,
-                Err(err) => tracing::error!(cause = %err, "listing tools panicked"),
+                Err(err) => tracing::error!(cause = %err, "listing a server panicked"),
             }
         }
         listed
@@ -282,32 +427,55 @@ impl PoolHandle {
                 max: MAX_ARGUMENT_DEPTH,
             });
         }
-        // Held until the call returns (or its future is dropped).
-        let _permit = self
-            .user_calls
-            .try_acquire(user)
-            .ok_or(PoolError::TooManyCalls {
-                retry_after: Duration::from_secs(1),
-            })?;
+        let (arguments, progress) = (&arguments, &options.progress);
+        self.with_session(user, server, Limit::User, |session, slot| async move {
+            session
+                .call_reserved(slot, tool, arguments.clone(), progress.clone())
+                .await
+        })
+        .await
+    }
+
+    /// The one path of every request that reaches a server (tool calls, prompts, resources):
+    /// the user's bound on calls in flight (with [`Limit::User`]), token freshness, a ready
+    /// session, the request counted in flight on it (`send`, given the session and its slot,
+    /// makes the request). A request that never reached the server is sent again, once, on
+    /// another session; one that may have run reports `ServerCrashed` (a tool need not be
+    /// idempotent). A remote server that refused the user's credentials closes the session.
+    async fn with_session<T, F, Fut>(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        limit: Limit,
+        send: F,
+    ) -> Result<T, PoolError>
+    where
+        F: Fn(Session, InFlight) -> Fut,
+        Fut: std::future::Future<Output = Result<T, PoolError>>,
+    {
+        // Held until the request returns (or its future is dropped).
+        let _permit = match limit {
+            Limit::User => Some(self.user_calls.try_acquire(user).ok_or(
+                PoolError::TooManyCalls {
+                    retry_after: Duration::from_secs(1),
+                },
+            )?),
+            Limit::Session => None,
+        };
         self.ensure_fresh(user, server).await?;
         let session = self.get_session(user, server).await?;
-        let Some(slot) = session.reserve() else {
+        let result = match session.reserve() {
+            Some(slot) => send(session.clone(), slot).await,
             // It started closing, and the pool no longer hands it out.
-            return self
-                .retry_call(user, server, None, tool, arguments, options)
-                .await;
+            None => {
+                return self.retry(user, server, None, &send).await;
+            }
         };
-        match session
-            .call_reserved(slot, tool, arguments.clone(), options.progress.clone())
-            .await
-        {
-            // A call that never reached the server is tried again, once, on another session;
-            // one that may have run reports `ServerCrashed` (a tool need not be idempotent).
+        match result {
             Err(PoolError::Reconnect) => {
                 // The session is broken (its transport closed, or a write to the server
                 // failed): the retry must not be handed the same session back.
-                self.retry_call(user, server, Some(session.pid()), tool, arguments, options)
-                    .await
+                self.retry(user, server, Some(session.pid()), &send).await
             }
             // A remote server refused the user's credentials and they could not be replaced:
             // as after a revoked grant found by a freshness check, the session is closed.
@@ -323,24 +491,24 @@ impl PoolHandle {
         }
     }
 
-    /// The one retry of [`PoolHandle::call_tool`], on a session other than `stale`'s.
-    async fn retry_call(
+    /// The one retry of [`PoolHandle::with_session`], on a session other than `stale`'s.
+    async fn retry<T, F, Fut>(
         &self,
         user: &UserId,
         server: &ServerName,
         stale: Option<u32>,
-        tool: &str,
-        arguments: Option<serde_json::Map<String, serde_json::Value>>,
-        options: CallOptions,
-    ) -> Result<rmcp::model::CallToolResult, PoolError> {
-        tracing::debug!(user_id = %user, server = %server, ?stale, "retrying a call that was not sent");
+        send: &F,
+    ) -> Result<T, PoolError>
+    where
+        F: Fn(Session, InFlight) -> Fut,
+        Fut: std::future::Future<Output = Result<T, PoolError>>,
+    {
+        tracing::debug!(user_id = %user, server = %server, ?stale, "retrying a request that was not sent");
         let session = self
             .fetch_session(SessionKey::new(user, server), stale)
             .await?;
         let slot = session.reserve().ok_or(PoolError::Reconnect)?;
-        session
-            .call_reserved(slot, tool, arguments, options.progress)
-            .await
+        send(session, slot).await
     }
 
     pub async fn close_session(

@@ -140,6 +140,8 @@ function describe(event) {
     case "circuit_opened": return `circuit opened for ${event.cooldown_secs} s`;
     case "closed": return `closed (${event.reason})`;
     case "tools_changed": return "tool list changed";
+    case "prompts_changed": return "prompt list changed";
+    case "resources_changed": return "resource list changed";
     case "token_refreshed": return "token refreshed";
     case "token_refresh_failed": return `token refresh failed: ${event.code}`;
     case "credentials_changed": return "credentials changed";
