@@ -319,7 +319,8 @@ mod tests {
         // What any RFC 6570 client does with a simple expression, escaping included.
         let fill = |template: &str, value: &str| template.replace("{resourceId}", value);
         for value in ["1", "a%2Fb", "x%20y"] {
-            let (routed, original) = resource_route(&fill(&template, value)).unwrap();
+            let filled = fill(&template, value);
+            let (routed, original) = resource_route(&filled).unwrap();
             assert_eq!(routed, server);
             assert_eq!(
                 original,

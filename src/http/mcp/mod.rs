@@ -5,6 +5,7 @@
 //! and puts the verified [`McpCaller`] into the request's extensions (rmcp hands the request's
 //! `Parts` to the handler, [`facade::Facade`]). Protocol versions 2025-06-18 and 2025-11-25
 //! run in sessions (`Mcp-Session-Id`); 2026-07-28 has none and every request stands alone.
+//! Tools, prompts and resources pass through (see [`facade`] for the names and URIs).
 //!
 //! A session belongs to the user who initialized it ([`SessionOwners`]): a request naming a
 //! session that another user opened, or one this gate never saw, is answered 404 like an
