@@ -808,7 +808,10 @@ async fn typescript_sdk_gets_prompts_and_reads_resources_and_templates() {
         assert!(prompts.contains(&expected.to_owned()), "{prompts:?}");
     }
     // The demo server offers no prompts (and is not asked for any).
-    assert!(prompts.iter().all(|p| p.starts_with("everything__")), "{prompts:?}");
+    assert!(
+        prompts.iter().all(|p| p.starts_with("everything__")),
+        "{prompts:?}"
+    );
     assert!(prompts.iter().all(|p| p.len() <= 64), "{prompts:?}");
     let prompt = client.next().await["prompt"].clone();
     assert_eq!(
@@ -823,7 +826,10 @@ async fn typescript_sdk_gets_prompts_and_reads_resources_and_templates() {
         let uri = resource["uri"].as_str().unwrap();
         assert!(uri.starts_with("mcp-pool://everything/demo://"), "{uri}");
         assert!(
-            resource["name"].as_str().unwrap().starts_with("everything__"),
+            resource["name"]
+                .as_str()
+                .unwrap()
+                .starts_with("everything__"),
             "{resource}"
         );
     }
@@ -843,7 +849,10 @@ async fn typescript_sdk_gets_prompts_and_reads_resources_and_templates() {
         reads["original"], "demo://resource/static/document/architecture.md",
         "{reads}"
     );
-    let (pooled, direct) = (&reads["read"]["contents"][0], &reads["directly"]["contents"][0]);
+    let (pooled, direct) = (
+        &reads["read"]["contents"][0],
+        &reads["directly"]["contents"][0],
+    );
     assert_eq!(pooled["uri"], ARCHITECTURE, "{reads}");
     assert_eq!(direct["uri"], reads["original"], "{reads}");
     assert_eq!(pooled["text"], direct["text"], "{reads}");
@@ -980,7 +989,11 @@ async fn resource_list_changed_reaches_the_client_and_links_are_readable() {
     let before = client.next().await;
     let link = "mcp-pool://everything/demo://resource/session/hello.txt.gz";
     assert!(
-        !before["before"].as_array().unwrap().iter().any(|u| u == link),
+        !before["before"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u == link),
         "{before}"
     );
     let done = client.next().await;
@@ -1004,7 +1017,10 @@ async fn resource_list_changed_reaches_the_client_and_links_are_readable() {
     assert_eq!(contents["uri"], link, "{done}");
     assert_eq!(contents["mimeType"], "application/gzip", "{done}");
     assert!(
-        contents["blob"].as_str().unwrap_or_default().starts_with("H4sI"),
+        contents["blob"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("H4sI"),
         "{done}"
     );
     client.finish().await;
@@ -1148,7 +1164,10 @@ async fn stateless_subscriptions_listen_streams_list_changes() {
     assert_eq!(stream.status, 200);
     assert!(stream.headers.get("mcp-session-id").is_none());
     let ack = stream.next_data().await.expect("an acknowledgment");
-    assert_eq!(ack["method"], "notifications/subscriptions/acknowledged", "{ack}");
+    assert_eq!(
+        ack["method"], "notifications/subscriptions/acknowledged",
+        "{ack}"
+    );
     // List changes are accepted; resource updates are not offered.
     assert_eq!(
         ack["params"]["notifications"],

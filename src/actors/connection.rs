@@ -350,7 +350,10 @@ impl Session {
 
     /// The server's prompts (see [`McpClient::list_prompts`]), in a slot from
     /// [`Session::reserve`]: a listing that reaches the server counts as in flight.
-    pub(crate) async fn list_prompts(&self, _slot: InFlight) -> Result<Arc<Vec<Prompt>>, PoolError> {
+    pub(crate) async fn list_prompts(
+        &self,
+        _slot: InFlight,
+    ) -> Result<Arc<Vec<Prompt>>, PoolError> {
         self.client
             .list_prompts(self.shared.call_timeout)
             .await

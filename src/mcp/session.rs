@@ -12,8 +12,8 @@ use rmcp::{
     model::{
         CallToolRequest, CallToolRequestParams, CallToolResult, CancelledNotification,
         CancelledNotificationParam, ClientConfig, ClientNotification, ClientRequest,
-        GetPromptRequest, GetPromptRequestParams, GetPromptResult, Implementation,
-        JsonObject, ListPromptsRequest, ListResourceTemplatesRequest, ListResourcesRequest,
+        GetPromptRequest, GetPromptRequestParams, GetPromptResult, Implementation, JsonObject,
+        ListPromptsRequest, ListResourceTemplatesRequest, ListResourcesRequest,
         PaginatedRequestParams, ProgressNotificationParam, Prompt, ProtocolVersion,
         ReadResourceRequest, ReadResourceRequestParams, ReadResourceResult, RequestId, Resource,
         ResourceTemplate, ServerCapabilities, ServerResult, Tool,
@@ -256,7 +256,9 @@ impl ClientHandler for PoolClient {
 
     async fn on_prompt_list_changed(&self, _context: NotificationContext<RoleClient>) {
         self.catalog.prompts.invalidate();
-        self.catalog.prompts_changed.send_modify(|count| *count += 1);
+        self.catalog
+            .prompts_changed
+            .send_modify(|count| *count += 1);
     }
 
     async fn on_resource_list_changed(&self, _context: NotificationContext<RoleClient>) {
@@ -264,7 +266,9 @@ impl ClientHandler for PoolClient {
         // covers both lists.
         self.catalog.resources.invalidate();
         self.catalog.templates.invalidate();
-        self.catalog.resources_changed.send_modify(|count| *count += 1);
+        self.catalog
+            .resources_changed
+            .send_modify(|count| *count += 1);
     }
 
     async fn on_progress(
@@ -448,9 +452,7 @@ impl McpClient {
             timeout,
             |params| ClientRequest::ListResourcesRequest(ListResourcesRequest::with_param(params)),
             |answer| match answer {
-                ServerResult::ListResourcesResult(page) => {
-                    Some((page.resources, page.next_cursor))
-                }
+                ServerResult::ListResourcesResult(page) => Some((page.resources, page.next_cursor)),
                 _ => None,
             },
         )
@@ -549,7 +551,11 @@ impl McpClient {
             }
             cursor = next;
         }
-        warn!(?list, pages = MAX_LIST_PAGES, "the server's listing never ended");
+        warn!(
+            ?list,
+            pages = MAX_LIST_PAGES,
+            "the server's listing never ended"
+        );
         Err(unexpected_answer())
     }
 

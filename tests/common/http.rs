@@ -281,9 +281,10 @@ impl Streaming {
                     .collect();
                 let data = data.join("\n");
                 if !data.trim().is_empty() {
-                    return Some(serde_json::from_str(&data).unwrap_or_else(|err| {
-                        panic!("event data is not JSON ({err}): {data}")
-                    }));
+                    return Some(
+                        serde_json::from_str(&data)
+                            .unwrap_or_else(|err| panic!("event data is not JSON ({err}): {data}")),
+                    );
                 }
             }
             let frame = tokio::time::timeout(PATIENCE, self.body.frame())

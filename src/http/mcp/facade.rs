@@ -26,8 +26,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use super::McpCaller;
 use crate::actors::{CallOptions, EventKind, PoolError, PoolEvent};
 use crate::http::HttpState;
-use crate::mcp::Progress;
 use crate::mcp::McpError;
+use crate::mcp::Progress;
 use crate::mcp::names::{Route, ToolRoute, namespace, namespace_by, resource_route, resource_uri};
 use crate::store::{ServerName, UserId};
 
@@ -619,7 +619,9 @@ impl ServerHandler for Facade {
     ) -> Result<ListPromptsResult, ErrorData> {
         let user = self.caller(&context)?;
         tracing::Span::current().record("user_id", user.as_str());
-        Ok(ListPromptsResult::with_all_items(self.prompts(&user).await?))
+        Ok(ListPromptsResult::with_all_items(
+            self.prompts(&user).await?,
+        ))
     }
 
     #[tracing::instrument(skip_all, fields(user_id, server))]
@@ -715,9 +717,8 @@ impl ServerHandler for Facade {
         span.record("user_id", user.as_str());
         // One answer for a URI that is not ours and one that names a server the caller has
         // not connected: which servers other users have is nobody else's business.
-        let not_found = || {
-            ErrorData::resource_not_found(format!("unknown resource `{}`", request.uri), None)
-        };
+        let not_found =
+            || ErrorData::resource_not_found(format!("unknown resource `{}`", request.uri), None);
         let (server, original) = resource_route(&request.uri).ok_or_else(not_found)?;
         // The URI names a server, never a user: it is only ever resolved among the caller's
         // own servers.
