@@ -1221,3 +1221,60 @@ async fn stateless_subscriptions_listen_streams_list_changes() {
     drop(stream);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_prompts_count_against_the_users_calls_in_flight() {
+    let server = TestServer::start("max_in_flight_per_user = 1", &everything(), "", &[]).await;
+    let alice = server.user("alice");
+    for name in ["demo", "everything"] {
+        assert_eq!(alice.connect(name).await.status, 201);
+    }
+    let session = initialize(&alice).await;
+    // Listed (and the server started) while nothing else is in flight.
+    let prompts = request(&alice, &session, 2, "prompts/list", json!({})).await;
+    assert!(
+        prompts["result"]["prompts"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty()),
+        "{prompts}"
+    );
+    // Alice's one call slot is taken by a long sleep.
+    let sleeper = {
+        let alice = alice.clone();
+        tokio::spawn(async move { alice.call("demo", "sleep", &json!({ "ms": 600_000 })).await })
+    };
+    let pool = server.state.pool.clone();
+    let busy = wait_until(PATIENCE, || async {
+        pool.stats().await.is_ok_and(|stats| {
+            stats
+                .connections
+                .iter()
+                .any(|c| c.server.as_str() == "demo" && c.in_flight > 0)
+        })
+    })
+    .await;
+    assert!(busy, "the sleep never started");
+    let read = request(
+        &alice,
+        &session,
+        3,
+        "resources/read",
+        json!({ "uri": ARCHITECTURE }),
+    )
+    .await;
+    assert_eq!(read["error"]["data"]["code"], "too_many_calls", "{read}");
+    let got = request(
+        &alice,
+        &session,
+        4,
+        "prompts/get",
+        json!({ "name": "everything__simple-prompt" }),
+    )
+    .await;
+    assert_eq!(got["error"]["data"]["code"], "too_many_calls", "{got}");
+    // Listings are bounded per listing instead, and still answer.
+    let listed = request(&alice, &session, 5, "resources/list", json!({})).await;
+    assert!(listed["result"]["resources"].is_array(), "{listed}");
+    sleeper.abort();
+    server.stop().await;
+}
