@@ -54,14 +54,18 @@ pub struct NamedTool<'a> {
 /// One upstream item of any kind (a prompt, ...) under its namespaced name.
 #[derive(Debug, Clone)]
 pub struct Named<'a, T> {
+    /// The name `/mcp` offers it under.
     pub name: String,
+    /// The server it comes from.
     pub server: &'a ServerName,
+    /// The item as the server listed it.
     pub item: &'a T,
 }
 
 /// Where a namespaced prompt name leads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
+    /// The server that offers it.
     pub server: ServerName,
     /// The name as the server spells it.
     pub name: String,

@@ -157,8 +157,11 @@ impl<T> ListCache<T> {
 /// The server's prompts and resources, shared by the session and its notification handler.
 #[derive(Default)]
 struct Catalog {
+    /// `prompts/list`.
     prompts: ListCache<Prompt>,
+    /// `resources/list`.
     resources: ListCache<Resource>,
+    /// `resources/templates/list`.
     templates: ListCache<ResourceTemplate>,
     /// Counts `notifications/prompts/list_changed` from the server.
     prompts_changed: watch::Sender<u64>,
