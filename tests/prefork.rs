@@ -228,6 +228,9 @@ async fn preforked_third_party_servers_list_tools_and_reach_their_own_code() {
         let z = zygote(&ts, server).await;
         assert!(z["forks"].as_u64().unwrap() >= 1, "{z}");
         assert_eq!(z["fallbacks"], 0, "{z}");
+        // Both run on anyio, whose event-loop backend is imported only once a server runs:
+        // the rehearsal brought it into the zygote.
+        assert!(z["preloaded"].as_u64().unwrap() >= 1, "{z}");
     }
     let metrics = ts.anonymous().get("/metrics").await.text();
     assert!(
