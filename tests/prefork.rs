@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use common::{PATIENCE, alive, required_env, wait_until};
 use http::{Client, TestServer, content_text, denied};
+use mcp_pool::actors::EventKind;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -550,7 +551,13 @@ async fn threads_at_import_or_a_broken_entry_point_fall_back_to_a_plain_spawn() 
         assert_eq!(s["sandbox"], "enforced", "{s}");
         let z = zygote(&ts, server).await;
         assert!(z["fallbacks"].as_u64().unwrap() >= 1, "{z}");
-        eprintln!("{server}: {z}");
+        let events = ts.state.pool.recent_events();
+        assert!(
+            events.iter().any(|event| event.server.as_str() == server
+                && event.user_id.as_str() == "fay"
+                && matches!(&event.kind, EventKind::PreforkFallback { cause } if !cause.is_empty())),
+            "a prefork_fallback event for {server}: {events:?}"
+        );
     }
     let z = zygote(&ts, "threaded").await;
     assert_eq!(z["state"], "disabled", "{z}");
