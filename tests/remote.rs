@@ -279,6 +279,69 @@ async fn everything_over_streamable_http_lists_calls_and_survives_a_server_resta
     server.stop().await;
 }
 
+/// A REST caller that accepts server-sent events gets the server's progress notifications as
+/// they come, then the result; an error after the stream began is an `error` event carrying
+/// the status the JSON answer would have had.
+#[tokio::test]
+async fn a_rest_tool_call_streams_progress_then_the_result_to_an_event_stream_client() {
+    let server = Everything::start(free_port()).await;
+    let ts = TestServer::start(
+        "",
+        &remote_server("everything", &server.url(), "auth = \"none\""),
+        "",
+        &[],
+    )
+    .await;
+    let alice = ts.user("alice").with_header("accept", "text/event-stream");
+    let mut stream = alice
+        .post_streaming(
+            "/v1/connections/everything/tools/trigger-long-running-operation/call",
+            &json!({"duration": 1, "steps": 3}),
+        )
+        .await;
+    assert_eq!(stream.status, 200);
+    let content_type = stream.headers["content-type"].to_str().unwrap().to_owned();
+    assert!(content_type.starts_with("text/event-stream"), "{content_type}");
+    let mut events = Vec::new();
+    while let Some(event) = stream.next_event().await {
+        events.push(event);
+    }
+    let (last, steps) = events.split_last().expect("events");
+    assert_eq!(last.0, "result", "{events:?}");
+    assert_eq!(last.1["is_error"], false, "{events:?}");
+    assert!(
+        content_text(&last.1).contains("completed"),
+        "{events:?}"
+    );
+    let progress: Vec<(f64, f64)> = steps
+        .iter()
+        .map(|(name, data)| {
+            assert_eq!(name, "progress", "{events:?}");
+            (data["progress"].as_f64().unwrap(), data["total"].as_f64().unwrap())
+        })
+        .collect();
+    assert_eq!(progress, [(1.0, 3.0), (2.0, 3.0), (3.0, 3.0)], "{events:?}");
+
+    // The same request without the header is answered in JSON, as before.
+    let plain = ts
+        .user("alice")
+        .call("everything", "echo", &json!({"message": "plain"}))
+        .await;
+    assert_eq!(plain.status, 200, "{}", plain.text());
+    assert!(content_text(&plain.json()).contains("plain"));
+
+    let mut failed = alice
+        .post_streaming("/v1/connections/everything/tools/no-such-tool/call", &json!({}))
+        .await;
+    let (name, data) = failed.next_event().await.expect("an event");
+    assert_eq!(name, "error", "{data}");
+    assert_eq!(data["status"], 404, "{data}");
+    assert_eq!(data["error"]["code"], "unknown_tool", "{data}");
+    assert!(failed.next_event().await.is_none(), "the stream ends after the error");
+    ts.stop().await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_remote_server_that_is_down_goes_through_the_restart_policy_and_the_circuit() {
     let server = Everything::start(free_port()).await;
