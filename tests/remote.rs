@@ -301,7 +301,10 @@ async fn a_rest_tool_call_streams_progress_then_the_result_to_an_event_stream_cl
         .await;
     assert_eq!(stream.status, 200);
     let content_type = stream.headers["content-type"].to_str().unwrap().to_owned();
-    assert!(content_type.starts_with("text/event-stream"), "{content_type}");
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
     let mut events = Vec::new();
     while let Some(event) = stream.next_event().await {
         events.push(event);
@@ -309,15 +312,15 @@ async fn a_rest_tool_call_streams_progress_then_the_result_to_an_event_stream_cl
     let (last, steps) = events.split_last().expect("events");
     assert_eq!(last.0, "result", "{events:?}");
     assert_eq!(last.1["is_error"], false, "{events:?}");
-    assert!(
-        content_text(&last.1).contains("completed"),
-        "{events:?}"
-    );
+    assert!(content_text(&last.1).contains("completed"), "{events:?}");
     let progress: Vec<(f64, f64)> = steps
         .iter()
         .map(|(name, data)| {
             assert_eq!(name, "progress", "{events:?}");
-            (data["progress"].as_f64().unwrap(), data["total"].as_f64().unwrap())
+            (
+                data["progress"].as_f64().unwrap(),
+                data["total"].as_f64().unwrap(),
+            )
         })
         .collect();
     assert_eq!(progress, [(1.0, 3.0), (2.0, 3.0), (3.0, 3.0)], "{events:?}");
@@ -331,13 +334,19 @@ async fn a_rest_tool_call_streams_progress_then_the_result_to_an_event_stream_cl
     assert!(content_text(&plain.json()).contains("plain"));
 
     let mut failed = alice
-        .post_streaming("/v1/connections/everything/tools/no-such-tool/call", &json!({}))
+        .post_streaming(
+            "/v1/connections/everything/tools/no-such-tool/call",
+            &json!({}),
+        )
         .await;
     let (name, data) = failed.next_event().await.expect("an event");
     assert_eq!(name, "error", "{data}");
     assert_eq!(data["status"], 404, "{data}");
     assert_eq!(data["error"]["code"], "unknown_tool", "{data}");
-    assert!(failed.next_event().await.is_none(), "the stream ends after the error");
+    assert!(
+        failed.next_event().await.is_none(),
+        "the stream ends after the error"
+    );
     ts.stop().await;
     server.stop().await;
 }
