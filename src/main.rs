@@ -79,7 +79,8 @@ enum CredentialsCommand {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "30d")]
         inactive_for: Duration,
     },
-    /// Re-encrypt every row with the newest key; with a key file, first add a new key version.
+    /// Re-encrypt every row (credentials, registered OAuth clients, pending connect flows) with
+    /// the newest key; with a key file, first add a new key version.
     RotateKey {
         /// Do not add a key version; only re-encrypt rows on older versions.
         #[arg(long)]
@@ -249,8 +250,12 @@ async fn credentials(app: &Storage, command: CredentialsCommand) -> anyhow::Resu
             );
         }
         CredentialsCommand::RotateKey { no_new_key } => {
-            let (version, rows) = app.credentials.rotate_key(!no_new_key).await?;
-            println!("key version {version} now encrypts; re-encrypted {rows} rows");
+            let done = app.credentials.rotate_key(!no_new_key).await?;
+            println!(
+                "key version {} now encrypts; re-encrypted {} rows, {} registered OAuth clients \
+                 and {} pending connect flows",
+                done.version, done.credentials, done.clients, done.states
+            );
         }
     }
     Ok(())

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use common::{PATIENCE, alive, required_env, wait_until};
 use http::{Client, TestServer, content_text, denied};
+use mcp_pool::actors::EventKind;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -228,6 +229,9 @@ async fn preforked_third_party_servers_list_tools_and_reach_their_own_code() {
         let z = zygote(&ts, server).await;
         assert!(z["forks"].as_u64().unwrap() >= 1, "{z}");
         assert_eq!(z["fallbacks"], 0, "{z}");
+        // Both run on anyio, whose event-loop backend is imported only once a server runs:
+        // the rehearsal brought it into the zygote.
+        assert!(z["preloaded"].as_u64().unwrap() >= 1, "{z}");
     }
     let metrics = ts.anonymous().get("/metrics").await.text();
     assert!(
@@ -547,7 +551,13 @@ async fn threads_at_import_or_a_broken_entry_point_fall_back_to_a_plain_spawn() 
         assert_eq!(s["sandbox"], "enforced", "{s}");
         let z = zygote(&ts, server).await;
         assert!(z["fallbacks"].as_u64().unwrap() >= 1, "{z}");
-        eprintln!("{server}: {z}");
+        let events = ts.state.pool.recent_events();
+        assert!(
+            events.iter().any(|event| event.server.as_str() == server
+                && event.user_id.as_str() == "fay"
+                && matches!(&event.kind, EventKind::PreforkFallback { cause } if !cause.is_empty())),
+            "a prefork_fallback event for {server}: {events:?}"
+        );
     }
     let z = zygote(&ts, "threaded").await;
     assert_eq!(z["state"], "disabled", "{z}");

@@ -3,7 +3,9 @@
 //! - npm `@modelcontextprotocol/server-everything` in `streamableHttp` mode (no auth);
 //! - a token-checking server built on the TypeScript SDK's bearer middleware
 //!   (`tests/fixtures/remote/bearer-server.mjs`), whose tokens come from npm
-//!   `oauth2-mock-server` through our own connect flow.
+//!   `oauth2-mock-server` (configured endpoints) or npm `oidc-provider` (discovered endpoints,
+//!   dynamic registration, a login and consent played by an HTTP client with a cookie jar)
+//!   through our own connect flow.
 
 mod common;
 #[path = "common/http.rs"]
@@ -15,7 +17,7 @@ use std::process::Stdio;
 
 use common::{PATIENCE, required_env, wait_until};
 use http::{TestServer, content_text};
-use oauth::{FAILURE, MockOAuth, SUCCESS, path_and_query, query_param, send};
+use oauth::{FAILURE, MockOAuth, SUCCESS, path_and_query, query_param, send, send_with};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 
@@ -277,6 +279,78 @@ async fn everything_over_streamable_http_lists_calls_and_survives_a_server_resta
     server.stop().await;
 }
 
+/// A REST caller that accepts server-sent events gets the server's progress notifications as
+/// they come, then the result; an error after the stream began is an `error` event carrying
+/// the status the JSON answer would have had.
+#[tokio::test]
+async fn a_rest_tool_call_streams_progress_then_the_result_to_an_event_stream_client() {
+    let server = Everything::start(free_port()).await;
+    let ts = TestServer::start(
+        "",
+        &remote_server("everything", &server.url(), "auth = \"none\""),
+        "",
+        &[],
+    )
+    .await;
+    let alice = ts.user("alice").with_header("accept", "text/event-stream");
+    let mut stream = alice
+        .post_streaming(
+            "/v1/connections/everything/tools/trigger-long-running-operation/call",
+            &json!({"duration": 1, "steps": 3}),
+        )
+        .await;
+    assert_eq!(stream.status, 200);
+    let content_type = stream.headers["content-type"].to_str().unwrap().to_owned();
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
+    let mut events = Vec::new();
+    while let Some(event) = stream.next_event().await {
+        events.push(event);
+    }
+    let (last, steps) = events.split_last().expect("events");
+    assert_eq!(last.0, "result", "{events:?}");
+    assert_eq!(last.1["is_error"], false, "{events:?}");
+    assert!(content_text(&last.1).contains("completed"), "{events:?}");
+    let progress: Vec<(f64, f64)> = steps
+        .iter()
+        .map(|(name, data)| {
+            assert_eq!(name, "progress", "{events:?}");
+            (
+                data["progress"].as_f64().unwrap(),
+                data["total"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(progress, [(1.0, 3.0), (2.0, 3.0), (3.0, 3.0)], "{events:?}");
+
+    // The same request without the header is answered in JSON, as before.
+    let plain = ts
+        .user("alice")
+        .call("everything", "echo", &json!({"message": "plain"}))
+        .await;
+    assert_eq!(plain.status, 200, "{}", plain.text());
+    assert!(content_text(&plain.json()).contains("plain"));
+
+    let mut failed = alice
+        .post_streaming(
+            "/v1/connections/everything/tools/no-such-tool/call",
+            &json!({}),
+        )
+        .await;
+    let (name, data) = failed.next_event().await.expect("an event");
+    assert_eq!(name, "error", "{data}");
+    assert_eq!(data["status"], 404, "{data}");
+    assert_eq!(data["error"]["code"], "unknown_tool", "{data}");
+    assert!(
+        failed.next_event().await.is_none(),
+        "the stream ends after the error"
+    );
+    ts.stop().await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_remote_server_that_is_down_goes_through_the_restart_policy_and_the_circuit() {
     let server = Everything::start(free_port()).await;
@@ -532,8 +606,7 @@ impl Oidc {
 
 /// Discovery (RFC 9728 from the 401's `resource_metadata`, then OIDC discovery), dynamic
 /// registration (RFC 7591, once per server) and the authorization URL (the registered client,
-/// PKCE S256, the RFC 8707 resource). The browser part of the flow against oidc-provider is not
-/// covered here (oidc-provider's login interaction is not automated yet).
+/// PKCE S256, the RFC 8707 resource). The browser's part, and what follows it, is the next test.
 #[tokio::test]
 async fn discovery_registers_one_client_and_authorizes_with_pkce_and_the_resource() {
     let oidc = Oidc::start().await;
@@ -586,6 +659,209 @@ async fn discovery_registers_one_client_and_authorizes_with_pkce_and_the_resourc
     assert_eq!(status, 303, "{body}");
     let location = headers["location"].to_str().unwrap();
     assert!(location.starts_with("/interaction/"), "{location}");
+    ts.stop().await;
+    bearer.stop().await;
+}
+
+/// A user's browser, as far as an authorization server sees it: it follows redirects and keeps
+/// cookies (name, path, value; expired ones dropped), which is all oidc-provider's interaction
+/// cookies need. Loopback only, so the domain is not tracked.
+#[derive(Default)]
+struct Browser {
+    cookies: Vec<(String, String, String)>,
+}
+
+impl Browser {
+    /// Opens `url` and follows redirects until one leads to `callback` (our redirect URI, which
+    /// the test then delivers to the service itself): returns that URL with its query. Fails,
+    /// listing the hops, on anything but a redirect or after 10 hops (a login that loops).
+    async fn authorize(&mut self, url: &str, callback: &str) -> String {
+        let mut current = reqwest::Url::parse(url).expect("URL");
+        let mut hops = Vec::new();
+        for _ in 0..10 {
+            let cookie = self.cookie_header(current.path());
+            let headers: Vec<(&str, &str)> = if cookie.is_empty() {
+                vec![]
+            } else {
+                vec![("cookie", cookie.as_str())]
+            };
+            let (status, response, body) = send_with("GET", current.as_str(), None, &headers).await;
+            for value in response.get_all("set-cookie") {
+                self.store(value.to_str().expect("ascii cookie"), current.path());
+            }
+            let location = response
+                .get("location")
+                .map(|l| l.to_str().unwrap().to_owned());
+            hops.push(format!("{status} {} -> {location:?}", current.path()));
+            let Some(location) = location.filter(|_| (300..400).contains(&status)) else {
+                panic!("the authorization server stopped at {status}: {body}\nhops: {hops:#?}");
+            };
+            let next = current.join(&location).expect("a redirect URL");
+            if next.as_str().starts_with(callback) {
+                return next.into();
+            }
+            current = next;
+        }
+        panic!("no redirect to the callback after 10 hops (a loop?): {hops:#?}");
+    }
+
+    fn cookie_header(&self, path: &str) -> String {
+        self.cookies
+            .iter()
+            .filter(|(_, scope, _)| path.starts_with(scope.as_str()))
+            .map(|(name, _, value)| format!("{name}={value}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// RFC 6265 in the small: `name=value`, `path` (default: the request path's directory),
+    /// and deletion by `expires` in the past or `max-age=0`.
+    fn store(&mut self, header: &str, request_path: &str) {
+        let mut parts = header.split(';').map(str::trim);
+        let Some((name, value)) = parts.next().and_then(|p| p.split_once('=')) else {
+            return;
+        };
+        let mut path = request_path[..request_path.rfind('/').unwrap_or(0).max(1)].to_owned();
+        let mut expired = false;
+        for attribute in parts {
+            let (key, val) = attribute.split_once('=').unwrap_or((attribute, ""));
+            match key.to_ascii_lowercase().as_str() {
+                "path" => path = val.to_owned(),
+                "max-age" => expired |= val.trim().parse::<i64>().is_ok_and(|age| age <= 0),
+                "expires" => {
+                    expired |= chrono::DateTime::parse_from_rfc2822(val)
+                        .is_ok_and(|at| at < chrono::Utc::now())
+                }
+                _ => {}
+            }
+        }
+        self.cookies.retain(|(n, p, _)| !(n == name && *p == path));
+        if !expired {
+            self.cookies.push((name.to_owned(), path, value.to_owned()));
+        }
+    }
+}
+
+/// Token requests oidc-provider answered (or refused) for `grant_type`, with their `resource`.
+fn token_requests(stats: &Value, grant_type: &str) -> Vec<Value> {
+    stats["token_requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["grant_type"] == grant_type)
+        .cloned()
+        .collect()
+}
+
+/// The whole MCP authorization flow against real parts only: discovery (RFC 9728 → OIDC) and
+/// dynamic registration at npm `oidc-provider`, the authorization request with PKCE S256 and
+/// the RFC 8707 resource, its login and consent interactions (followed with a cookie jar), our
+/// callback, the code exchange (with the resource), and tool calls that the TypeScript SDK's
+/// bearer middleware accepts only after verifying oidc-provider's JWT (signature from its JWKS,
+/// `aud` = the MCP server, `exp`). Then the token expires at the server: 401, one refresh with
+/// the resource, and the retry succeeds with the new token.
+#[tokio::test]
+async fn the_full_oauth_flow_at_oidc_provider_ends_in_verified_tool_calls_and_refreshes() {
+    let oidc = Oidc::start().await;
+    let bearer = BearerServer::start(json!({ "issuer": oidc.url, "resource": "self" })).await;
+    let callback = "http://127.0.0.1:9/v1/oauth/notion/callback";
+    let config = format!(
+        "{}[servers.notion.oauth]\nredirect_uri = \"{callback}\"\n\
+         success_redirect = \"{SUCCESS}\"\nerror_redirect = \"{FAILURE}\"\n\
+         refresh_before = \"1m\"\ntoken_timeout = \"5s\"\n",
+        remote_server("notion", &bearer.url, "")
+    );
+    let ts = TestServer::start("", &config, "", &[]).await;
+
+    for user in ["alice", "bob"] {
+        oidc.control(json!({ "login": user })).await;
+        let started = ts
+            .user(user)
+            .post_json("/v1/oauth/notion/start", &json!({}))
+            .await;
+        assert_eq!(started.status, 200, "{}", started.text());
+        let url = started.json()["authorization_url"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        // Each user has a browser (and a session at the authorization server) of their own.
+        let redirect = Browser::default().authorize(&url, callback).await;
+        assert!(query_param(&redirect, "code").is_some(), "{redirect}");
+        let back = ts.anonymous().get(&path_and_query(&redirect)).await;
+        assert_eq!(back.status, 303, "{}", back.text());
+        let location = back.headers["location"].to_str().unwrap();
+        assert!(location.contains("connected=notion"), "{location}");
+    }
+    let stats = oidc.stats().await;
+    assert_eq!(stats["registrations"], 1, "{stats}");
+    assert_eq!(stats["consents"], 2, "one consent per user: {stats}");
+    let exchanges = token_requests(&stats, "authorization_code");
+    assert_eq!(exchanges.len(), 2, "{stats}");
+    for exchange in &exchanges {
+        assert_eq!(exchange["error"], Value::Null, "{stats}");
+        assert_eq!(
+            exchange["resource"],
+            bearer.url.as_str(),
+            "RFC 8707 on the exchange"
+        );
+    }
+
+    let (alice, bob) = (ts.user("alice"), ts.user("bob"));
+    let tools = alice.get("/v1/connections/notion/tools").await;
+    assert_eq!(tools.status, 200, "{}", tools.text());
+    let listed = tools.json();
+    let names: Vec<&str> = listed["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"whoami") && names.contains(&"echo"),
+        "{names:?}"
+    );
+    let whoami = |client: http::Client| async move {
+        let resp = client.call("notion", "whoami", &json!({})).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        content_text(&resp.json())
+    };
+    // The server's answer is the `sub` of the JWT it verified: oidc-provider's login of each.
+    assert_eq!(whoami(alice.clone()).await, "alice");
+    assert_eq!(whoami(bob.clone()).await, "bob");
+
+    // Expiry at the server: it now judges `exp` an hour and a bit ahead, so the tokens issued
+    // so far (valid for an hour) are expired there while the pool still holds them as fresh.
+    // Tokens issued from now on live two hours.
+    oidc.control(json!({ "access_token_ttl": 7200 })).await;
+    bearer.control(json!({ "clock_ahead": 3700 })).await;
+    assert_eq!(whoami(alice.clone()).await, "alice");
+    let seen = bearer.seen().await;
+    let last: Vec<(u64, Value)> = seen
+        .iter()
+        .rev()
+        .take(2)
+        .map(|s| (s["status"].as_u64().unwrap_or(0), s["rejected"].clone()))
+        .collect();
+    assert_eq!(
+        last,
+        [(200, Value::Null), (401, json!("ERR_JWT_EXPIRED"))],
+        "the retry follows the expired token's 401: {seen:#?}"
+    );
+    let refreshes = token_requests(&oidc.stats().await, "refresh_token");
+    assert_eq!(refreshes.len(), 1, "{refreshes:?}");
+    assert_eq!(refreshes[0]["error"], Value::Null, "{refreshes:?}");
+    assert_eq!(
+        refreshes[0]["resource"],
+        bearer.url.as_str(),
+        "RFC 8707 on the refresh"
+    );
+    // The refreshed token is the one now in use: the next call needs no refresh.
+    assert_eq!(whoami(alice.clone()).await, "alice");
+    assert_eq!(
+        token_requests(&oidc.stats().await, "refresh_token").len(),
+        1
+    );
+
     ts.stop().await;
     bearer.stop().await;
 }

@@ -266,6 +266,44 @@ async fn a_detached_grandchild_dies_with_its_session() {
     ts.stop().await;
 }
 
+/// A busy service holds thousands of descriptors, more than a server's `nofile` (1,024), and a
+/// forked child holds all of them until exec. Confinement must not need a new descriptor after
+/// lowering that limit: it once opened `/proc` for its Landlock rule afterwards, and every start
+/// past about 250 live sessions failed with EMFILE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confined_server_starts_while_the_service_holds_more_descriptors_than_its_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    use std::os::fd::AsRawFd as _;
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let ts = TestServer::api_key().await;
+    let ballast: Vec<std::fs::File> = (0..1200)
+        .map(|_| std::fs::File::open("/dev/null").unwrap())
+        .collect();
+    assert!(
+        ballast.last().unwrap().as_raw_fd() > 1024,
+        "the test holds descriptors above 1024"
+    );
+    let user = ts.user("busy");
+    assert_eq!(user.connect("demo").await.status, 201);
+    let me = whoami(&user, "demo").await;
+    assert!(me["pid"].as_u64().is_some(), "{me}");
+    let stats = ts.admin().get("/v1/stats").await.json();
+    let session = stats["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["user_id"] == "busy")
+        .expect("session in stats")
+        .clone();
+    assert_eq!(session["sandbox"], "enforced", "{session}");
+    // The limit still applies to the server itself.
+    let privileges = probe(&user, "privileges", json!({})).await;
+    assert_eq!(privileges["value"]["MaxOpenFiles"], "1024", "{privileges}");
+    drop(ballast);
+    ts.stop().await;
+}
+
 fn limited_server(name: &str, sandbox: &str) -> String {
     format!(
         "[servers.{name}]\ncommand = {bin:?}\nargs = [\"demo-server\", \"--test-tools\"]\n\

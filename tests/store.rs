@@ -14,8 +14,8 @@ use mcp_pool::actors::{CredentialArgs, CredentialError, CredentialHandle};
 use mcp_pool::config::CredentialsFormat;
 use mcp_pool::store::CredentialWriter;
 use mcp_pool::store::{
-    BackendKind, CredentialFiles, CredentialSpec, Secret, ServerName, Store, StoreError, Stored,
-    TokenUpdate, Tokens, UserId,
+    BackendKind, CredentialFiles, CredentialSpec, KeyRotation, NewOAuthState, RegisteredClientRow,
+    Secret, ServerName, Store, StoreError, Stored, TokenUpdate, Tokens, UserId,
 };
 
 /// Runs an `async fn(BackendKind)` test case once per backend, as two named tests.
@@ -42,6 +42,7 @@ on_both_backends!(
     cleanup_removes_only_old_inactive_rows,
     tampered_and_swapped_ciphertexts_are_rejected,
     key_rotation_leaves_no_row_on_the_old_key,
+    a_failed_key_rotation_changes_nothing,
     actor_writes_files_privately_and_atomically,
     fifty_concurrent_updates_lose_nothing,
     missing_file_is_recreated_from_the_database,
@@ -414,7 +415,7 @@ async fn read_access_ciphertext(kind: BackendKind, url: &str, id: uuid::Uuid) ->
 }
 
 async fn key_rotation_leaves_no_row_on_the_old_key(kind: BackendKind) {
-    let (store, dir, _) = fresh_store(kind).await;
+    let (store, dir, options) = fresh_store(kind).await;
     let (handle, _files) = spawn_actor(&store, dir.path()).await;
     let demo = server("demo");
     for i in 0..7 {
@@ -428,16 +429,71 @@ async fn key_rotation_leaves_no_row_on_the_old_key(kind: BackendKind) {
             .unwrap();
     }
     handle.deactivate(&user("user0"), &demo).await.unwrap();
-    let (version, rotated) = handle.rotate_key(true).await.unwrap();
-    assert_eq!(version, 2);
-    assert_eq!(rotated, 7, "inactive rows are re-encrypted too");
+    // Registered OAuth clients (one with a secret, one public) and a pending connect flow hold
+    // ciphertexts too.
+    for (name, secret) in [("notion", Some("client-secret")), ("linear", None)] {
+        store
+            .insert_oauth_client(&RegisteredClientRow {
+                server: server(name),
+                endpoints: "{}".into(),
+                client_id: Secret::new(format!("client-of-{name}")),
+                client_secret: secret.map(Secret::new),
+                created_at: Utc::now(),
+            })
+            .await
+            .unwrap();
+    }
+    let state_hash = "ab".repeat(32);
+    store
+        .insert_oauth_state(&NewOAuthState {
+            state_hash: state_hash.clone(),
+            user: user("user1"),
+            server: server("notion"),
+            code_verifier: Secret::new("the-verifier"),
+            expires_at: Utc::now() + chrono::Duration::minutes(10),
+        })
+        .await
+        .unwrap();
+
+    let rotation = handle.rotate_key(true).await.unwrap();
+    assert_eq!(
+        rotation,
+        KeyRotation {
+            version: 2,
+            credentials: 7,
+            clients: 2,
+            states: 1
+        },
+        "inactive rows, clients and pending flows are re-encrypted too"
+    );
     let rows = store.list(None, true).await.unwrap();
     // Every row, the inactive one included, and no other key version anywhere.
     assert_eq!(rows.len(), 7, "{rows:?}");
     let versions: std::collections::BTreeSet<_> = rows.iter().map(|row| row.key_version).collect();
     assert_eq!(versions, [2].into(), "{rows:?}");
+    // A second rotation without a new key has nothing to do.
+    assert_eq!(
+        handle.rotate_key(false).await.unwrap(),
+        KeyRotation {
+            version: 2,
+            ..KeyRotation::default()
+        }
+    );
+    handle.shutdown().await;
+    store.close().await;
+
+    // The operator retires key 1: a fresh store that knows only key 2 reads everything.
+    let keys = std::fs::read_to_string(&options.key_file).unwrap();
+    let kept: String = keys
+        .lines()
+        .filter(|l| l.starts_with("2:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(kept, keys, "key 1 was in the file");
+    std::fs::write(&options.key_file, kept).unwrap();
+    let retired = Store::connect(&options).await.unwrap();
     for i in 1..7 {
-        let record = store
+        let record = retired
             .get(&user(&format!("user{i}")), &demo)
             .await
             .unwrap()
@@ -447,9 +503,87 @@ async fn key_rotation_leaves_no_row_on_the_old_key(kind: BackendKind) {
             format!("a{i}")
         );
     }
-    // A second rotation without a new key has nothing to do.
-    assert_eq!(handle.rotate_key(false).await.unwrap(), (2, 0));
-    handle.shutdown().await;
+    let notion = retired
+        .oauth_client(&server("notion"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(notion.client_id.expose(), "client-of-notion");
+    assert_eq!(notion.client_secret.unwrap().expose(), "client-secret");
+    let linear = retired
+        .oauth_client(&server("linear"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(linear.client_id.expose(), "client-of-linear");
+    assert!(linear.client_secret.is_none());
+    let flow = retired
+        .take_oauth_state(&state_hash)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(flow.code_verifier.expose(), "the-verifier");
+    retired.close().await;
+}
+
+async fn a_failed_key_rotation_changes_nothing(kind: BackendKind) {
+    let (store, _dir, options) = fresh_store(kind).await;
+    let demo = server("demo");
+    let path = options.key_file.with_file_name("f.json");
+    for name in ["alice", "bob"] {
+        store
+            .create(&user(name), &demo, &path, &tokens(name, None))
+            .await
+            .unwrap();
+    }
+    // A registered client whose ciphertext does not decrypt (tampered, or from another key).
+    run_sql(
+        kind,
+        &options.url,
+        "INSERT INTO oauth_clients (server_name, endpoints, client_id, client_secret, \
+         key_version, created_at) VALUES ('broken', '{}', 'not-a-ciphertext', NULL, 1, \
+         CURRENT_TIMESTAMP)",
+    )
+    .await;
+    let failed = store.rotate_key(true).await;
+    assert!(matches!(failed, Err(StoreError::Crypto(_))), "{failed:?}");
+    // The credentials came before the client in the transaction: rolled back with it.
+    let versions: Vec<u32> = store
+        .list(None, true)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.key_version)
+        .collect();
+    assert_eq!(versions, [1, 1], "no row moved to key 2 alone");
+    // Once the broken row is gone the rotation goes through, onto the key added before.
+    run_sql(
+        kind,
+        &options.url,
+        "DELETE FROM oauth_clients WHERE server_name = 'broken'",
+    )
+    .await;
+    let done = store.rotate_key(false).await.unwrap();
+    assert_eq!((done.version, done.credentials), (2, 2), "{done:?}");
+    store.close().await;
+}
+
+/// Runs one statement as the test's own database user (no row-level security on SQLite; the
+/// PostgreSQL test user is a superuser).
+async fn run_sql(kind: BackendKind, url: &str, sql: &str) {
+    let sql = sqlx::AssertSqlSafe(sql.to_owned());
+    match kind {
+        BackendKind::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+        BackendKind::Postgres => {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
 }
 
 async fn actor_writes_files_privately_and_atomically(kind: BackendKind) {

@@ -566,6 +566,7 @@ struct SessionStart {
     registry: Option<ProcessRegistry>,
     startup_timeout: Duration,
     start_slots: Arc<tokio::sync::Semaphore>,
+    events: PoolEvents,
 }
 
 async fn start_session(
@@ -585,6 +586,7 @@ async fn start_session(
         registry,
         startup_timeout,
         start_slots,
+        events,
     } = start;
     // Refreshes OAuth tokens about to expire (a token still valid is used even if that failed
     // for now), then writes the file the server reads.
@@ -666,6 +668,12 @@ async fn start_session(
             Err(err) => {
                 tracing::warn!(cause = %err, "Cannot start {} by fork; spawning it", key.server);
                 zygote.count_fallback(&err);
+                events.publish(
+                    &key,
+                    EventKind::PreforkFallback {
+                        cause: err.to_string(),
+                    },
+                );
             }
         }
     }
@@ -746,6 +754,7 @@ impl Actor for ConnectionActor {
                 registry: args.registry,
                 startup_timeout: args.startup_timeout,
                 start_slots: args.start_slots,
+                events: args.events.clone(),
             },
             args.shared.clone(),
         );

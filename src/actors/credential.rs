@@ -13,8 +13,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::Instrument;
 
 use crate::store::{
-    BoxFuture, CredentialFiles, CredentialInfo, CredentialSpec, CredentialWriter, ServerName,
-    Store, StoreError, Stored, TokenUpdate, Tokens, UserId,
+    BoxFuture, CredentialFiles, CredentialInfo, CredentialSpec, CredentialWriter, KeyRotation,
+    ServerName, Store, StoreError, Stored, TokenUpdate, Tokens, UserId,
 };
 
 pub use crate::store::CredentialError;
@@ -85,10 +85,11 @@ pub enum CredentialMsg {
         server: ServerName,
         reply: Reply<PathBuf>,
     },
-    /// Re-encrypt every row with the newest key (optionally adding a new key version first).
+    /// Re-encrypt every ciphertext with the newest key (optionally adding a new key version
+    /// first): credentials, registered OAuth clients and pending connect flows.
     RotateKey {
         add_new_version: bool,
-        reply: Reply<(u32, u64)>,
+        reply: Reply<KeyRotation>,
     },
     /// Remove credential files that have no active row (left by a crash between file and
     /// row, or by an older layout); returns how many. Run at start-up and with each cleanup.
@@ -486,7 +487,7 @@ impl CredentialHandle {
             .await
     }
 
-    pub async fn rotate_key(&self, add_new_version: bool) -> Result<(u32, u64), CredentialError> {
+    pub async fn rotate_key(&self, add_new_version: bool) -> Result<KeyRotation, CredentialError> {
         self.ask(|reply| CredentialMsg::RotateKey {
             add_new_version,
             reply,

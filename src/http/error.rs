@@ -120,6 +120,23 @@ impl ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message).with_retry_after(after)
     }
 
+    /// The error body plus the status it would have had, for an error that comes after a
+    /// streamed response began (its status line already said 200):
+    /// `{"status": 502, "error": {"code": ..., "message": ..., ...}}`.
+    pub fn stream_event(&self) -> serde_json::Value {
+        let body = Body {
+            error: Detail {
+                code: self.code,
+                message: &self.message,
+                retry_safe: self.retry_safe,
+                retry_after_secs: self.retry_after.map(secs),
+            },
+        };
+        let mut value = serde_json::to_value(body).unwrap_or_default();
+        value["status"] = self.status.as_u16().into();
+        value
+    }
+
     /// Logs `cause` and answers with a generic 500: the cause may hold paths or SQL.
     pub fn internal(cause: &dyn std::fmt::Display) -> ApiError {
         tracing::error!(cause = %cause, "internal error");

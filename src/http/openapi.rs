@@ -306,6 +306,27 @@ pub enum ChatStreamEventName {
     Error,
 }
 
+/// One server-sent event of a streamed tool call (`Accept: text/event-stream`).
+#[derive(serde::Serialize, ToSchema)]
+#[allow(dead_code)] // a schema only: the stream is written by `http::tools`
+pub struct ToolCallStreamEvent {
+    event: ToolCallStreamEventName,
+    /// `progress`: `{"progress", "total"?, "message"?}` as the server reported it; `result`:
+    /// the call response; `error`: `{"status", "error": {"code", "message", ...}}`, the status
+    /// and body the call would have been answered with.
+    #[schema(content_media_type = "application/json")]
+    data: String,
+}
+
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum ToolCallStreamEventName {
+    Progress,
+    Result,
+    Error,
+}
+
 fn user_header() -> Parameter {
     ParameterBuilder::new()
         .name("X-User-Id")

@@ -1,19 +1,31 @@
 //! `/v1/connections/{server}/tools`: the cached tool list and tool calls on the caller's session.
 
-use std::time::Instant;
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequestParts, State};
+use axum::http::HeaderMap;
+use axum::http::header::ACCEPT;
 use axum::http::request::Parts;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::{ApiError, optional_json};
 use super::openapi::{ErrorBody, SessionErrors, UserAuthErrors};
 use super::{AuthUser, HttpState, ServerParam, path_param};
-use crate::actors::PoolError;
 use crate::actors::fairness::{MAX_ARGUMENT_DEPTH, arguments_depth};
+use crate::actors::{CallOptions, PoolError};
+use crate::mcp::Progress;
 use crate::store::ServerName;
+
+/// Progress notifications held for a slow streaming client before newer ones are dropped (the
+/// session never waits for a caller's sink).
+const PROGRESS_BUFFER: usize = 64;
 
 /// Longest accepted tool name (MCP sets none; this only bounds what we log and look up).
 const MAX_TOOL_NAME: usize = 256;
@@ -129,7 +141,9 @@ pub struct CallResponse {
 }
 
 /// `POST /v1/connections/{server}/tools/{tool}/call`: the body is the arguments object (an
-/// empty body means no arguments).
+/// empty body means no arguments). With `Accept: text/event-stream` the answer is a stream of
+/// server-sent events: the server's `progress` notifications as they come, then one `result`
+/// (or `error`).
 #[utoipa::path(
     post, path = "/v1/connections/{server}/tools/{tool}/call", operation_id = "call_tool", tag = "tools",
     security(("bearer" = [])),
@@ -139,7 +153,11 @@ pub struct CallResponse {
     ),
     request_body(content = Object, description = "The tool's arguments (nested at most 64 levels); an empty body means none", content_type = "application/json"),
     responses(
-        (status = 200, description = "The MCP result (`is_error` when the tool itself failed)", body = CallResponse),
+        (status = 200, description = "The MCP result (`is_error` when the tool itself failed); with `Accept: text/event-stream`, server-sent events instead: `progress` as the server reports it, then `result` or `error` (whose data carries the status the call would have had)",
+            content(
+                (CallResponse = "application/json"),
+                (super::openapi::ToolCallStreamEvent = "text/event-stream"),
+            )),
         (status = 400, description = "`malformed_json`, `invalid_body`, `arguments_too_deep`, `invalid_tool_name`, `invalid_arguments` (the server refused them), `missing_user_id`, `invalid_user_id`, `duplicate_header` or `invalid_server_name`", body = ErrorBody),
         UserAuthErrors,
         (status = 404, description = "`unknown_server`, `no_credentials` or `unknown_tool`", body = ErrorBody),
@@ -152,26 +170,109 @@ pub async fn call(
     AuthUser(user): AuthUser,
     ServerParam(server): ServerParam,
     ToolParam(tool): ToolParam,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<CallResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let arguments = parse_arguments(&body?)?;
+    if wants_event_stream(&headers) {
+        return Ok(stream_call(state, user, server, tool, arguments));
+    }
     let started = Instant::now();
     let result = state.pool.call_tool(&user, &server, &tool, arguments).await;
-    let elapsed = started.elapsed();
-    match result {
-        Ok(result) => {
-            let is_error = result.is_error.unwrap_or(false);
-            let content =
-                serde_json::to_value(&result.content).map_err(|e| ApiError::internal(&e))?;
-            Ok(Json(CallResponse {
-                content,
-                is_error,
-                structured_content: result.structured_content,
-                duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
-            }))
+    Ok(Json(call_response(result?, started.elapsed())?).into_response())
+}
+
+/// Whether the caller asked for server-sent events (a plain `*/*` or JSON client did not).
+fn wants_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|media| {
+            media
+                .split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+        })
+}
+
+fn call_response(
+    result: rmcp::model::CallToolResult,
+    elapsed: Duration,
+) -> Result<CallResponse, ApiError> {
+    let content = serde_json::to_value(&result.content).map_err(|e| ApiError::internal(&e))?;
+    Ok(CallResponse {
+        content,
+        is_error: result.is_error.unwrap_or(false),
+        structured_content: result.structured_content,
+        duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
+/// The call on the same path as the JSON answer (`PoolHandle::call_tool_with`, as `/mcp`), its
+/// progress sent on as events. A client that goes away cancels the call: the task notices the
+/// closed stream and drops the call, which sends the server `notifications/cancelled`.
+fn stream_call(
+    state: HttpState,
+    user: crate::store::UserId,
+    server: ServerName,
+    tool: String,
+    arguments: Option<serde_json::Map<String, serde_json::Value>>,
+) -> Response {
+    let (events, receiver) = tokio::sync::mpsc::channel::<(&'static str, serde_json::Value)>(8);
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let (sink, mut progress) = tokio::sync::mpsc::channel::<Progress>(PROGRESS_BUFFER);
+        let options = CallOptions {
+            progress: Some(sink),
+        };
+        let call = state
+            .pool
+            .call_tool_with(&user, &server, &tool, arguments, options);
+        tokio::pin!(call);
+        let result = loop {
+            tokio::select! {
+                // Progress first: a notification that came before the answer is sent before it.
+                biased;
+                Some(step) = progress.recv() => {
+                    if events.send(("progress", progress_json(&step))).await.is_err() {
+                        return;
+                    }
+                }
+                result = &mut call => break result,
+                () = events.closed() => return,
+            }
+        };
+        while let Ok(step) = progress.try_recv() {
+            let _ = events.send(("progress", progress_json(&step))).await;
         }
-        Err(err) => Err(ApiError::from(err)),
+        let last = match result
+            .map_err(ApiError::from)
+            .and_then(|result| call_response(result, started.elapsed()))
+        {
+            Ok(response) => ("result", serde_json::to_value(response).unwrap_or_default()),
+            Err(err) => ("error", err.stream_event()),
+        };
+        let _ = events.send(last).await;
+    });
+    let stream = ReceiverStream::new(receiver).map(|(name, data)| {
+        Ok::<Event, Infallible>(Event::default().event(name).data(data.to_string()))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+fn progress_json(step: &Progress) -> serde_json::Value {
+    let mut value = serde_json::json!({ "progress": step.progress });
+    if let Some(total) = step.total {
+        value["total"] = total.into();
     }
+    if let Some(message) = &step.message {
+        value["message"] = message.clone().into();
+    }
+    value
 }
 
 fn parse_arguments(

@@ -132,6 +132,31 @@ async fn set_scope(conn: &mut sqlx::PgConnection, scope: Scope<'_>) -> Result<()
     Ok(())
 }
 
+/// Whether `_sqlx_migrations` lists exactly this binary's migrations, applied and unchanged
+/// (what sqlx's `run` would accept without doing anything). Any doubt (no such table, no SELECT
+/// on it, a dirty, missing, extra or changed migration) answers false, and `run` then applies
+/// or reports it.
+async fn postgres_up_to_date(pool: &PgPool) -> bool {
+    let Ok(applied) = sqlx::query_as::<_, (i64, Vec<u8>)>(
+        "SELECT version, checksum FROM _sqlx_migrations WHERE success",
+    )
+    .fetch_all(pool)
+    .await
+    else {
+        return false;
+    };
+    let ours: Vec<_> = POSTGRES_MIGRATIONS
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .collect();
+    applied.len() == ours.len()
+        && ours.iter().all(|m| {
+            applied
+                .iter()
+                .any(|(version, checksum)| *version == m.version && **checksum == *m.checksum)
+        })
+}
+
 #[derive(Debug, Clone)]
 enum Backend {
     Sqlite(SqlitePool),
@@ -322,7 +347,16 @@ impl Store {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await?,
-            Backend::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await?,
+            // sqlx's `run` always starts with `CREATE TABLE IF NOT EXISTS _sqlx_migrations`,
+            // which PostgreSQL refuses to a role without CREATE on the schema even when the
+            // table exists: the non-owner role the service should run as (0002_rls.sql) could
+            // not even start. So `run` only when something is not applied yet, which takes the
+            // owner (`mcp-pool migrate`) anyway.
+            Backend::Postgres(pool) => {
+                if !postgres_up_to_date(pool).await {
+                    POSTGRES_MIGRATIONS.run(pool).await?
+                }
+            }
         }
         Ok(())
     }
@@ -737,9 +771,18 @@ impl Store {
             .collect())
     }
 
-    /// Adds a new key version (key-file mode) and re-encrypts every row, active or not, whose
-    /// tokens use an older version. Returns (new version, rows re-encrypted).
-    pub async fn rotate_key(&self, add_new_version: bool) -> Result<(u32, u64), StoreError> {
+    /// Adds a new key version (key-file mode) and re-encrypts, with the newest version, every
+    /// ciphertext on an older one: the tokens of every `mcp_connections` row (active or not),
+    /// the registered OAuth clients (`oauth_clients`) and the PKCE verifiers of pending connect
+    /// flows (`oauth_states`).
+    ///
+    /// One transaction for all three tables: a rotation that fails half-way (a ciphertext that
+    /// does not decrypt, the database gone) leaves every row as it was, and one that commits
+    /// leaves nothing on an older key, so the operator may then retire it. On SQLite that
+    /// transaction holds the write lock throughout (rows are re-encrypted in memory, a few µs
+    /// each); on PostgreSQL it locks each row as it rewrites it, so a concurrent refresh of
+    /// that row waits for the commit rather than failing.
+    pub async fn rotate_key(&self, add_new_version: bool) -> Result<KeyRotation, StoreError> {
         if add_new_version {
             Keyring::load(&self.keyring.key_file, self.keyring.env_value.as_deref())?
                 .add_version()?;
@@ -747,47 +790,115 @@ impl Store {
         // Reloaded either way: another process may have added a version since start-up.
         let keyring = self.reload_keyring()?;
         let target = keyring.current_version();
-        let mut rotated = 0u64;
-        loop {
-            let batch: Vec<RawRow> = in_read!(self, Scope::AllUsers, conn => sqlx::query_as(concat!(
-                "SELECT ", columns!(),
-                " FROM mcp_connections WHERE key_version <> $1 ORDER BY id LIMIT 100"
-            ))
-            .bind(target as i32)
-            .fetch_all(conn)
-            .await)?;
-            if batch.is_empty() {
-                break;
+        let target_column = target as i32;
+        let mut rotation = KeyRotation {
+            version: target,
+            ..KeyRotation::default()
+        };
+        in_write_tx!(self, Scope::AllUsers, tx => {
+            loop {
+                let batch: Vec<RawRow> = sqlx::query_as(concat!(
+                    "SELECT ", columns!(),
+                    " FROM mcp_connections WHERE key_version <> $1 ORDER BY id LIMIT 100"
+                ))
+                .bind(target_column)
+                .fetch_all(&mut *tx)
+                .await?;
+                if batch.is_empty() {
+                    break;
+                }
+                for raw in batch {
+                    let (id, version) = (raw.id, raw.version);
+                    let record = self.decrypt_row(raw)?;
+                    let (access, refresh) = Self::seal(
+                        &keyring,
+                        &record.info.user_id,
+                        &record.info.server_name,
+                        &record.tokens,
+                    )?;
+                    // version is left alone: rotation changes no credential, so it must not
+                    // make a concurrent refresh's compare-and-swap fail. The version check
+                    // keeps rotation from overwriting a row another instance wrote after the
+                    // SELECT (PostgreSQL re-checks it on the committed row); such a row is
+                    // picked up again by the next batch if it is still on an older key.
+                    rotation.credentials += sqlx::query(
+                        "UPDATE mcp_connections SET access_token = $1, refresh_token = $2, \
+                         key_version = $3 WHERE id = $4 AND version = $5 AND key_version <> $3",
+                    )
+                    .bind(&access)
+                    .bind(&refresh)
+                    .bind(target_column)
+                    .bind(id)
+                    .bind(version)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                }
             }
-            for raw in batch {
-                let (id, version) = (raw.id, raw.version);
-                let record = self.decrypt_row(raw)?;
-                let (access, refresh) = Self::seal(
-                    &keyring,
-                    &record.info.user_id,
-                    &record.info.server_name,
-                    &record.tokens,
-                )?;
-                // version is left alone: rotation changes no credential, so it must not make a
-                // concurrent refresh's compare-and-swap fail. The key_version check keeps
-                // rotation itself from overwriting a row written meanwhile.
-                let done = in_write_tx!(self, Scope::AllUsers, tx => sqlx::query(
-                    "UPDATE mcp_connections SET access_token = $1, refresh_token = $2, \
-                     key_version = $3 WHERE id = $4 AND version = $5 AND key_version <> $3",
+
+            // One row per remote server: no batching needed.
+            let clients: Vec<oauth_clients::RawClientRotation> = sqlx::query_as(
+                "SELECT server_name, client_id, client_secret, key_version FROM oauth_clients \
+                 WHERE key_version <> $1",
+            )
+            .bind(target_column)
+            .fetch_all(&mut *tx)
+            .await?;
+            for raw in clients {
+                let (client_id, client_secret) = raw.reseal(&keyring)?;
+                rotation.clients += sqlx::query(
+                    "UPDATE oauth_clients SET client_id = $1, client_secret = $2, \
+                     key_version = $3 WHERE server_name = $4 AND key_version = $5",
                 )
-                .bind(&access)
-                .bind(&refresh)
-                .bind(target as i32)
-                .bind(id)
-                .bind(version)
+                .bind(&client_id)
+                .bind(&client_secret)
+                .bind(target_column)
+                .bind(&raw.server_name)
+                .bind(raw.key_version)
                 .execute(&mut *tx)
                 .await?
-                .rows_affected());
-                rotated += done;
+                .rows_affected();
             }
-        }
-        Ok((target, rotated))
+
+            // Pending flows live ten minutes at most, but a callback arriving after the old
+            // key was retired must still find its verifier.
+            let states: Vec<oauth_states::RawStateRotation> = sqlx::query_as(
+                "SELECT state_hash, user_id, server_name, code_verifier, key_version \
+                 FROM oauth_states WHERE key_version <> $1",
+            )
+            .bind(target_column)
+            .fetch_all(&mut *tx)
+            .await?;
+            for raw in states {
+                let verifier = raw.reseal(&keyring)?;
+                rotation.states += sqlx::query(
+                    "UPDATE oauth_states SET code_verifier = $1, key_version = $2 \
+                     WHERE state_hash = $3 AND key_version = $4",
+                )
+                .bind(&verifier)
+                .bind(target_column)
+                .bind(&raw.state_hash)
+                .bind(raw.key_version)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            }
+        });
+        Ok(rotation)
     }
+}
+
+/// What [`Store::rotate_key`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyRotation {
+    /// The key version that now encrypts.
+    pub version: u32,
+    /// `mcp_connections` rows re-encrypted.
+    pub credentials: u64,
+    /// Registered OAuth clients (`oauth_clients` rows) re-encrypted.
+    pub clients: u64,
+    /// Pending connect flows (`oauth_states` rows) re-encrypted.
+    pub states: u64,
 }
 
 // Declared after the macros above, which it uses (macro_rules! scoping is textual).

@@ -64,6 +64,9 @@ pub enum EventKind {
     /// The user's stored credentials for this server were created, replaced, deactivated or
     /// deleted.
     CredentialsChanged,
+    /// A preforked server's session could not start by fork (zygote down, backing off or
+    /// disabled, or the fork failed) and is being spawned instead.
+    PreforkFallback { cause: String },
 }
 
 /// The pool's event stream: a broadcast channel plus a short history. Shared by every

@@ -145,6 +145,7 @@ function describe(event) {
     case "token_refreshed": return "token refreshed";
     case "token_refresh_failed": return `token refresh failed: ${event.code}`;
     case "credentials_changed": return "credentials changed";
+    case "prefork_fallback": return `spawned instead of forked: ${event.cause}`;
     default: return event.event;
   }
 }

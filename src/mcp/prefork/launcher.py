@@ -2,7 +2,8 @@
 # service binary and run as `PYTHON -c <this> MODULE FUNCTION ARGV0`; nothing to install.
 #
 # fd 0 is a SOCK_SEQPACKET control socket to the pool, fd 2 the zygote's log, fd 1 /dev/null.
-# The zygote imports MODULE once, freezes the GC, reports ready, then serves fork requests:
+# The zygote imports MODULE once, rehearses one session in a throwaway child to import what the
+# server imports only when running, freezes the GC, reports ready, then serves fork requests:
 # one JSON header plus the session's descriptors (SCM_RIGHTS) per message. It never sees a
 # user secret: a session's credentials arrive as a sealed memfd that only the child reads.
 #
@@ -17,6 +18,7 @@ import importlib
 import json
 import os
 import resource
+import select
 import signal
 import socket
 import sys
@@ -129,6 +131,76 @@ def child(request, fds, control, zygote_pid, entry):
     os._exit(code)
 
 
+REHEARSAL = [
+    {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "mcp-pool-prefork-rehearsal", "version": "1"}}},
+    {"jsonrpc": "2.0", "method": "notifications/initialized"},
+    {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+]
+REHEARSAL_SECONDS = 10
+
+
+def rehearse(entry):
+    """Runs one throwaway session in a forked child (initialize, tools/list, end of input) and
+    imports here what the server imported only once running (an event loop backend, stream
+    helpers): otherwise every session pays those imports after its fork, about as long as the
+    rest of its start. The child holds no secret either, and whatever else it warmed up dies
+    with it. Best effort: any failure just leaves the zygote as it was. Returns how many
+    modules were imported."""
+    before = set(sys.modules)
+    names_r, names_w = os.pipe()
+    input_r, input_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(names_r)
+            os.close(input_w)
+            os.dup2(input_r, 0)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            signal.alarm(REHEARSAL_SECONDS)
+            try:
+                entry()
+            except BaseException:
+                pass
+            signal.alarm(0)
+            new = [name for name in list(sys.modules) if name not in before]
+            with os.fdopen(names_w, "w") as out:
+                out.write("\n".join(new))
+        finally:
+            os._exit(0)
+    os.close(names_w)
+    os.close(input_r)
+    try:
+        os.write(input_w, "".join(json.dumps(m) + "\n" for m in REHEARSAL).encode())
+    except OSError:
+        pass
+    os.close(input_w)
+    chunks = []
+    deadline = REHEARSAL_SECONDS + 1
+    while True:
+        ready, _, _ = select.select([names_r], [], [], deadline)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            break
+        chunk = os.read(names_r, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(names_r)
+    os.waitpid(pid, 0)
+    imported = 0
+    for name in b"".join(chunks).decode("utf-8", "replace").split("\n"):
+        if name and name not in sys.modules:
+            try:
+                importlib.import_module(name)
+                imported += 1
+            except BaseException:
+                pass
+    return imported
+
+
 def main():
     module, function = sys.argv[1], sys.argv[2]
     sys.argv = [sys.argv[3]] if len(sys.argv) > 3 else [module]
@@ -142,18 +214,24 @@ def main():
     except BaseException as err:
         control.send(json.dumps({"error": "cannot import %s.%s: %s" % (module, function, err)}).encode())
         return 1
-    threads = max(threading.active_count(), native_threads())
-    if threads > 1:
-        # A thread started at import would be missing from every child (fork copies only the
-        # calling thread), with whatever locks it held: unsafe, so the pool spawns instead.
-        names = [t.name for t in threading.enumerate()]
-        control.send(json.dumps({"threads": threads, "names": names}).encode())
-        return 1
+    # Twice: a thread started at import makes even the rehearsal's fork unsafe, and one
+    # started by a module the rehearsal brought in would be lost the same way.
+    preloaded = 0
+    for step in ("import", "rehearsal"):
+        if step == "rehearsal":
+            preloaded = rehearse(entry)
+        threads = max(threading.active_count(), native_threads())
+        if threads > 1:
+            # A thread would be missing from every child (fork copies only the calling
+            # thread), with whatever locks it held: unsafe, so the pool spawns instead.
+            names = [t.name for t in threading.enumerate()]
+            control.send(json.dumps({"threads": threads, "names": names, "after": step}).encode())
+            return 1
     gc.collect()
     gc.freeze()
     signal.signal(signal.SIGCHLD, reap)
     zygote_pid = os.getpid()
-    control.send(json.dumps({"ready": True, "pid": zygote_pid}).encode())
+    control.send(json.dumps({"ready": True, "pid": zygote_pid, "preloaded": preloaded}).encode())
     while True:
         message, fds, _flags, _addr = socket.recv_fds(control, MAX_HEADER, MAX_FDS)
         if not message:

@@ -107,6 +107,9 @@ pub struct ZygoteStats {
     pub restarts: u64,
     /// Why the zygote is down or disabled.
     pub reason: Option<String>,
+    /// Modules the running zygote imported after its rehearsal (what the server imports only
+    /// once running, which its sessions would otherwise import after each fork).
+    pub preloaded: u64,
 }
 
 /// A running zygote process.
@@ -117,6 +120,8 @@ struct Running {
     leader: u32,
     /// The Python process (host pid).
     pid: u32,
+    /// Modules imported after the rehearsal.
+    preloaded: u64,
     /// Becomes `true` when the zygote's process tree is gone.
     exited: watch::Receiver<bool>,
 }
@@ -137,6 +142,7 @@ struct Counters {
     reason: Option<String>,
     pid: Option<u32>,
     state: &'static str,
+    preloaded: u64,
 }
 
 /// What a zygote is started and supervised with, besides its server's name and launch.
@@ -196,6 +202,7 @@ impl Zygote {
                 },
                 reason: disabled,
                 pid: None,
+                preloaded: 0,
             }),
         }
     }
@@ -221,6 +228,7 @@ impl Zygote {
             last_fallback: counters.last_fallback.clone(),
             restarts: counters.restarts,
             reason: counters.reason.clone(),
+            preloaded: counters.preloaded,
         }
     }
 
@@ -383,6 +391,7 @@ impl Zygote {
                 let mut counters = self.counters();
                 counters.state = "ready";
                 counters.pid = Some(running.pid);
+                counters.preloaded = running.preloaded;
                 counters.reason = None;
                 drop(counters);
                 *phase = Phase::Running(running);
@@ -526,8 +535,11 @@ impl Zygote {
         if let Some(threads) = answer.get("threads") {
             kill_group_now(as_pgid(leader));
             return Err(StartError::Permanent(format!(
-                "{} threads run after importing {} ({}): forking would lose them",
-                threads, entry.module, answer["names"]
+                "{} threads run after the {} of {} ({}): forking would lose them",
+                threads,
+                answer["after"].as_str().unwrap_or("import"),
+                entry.module,
+                answer["names"]
             )));
         }
         if let Some(error) = answer.get("error").and_then(|e| e.as_str()) {
@@ -539,14 +551,16 @@ impl Zygote {
             return Err(fail("unexpected answer from the zygote".to_owned()));
         }
         let pid = pid.ok_or_else(|| fail("the zygote's pid was not passed".into()))?;
+        let preloaded = answer["preloaded"].as_u64().unwrap_or(0);
         info!(
-            server = %self.server, pid, module = %entry.module,
+            server = %self.server, pid, module = %entry.module, preloaded,
             "Zygote ready: {} imported once, sessions start by fork", entry.module
         );
         Ok(Running {
             control,
             leader,
             pid,
+            preloaded,
             exited,
         })
     }

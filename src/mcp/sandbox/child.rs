@@ -136,14 +136,6 @@ pub(crate) unsafe fn confine_child(plan: &ChildPlan) -> io::Result<()> {
         // SAFETY: plain system calls on values owned by this function.
         unsafe { enter_namespaces()? };
     }
-    if let Some(nofile) = plan.nofile {
-        let limit = libc::rlimit {
-            rlim_cur: nofile,
-            rlim_max: nofile,
-        };
-        // SAFETY: `limit` lives on this stack frame.
-        check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }.into())?;
-    }
     if plan.drop_capabilities {
         // SAFETY: prctl with integer arguments only.
         unsafe { drop_capabilities()? };
@@ -162,6 +154,18 @@ pub(crate) unsafe fn confine_child(plan: &ChildPlan) -> io::Result<()> {
                 0,
             ))?;
         }
+    }
+    // Last: until exec the child still holds every descriptor of the service (close-on-exec
+    // ones close only at exec), so with more than `nofile` of them open, any descriptor opened
+    // after the limit (the `/proc` rule above) would fail with EMFILE. Lowering a limit below
+    // the descriptors already open is allowed; the server starts with only 0, 1 and 2.
+    if let Some(nofile) = plan.nofile {
+        let limit = libc::rlimit {
+            rlim_cur: nofile,
+            rlim_max: nofile,
+        };
+        // SAFETY: `limit` lives on this stack frame.
+        check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }.into())?;
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use super::{Backend, Scope, Store, now, set_scope};
 use crate::ids::{ServerName, UserId};
 use crate::store::StoreError;
-use crate::store::crypto::TokenField;
+use crate::store::crypto::{Keyring, TokenField};
 use crate::store::secret::Secret;
 
 /// The stand-in user id the client's ciphertexts are bound to (the row belongs to no user).
@@ -34,8 +34,66 @@ struct RawClient {
     created_at: DateTime<Utc>,
 }
 
+/// A row as [`Store::rotate_key`] reads it (in its transaction).
+#[derive(sqlx::FromRow)]
+pub(super) struct RawClientRotation {
+    pub(super) server_name: String,
+    client_id: String,
+    client_secret: Option<String>,
+    pub(super) key_version: i32,
+}
+
+impl RawClientRotation {
+    /// The client's id and secret sealed again with `keyring`'s current version.
+    pub(super) fn reseal(&self, keyring: &Keyring) -> Result<(String, Option<String>), StoreError> {
+        let server = ServerName::parse(&self.server_name)
+            .map_err(|_| StoreError::Corrupt("oauth client: invalid server_name".into()))?;
+        let (client_id, client_secret) = open(
+            keyring,
+            &server,
+            self.key_version,
+            &self.client_id,
+            self.client_secret.as_deref(),
+        )?;
+        seal(keyring, &server, &client_id, client_secret.as_ref())
+    }
+}
+
 fn owner() -> Result<UserId, StoreError> {
     UserId::parse(CLIENT_OWNER).map_err(|_| StoreError::Corrupt("client owner id".into()))
+}
+
+/// Decrypts a client's id and secret stored with key `version`.
+fn open(
+    keyring: &Keyring,
+    server: &ServerName,
+    version: i32,
+    client_id: &str,
+    client_secret: Option<&str>,
+) -> Result<(Secret, Option<Secret>), StoreError> {
+    let version = u32::try_from(version)
+        .map_err(|_| StoreError::Corrupt("oauth client: negative key_version".into()))?;
+    let owner = owner()?;
+    let client_id = keyring.decrypt(&owner, server, TokenField::ClientId, version, client_id)?;
+    let client_secret = client_secret
+        .map(|sealed| keyring.decrypt(&owner, server, TokenField::ClientSecret, version, sealed))
+        .transpose()?;
+    Ok((client_id, client_secret))
+}
+
+/// Encrypts a client's id and secret with `keyring`'s current version.
+fn seal(
+    keyring: &Keyring,
+    server: &ServerName,
+    client_id: &Secret,
+    client_secret: Option<&Secret>,
+) -> Result<(String, Option<String>), StoreError> {
+    let owner = owner()?;
+    let client_id = keyring.encrypt(&owner, server, TokenField::ClientId, client_id)?;
+    let client_secret = client_secret
+        .map(|secret| keyring.encrypt(&owner, server, TokenField::ClientSecret, secret))
+        .transpose()?;
+    Ok((client_id, client_secret))
 }
 
 impl Store {
@@ -56,26 +114,17 @@ impl Store {
         let Some(raw) = raw else {
             return Ok(None);
         };
-        let version = u32::try_from(raw.key_version)
-            .map_err(|_| StoreError::Corrupt("oauth client: negative key_version".into()))?;
         let mut keyring = self.keyring();
-        if !keyring.versions().contains(&version) {
+        if u32::try_from(raw.key_version).is_ok_and(|v| !keyring.versions().contains(&v)) {
             keyring = self.reload_keyring()?;
         }
-        let owner = owner()?;
-        let client_id = keyring.decrypt(
-            &owner,
+        let (client_id, client_secret) = open(
+            &keyring,
             server,
-            TokenField::ClientId,
-            version,
+            raw.key_version,
             &raw.client_id,
+            raw.client_secret.as_deref(),
         )?;
-        let client_secret = match &raw.client_secret {
-            Some(sealed) => {
-                Some(keyring.decrypt(&owner, server, TokenField::ClientSecret, version, sealed)?)
-            }
-            None => None,
-        };
         Ok(Some(RegisteredClientRow {
             server: server.clone(),
             endpoints: raw.endpoints,
@@ -92,15 +141,13 @@ impl Store {
         client: &RegisteredClientRow,
     ) -> Result<RegisteredClientRow, StoreError> {
         let keyring = self.keyring();
-        let owner = owner()?;
         let server = &client.server;
-        let client_id = keyring.encrypt(&owner, server, TokenField::ClientId, &client.client_id)?;
-        let client_secret = match &client.client_secret {
-            Some(secret) => {
-                Some(keyring.encrypt(&owner, server, TokenField::ClientSecret, secret)?)
-            }
-            None => None,
-        };
+        let (client_id, client_secret) = seal(
+            &keyring,
+            server,
+            &client.client_id,
+            client.client_secret.as_ref(),
+        )?;
         in_write_tx!(self, Scope::AllUsers, tx => {
             sqlx::query(
                 "INSERT INTO oauth_clients (server_name, endpoints, client_id, client_secret, \

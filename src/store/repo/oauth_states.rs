@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use super::{Backend, Scope, Store, now, set_scope};
 use crate::ids::{ServerName, UserId};
 use crate::store::StoreError;
-use crate::store::crypto::TokenField;
+use crate::store::crypto::{Keyring, TokenField};
 use crate::store::secret::Secret;
 
 /// A flow to remember.
@@ -42,6 +42,36 @@ struct RawState {
     key_version: i32,
     created_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
+}
+
+/// A row as [`Store::rotate_key`] reads it (in its transaction).
+#[derive(sqlx::FromRow)]
+pub(super) struct RawStateRotation {
+    pub(super) state_hash: String,
+    user_id: String,
+    server_name: String,
+    code_verifier: String,
+    pub(super) key_version: i32,
+}
+
+impl RawStateRotation {
+    /// The verifier sealed again with `keyring`'s current version.
+    pub(super) fn reseal(&self, keyring: &Keyring) -> Result<String, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("oauth state: {what}"));
+        let user = UserId::parse(&self.user_id).map_err(|_| corrupt("invalid user_id"))?;
+        let server =
+            ServerName::parse(&self.server_name).map_err(|_| corrupt("invalid server_name"))?;
+        let version =
+            u32::try_from(self.key_version).map_err(|_| corrupt("negative key_version"))?;
+        let verifier = keyring.decrypt(
+            &user,
+            &server,
+            TokenField::PkceVerifier,
+            version,
+            &self.code_verifier,
+        )?;
+        Ok(keyring.encrypt(&user, &server, TokenField::PkceVerifier, &verifier)?)
+    }
 }
 
 impl Store {
