@@ -20,7 +20,7 @@ pub use crate::ids::{IdError, ServerName, UserId};
 pub use crypto::{CryptoError, Keyring};
 pub use files::{CredentialFiles, CredentialSpec};
 pub use repo::{
-    BackendKind, CredentialInfo, CredentialRecord, NewOAuthState, RegisteredClientRow, Store,
+    BackendKind, CredentialInfo, LeaseRow, NodeRow, SessionKeyRow, CredentialRecord, NewOAuthState, RegisteredClientRow, Store,
     StoreOptions, Stored, TokenUpdate, Tokens,
 };
 pub use secret::Secret;
@@ -47,4 +47,7 @@ pub enum StoreError {
     Corrupt(String),
     #[error("duration out of range")]
     DurationOutOfRange,
+    /// Cluster tables exist on PostgreSQL only (config validation refuses cluster mode on SQLite).
+    #[error("cluster mode needs PostgreSQL")]
+    ClusterNeedsPostgres,
 }

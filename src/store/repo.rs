@@ -18,6 +18,7 @@ use super::crypto::{CryptoError, Keyring, TokenField};
 use super::secret::Secret;
 use crate::ids::{ServerName, UserId};
 
+pub use cluster::{LeaseRow, NodeRow, SessionKeyRow};
 pub use oauth_clients::RegisteredClientRow;
 pub use oauth_states::{NewOAuthState, OAuthState};
 
@@ -791,5 +792,6 @@ impl Store {
 }
 
 // Declared after the macros above, which it uses (macro_rules! scoping is textual).
+mod cluster;
 mod oauth_clients;
 mod oauth_states;
