@@ -153,6 +153,9 @@ struct Held {
     /// When the last statement that extended it (its take, or a renewal that returned it) was
     /// sent: the database set its expiry to that statement's `now() + ttl`, which is later.
     extended_sent: Instant,
+    /// When its take returned. A heartbeat sent before then may not see the row (its snapshot
+    /// predates the take's commit), so it must not call the lease lost.
+    taken: Instant,
     /// Its session was closed to move to the node the key now hashes to: no longer used
     /// here, released once the process is gone.
     moving: bool,
@@ -429,6 +432,7 @@ impl Cluster {
                     Held {
                         epoch: lease.epoch,
                         extended_sent: sent,
+                        taken: Instant::now(),
                         moving: false,
                         forwarded_in_a_row: 0,
                     },
@@ -563,8 +567,9 @@ impl Cluster {
                 };
                 match renewed.get(&row) {
                     Some(epoch) if *epoch == held.epoch => held.extended_sent = sent,
-                    // Taken after this beat was sent: its own take is newer than the renewal.
-                    _ if held.extended_sent > sent => {}
+                    // Taken (or taken again) after this beat was sent: the beat's snapshot may
+                    // predate the take's commit.
+                    _ if held.taken > sent => {}
                     _ => lost.push(key.clone()),
                 }
             }
