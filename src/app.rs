@@ -9,9 +9,8 @@ use std::time::Duration;
 use ractor::ActorRef;
 
 use crate::actors::{
-    CredentialArgs, CredentialError, CredentialHandle, GuardianMsg, HeartbeatArgs,
-    HeartbeatHandle, PoolArgs, PoolGuardian, PoolHandle, PoolTree, RefreshArgs,
-    TokenRefreshHandle,
+    CredentialArgs, CredentialError, CredentialHandle, GuardianMsg, HeartbeatArgs, HeartbeatHandle,
+    PoolArgs, PoolGuardian, PoolHandle, PoolTree, RefreshArgs, TokenRefreshHandle,
 };
 use crate::config::{Config, ENCRYPTION_KEYS_ENV};
 use crate::mcp::prefork::Prefork;

@@ -1333,7 +1333,10 @@ impl Config {
             return Err(invalid("cluster.secret_file", "must not be empty"));
         }
         if cluster.heartbeat_interval < Duration::from_millis(100) {
-            return Err(invalid("cluster.heartbeat_interval", "must be at least 100ms"));
+            return Err(invalid(
+                "cluster.heartbeat_interval",
+                "must be at least 100ms",
+            ));
         }
         if cluster.ttl <= cluster.heartbeat_interval * 2 {
             return Err(invalid(
@@ -1810,15 +1813,23 @@ mod tests {
         let (key, problem) =
             key_of(parse("[cluster]\nenabled = true\nnode_url = \"http://a:1\"\n").unwrap_err());
         assert_eq!(key, "cluster.enabled");
-        assert!(problem.contains("PostgreSQL") && problem.contains("SQLite"), "{problem}");
+        assert!(
+            problem.contains("PostgreSQL") && problem.contains("SQLite"),
+            "{problem}"
+        );
         let pg = "[database]\nurl = \"postgres://db/x\"\n[cluster]\nenabled = true\n";
         assert_eq!(key_of(parse(pg).unwrap_err()).0, "cluster.node_url");
         let with_url = format!("{pg}node_url = \"http://10.0.0.5:8080\"\n");
         let config = Config::parse(&with_url).unwrap();
-        config.validate().expect("a complete cluster section validates");
+        config
+            .validate()
+            .expect("a complete cluster section validates");
         assert_eq!(config.cluster.ttl, Duration::from_secs(10));
         let (key, _) = key_of(
-            parse(&format!("{with_url}heartbeat_interval = \"5s\"\nttl = \"10s\"\n")).unwrap_err(),
+            parse(&format!(
+                "{with_url}heartbeat_interval = \"5s\"\nttl = \"10s\"\n"
+            ))
+            .unwrap_err(),
         );
         assert_eq!(key, "cluster.ttl");
         assert_eq!(

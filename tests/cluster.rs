@@ -33,8 +33,8 @@ fn free_port() -> u16 {
 }
 
 fn write_private(path: &Path, text: &str) {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -118,7 +118,11 @@ impl Cluster {
 
     /// Starts one more node (one at a time: the first creates the shared key files). With
     /// `database_url`, that node reaches PostgreSQL there instead (through a proxy).
-    async fn add_node(&mut self, database_url: Option<&str>, (heartbeat, ttl): (&str, &str)) -> usize {
+    async fn add_node(
+        &mut self,
+        database_url: Option<&str>,
+        (heartbeat, ttl): (&str, &str),
+    ) -> usize {
         let index = self.nodes.len();
         let port = free_port();
         let root = self.root.path();
@@ -193,7 +197,9 @@ impl Cluster {
 
     async fn sql(&self) -> sqlx::PgConnection {
         use sqlx::Connection as _;
-        sqlx::PgConnection::connect(&self.database_url).await.unwrap()
+        sqlx::PgConnection::connect(&self.database_url)
+            .await
+            .unwrap()
     }
 }
 
@@ -352,7 +358,8 @@ async fn call_all(addr: std::net::SocketAddr, users: &[String], rounds: usize) -
                 let _permit = limit.acquire_owned().await;
                 let message = format!("{user}-{round}");
                 let resp = echo(addr, &user, &message).await;
-                (echoed(&resp) != Some(message)).then(|| format!("{user}: {} {}", resp.status, resp.text()))
+                (echoed(&resp) != Some(message))
+                    .then(|| format!("{user}: {} {}", resp.status, resp.text()))
             });
         }
     }
@@ -378,8 +385,15 @@ fn assert_one_process_per_user(cluster: &Cluster, users: &[String]) {
         .filter(|user| per_user.get(*user).copied().unwrap_or(0) != 1)
         .map(|user| (user.clone(), per_user.get(user).copied().unwrap_or(0)))
         .collect();
-    assert!(wrong.is_empty(), "users without exactly one process: {wrong:?}");
-    assert_eq!(per_user.values().sum::<usize>(), users.len(), "{per_user:?}");
+    assert!(
+        wrong.is_empty(),
+        "users without exactly one process: {wrong:?}"
+    );
+    assert_eq!(
+        per_user.values().sum::<usize>(),
+        users.len(),
+        "{per_user:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -393,7 +407,12 @@ async fn many_users_through_hashing_nginx_get_one_process_each_across_three_node
     connect_all(nginx.addr(), &users).await;
 
     let failures = call_all(nginx.addr(), &users, 3).await;
-    assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     assert_one_process_per_user(&cluster, &users);
 
     // Every node took part, and the cluster's stats add up to one session per user.
@@ -404,21 +423,34 @@ async fn many_users_through_hashing_nginx_get_one_process_each_across_three_node
             "node {index} holds sessions"
         );
     }
-    let stats = cluster.node(0).admin().get("/v1/stats?scope=cluster").await.json();
+    let stats = cluster
+        .node(0)
+        .admin()
+        .get("/v1/stats?scope=cluster")
+        .await
+        .json();
     assert_eq!(stats["node_count"], 3, "{stats}");
-    assert_eq!(stats["total_connections"].as_u64(), Some(users.len() as u64));
+    assert_eq!(
+        stats["total_connections"].as_u64(),
+        Some(users.len() as u64)
+    );
     // With the front hashing users, forwarding is the exception (none, when no node changed).
     let forwarded = stats["forwarded_out"].as_u64().unwrap();
-    eprintln!("FIGURE hashing nginx, receiver placement: {forwarded} of {} calls forwarded", users.len() * 3);
-    assert!(forwarded * 20 <= (users.len() * 3) as u64, "{forwarded} forwarded");
+    eprintln!(
+        "FIGURE hashing nginx, receiver placement: {forwarded} of {} calls forwarded",
+        users.len() * 3
+    );
+    assert!(
+        forwarded * 20 <= (users.len() * 3) as u64,
+        "{forwarded} forwarded"
+    );
     // One lease per user, each held by the node that runs its process.
     let mut sql = cluster.sql().await;
-    let leases: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM session_leases WHERE expires_at > now()",
-    )
-    .fetch_one(&mut sql)
-    .await
-    .unwrap();
+    let leases: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM session_leases WHERE expires_at > now()")
+            .fetch_one(&mut sql)
+            .await
+            .unwrap();
     assert_eq!(leases, users.len() as i64);
     // Spawns across the cluster: one per user, no more.
     let mut spawns = 0.0;
@@ -445,7 +477,11 @@ async fn round_robin_front_still_gives_one_process_per_key() {
     for (_, node) in cluster.running() {
         forwarded_calls += node.metric("mcp_pool_tool_calls_total").await;
     }
-    assert_eq!(forwarded_calls as usize, users.len() * 4, "each call ran once");
+    assert_eq!(
+        forwarded_calls as usize,
+        users.len() * 4,
+        "each call ran once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -488,16 +524,26 @@ async fn internal_routes_take_the_cluster_secret_and_never_a_users_key() {
         .await;
     with_user_key.expect_error(401, "unauthorized");
     // The admin key: refused too.
-    let with_admin = node.admin().post_json("/internal/v1/tools/list", &body).await;
+    let with_admin = node
+        .admin()
+        .post_json("/internal/v1/tools/list", &body)
+        .await;
     with_admin.expect_error(401, "unauthorized");
     // A wrong secret of the right length: refused.
     let secret = std::fs::read_to_string(cluster.root.path().join("cluster.key")).unwrap();
-    let wrong: String = secret.trim().chars().map(|c| if c == 'a' { 'b' } else { 'a' }).collect();
+    let wrong: String = secret
+        .trim()
+        .chars()
+        .map(|c| if c == 'a' { 'b' } else { 'a' })
+        .collect();
     let forged = http::Client {
         addr: node.addr(),
         headers: vec![("x-mcp-pool-cluster-secret".into(), wrong)],
     };
-    forged.post_json("/internal/v1/tools/list", &body).await.expect_error(401, "unauthorized");
+    forged
+        .post_json("/internal/v1/tools/list", &body)
+        .await
+        .expect_error(401, "unauthorized");
     // The secret file is private.
     use std::os::unix::fs::PermissionsExt as _;
     let mode = std::fs::metadata(cluster.root.path().join("cluster.key"))
@@ -510,7 +556,9 @@ async fn internal_routes_take_the_cluster_secret_and_never_a_users_key() {
         addr: node.addr(),
         headers: vec![("x-mcp-pool-cluster-secret".into(), secret.trim().to_owned())],
     };
-    peer.post_json("/internal/v1/tools/list", &body).await.expect_error(404, "no_credentials");
+    peer.post_json("/internal/v1/tools/list", &body)
+        .await
+        .expect_error(404, "no_credentials");
     // The secret never reaches the log.
     assert!(!node.service.logged(secret.trim()));
 }
@@ -534,7 +582,11 @@ async fn a_killed_node_s_users_are_served_again_elsewhere_and_never_twice() {
         .map(|(_, user, _)| user.clone())
         .collect();
     assert!(!victims.is_empty(), "node {victim} holds sessions");
-    let others: Vec<String> = users.iter().filter(|u| !victims.contains(u)).cloned().collect();
+    let others: Vec<String> = users
+        .iter()
+        .filter(|u| !victims.contains(u))
+        .cloned()
+        .collect();
 
     // Sample the processes throughout: never two for one key.
     let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -591,7 +643,6 @@ async fn a_killed_node_s_users_are_served_again_elsewhere_and_never_twice() {
     assert_one_process_per_user(&cluster, &users);
 }
 
-
 /// Node id of the node listening on `port`, from its membership row.
 async fn node_id(cluster: &Cluster, port: u16) -> String {
     let mut sql = cluster.sql().await;
@@ -645,7 +696,12 @@ async fn sigterm_scale_in_drains_releases_leases_and_fails_no_call() {
     assert!(node.service.logged("Left the cluster"));
     running.store(false, std::sync::atomic::Ordering::SeqCst);
     let (failures, rounds) = load.await.unwrap();
-    assert!(failures.is_empty(), "{} calls failed over {rounds} rounds: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} calls failed over {rounds} rounds: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
 
     // Its leases were released and its row removed; its users live on the others, once each.
     let mut sql = cluster.sql().await;
@@ -660,7 +716,12 @@ async fn sigterm_scale_in_drains_releases_leases_and_fails_no_call() {
     assert_eq!((leases, rows), (0, 0));
     assert!(call_all(nginx.addr(), &users, 1).await.is_empty());
     assert_one_process_per_user(&cluster, &users);
-    assert!(cluster.processes().keys().all(|(node, _, _)| *node != leaving));
+    assert!(
+        cluster
+            .processes()
+            .keys()
+            .all(|(node, _, _)| *node != leaving)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -686,13 +747,20 @@ async fn a_joining_node_takes_idle_sessions_that_now_hash_to_it_and_breaks_no_bu
     // closes them, and the next call starts them on the new node.
     let moved = wait_until(PATIENCE, || async {
         assert!(call_all(entry, &users, 1).await.is_empty());
-        cluster.processes().keys().any(|(node, _, _)| *node == fourth)
+        cluster
+            .processes()
+            .keys()
+            .any(|(node, _, _)| *node == fourth)
     })
     .await;
     assert!(moved, "sessions moved to the new node");
     let busy = busy.await.unwrap();
     assert_eq!(busy.status, 200, "{}", busy.text());
-    assert!(!busy.json()["is_error"].as_bool().unwrap_or(true), "{}", busy.text());
+    assert!(
+        !busy.json()["is_error"].as_bool().unwrap_or(true),
+        "{}",
+        busy.text()
+    );
     assert!(call_all(entry, &users, 1).await.is_empty());
     assert_one_process_per_user(&cluster, &users);
 }
@@ -716,7 +784,8 @@ impl Proxy {
                     let upstream = upstream.clone();
                     let pipe = tokio::spawn(async move {
                         if let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await {
-                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                         }
                     });
                     tasks.lock().unwrap().push(pipe);
@@ -742,7 +811,10 @@ async fn a_node_cut_off_from_postgres_stops_serving_before_its_leases_expire() {
     let through_proxy = cluster
         .database_url
         .replace("127.0.0.1:5432", &proxy.addr.to_string());
-    assert_ne!(through_proxy, cluster.database_url, "the test database is on 127.0.0.1:5432");
+    assert_ne!(
+        through_proxy, cluster.database_url,
+        "the test database is on 127.0.0.1:5432"
+    );
     // A longer heartbeat on this node: its fence margin (one heartbeat) is what the test
     // measures against, and it must not hinge on how fast this machine schedules the test.
     let cut = cluster.add_node(Some(&through_proxy), ("1s", "5s")).await;
@@ -768,7 +840,10 @@ async fn a_node_cut_off_from_postgres_stops_serving_before_its_leases_expire() {
         std::thread::spawn(move || {
             let deadline = Instant::now() + PATIENCE;
             while Instant::now() < deadline {
-                if !processes_under(&root).keys().any(|(node, _, _)| *node == cut) {
+                if !processes_under(&root)
+                    .keys()
+                    .any(|(node, _, _)| *node == cut)
+                {
                     return Some(chrono::Utc::now());
                 }
                 std::thread::sleep(Duration::from_millis(5));
@@ -776,7 +851,10 @@ async fn a_node_cut_off_from_postgres_stops_serving_before_its_leases_expire() {
             None
         })
     };
-    let stopped_at = watcher.join().unwrap().expect("the cut node closes its sessions");
+    let stopped_at = watcher
+        .join()
+        .unwrap()
+        .expect("the cut node closes its sessions");
     let mut sql = cluster.sql().await;
     let expiry: Vec<chrono::DateTime<chrono::Utc>> =
         sqlx::query_scalar("SELECT expires_at FROM session_leases WHERE owner_node = $1")
@@ -790,7 +868,10 @@ async fn a_node_cut_off_from_postgres_stops_serving_before_its_leases_expire() {
         "FIGURE cut-off node closed its sessions {} ms before its first lease expired",
         (first_expiry - stopped_at).num_milliseconds()
     );
-    assert!(stopped_at < first_expiry, "closed at {stopped_at}, a lease expired at {first_expiry}");
+    assert!(
+        stopped_at < first_expiry,
+        "closed at {stopped_at}, a lease expired at {first_expiry}"
+    );
     // It refuses its keys meanwhile (no session, no database to place them with).
     let refused = echo(entry, &mine[0], "x").await;
     assert_eq!(refused.status, 503, "{}", refused.text());
@@ -803,7 +884,10 @@ async fn a_node_cut_off_from_postgres_stops_serving_before_its_leases_expire() {
         assert!(back, "{user} is served by another node");
     }
     let per_user = cluster.processes_per_user();
-    assert!(mine.iter().all(|user| per_user.get(user) == Some(&1)), "{per_user:?}");
+    assert!(
+        mine.iter().all(|user| per_user.get(user) == Some(&1)),
+        "{per_user:?}"
+    );
 }
 
 /// p50 and p99 of `samples`, in microseconds.
@@ -819,7 +903,10 @@ async fn a_forwarded_call_takes_one_hop_to_the_owner() {
     cluster.wait_for_membership().await;
     let user = "hop";
     connect_all(cluster.node(0).addr(), &[user.to_owned()]).await;
-    assert_eq!(echoed(&echo(cluster.node(0).addr(), user, "warm").await).as_deref(), Some("warm"));
+    assert_eq!(
+        echoed(&echo(cluster.node(0).addr(), user, "warm").await).as_deref(),
+        Some("warm")
+    );
     let owner = cluster
         .processes()
         .keys()
@@ -842,7 +929,11 @@ async fn a_forwarded_call_takes_one_hop_to_the_owner() {
     eprintln!(
         "FIGURE warm echo, new connection per request ({} build): direct p50 {} µs p99 {} µs; \
          via another node p50 {} µs p99 {} µs; one hop adds p50 {} µs, p99 {} µs",
-        if cfg!(debug_assertions) { "debug" } else { "release" },
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
         direct.0,
         direct.1,
         forwarded.0,
@@ -852,6 +943,18 @@ async fn a_forwarded_call_takes_one_hop_to_the_owner() {
     );
     // Every call ran on the owner's one session: the other node never started one.
     assert_one_process_per_user(&cluster, &[user.to_owned()]);
-    assert_eq!(cluster.node(other).metric("mcp_pool_tool_calls_total").await, 0.0);
-    assert_eq!(cluster.node(owner).metric("mcp_pool_tool_calls_total").await, 801.0);
+    assert_eq!(
+        cluster
+            .node(other)
+            .metric("mcp_pool_tool_calls_total")
+            .await,
+        0.0
+    );
+    assert_eq!(
+        cluster
+            .node(owner)
+            .metric("mcp_pool_tool_calls_total")
+            .await,
+        801.0
+    );
 }

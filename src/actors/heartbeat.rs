@@ -125,18 +125,18 @@ fn fence(cluster: &Arc<Cluster>, pool: &PoolHandle) {
 }
 
 async fn beat(cluster: &Arc<Cluster>, pool: &PoolHandle) -> Result<(), ClusterError> {
-    let live = match pool.live_keys().await {
-        Ok(live) => live,
-        // The pool is restarting: renew anyway (with nothing to release).
-        Err(_) => Default::default(),
-    };
+    // The pool restarting (an error) renews anyway, with nothing to release.
+    let live = pool.live_keys().await.unwrap_or_default();
     let BeatReport {
         lost,
         stray,
         membership_changed: _,
     } = cluster.beat(&live).await?;
     if !lost.is_empty() {
-        tracing::warn!(count = lost.len(), "Leases were taken over by another node: closing their sessions");
+        tracing::warn!(
+            count = lost.len(),
+            "Leases were taken over by another node: closing their sessions"
+        );
         if let Err(err) = pool.close_now(lost, CloseReason::LeaseLost).await {
             tracing::warn!(cause = %err, "could not close sessions whose leases were lost");
         }
@@ -160,7 +160,10 @@ async fn beat(cluster: &Arc<Cluster>, pool: &PoolHandle) -> Result<(), ClusterEr
             Ok(moved) => {
                 // Not used here any more; released by a later beat once the process is gone.
                 cluster.mark_moving(&moved);
-                tracing::info!(moved = moved.len(), "Closed idle sessions that now belong on another node");
+                tracing::info!(
+                    moved = moved.len(),
+                    "Closed idle sessions that now belong on another node"
+                );
             }
             Err(err) => tracing::warn!(cause = %err, "could not rebalance sessions"),
         }

@@ -225,7 +225,10 @@ pub fn rendezvous<'a>(user: &UserId, nodes: &'a [Node]) -> Option<&'a Node> {
 
 impl Cluster {
     /// Joins the cluster: a fresh node id, its membership row, the current live nodes.
-    pub async fn join(store: Store, settings: ClusterSettings) -> Result<Arc<Cluster>, ClusterError> {
+    pub async fn join(
+        store: Store,
+        settings: ClusterSettings,
+    ) -> Result<Arc<Cluster>, ClusterError> {
         let node = Node {
             id: uuid::Uuid::new_v4().simple().to_string(),
             url: settings.node_url.trim_end_matches('/').to_owned(),
@@ -242,9 +245,17 @@ impl Cluster {
             settings,
             http,
             shared: Mutex::new(Shared::default()),
-            key_locks: (0..KEY_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            key_locks: (0..KEY_LOCKS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         };
-        cluster.bounded(cluster.store.cluster_join(&cluster.node.id, &cluster.node.url)).await?;
+        cluster
+            .bounded(
+                cluster
+                    .store
+                    .cluster_join(&cluster.node.id, &cluster.node.url),
+            )
+            .await?;
         cluster.refresh_membership().await?;
         tracing::info!(node_id = %cluster.node.id, url = %cluster.node.url, "Joined the cluster");
         Ok(Arc::new(cluster))
@@ -267,7 +278,9 @@ impl Cluster {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, Shared> {
-        self.shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.shared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Statements are bounded by one heartbeat interval: a stalled database must not hold a
@@ -353,9 +366,7 @@ impl Cluster {
             // Ours but not usable here (moving away, or past the local deadline): the node the
             // key hashes to takes it over once it is released or expired.
             Some(lease) if lease.owner_node == self.node.id => match target {
-                Some(target) if !receiver && target.id != self.node.id => {
-                    Ok(Route::Remote(target))
-                }
+                Some(target) if !receiver && target.id != self.node.id => Ok(Route::Remote(target)),
                 _ => Ok(Route::Local),
             },
             Some(lease) => {
@@ -658,7 +669,9 @@ impl Cluster {
     /// node and removes its membership row.
     pub async fn leave(&self) -> Result<u64, ClusterError> {
         self.state().held.clear();
-        let released = self.bounded(self.store.cluster_leave(&self.node.id)).await?;
+        let released = self
+            .bounded(self.store.cluster_leave(&self.node.id))
+            .await?;
         tracing::info!(released, "Left the cluster");
         Ok(released)
     }
@@ -682,8 +695,11 @@ impl Cluster {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<serde_json::Value, ForwardError> {
-        self.send(node, self.http.post(format!("{}{path}", node.url)).json(body))
-            .await
+        self.send(
+            node,
+            self.http.post(format!("{}{path}", node.url)).json(body),
+        )
+        .await
     }
 
     /// GETs `node`'s internal route `path`.
@@ -722,10 +738,7 @@ impl Cluster {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .map(Duration::from_secs);
-        let body: serde_json::Value = response
-            .json()
-            .await
-            .map_err(|_| ForwardError::Lost)?;
+        let body: serde_json::Value = response.json().await.map_err(|_| ForwardError::Lost)?;
         if status.is_success() {
             return Ok(body);
         }
@@ -750,7 +763,9 @@ impl Cluster {
 /// are interned once each, with a cap so a misbehaving peer cannot grow the set.
 fn intern_code(code: &str) -> &'static str {
     static CODES: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
-    let mut codes = CODES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut codes = CODES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(known) = codes.iter().find(|known| **known == code) {
         return known;
     }
@@ -799,7 +814,10 @@ mod tests {
         }
         // About a quarter move; every node gets a fair share.
         assert!((300..700).contains(&moved), "{moved} moved");
-        assert!(per_node.values().all(|n| (500..850).contains(n)), "{per_node:?}");
+        assert!(
+            per_node.values().all(|n| (500..850).contains(n)),
+            "{per_node:?}"
+        );
         // Order of the list does not matter.
         let shuffled = nodes(&["c", "a", "b"]);
         for user in users.iter().take(100) {
@@ -811,7 +829,10 @@ mod tests {
     #[test]
     fn codes_are_interned_and_bounded() {
         assert_eq!(intern_code("pool_full"), "pool_full");
-        assert!(std::ptr::eq(intern_code("pool_full"), intern_code("pool_full")));
+        assert!(std::ptr::eq(
+            intern_code("pool_full"),
+            intern_code("pool_full")
+        ));
         assert_eq!(intern_code("Bad Code"), "remote_error");
         assert_eq!(intern_code(""), "remote_error");
     }

@@ -47,9 +47,9 @@ pub async fn stats(
         .scope;
     let stats = state.pool.stats_with_usage().await?;
     match (scope.as_deref(), state.pool.cluster()) {
-        (None | Some("node"), _) => {
-            serde_json::to_value(&stats).map(Json).map_err(|e| ApiError::internal(&e))
-        }
+        (None | Some("node"), _) => serde_json::to_value(&stats)
+            .map(Json)
+            .map_err(|e| ApiError::internal(&e)),
         (Some("cluster"), Some(cluster)) => Ok(Json(cluster_stats(cluster, stats).await)),
         _ => Err(ApiError::bad_request(
             "invalid_scope",
@@ -66,8 +66,10 @@ async fn cluster_stats(
 ) -> serde_json::Value {
     use serde_json::{Value, json};
     let (forwarded_out, served_for_peers) = cluster.forwarding_counts();
-    let mut nodes = vec![json!({ "node_id": cluster.node().id, "url": cluster.node().url,
-        "forwarded_out": forwarded_out, "served_for_peers": served_for_peers, "stats": own })];
+    let mut nodes = vec![
+        json!({ "node_id": cluster.node().id, "url": cluster.node().url,
+        "forwarded_out": forwarded_out, "served_for_peers": served_for_peers, "stats": own }),
+    ];
     for node in cluster.live_nodes() {
         if node.id == cluster.node().id {
             continue;

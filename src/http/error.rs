@@ -284,8 +284,9 @@ fn cluster_error(err: &crate::cluster::ClusterError) -> ApiError {
     use crate::cluster::ClusterError;
     let code = err.code();
     match err {
-        ClusterError::OwnerLost => ApiError::new(StatusCode::BAD_GATEWAY, code, err.to_string())
-            .with_retry_safe(false),
+        ClusterError::OwnerLost => {
+            ApiError::new(StatusCode::BAD_GATEWAY, code, err.to_string()).with_retry_safe(false)
+        }
         ClusterError::Database(cause) => {
             // The cause may hold SQL or a host name: logged, not answered.
             tracing::warn!(cause = %cause, "cluster coordination failed");

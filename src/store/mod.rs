@@ -20,8 +20,8 @@ pub use crate::ids::{IdError, ServerName, UserId};
 pub use crypto::{CryptoError, Keyring};
 pub use files::{CredentialFiles, CredentialSpec};
 pub use repo::{
-    BackendKind, CredentialInfo, LeaseRow, NodeRow, SessionKeyRow, CredentialRecord, NewOAuthState, RegisteredClientRow, Store,
-    StoreOptions, Stored, TokenUpdate, Tokens,
+    BackendKind, CredentialInfo, CredentialRecord, LeaseRow, NewOAuthState, NodeRow,
+    RegisteredClientRow, SessionKeyRow, Store, StoreOptions, Stored, TokenUpdate, Tokens,
 };
 pub use secret::Secret;
 pub use writer::{BoxFuture, CredentialError, CredentialWriter};

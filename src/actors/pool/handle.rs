@@ -100,7 +100,9 @@ impl PoolHandle {
     /// Whether this node may use its session of `key` now: always on a single node; in
     /// cluster mode only while it holds the key's lease within its local deadline.
     fn may_use(&self, key: &SessionKey) -> bool {
-        self.cluster.as_ref().is_none_or(|cluster| cluster.holds(key))
+        self.cluster
+            .as_ref()
+            .is_none_or(|cluster| cluster.holds(key))
     }
 
     /// Runs `local` here or forwards `body` to the node that owns `key` (see `crate::cluster`).
@@ -295,7 +297,10 @@ impl PoolHandle {
             return Err(PoolError::UnknownServer(key.server.clone()));
         }
         let _guard = cluster.lock_key(key).await;
-        cluster.ensure_lease(key).await.map_err(PoolError::cluster)?;
+        cluster
+            .ensure_lease(key)
+            .await
+            .map_err(PoolError::cluster)?;
         let keys = vec![key.clone()];
         self.ask(|reply| PoolMsg::Warm { keys, reply }).await?;
         Ok(())
@@ -625,7 +630,10 @@ impl PoolHandle {
         {
             Some(owner) => {
                 let body = serde_json::json!({ "user_id": user, "server": server });
-                match cluster.forward(&owner, internal_paths::CLOSE_SESSION, &body).await {
+                match cluster
+                    .forward(&owner, internal_paths::CLOSE_SESSION, &body)
+                    .await
+                {
                     Ok(value) => Ok(closed_here || value["closed"].as_bool().unwrap_or(false)),
                     // A node that does not answer serves nothing; its lease expires.
                     Err(ForwardError::NotSent) => Ok(closed_here),
@@ -732,10 +740,13 @@ impl PoolHandle {
                 if node.id == cluster.node().id {
                     continue;
                 }
-                match cluster.forward(&node, internal_paths::CLOSE_USER, &body).await {
+                match cluster
+                    .forward(&node, internal_paths::CLOSE_USER, &body)
+                    .await
+                {
                     Ok(value) => {
-                        closed += usize::try_from(value["closed"].as_u64().unwrap_or(0))
-                            .unwrap_or(0);
+                        closed +=
+                            usize::try_from(value["closed"].as_u64().unwrap_or(0)).unwrap_or(0);
                     }
                     Err(err) => {
                         tracing::warn!(node = %node.id, ?err, "could not close a user's sessions on another node");
