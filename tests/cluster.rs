@@ -93,6 +93,8 @@ struct Cluster {
     nodes: Vec<Option<Node>>,
     /// `cluster.placement` of every node.
     placement: &'static str,
+    /// `http.shutdown_delay` of nodes started from now on.
+    shutdown_delay: &'static str,
 }
 
 impl Cluster {
@@ -109,6 +111,7 @@ impl Cluster {
             database_url,
             nodes: Vec::new(),
             placement,
+            shutdown_delay: "0s",
         };
         for _ in 0..count {
             cluster.add_node(None, (HEARTBEAT, TTL)).await;
@@ -130,7 +133,7 @@ impl Cluster {
         std::fs::create_dir_all(&dir).unwrap();
         let text = format!(
             "[service]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{d}/data\"\n\
-             shutdown_grace = \"20s\"\n\
+             shutdown_grace = \"20s\"\n[http]\nshutdown_delay = \"{delay}\"\n\
              [database]\nurl = \"{db}\"\nmax_connections = 8\n\
              [credentials]\ndir = \"{d}/creds\"\n\
              [encryption]\nkey_file = \"{r}/encryption.key\"\n\
@@ -146,6 +149,7 @@ impl Cluster {
             r = root.display(),
             db = database_url.unwrap_or(&self.database_url),
             placement = self.placement,
+            delay = self.shutdown_delay,
         );
         let config = dir.join("config.toml");
         std::fs::write(&config, text).unwrap();
@@ -436,6 +440,10 @@ async fn many_users_through_hashing_nginx_get_one_process_each_across_three_node
     );
     // With the front hashing users, forwarding is the exception (none, when no node changed).
     let forwarded = stats["forwarded_out"].as_u64().unwrap();
+    // nginx never exposes the nodes' internal routes (deploy/nginx.conf does the same).
+    let probe = user_client(nginx.addr(), &users[0]);
+    let hidden = probe.post_json("/internal/v1/stats", &json!({})).await;
+    assert_eq!(hidden.status, 404);
     eprintln!(
         "FIGURE hashing nginx, receiver placement: {forwarded} of {} calls forwarded",
         users.len() * 3
@@ -655,10 +663,17 @@ async fn node_id(cluster: &Cluster, port: u16) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_scale_in_drains_releases_leases_and_fails_no_call() {
-    let mut cluster = Cluster::start_with(3, "receiver").await;
+    // HAProxy, as deploy/haproxy.cfg: its /readyz check takes a draining node out before the
+    // node closes its listener (http.shutdown_delay longer than the check's inter × fall).
+    // (nginx OSS has no active checks: take the node out of its upstream before SIGTERM.)
+    let mut cluster = Cluster::start_with(0, "receiver").await;
+    cluster.shutdown_delay = "2s";
+    for _ in 0..3 {
+        cluster.add_node(None, (HEARTBEAT, TTL)).await;
+    }
     cluster.wait_for_membership().await;
     let ports: Vec<u16> = cluster.running().map(|(_, n)| n.port).collect();
-    let nginx = Nginx::start(cluster.root.path(), &ports, true).await;
+    let nginx = Haproxy::start(cluster.root.path(), &ports).await;
     let users = users("scalein", 30);
     connect_all(nginx.addr(), &users).await;
     assert!(call_all(nginx.addr(), &users, 1).await.is_empty());
@@ -957,4 +972,100 @@ async fn a_forwarded_call_takes_one_hop_to_the_owner() {
             .await,
         801.0
     );
+}
+
+/// HAProxy in front of the nodes, from Debian's package, configured like deploy/haproxy.cfg.
+struct Haproxy {
+    child: Child,
+    port: u16,
+}
+
+impl Haproxy {
+    async fn start(dir: &Path, ports: &[u16]) -> Haproxy {
+        let bin = common::required_env("MCP_POOL_TEST_HAPROXY");
+        let port = free_port();
+        let servers: String = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                format!("    server node{i} 127.0.0.1:{p} check inter 1s fall 2 rise 1\n")
+            })
+            .collect();
+        let conf = format!(
+            "global\n    maxconn 2048\n\
+             defaults\n    mode http\n    timeout connect 2s\n    timeout client 120s\n\
+                 timeout server 120s\n    retries 2\n    option redispatch 1\n\
+                 retry-on conn-failure\n\
+             frontend front\n    bind 127.0.0.1:{port}\n\
+                 http-request deny deny_status 404 if {{ path_beg /internal/ }}\n\
+                 default_backend nodes\n\
+             backend nodes\n    balance hdr(X-User-Id)\n    hash-type consistent\n\
+                 option httpchk GET /readyz\n    http-check expect status 200\n{servers}"
+        );
+        let path = dir.join(format!("haproxy-{port}.cfg"));
+        std::fs::write(&path, conf).unwrap();
+        let child = Command::new(bin)
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy starts");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let up = wait_until(PATIENCE, || async {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+        })
+        .await;
+        assert!(up, "haproxy listens on {addr}");
+        Haproxy { child, port }
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn haproxy_hashing_front_serves_every_user_once_and_hides_internal_routes() {
+    let cluster = Cluster::start_with(3, "receiver").await;
+    cluster.wait_for_membership().await;
+    let ports: Vec<u16> = cluster.running().map(|(_, n)| n.port).collect();
+    let haproxy = Haproxy::start(cluster.root.path(), &ports).await;
+    let users = users("haproxy", 30);
+    connect_all(haproxy.addr(), &users).await;
+    let failures = call_all(haproxy.addr(), &users, 3).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_one_process_per_user(&cluster, &users);
+    let stats = cluster
+        .node(0)
+        .admin()
+        .get("/v1/stats?scope=cluster")
+        .await
+        .json();
+    let forwarded = stats["forwarded_out"].as_u64().unwrap();
+    assert!(
+        forwarded * 20 <= (users.len() * 3) as u64,
+        "{forwarded} forwarded"
+    );
+    // The front never exposes the nodes' internal routes, whatever the headers.
+    let secret = std::fs::read_to_string(cluster.root.path().join("cluster.key")).unwrap();
+    let probe = http::Client {
+        addr: haproxy.addr(),
+        headers: vec![("x-mcp-pool-cluster-secret".into(), secret.trim().to_owned())],
+    };
+    let hidden = probe
+        .post_json(
+            "/internal/v1/tools/list",
+            &json!({ "user_id": "haproxy-0", "server": "demo" }),
+        )
+        .await;
+    assert_eq!(hidden.status, 404);
 }

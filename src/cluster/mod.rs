@@ -144,6 +144,9 @@ pub struct ClusterSettings {
     pub forward_timeout: Duration,
     /// Where a key without a live lease starts.
     pub placement: Placement,
+    /// The longest a closing session's process may take to end (EOF, grace, SIGTERM, grace,
+    /// SIGKILL): a moving key's lease is released only after it.
+    pub session_close: Duration,
 }
 
 /// A lease held here.
@@ -682,10 +685,11 @@ impl Cluster {
             .await
     }
 
-    /// How long a caller keeps retrying an owner that does not answer: long enough for a dead
-    /// owner's leases to expire and another node to take over.
+    /// How long a caller keeps retrying an owner that does not answer, or a key that is moving:
+    /// long enough for a dead owner's leases to expire, or a moving session's process to end
+    /// and its lease to be released, and another node to take over.
     pub fn failover_wait(&self) -> Duration {
-        self.settings.ttl + self.settings.heartbeat_interval * 2
+        self.settings.ttl + self.settings.heartbeat_interval * 2 + self.settings.session_close
     }
 
     /// POSTs `body` to `node`'s internal route `path` and returns the JSON answer.
