@@ -286,13 +286,21 @@ impl Cluster {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Statements are bounded by one heartbeat interval: a stalled database must not hold a
-    /// request, or the heartbeat, longer than the local deadline allows.
+    /// Statements are bounded by the TTL: a stalled database fails a request rather than
+    /// holding it. Safety never depends on this bound: a lease's local deadline counts from
+    /// when its statement was *sent*, however long the answer took.
     async fn bounded<T>(
         &self,
         statement: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, ClusterError> {
-        let limit = self.settings.heartbeat_interval;
+        self.bounded_by(self.settings.ttl, statement).await
+    }
+
+    async fn bounded_by<T>(
+        &self,
+        limit: Duration,
+        statement: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, ClusterError> {
         match tokio::time::timeout(limit, statement).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(ClusterError::Timeout(limit)),
@@ -560,8 +568,10 @@ impl Cluster {
     /// session here (`live_keys` is the pool's view, closing sessions included) are released.
     pub async fn beat(&self, live_keys: &HashSet<SessionKey>) -> Result<BeatReport, ClusterError> {
         let sent = Instant::now();
+        // A renewal that answers after its leases' local deadline is of no use.
         let renewed = self
-            .bounded(
+            .bounded_by(
+                self.usable_for(),
                 self.store
                     .cluster_beat(&self.node.id, &self.node.url, self.settings.ttl),
             )
