@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ractor::ActorRef;
 
 use crate::actors::{
-    CredentialArgs, CredentialError, CredentialHandle, GuardianMsg, PoolArgs, PoolGuardian,
-    PoolHandle, PoolTree, RefreshArgs, TokenRefreshHandle,
+    CredentialArgs, CredentialError, CredentialHandle, GuardianMsg, HeartbeatArgs, HeartbeatHandle,
+    PoolArgs, PoolGuardian, PoolHandle, PoolTree, RefreshArgs, TokenRefreshHandle,
 };
 use crate::config::{Config, ENCRYPTION_KEYS_ENV};
 use crate::mcp::prefork::Prefork;
@@ -70,6 +71,10 @@ pub enum AppError {
     },
     #[error("cannot read or raise RLIMIT_NOFILE: {0}")]
     Rlimit(std::io::Error),
+    #[error("cluster secret: {0}")]
+    ClusterSecret(crate::http::AuthSetupError),
+    #[error("cannot join the cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (the common soft default of 1,024 fits
@@ -151,6 +156,32 @@ pub fn credential_specs(config: &Config) -> BTreeMap<ServerName, CredentialSpec>
         .collect()
 }
 
+/// Cluster mode: reads (or creates) the cluster secret and joins with a fresh node id.
+async fn join_cluster(
+    config: &Config,
+    store: &Store,
+) -> Result<Arc<crate::cluster::Cluster>, AppError> {
+    let cluster = &config.cluster;
+    let secret = crate::http::auth::load_or_create_key(
+        std::env::var(crate::config::CLUSTER_SECRET_ENV).ok(),
+        &cluster.secret_file,
+    )
+    .map_err(AppError::ClusterSecret)?;
+    let settings = crate::cluster::ClusterSettings {
+        node_url: cluster.node_url.clone().unwrap_or_default(),
+        secret,
+        heartbeat_interval: cluster.heartbeat_interval,
+        ttl: cluster.ttl,
+        placement: cluster.placement,
+        session_close: config.pool.close_grace * 2 + Duration::from_secs(1),
+        // A forwarded request may include a cold start and a whole call.
+        forward_timeout: config.pool.startup_timeout
+            + config.pool.call_timeout
+            + Duration::from_secs(5),
+    };
+    Ok(crate::cluster::Cluster::join(store.clone(), settings).await?)
+}
+
 /// The credential side of mcp-pool: database, key ring, credential files and their writer.
 /// Operator commands use it alone; the service adds the pool on top.
 pub struct Storage {
@@ -206,6 +237,8 @@ pub struct App {
     sandbox: Arc<Sandbox>,
     /// The zygotes of preforked servers.
     prefork: Arc<Prefork>,
+    /// Cluster mode: this node's view and its heartbeat.
+    cluster: Option<(Arc<crate::cluster::Cluster>, HeartbeatHandle)>,
 }
 
 /// `mcp-pool-<hash>` of the data directory: one cgroup parent per instance, stable across
@@ -300,7 +333,7 @@ impl App {
             .map(TokenRefreshHandle::interval_for);
         let prefork = Prefork::from_config(&config, sandbox.clone(), Some(registry.clone()));
         prefork.start_all();
-        let args = PoolArgs::from_config(
+        let mut args = PoolArgs::from_config(
             &config,
             storage.credentials.clone(),
             Some(refresher),
@@ -308,6 +341,12 @@ impl App {
             sandbox.clone(),
             prefork.clone(),
         );
+        let cluster = if config.cluster.enabled {
+            Some(join_cluster(&config, &storage.store).await?)
+        } else {
+            None
+        };
+        args.cluster = cluster.clone();
         let PoolTree {
             pool,
             guardian,
@@ -320,7 +359,19 @@ impl App {
             })
             .await?,
         );
+        let cluster = match cluster {
+            Some(cluster) => {
+                let heartbeat = HeartbeatHandle::spawn(HeartbeatArgs {
+                    cluster: cluster.clone(),
+                    pool: pool.clone(),
+                })
+                .await?;
+                Some((cluster, heartbeat))
+            }
+            None => None,
+        };
         Ok(App {
+            cluster,
             config,
             storage,
             pool,
@@ -394,12 +445,20 @@ impl App {
         };
         let stop_serving = {
             let pool_failed = pool_failed.clone();
+            let cluster = self.cluster.as_ref().map(|(cluster, _)| cluster.clone());
             async move {
                 tokio::select! {
                     () = shutdown => {}
                     () = pool_failed.cancelled() => {
                         tracing::error!("The connection pool was given up; shutting down");
                     }
+                }
+                // Before draining: other nodes stop placing new keys here, while the sessions
+                // still here keep serving until the pool closes them.
+                if let Some(cluster) = cluster
+                    && let Err(err) = cluster.begin_leaving().await
+                {
+                    tracing::warn!(cause = %err, "could not announce leaving the cluster");
                 }
             }
         };
@@ -431,6 +490,13 @@ impl App {
                 ?grace,
                 "connections did not close within the shutdown grace"
             ),
+        }
+        // After the sessions: their leases are released only once their processes are gone.
+        if let Some((cluster, heartbeat)) = &self.cluster {
+            heartbeat.stop().await;
+            if let Err(err) = cluster.leave().await {
+                tracing::warn!(cause = %err, "could not release this node's leases; they expire after cluster.ttl");
+            }
         }
         // After the sessions: a zygote's end takes its forked children with it.
         self.prefork.shutdown(self.config.pool.close_grace).await;

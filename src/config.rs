@@ -23,6 +23,8 @@ pub const ENCRYPTION_KEYS_ENV: &str = "MCP_POOL_ENCRYPTION_KEYS";
 /// Environment variable holding the service API key (`auth.mode = "api_key"`); when unset, the
 /// key is read from (or created in) `auth.api_key_file`.
 pub const API_KEY_ENV: &str = "MCP_POOL_API_KEY";
+/// Environment variable holding the cluster secret; when unset, `cluster.secret_file` is used.
+pub const CLUSTER_SECRET_ENV: &str = "MCP_POOL_CLUSTER_SECRET";
 /// Environment variable holding the admin key; when unset, `auth.admin_key_file` is used.
 pub const ADMIN_KEY_ENV: &str = "MCP_POOL_ADMIN_KEY";
 /// Default of `llm.api_key_env`.
@@ -91,6 +93,9 @@ pub struct Config {
     /// The `/mcp` endpoint: each user's servers served as one MCP server.
     #[serde(default)]
     pub mcp: McpConfig,
+    /// Cluster mode: many instances on one PostgreSQL, one live session per key cluster-wide.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     /// One entry per MCP server users may connect, keyed by server name.
     #[serde(default)]
     pub servers: BTreeMap<String, ServerConfig>,
@@ -509,6 +514,55 @@ impl Default for HttpConfig {
             shutdown_delay: Duration::ZERO,
             header_read_timeout: Duration::from_secs(10),
             max_open_connections: 1024,
+        }
+    }
+}
+
+/// `[cluster]`: several instances behind a load balancer, coordinated through PostgreSQL
+/// (membership rows and per-key session leases; see actors.md, "Cluster mode").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Off by default: a single instance needs no coordination.
+    pub enabled: bool,
+    /// The URL other nodes reach this one at (scheme, host, port), e.g. `http://10.0.0.5:8080`.
+    /// Forwarded requests go to `<node_url>/internal/v1/...`.
+    pub node_url: Option<String>,
+    /// The cluster secret every node shares (read, or created 0600 on first start like the
+    /// other key files; `MCP_POOL_CLUSTER_SECRET` replaces it). Copy it to every node.
+    pub secret_file: PathBuf,
+    /// How often a node writes its heartbeat and renews its leases.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A node whose heartbeat is older than this is dead, and a lease not renewed within it
+    /// expires. Longer than two heartbeats, so one lost beat does not kill a node.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Where a key with no live lease starts: `rendezvous` (default) hashes the user over the
+    /// live nodes, whichever node the request reached (right for a round-robin front);
+    /// `receiver` starts it on the node the request reached, for a front that already hashes
+    /// users (`deploy/`), so requests are forwarded only while sessions move.
+    pub placement: Placement,
+}
+
+/// `cluster.placement`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    #[default]
+    Rendezvous,
+    Receiver,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            node_url: None,
+            secret_file: PathBuf::from("./data/cluster.key"),
+            heartbeat_interval: Duration::from_secs(2),
+            ttl: Duration::from_secs(10),
+            placement: Placement::Rendezvous,
         }
     }
 }
@@ -991,6 +1045,7 @@ impl Config {
             self.encryption.key_file.clone(),
             self.auth.api_key_file.clone(),
             self.auth.admin_key_file.clone(),
+            self.cluster.secret_file.clone(),
         ];
         paths.extend(self.source.clone());
         if let Some(file) = self.database.url.strip_prefix("sqlite://") {
@@ -1110,6 +1165,7 @@ impl Config {
             ));
         }
         self.validate_http()?;
+        self.validate_cluster()?;
         self.validate_auth()?;
         self.validate_llm()?;
         self.validate_mcp()?;
@@ -1238,6 +1294,56 @@ impl Config {
                     "is required for credentials_format = \"google_authorized_user\" (client_id)",
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let cluster = &self.cluster;
+        if !cluster.enabled {
+            return Ok(());
+        }
+        // Leases and membership live in PostgreSQL; a SQLite file is one machine's.
+        if self.database.url.starts_with("sqlite:") {
+            return Err(invalid(
+                "cluster.enabled",
+                "cluster mode needs PostgreSQL (database.url = \"postgres://...\"): the nodes \
+                 coordinate through shared tables, and SQLite is a file on one machine",
+            ));
+        }
+        match &cluster.node_url {
+            None => {
+                return Err(invalid(
+                    "cluster.node_url",
+                    "is required in cluster mode: the URL other nodes reach this one at",
+                ));
+            }
+            Some(url)
+                if !(url.starts_with("http://") || url.starts_with("https://"))
+                    || reqwest::Url::parse(url).is_err() =>
+            {
+                return Err(invalid(
+                    "cluster.node_url",
+                    "must be an http:// or https:// URL, e.g. http://10.0.0.5:8080",
+                ));
+            }
+            Some(_) => {}
+        }
+        if cluster.secret_file.as_os_str().is_empty() {
+            return Err(invalid("cluster.secret_file", "must not be empty"));
+        }
+        if cluster.heartbeat_interval < Duration::from_millis(100) {
+            return Err(invalid(
+                "cluster.heartbeat_interval",
+                "must be at least 100ms",
+            ));
+        }
+        if cluster.ttl <= cluster.heartbeat_interval * 2 {
+            return Err(invalid(
+                "cluster.ttl",
+                "must be longer than twice cluster.heartbeat_interval (one lost heartbeat must \
+                 not expire a live node's leases)",
+            ));
         }
         Ok(())
     }
@@ -1693,6 +1799,43 @@ mod tests {
         assert!(config.database.url.starts_with("sqlite:"));
         assert!(config.servers.contains_key("google-analytics"));
         assert!(config.servers.contains_key("demo"));
+    }
+
+    #[test]
+    fn cluster_mode_is_validated_and_refused_on_sqlite() {
+        let parse = |text: &str| Config::parse(text).expect("parses").validate();
+        let key_of = |err: ConfigError| match err {
+            ConfigError::Invalid { key, problem } => (key, problem),
+            other => panic!("unexpected {other}"),
+        };
+        // Absent: single node, nothing checked.
+        parse("").expect("no [cluster] is fine");
+        let (key, problem) =
+            key_of(parse("[cluster]\nenabled = true\nnode_url = \"http://a:1\"\n").unwrap_err());
+        assert_eq!(key, "cluster.enabled");
+        assert!(
+            problem.contains("PostgreSQL") && problem.contains("SQLite"),
+            "{problem}"
+        );
+        let pg = "[database]\nurl = \"postgres://db/x\"\n[cluster]\nenabled = true\n";
+        assert_eq!(key_of(parse(pg).unwrap_err()).0, "cluster.node_url");
+        let with_url = format!("{pg}node_url = \"http://10.0.0.5:8080\"\n");
+        let config = Config::parse(&with_url).unwrap();
+        config
+            .validate()
+            .expect("a complete cluster section validates");
+        assert_eq!(config.cluster.ttl, Duration::from_secs(10));
+        let (key, _) = key_of(
+            parse(&format!(
+                "{with_url}heartbeat_interval = \"5s\"\nttl = \"10s\"\n"
+            ))
+            .unwrap_err(),
+        );
+        assert_eq!(key, "cluster.ttl");
+        assert_eq!(
+            key_of(parse(&format!("{pg}node_url = \"10.0.0.5:8080\"\n")).unwrap_err()).0,
+            "cluster.node_url"
+        );
     }
 
     #[test]

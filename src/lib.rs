@@ -14,11 +14,14 @@
 //!   `/mcp` (each user's servers as one Streamable HTTP MCP server, rmcp's server side).
 //! - [`llm`]: the OpenAI-compatible chat-completions client and the tool-call loop of `/v1/chat`.
 //! - [`oauth`]: the OAuth connect flow (PKCE, server-side state) and automatic token refresh.
+//! - [`cluster`]: cluster mode: membership, session leases, placement and forwarding between
+//!   nodes on one PostgreSQL (driven by the heartbeat actor, used through `PoolHandle`).
 #![deny(unsafe_code)]
 
 pub mod actors;
 pub mod app;
 pub mod backoff;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod ids;

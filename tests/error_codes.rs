@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mcp_pool::actors::{CredentialError, PoolError};
+use mcp_pool::cluster::{ClusterError, RemoteError};
 use mcp_pool::http::ApiError;
 use mcp_pool::mcp::McpError;
 use mcp_pool::store::{ServerName, StoreError};
@@ -71,13 +72,41 @@ fn every_pool_error() -> Vec<PoolError> {
             .into_iter()
             .map(|cause| PoolError::Mcp(Arc::new(cause))),
     );
+    // Cluster mode: coordination failures, and an error answered by the node a request was
+    // forwarded to (its code passes through).
+    let node = mcp_pool::cluster::Node {
+        id: "n".into(),
+        url: "http://127.0.0.1:1".into(),
+    };
+    let cluster_causes = vec![
+        ClusterError::Database(StoreError::ClusterNeedsPostgres),
+        ClusterError::Timeout(Duration::from_secs(1)),
+        ClusterError::LeasedElsewhere(node),
+        ClusterError::OwnerUnreachable,
+        ClusterError::OwnerLost,
+        ClusterError::Leaving,
+        ClusterError::Moving,
+        ClusterError::BadAnswer("x".into()),
+    ];
+    errors.extend(
+        cluster_causes
+            .into_iter()
+            .map(|cause| PoolError::Cluster(Arc::new(cause))),
+    );
+    errors.push(PoolError::Forwarded(Arc::new(RemoteError {
+        status: 503,
+        code: "pool_full",
+        message: "full".into(),
+        retry_after: Some(Duration::from_secs(2)),
+        retry_safe: None,
+    })));
     errors
 }
 
 #[test]
 fn http_and_chat_report_the_same_code_for_every_pool_error() {
     let errors = every_pool_error();
-    assert_eq!(errors.len(), 30, "every variant and cause is listed");
+    assert_eq!(errors.len(), 39, "every variant and cause is listed");
     for err in errors {
         let chat = err.code();
         let http = ApiError::from(err.clone()).code();

@@ -456,6 +456,10 @@ pub enum CloseReason {
     /// Its OAuth tokens were refreshed and its server reads them only at start-up.
     Refresh,
     Shutdown,
+    /// Cluster mode: the key now hashes to another node (one joined, or this one is leaving).
+    Rebalance,
+    /// Cluster mode: this node lost the key's lease (taken over, or not renewed in time).
+    LeaseLost,
 }
 
 impl CloseReason {
@@ -467,6 +471,8 @@ impl CloseReason {
             CloseReason::Evicted => "evicted",
             CloseReason::Refresh => "refresh",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Rebalance => "rebalance",
+            CloseReason::LeaseLost => "lease_lost",
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod connection;
 pub mod credential;
 pub mod fairness;
 pub mod guardian;
+pub mod heartbeat;
 pub mod pool;
 pub mod reaper;
 pub mod refresh;
@@ -14,6 +15,7 @@ pub mod refresh;
 pub use connection::SessionState;
 pub use credential::{CredentialArgs, CredentialError, CredentialHandle};
 pub use guardian::{GuardianMsg, PoolGuardian, PoolTree};
+pub use heartbeat::{HeartbeatArgs, HeartbeatHandle};
 pub use pool::{
     CallOptions, EventKind, PoolArgs, PoolError, PoolEvent, PoolHandle, PoolMetrics, PoolStats,
     SessionStats, Warmed,

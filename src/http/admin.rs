@@ -14,12 +14,24 @@ use crate::actors::PoolStats;
 use crate::config::MIN_CLEANUP_AGE;
 use crate::store::UserId;
 
-/// `GET /v1/stats`: the pool stats, every user included.
+/// Query of `GET /v1/stats`.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StatsQuery {
+    /// `node` (default): this node's pool. `cluster` (cluster mode only): every live node's
+    /// stats under `nodes`, and their sums.
+    pub scope: Option<String>,
+}
+
+/// `GET /v1/stats`: the pool stats, every user included; `?scope=cluster` adds up every live
+/// node of the cluster.
 #[utoipa::path(
     get, path = "/v1/stats", operation_id = "pool_stats", tag = "admin",
     security(("admin" = [])),
+    params(StatsQuery),
     responses(
-        (status = 200, description = "Pool statistics", body = PoolStats),
+        (status = 200, description = "Pool statistics (with `scope=cluster`: `scope`, `nodes`, and the sums of `total_connections`, `active_connections` and `user_breakdown`)", body = PoolStats),
+        (status = 400, description = "`invalid_scope` (not `node` or `cluster`, or `cluster` without cluster mode)", body = ErrorBody),
         AdminAuthErrors,
         (status = 503, description = "`pool_unavailable` or `too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
     )
@@ -27,8 +39,76 @@ use crate::store::UserId;
 pub async fn stats(
     State(state): State<HttpState>,
     _admin: AdminAuth,
-) -> Result<Json<PoolStats>, ApiError> {
-    Ok(Json(state.pool.stats_with_usage().await?))
+    query: Result<axum::extract::Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let scope = query
+        .map_err(|rejection| ApiError::bad_request("invalid_scope", rejection.body_text()))?
+        .0
+        .scope;
+    let stats = state.pool.stats_with_usage().await?;
+    match (scope.as_deref(), state.pool.cluster()) {
+        (None | Some("node"), _) => serde_json::to_value(&stats)
+            .map(Json)
+            .map_err(|e| ApiError::internal(&e)),
+        (Some("cluster"), Some(cluster)) => Ok(Json(cluster_stats(cluster, stats).await)),
+        _ => Err(ApiError::bad_request(
+            "invalid_scope",
+            "scope is `node`, or `cluster` in cluster mode",
+        )),
+    }
+}
+
+/// Every live node's stats (this one's directly, the others' over the internal route) and
+/// their sums. A node that does not answer is listed with its error, and counts nothing.
+async fn cluster_stats(
+    cluster: &std::sync::Arc<crate::cluster::Cluster>,
+    own: PoolStats,
+) -> serde_json::Value {
+    use serde_json::{Value, json};
+    let (forwarded_out, served_for_peers) = cluster.forwarding_counts();
+    let mut nodes = vec![
+        json!({ "node_id": cluster.node().id, "url": cluster.node().url,
+        "forwarded_out": forwarded_out, "served_for_peers": served_for_peers, "stats": own }),
+    ];
+    for node in cluster.live_nodes() {
+        if node.id == cluster.node().id {
+            continue;
+        }
+        let fetched = cluster
+            .fetch(&node, crate::actors::pool::internal_paths::STATS)
+            .await;
+        nodes.push(match fetched {
+            Ok(stats) => json!({ "node_id": node.id, "url": node.url,
+                "forwarded_out": stats["cluster"]["forwarded_out"],
+                "served_for_peers": stats["cluster"]["served_for_peers"], "stats": stats }),
+            Err(err) => json!({ "node_id": node.id, "url": node.url,
+                "error": format!("{err:?}") }),
+        });
+    }
+    let (mut total, mut active) = (0u64, 0u64);
+    let mut users: std::collections::BTreeMap<String, u64> = Default::default();
+    for node in &nodes {
+        let stats = &node["stats"];
+        total += stats["total_connections"].as_u64().unwrap_or(0);
+        active += stats["active_connections"].as_u64().unwrap_or(0);
+        if let Some(Value::Object(breakdown)) = stats.get("user_breakdown") {
+            for (user, count) in breakdown {
+                *users.entry(user.clone()).or_default() += count.as_u64().unwrap_or(0);
+            }
+        }
+    }
+    let sum = |field: &str| nodes.iter().filter_map(|n| n[field].as_u64()).sum::<u64>();
+    let (forwarded_out, served_for_peers) = (sum("forwarded_out"), sum("served_for_peers"));
+    json!({
+        "scope": "cluster",
+        "forwarded_out": forwarded_out,
+        "served_for_peers": served_for_peers,
+        "node_count": nodes.len(),
+        "total_connections": total,
+        "active_connections": active,
+        "user_breakdown": users,
+        "nodes": nodes,
+    })
 }
 
 /// The `{user}` path parameter of admin routes.

@@ -274,6 +274,15 @@ impl From<PoolError> for ApiError {
             PoolError::ShuttingDown => {
                 ApiError::unavailable(code, "the service is shutting down", Duration::from_secs(5))
             }
+            PoolError::Cluster(cause) => cluster_error(&cause),
+            PoolError::Forwarded(remote) => {
+                let status =
+                    StatusCode::from_u16(remote.status).unwrap_or(StatusCode::BAD_GATEWAY);
+                let mut answer = ApiError::new(status, remote.code, remote.message.clone());
+                answer.retry_after = remote.retry_after;
+                answer.retry_safe = remote.retry_safe;
+                answer
+            }
             PoolError::Unavailable => {
                 tracing::error!("the pool actor is not running");
                 ApiError::unavailable(
@@ -282,6 +291,42 @@ impl From<PoolError> for ApiError {
                     Duration::from_secs(2),
                 )
             }
+        }
+    }
+}
+
+/// Cluster coordination failures: the database or the owning node; all but one are worth a
+/// retry, since a failover or a reconnect fixes them.
+fn cluster_error(err: &crate::cluster::ClusterError) -> ApiError {
+    use crate::cluster::ClusterError;
+    let code = err.code();
+    match err {
+        ClusterError::OwnerLost => {
+            ApiError::new(StatusCode::BAD_GATEWAY, code, err.to_string()).with_retry_safe(false)
+        }
+        ClusterError::Database(cause) => {
+            // The cause may hold SQL or a host name: logged, not answered.
+            tracing::warn!(cause = %cause, "cluster coordination failed");
+            ApiError::unavailable(
+                code,
+                "cluster coordination is unavailable; retry",
+                Duration::from_secs(1),
+            )
+        }
+        ClusterError::BadAnswer(cause) => {
+            tracing::warn!(cause = %cause, "another node answered outside the protocol");
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                code,
+                "another node of the cluster answered unexpectedly",
+            )
+        }
+        ClusterError::Timeout(_)
+        | ClusterError::LeasedElsewhere(_)
+        | ClusterError::OwnerUnreachable
+        | ClusterError::Moving
+        | ClusterError::Leaving => {
+            ApiError::unavailable(code, err.to_string(), Duration::from_secs(1))
         }
     }
 }

@@ -8,6 +8,8 @@
 //! - [`oauth`]: the OAuth connect flow (`start`, and the unauthenticated `callback`).
 //! - [`admin`]: pool stats, closing a user's sessions, credential cleanup (admin key).
 //! - [`health`], [`metrics`], [`openapi`]: probes, Prometheus text, the API description.
+//! - [`internal`]: `/internal/v1/...`, what other nodes of a cluster forward to (cluster
+//!   secret only).
 //! - [`auth`]: API-key and JWT authentication, the [`AuthUser`] and [`AdminAuth`] extractors.
 //! - [`error`]: [`ApiError`], every failure as a status plus `{ "error": { "code", "message" } }`.
 //! - [`logging`]: refused requests logged at DEBUG, summarised at WARN once per code and window.
@@ -25,6 +27,7 @@ pub mod chat;
 pub mod connections;
 pub mod error;
 pub mod health;
+pub mod internal;
 pub mod logging;
 pub mod mcp;
 pub mod metrics;
@@ -187,6 +190,26 @@ pub fn router(state: HttpState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics::scrape))
         .route("/openapi.json", get(openapi::document))
+        .route(
+            crate::actors::pool::internal_paths::LIST_TOOLS,
+            post(internal::list_tools),
+        )
+        .route(
+            crate::actors::pool::internal_paths::CALL_TOOL,
+            post(internal::call_tool),
+        )
+        .route(
+            crate::actors::pool::internal_paths::CLOSE_SESSION,
+            post(internal::close_session),
+        )
+        .route(
+            crate::actors::pool::internal_paths::CLOSE_USER,
+            post(internal::close_user),
+        )
+        .route(
+            crate::actors::pool::internal_paths::STATS,
+            get(internal::stats),
+        )
         .route(mcp::RESOURCE_METADATA_PATH, get(mcp::protected_resource))
         .route(
             mcp::ROOT_RESOURCE_METADATA_PATH,

@@ -20,8 +20,8 @@ pub use crate::ids::{IdError, ServerName, UserId};
 pub use crypto::{CryptoError, Keyring};
 pub use files::{CredentialFiles, CredentialSpec};
 pub use repo::{
-    BackendKind, CredentialInfo, CredentialRecord, KeyRotation, NewOAuthState, RegisteredClientRow,
-    Store, StoreOptions, Stored, TokenUpdate, Tokens,
+    BackendKind, CredentialInfo, CredentialRecord, KeyRotation, LeaseRow, NewOAuthState, NodeRow,
+    RegisteredClientRow, SessionKeyRow, Store, StoreOptions, Stored, TokenUpdate, Tokens,
 };
 pub use secret::Secret;
 pub use writer::{BoxFuture, CredentialError, CredentialWriter};
@@ -47,4 +47,7 @@ pub enum StoreError {
     Corrupt(String),
     #[error("duration out of range")]
     DurationOutOfRange,
+    /// Cluster tables exist on PostgreSQL only (config validation refuses cluster mode on SQLite).
+    #[error("cluster mode needs PostgreSQL")]
+    ClusterNeedsPostgres,
 }

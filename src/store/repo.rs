@@ -18,6 +18,7 @@ use super::crypto::{CryptoError, Keyring, TokenField};
 use super::secret::Secret;
 use crate::ids::{ServerName, UserId};
 
+pub use cluster::{LeaseRow, NodeRow, SessionKeyRow};
 pub use oauth_clients::RegisteredClientRow;
 pub use oauth_states::{NewOAuthState, OAuthState};
 
@@ -902,5 +903,6 @@ pub struct KeyRotation {
 }
 
 // Declared after the macros above, which it uses (macro_rules! scoping is textual).
+mod cluster;
 mod oauth_clients;
 mod oauth_states;

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::actors::credential::CredentialError;
+use crate::cluster::{ClusterError, RemoteError};
 use crate::ids::ServerName;
 use crate::mcp::McpError;
 
@@ -61,9 +62,19 @@ pub enum PoolError {
     ShuttingDown,
     #[error("the pool is not running")]
     Unavailable,
+    /// Cluster coordination failed (the database, or the node that owns the key).
+    #[error("{0}")]
+    Cluster(Arc<ClusterError>),
+    /// The node the request was forwarded to answered with this error.
+    #[error("{0}")]
+    Forwarded(Arc<RemoteError>),
 }
 
 impl PoolError {
+    pub(crate) fn cluster(err: ClusterError) -> PoolError {
+        PoolError::Cluster(Arc::new(err))
+    }
+
     /// A credential problem as the pool reports it: no stored credentials are their own case.
     pub(crate) fn from_credentials(err: CredentialError) -> PoolError {
         match err {
@@ -95,6 +106,8 @@ impl PoolError {
             PoolError::Reconnect => "reconnect",
             PoolError::ShuttingDown => "shutting_down",
             PoolError::Unavailable => "pool_unavailable",
+            PoolError::Cluster(cause) => cause.code(),
+            PoolError::Forwarded(remote) => remote.code,
         }
     }
 }

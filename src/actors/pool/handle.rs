@@ -9,9 +9,10 @@ use tokio::time::Instant;
 
 use super::events::{EventKind, PoolEvent, PoolEvents};
 use super::{PoolArgs, PoolError, PoolIndex, PoolMetrics, PoolMsg, PoolStats, Warmed};
-use crate::actors::connection::{InFlight, Session};
+use crate::actors::connection::{CloseReason, InFlight, Session};
 use crate::actors::credential::CredentialError;
 use crate::actors::fairness::{MAX_ARGUMENT_DEPTH, UserCallLimiter, arguments_depth};
+use crate::cluster::{Cluster, ClusterError, ForwardError, Node, Route};
 use crate::ids::{ServerName, SessionKey, UserId};
 use crate::mcp::ProgressSink;
 use crate::oauth::{Freshness, TokenRefresher};
@@ -45,6 +46,27 @@ pub struct PoolHandle {
     user_calls: UserCallLimiter,
     events: PoolEvents,
     metrics: PoolMetrics,
+    /// Cluster mode: placement, leases and forwarding (`None` on a single node).
+    cluster: Option<Arc<Cluster>>,
+    /// The configured servers: cluster mode refuses an unknown one before it reaches the
+    /// lease table or another node.
+    servers: Arc<std::collections::BTreeMap<String, crate::config::ServerConfig>>,
+    /// This handle serves a request another node forwarded: always here, never forwarded
+    /// again (so two nodes with different views of the cluster cannot bounce a request).
+    forwarded: bool,
+}
+
+/// The local half of a clustered operation.
+type LocalCall<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, PoolError>> + Send + 'a>>;
+
+/// Internal routes of cluster mode (served by `crate::http::internal`).
+pub mod internal_paths {
+    pub const LIST_TOOLS: &str = "/internal/v1/tools/list";
+    pub const CALL_TOOL: &str = "/internal/v1/tools/call";
+    pub const CLOSE_SESSION: &str = "/internal/v1/sessions/close";
+    pub const CLOSE_USER: &str = "/internal/v1/users/close";
+    pub const STATS: &str = "/internal/v1/stats";
 }
 
 impl PoolHandle {
@@ -61,6 +83,121 @@ impl PoolHandle {
             user_calls: args.user_calls.clone(),
             events: args.events.clone(),
             metrics: args.metrics.clone(),
+            cluster: args.cluster.clone(),
+            servers: args.servers.clone(),
+            forwarded: false,
+        }
+    }
+
+    /// The handle internal routes use: it serves every request on this node.
+    pub fn serving_forwarded(&self) -> PoolHandle {
+        PoolHandle {
+            forwarded: true,
+            ..self.clone()
+        }
+    }
+
+    /// This node's cluster view, in cluster mode.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    /// The cluster, when a request here may be forwarded (cluster mode, not itself forwarded).
+    fn forwarding(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref().filter(|_| !self.forwarded)
+    }
+
+    /// Whether this node may use its session of `key` now: always on a single node; in
+    /// cluster mode only while it holds the key's lease within its local deadline.
+    fn may_use(&self, key: &SessionKey) -> bool {
+        self.cluster
+            .as_ref()
+            .is_none_or(|cluster| cluster.holds(key))
+    }
+
+    /// Runs `local` here or forwards `body` to the node that owns `key` (see `crate::cluster`).
+    /// An owner that does not answer before the request is written is retried, for as long as
+    /// a failover takes (its leases expire and the key is placed again); one that fails after
+    /// the request was written is retried only when `idempotent`.
+    async fn clustered<'a, T>(
+        &'a self,
+        key: &SessionKey,
+        path: &str,
+        body: serde_json::Value,
+        idempotent: bool,
+        // A boxed future rather than an async closure: the latter's futures are not `Send`
+        // for every lifetime, which `tokio::spawn` of a caller needs.
+        local: impl Fn() -> LocalCall<'a, T>,
+        decode: impl Fn(serde_json::Value) -> Result<T, PoolError>,
+    ) -> Result<T, PoolError> {
+        let Some(cluster) = self.forwarding() else {
+            let result = local().await;
+            if let Some(cluster) = &self.cluster {
+                cluster.note_arrival(key, true);
+            }
+            return result;
+        };
+        if !self.servers.contains_key(key.server.as_str()) {
+            return Err(PoolError::UnknownServer(key.server.clone()));
+        }
+        let give_up = Instant::now() + cluster.failover_wait();
+        let mut next: Option<Node> = None;
+        loop {
+            let route = match next.take() {
+                Some(owner) => Route::Remote(owner),
+                None => cluster.route(key).await.map_err(PoolError::cluster)?,
+            };
+            let node = match route {
+                Route::Local => match local().await {
+                    Err(PoolError::Cluster(err)) => match &*err {
+                        // Taken by another node since we looked: go there.
+                        ClusterError::LeasedElsewhere(owner) if Instant::now() < give_up => {
+                            next = Some(owner.clone());
+                            continue;
+                        }
+                        // Moving away from here: retried below once the lease is released.
+                        ClusterError::Moving if Instant::now() < give_up => None,
+                        _ => return Err(PoolError::Cluster(err)),
+                    },
+                    other => {
+                        cluster.note_arrival(key, false);
+                        return other;
+                    }
+                },
+                Route::Remote(node) => Some(node),
+            };
+            let outcome = match node {
+                Some(node) => {
+                    cluster.note_forwarded();
+                    Some(cluster.forward(&node, path, &body).await)
+                }
+                None => None,
+            };
+            match outcome {
+                None => {}
+                Some(Ok(value)) => return decode(value),
+                // The other node found the lease held elsewhere (a move or a failover in
+                // progress): look again after a pause.
+                Some(Err(ForwardError::Answered(remote))) if remote.code == "session_moved" => {}
+                Some(Err(ForwardError::Answered(remote))) => {
+                    return Err(PoolError::Forwarded(Arc::new(remote)));
+                }
+                Some(Err(ForwardError::NotSent)) => {}
+                Some(Err(ForwardError::Lost)) if idempotent => {}
+                Some(Err(ForwardError::Lost)) => {
+                    return Err(PoolError::cluster(ClusterError::OwnerLost));
+                }
+                Some(Err(ForwardError::Malformed(problem))) => {
+                    return Err(PoolError::cluster(ClusterError::BadAnswer(problem)));
+                }
+            }
+            // The owner did not answer: place the key again after a pause; once the owner's
+            // lease expired (or it released it on shutdown), another node takes over.
+            cluster.forget_owner(key);
+            if Instant::now() >= give_up {
+                return Err(PoolError::cluster(ClusterError::OwnerUnreachable));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -151,10 +288,32 @@ impl PoolHandle {
         server: &ServerName,
     ) -> Result<Session, PoolError> {
         let key = SessionKey::new(user, server);
-        if let Some(session) = self.index.ready(&key) {
+        if let Some(session) = self.index.ready(&key)
+            && self.may_use(&key)
+        {
             return Ok(session);
         }
         self.fetch_session(key, None).await
+    }
+
+    /// Cluster mode: takes `key`'s lease if this node does not hold it, and registers the
+    /// start with the supervisor before letting go of the key's lock, so the heartbeat's
+    /// release of a closed session's lease can never overtake the new session.
+    async fn lease(&self, key: &SessionKey) -> Result<(), PoolError> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(());
+        };
+        if !self.servers.contains_key(key.server.as_str()) {
+            return Err(PoolError::UnknownServer(key.server.clone()));
+        }
+        let _guard = cluster.lock_key(key).await;
+        cluster
+            .ensure_lease(key)
+            .await
+            .map_err(PoolError::cluster)?;
+        let keys = vec![key.clone()];
+        self.ask(|reply| PoolMsg::Warm { keys, reply }).await?;
+        Ok(())
     }
 
     /// Asks the supervisor for `key`'s session; with `stale`, not the session of that pid.
@@ -163,6 +322,7 @@ impl PoolHandle {
         key: SessionKey,
         stale: Option<u32>,
     ) -> Result<Session, PoolError> {
+        self.lease(&key).await?;
         // A session reaped between lookup and use is fetched again, once.
         for _ in 0..2 {
             let key = key.clone();
@@ -184,11 +344,59 @@ impl PoolHandle {
         user: &UserId,
         servers: &[ServerName],
     ) -> Result<Vec<Result<Warmed, PoolError>>, PoolError> {
-        let keys = servers
+        let keys: Vec<SessionKey> = servers
             .iter()
             .map(|server| SessionKey::new(user, server))
             .collect();
+        if self.cluster.is_some() {
+            return Ok(self.warm_clustered(keys).await);
+        }
         self.ask(|reply| PoolMsg::Warm { keys, reply }).await
+    }
+
+    /// Warm-up in cluster mode: a key placed here takes its lease and starts; one placed
+    /// elsewhere is started there by a tool listing in the background.
+    async fn warm_clustered(&self, keys: Vec<SessionKey>) -> Vec<Result<Warmed, PoolError>> {
+        let mut outcomes = Vec::with_capacity(keys.len());
+        for key in keys {
+            let route = match self.forwarding() {
+                Some(cluster) => cluster.route(&key).await.map_err(PoolError::cluster),
+                None => Ok(Route::Local),
+            };
+            let outcome = match route {
+                Ok(Route::Local) => match self.lease(&key).await {
+                    Ok(()) => {
+                        let keys = vec![key];
+                        self.ask(|reply| PoolMsg::Warm { keys, reply })
+                            .await
+                            .and_then(|mut one| one.pop().unwrap_or(Err(PoolError::Unavailable)))
+                    }
+                    Err(PoolError::Cluster(err))
+                        if matches!(*err, ClusterError::LeasedElsewhere(_)) =>
+                    {
+                        self.warm_elsewhere(key);
+                        Ok(Warmed::Started)
+                    }
+                    Err(err) => Err(err),
+                },
+                Ok(Route::Remote(_)) => {
+                    self.warm_elsewhere(key);
+                    Ok(Warmed::Started)
+                }
+                Err(err) => Err(err),
+            };
+            outcomes.push(outcome);
+        }
+        outcomes
+    }
+
+    fn warm_elsewhere(&self, key: SessionKey) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if let Err(err) = pool.list_tools(&key.user, &key.server).await {
+                tracing::debug!(user_id = %key.user, server = %key.server, cause = %err, "warm-up on another node failed");
+            }
+        });
     }
 
     /// The cached tool list; a restart in progress is waited for transparently. OAuth tokens
@@ -198,8 +406,26 @@ impl PoolHandle {
         user: &UserId,
         server: &ServerName,
     ) -> Result<Arc<Vec<Tool>>, PoolError> {
-        self.ensure_fresh(user, server).await?;
-        Ok(self.get_session(user, server).await?.tools())
+        let key = SessionKey::new(user, server);
+        let body = serde_json::json!({ "user_id": user, "server": server });
+        self.clustered(
+            &key,
+            internal_paths::LIST_TOOLS,
+            body,
+            true,
+            || {
+                Box::pin(async move {
+                    self.ensure_fresh(user, server).await?;
+                    Ok(self.get_session(user, server).await?.tools())
+                })
+            },
+            |mut value| {
+                serde_json::from_value(value["tools"].take())
+                    .map(Arc::new)
+                    .map_err(|err| PoolError::cluster(ClusterError::BadAnswer(err.to_string())))
+            },
+        )
+        .await
     }
 
     /// The tool lists of several of `user`'s servers, in the order given, listed concurrently
@@ -388,8 +614,47 @@ impl PoolHandle {
     }
 
     /// [`PoolHandle::call_tool`] with options (the server's progress notifications of the
-    /// call). Every call goes through here.
+    /// call). Every call goes through here. In cluster mode a call for a key owned by another
+    /// node is forwarded there (without its progress notifications) and counted there.
     pub async fn call_tool_with(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        tool: &str,
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+        options: CallOptions,
+    ) -> Result<rmcp::model::CallToolResult, PoolError> {
+        if self.forwarding().is_none() {
+            return self
+                .call_tool_here(user, server, tool, arguments, options)
+                .await;
+        }
+        let key = SessionKey::new(user, server);
+        let body = serde_json::json!({
+            "user_id": user, "server": server, "tool": tool, "arguments": arguments,
+        });
+        self.clustered(
+            &key,
+            internal_paths::CALL_TOOL,
+            body,
+            false,
+            || {
+                let (arguments, options) = (arguments.clone(), options.clone());
+                Box::pin(async move {
+                    self.call_tool_here(user, server, tool, arguments, options)
+                        .await
+                })
+            },
+            |value| {
+                serde_json::from_value(value)
+                    .map_err(|err| PoolError::cluster(ClusterError::BadAnswer(err.to_string())))
+            },
+        )
+        .await
+    }
+
+    /// A tool call on this node's session, with its metrics.
+    async fn call_tool_here(
         &self,
         user: &UserId,
         server: &ServerName,
@@ -511,13 +776,43 @@ impl PoolHandle {
         send(session, slot).await
     }
 
+    /// Closes `user`'s session of `server`, wherever it lives in the cluster.
     pub async fn close_session(
         &self,
         user: &UserId,
         server: &ServerName,
     ) -> Result<bool, PoolError> {
         let key = SessionKey::new(user, server);
-        self.ask(|reply| PoolMsg::Close { key, reply }).await
+        let closed_here = {
+            let key = key.clone();
+            self.ask(|reply| PoolMsg::Close { key, reply }).await?
+        };
+        let Some(cluster) = self.forwarding() else {
+            return Ok(closed_here);
+        };
+        // A live lease of another node means its session is there.
+        match cluster
+            .owner_elsewhere(&key)
+            .await
+            .map_err(PoolError::cluster)?
+        {
+            Some(owner) => {
+                let body = serde_json::json!({ "user_id": user, "server": server });
+                match cluster
+                    .forward(&owner, internal_paths::CLOSE_SESSION, &body)
+                    .await
+                {
+                    Ok(value) => Ok(closed_here || value["closed"].as_bool().unwrap_or(false)),
+                    // A node that does not answer serves nothing; its lease expires.
+                    Err(ForwardError::NotSent) => Ok(closed_here),
+                    Err(ForwardError::Answered(remote)) => {
+                        Err(PoolError::Forwarded(Arc::new(remote)))
+                    }
+                    Err(_) => Err(PoolError::cluster(ClusterError::OwnerLost)),
+                }
+            }
+            None => Ok(closed_here),
+        }
     }
 
     // === token freshness ===
@@ -601,9 +896,75 @@ impl PoolHandle {
         }
     }
 
+    /// Closes every session of `user`, on every node of the cluster.
     pub async fn close_user_sessions(&self, user: &UserId) -> Result<usize, PoolError> {
-        let user = user.clone();
-        self.ask(|reply| PoolMsg::CloseUser { user, reply }).await
+        let mut closed = {
+            let user = user.clone();
+            self.ask(|reply| PoolMsg::CloseUser { user, reply }).await?
+        };
+        if let Some(cluster) = self.forwarding() {
+            let body = serde_json::json!({ "user_id": user });
+            for node in cluster.live_nodes() {
+                if node.id == cluster.node().id {
+                    continue;
+                }
+                match cluster
+                    .forward(&node, internal_paths::CLOSE_USER, &body)
+                    .await
+                {
+                    Ok(value) => {
+                        closed +=
+                            usize::try_from(value["closed"].as_u64().unwrap_or(0)).unwrap_or(0);
+                    }
+                    Err(err) => {
+                        tracing::warn!(node = %node.id, ?err, "could not close a user's sessions on another node");
+                    }
+                }
+            }
+        }
+        Ok(closed)
+    }
+
+    // === cluster bookkeeping (the heartbeat actor) ===
+
+    /// Keys with a session here, starting, ready or still closing.
+    pub async fn live_keys(&self) -> Result<std::collections::HashSet<SessionKey>, PoolError> {
+        self.ask(|reply| PoolMsg::LiveKeys { reply }).await
+    }
+
+    /// Whether `key` has a session here, starting, ready or still closing.
+    pub async fn has_session(&self, key: &SessionKey) -> Result<bool, PoolError> {
+        let key = key.clone();
+        self.ask(|reply| PoolMsg::HasKey { key, reply }).await
+    }
+
+    /// Closes the sessions of `keys` that are ready with no call in flight (a busy one is left
+    /// for a later attempt); returns those closed.
+    pub async fn close_idle(
+        &self,
+        keys: Vec<SessionKey>,
+        reason: CloseReason,
+    ) -> Result<Vec<SessionKey>, PoolError> {
+        self.ask(|reply| PoolMsg::CloseIdle {
+            keys,
+            reason,
+            reply,
+        })
+        .await
+    }
+
+    /// Closes the sessions of `keys` at once, calls in flight or not (their lease is lost).
+    pub async fn close_now(
+        &self,
+        keys: Vec<SessionKey>,
+        reason: CloseReason,
+    ) -> Result<usize, PoolError> {
+        self.ask(|reply| PoolMsg::CloseKeys {
+            keys,
+            reason,
+            reply,
+        })
+        .await
     }
 
     /// Asks for an idle sweep without waiting for it (the reaper's tick).

@@ -36,7 +36,7 @@ use crate::oauth::TokenRefresher;
 
 pub use error::PoolError;
 pub use events::{EventKind, PoolEvent, PoolEvents};
-pub use handle::{CallOptions, PoolHandle};
+pub use handle::{CallOptions, PoolHandle, internal_paths};
 pub use index::PoolIndex;
 pub use metrics::PoolMetrics;
 use state::PoolState;
@@ -98,6 +98,27 @@ pub enum PoolMsg {
     CallsEnded {
         key: SessionKey,
     },
+    /// Cluster mode: keys with a session here (starting, ready, restarting or still closing).
+    LiveKeys {
+        reply: RpcReplyPort<std::collections::HashSet<SessionKey>>,
+    },
+    /// Cluster mode: whether `key` has a session here, in the sense of `LiveKeys`.
+    HasKey {
+        key: SessionKey,
+        reply: RpcReplyPort<bool>,
+    },
+    /// Cluster mode: close those of `keys` that are ready with no call in flight.
+    CloseIdle {
+        keys: Vec<SessionKey>,
+        reason: CloseReason,
+        reply: RpcReplyPort<Vec<SessionKey>>,
+    },
+    /// Cluster mode: close `keys` now (their leases are lost).
+    CloseKeys {
+        keys: Vec<SessionKey>,
+        reason: CloseReason,
+        reply: RpcReplyPort<usize>,
+    },
 }
 
 /// What a request for a key's session found or did, as warm-up reports it.
@@ -155,6 +176,8 @@ pub struct PoolArgs {
     pub remote_http: Option<reqwest::Client>,
     /// The zygotes of preforked servers, which start their sessions by fork.
     pub prefork: Arc<Prefork>,
+    /// Cluster mode: leases, placement and forwarding, for every [`PoolHandle`].
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl PoolArgs {
@@ -187,6 +210,7 @@ impl PoolArgs {
                 })
                 .ok(),
             prefork,
+            cluster: None,
         }
     }
 }
@@ -248,6 +272,27 @@ impl Actor for PoolSupervisor {
                 let _ = reply.send(state.restart_after_refresh(&myself, &key));
             }
             PoolMsg::CallsEnded { key } => state.calls_ended(&myself, &key),
+            PoolMsg::LiveKeys { reply } => {
+                let _ = reply.send(state.live_keys());
+            }
+            PoolMsg::HasKey { key, reply } => {
+                let _ = reply.send(state.has_key(&key));
+            }
+            PoolMsg::CloseIdle {
+                keys,
+                reason,
+                reply,
+            } => {
+                let _ = reply.send(state.close_idle(&keys, reason));
+            }
+            PoolMsg::CloseKeys {
+                keys,
+                reason,
+                reply,
+            } => {
+                let closed = keys.iter().filter(|key| state.close(key, reason)).count();
+                let _ = reply.send(closed);
+            }
         }
         Ok(())
     }

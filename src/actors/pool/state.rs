@@ -689,6 +689,45 @@ impl PoolState {
         }
     }
 
+    /// Keys with a session here in any stage, including one still closing (its actor has not
+    /// terminated): cluster mode keeps the lease until the process is gone.
+    pub(super) fn live_keys(&self) -> std::collections::HashSet<SessionKey> {
+        self.entries
+            .keys()
+            .chain(self.by_actor.values())
+            .cloned()
+            .collect()
+    }
+
+    pub(super) fn has_key(&self, key: &SessionKey) -> bool {
+        self.entries.contains_key(key) || self.by_actor.values().any(|k| k == key)
+    }
+
+    /// Closes those of `keys` that are ready with no call in flight, with the handshake the
+    /// idle reaper uses (a call and this close never both proceed).
+    pub(super) fn close_idle(
+        &mut self,
+        keys: &[SessionKey],
+        reason: CloseReason,
+    ) -> Vec<SessionKey> {
+        let idle: Vec<SessionKey> = keys
+            .iter()
+            .filter(|key| {
+                self.entries.get(*key).is_some_and(|entry| {
+                    entry.actor.is_some()
+                        && entry.shared.state() == SessionState::Ready
+                        && entry.shared.try_begin_close()
+                })
+            })
+            .cloned()
+            .collect();
+        for key in &idle {
+            tracing::info!(user_id = %key.user, server = %key.server, reason = reason.as_str(), "Closing a session that belongs on another node");
+            self.close(key, reason);
+        }
+        idle
+    }
+
     pub(super) fn reap_idle(&mut self) -> usize {
         let idle_timeout = self.args.pool.idle_timeout;
         let idle: Vec<SessionKey> = self

@@ -411,6 +411,15 @@ fn call_outcome(err: PoolError) -> Result<CallToolResult, ErrorData> {
         PoolError::ShuttingDown | PoolError::Unavailable => {
             Err(ErrorData::internal_error(err.to_string(), None))
         }
+        // The same cases, answered by the node the call was forwarded to (cluster mode).
+        PoolError::Forwarded(remote)
+            if matches!(
+                remote.code,
+                "unknown_tool" | "arguments_too_deep" | "invalid_arguments"
+            ) =>
+        {
+            Err(ErrorData::invalid_params(remote.message.clone(), None))
+        }
         _ => Ok(tool_failure(&err)),
     }
 }

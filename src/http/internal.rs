@@ -1,0 +1,138 @@
+//! `/internal/v1/...`: the routes other nodes of the cluster forward requests to.
+//!
+//! Authenticated by the cluster secret alone ([`INTERNAL_SECRET_HEADER`], compared in constant
+//! time): no user's key or token opens them, and the public routes never accept the secret.
+//! The user is the one the forwarding node already verified, carried in the body. Every
+//! request is served on this node ([`PoolHandle::serving_forwarded`]), never forwarded again.
+//! Without cluster mode they answer 404 like any unknown route. Not in `/openapi.json`: they
+//! are no API of the service, and a load balancer in front should not expose them (see
+//! `deploy/`).
+//!
+//! [`PoolHandle::serving_forwarded`]: crate::actors::PoolHandle::serving_forwarded
+
+use axum::Json;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+
+use super::HttpState;
+use super::error::ApiError;
+use crate::actors::PoolHandle;
+use crate::cluster::INTERNAL_SECRET_HEADER;
+use crate::ids::{ServerName, UserId};
+
+/// A request from another node of the cluster; holds the pool handle that serves it here.
+pub struct FromPeer(pub PoolHandle);
+
+impl FromRequestParts<HttpState> for FromPeer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &HttpState) -> Result<Self, ApiError> {
+        let Some(cluster) = state.pool.cluster() else {
+            return Err(ApiError::not_found("not_found", "no such route"));
+        };
+        let mut presented = parts.headers.get_all(INTERNAL_SECRET_HEADER).iter();
+        let secret = match (presented.next(), presented.next()) {
+            (Some(value), None) => value.to_str().unwrap_or_default(),
+            _ => "",
+        };
+        if secret.is_empty() || !cluster.secret_matches(secret) {
+            return Err(ApiError::unauthorized(
+                "internal routes take the cluster secret",
+            ));
+        }
+        Ok(FromPeer(state.pool.serving_forwarded()))
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub struct KeyBody {
+    user_id: String,
+    server: String,
+}
+
+#[derive(serde::Deserialize)]
+pub struct CallBody {
+    user_id: String,
+    server: String,
+    tool: String,
+    arguments: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+#[derive(serde::Deserialize)]
+pub struct UserBody {
+    user_id: String,
+}
+
+fn key_of(user: &str, server: &str) -> Result<(UserId, ServerName), ApiError> {
+    let user = UserId::parse(user).map_err(ApiError::invalid_id)?;
+    let server = ServerName::parse(server).map_err(ApiError::invalid_id)?;
+    let span = tracing::Span::current();
+    span.record("user_id", user.as_str());
+    span.record("server", server.as_str());
+    Ok((user, server))
+}
+
+fn body<T>(body: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(body)| body)
+        .map_err(|rejection| ApiError::bad_request("invalid_body", rejection.body_text()))
+}
+
+/// `POST /internal/v1/tools/list`: `{"tools": [...]}` as rmcp serializes them.
+pub async fn list_tools(
+    FromPeer(pool): FromPeer,
+    request: Result<Json<KeyBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let request = body(request)?;
+    let (user, server) = key_of(&request.user_id, &request.server)?;
+    let tools = pool.list_tools(&user, &server).await?;
+    Ok(Json(serde_json::json!({ "tools": &*tools })))
+}
+
+/// `POST /internal/v1/tools/call`: the `CallToolResult` as rmcp serializes it.
+pub async fn call_tool(
+    FromPeer(pool): FromPeer,
+    request: Result<Json<CallBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<rmcp::model::CallToolResult>, ApiError> {
+    let request = body(request)?;
+    let (user, server) = key_of(&request.user_id, &request.server)?;
+    let result = pool
+        .call_tool(&user, &server, &request.tool, request.arguments)
+        .await?;
+    Ok(Json(result))
+}
+
+/// `POST /internal/v1/sessions/close`: `{"closed": bool}`.
+pub async fn close_session(
+    FromPeer(pool): FromPeer,
+    request: Result<Json<KeyBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let request = body(request)?;
+    let (user, server) = key_of(&request.user_id, &request.server)?;
+    let closed = pool.close_session(&user, &server).await?;
+    Ok(Json(serde_json::json!({ "closed": closed })))
+}
+
+/// `POST /internal/v1/users/close`: `{"closed": n}`.
+pub async fn close_user(
+    FromPeer(pool): FromPeer,
+    request: Result<Json<UserBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let request = body(request)?;
+    let user = UserId::parse(&request.user_id).map_err(ApiError::invalid_id)?;
+    let closed = pool.close_user_sessions(&user).await?;
+    Ok(Json(serde_json::json!({ "closed": closed })))
+}
+
+/// `GET /internal/v1/stats`: this node's stats, for `/v1/stats?scope=cluster` on any node.
+pub async fn stats(FromPeer(pool): FromPeer) -> Result<Json<serde_json::Value>, ApiError> {
+    let stats = pool.stats_with_usage().await?;
+    let mut value = serde_json::to_value(&stats).map_err(|err| ApiError::internal(&err))?;
+    if let (Some(cluster), Some(object)) = (pool.cluster(), value.as_object_mut()) {
+        let (forwarded_out, served_for_peers) = cluster.forwarding_counts();
+        object.insert(
+            "cluster".into(),
+            serde_json::json!({ "forwarded_out": forwarded_out, "served_for_peers": served_for_peers }),
+        );
+    }
+    Ok(Json(value))
+}

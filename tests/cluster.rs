@@ -1,0 +1,1071 @@
+//! Cluster mode on real parts: `mcp-pool serve` processes on loopback sharing one fresh schema
+//! of the real PostgreSQL, Debian's nginx in front (from `scripts/setup-test-env`), the bundled
+//! demo server as the MCP server. Server processes are counted on the host: each session's
+//! process carries its credentials file path (`<node>/creds/<user>/<server>/...`) in its
+//! environment, so a key with two live processes anywhere in the cluster would show.
+
+mod common;
+#[path = "common/http.rs"]
+mod http;
+#[path = "common/service.rs"]
+mod service;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{PATIENCE, alive, fresh_database_url, wait_until};
+use mcp_pool::store::BackendKind;
+use serde_json::json;
+use service::{API_KEY, Service};
+
+const ADMIN_KEY: &str = "cluster-test-admin-key-0123456789";
+const HEARTBEAT: &str = "300ms";
+const TTL: &str = "2s";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn write_private(path: &Path, text: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+}
+
+/// One node's process and where it lives.
+struct Node {
+    service: Service,
+    port: u16,
+}
+
+impl Node {
+    fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn client(&self, user: &str) -> http::Client {
+        user_client(self.addr(), user)
+    }
+
+    fn admin(&self) -> http::Client {
+        http::Client {
+            addr: self.addr(),
+            headers: vec![("authorization".into(), format!("Bearer {ADMIN_KEY}"))],
+        }
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let text = self.admin().get("/metrics").await.text();
+        text.lines()
+            .filter(|line| line.starts_with(name))
+            .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+fn user_client(addr: std::net::SocketAddr, user: &str) -> http::Client {
+    http::Client {
+        addr,
+        headers: vec![
+            ("authorization".into(), format!("Bearer {API_KEY}")),
+            ("x-user-id".into(), user.into()),
+        ],
+    }
+}
+
+/// Three (or more) nodes on one schema, sharing the encryption key, the cluster secret and
+/// the keys of the HTTP API.
+struct Cluster {
+    root: tempfile::TempDir,
+    database_url: String,
+    nodes: Vec<Option<Node>>,
+    /// `cluster.placement` of every node.
+    placement: &'static str,
+    /// `http.shutdown_delay` of nodes started from now on.
+    shutdown_delay: &'static str,
+}
+
+impl Cluster {
+    async fn start(count: usize) -> Cluster {
+        Cluster::start_with(count, "rendezvous").await
+    }
+
+    async fn start_with(count: usize, placement: &'static str) -> Cluster {
+        let root = tempfile::tempdir().unwrap();
+        let database_url = fresh_database_url(BackendKind::Postgres, root.path()).await;
+        write_private(&root.path().join("admin.key"), ADMIN_KEY);
+        let mut cluster = Cluster {
+            root,
+            database_url,
+            nodes: Vec::new(),
+            placement,
+            shutdown_delay: "0s",
+        };
+        for _ in 0..count {
+            cluster.add_node(None, (HEARTBEAT, TTL)).await;
+        }
+        cluster
+    }
+
+    /// Starts one more node (one at a time: the first creates the shared key files). With
+    /// `database_url`, that node reaches PostgreSQL there instead (through a proxy).
+    async fn add_node(
+        &mut self,
+        database_url: Option<&str>,
+        (heartbeat, ttl): (&str, &str),
+    ) -> usize {
+        let index = self.nodes.len();
+        let port = free_port();
+        let root = self.root.path();
+        let dir = root.join(format!("node{index}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = format!(
+            "[service]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{d}/data\"\n\
+             shutdown_grace = \"20s\"\n[http]\nshutdown_delay = \"{delay}\"\n\
+             [database]\nurl = \"{db}\"\nmax_connections = 8\n\
+             [credentials]\ndir = \"{d}/creds\"\n\
+             [encryption]\nkey_file = \"{r}/encryption.key\"\n\
+             [auth]\napi_key_file = \"{d}/api.key\"\nadmin_key_file = \"{r}/admin.key\"\n\
+             [pool]\nclose_grace = \"1s\"\nmax_connections = 500\nmax_in_flight_per_user = 64\n\
+             [sandbox]\nmode = \"off\"\nstate_dir = \"{d}/state\"\n\
+             [cluster]\nenabled = true\nnode_url = \"http://127.0.0.1:{port}\"\n\
+             secret_file = \"{r}/cluster.key\"\nheartbeat_interval = \"{heartbeat}\"\nttl = \"{ttl}\"\n\
+             placement = \"{placement}\"\n\
+             [servers.demo]\ncommand = \"{{self}}\"\nargs = [\"demo-server\", \"--test-tools\"]\n\
+             credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n",
+            d = dir.display(),
+            r = root.display(),
+            db = database_url.unwrap_or(&self.database_url),
+            placement = self.placement,
+            delay = self.shutdown_delay,
+        );
+        let config = dir.join("config.toml");
+        std::fs::write(&config, text).unwrap();
+        let service = Service::start(&config);
+        self.nodes.push(Some(Node { service, port }));
+        index
+    }
+
+    fn node(&self, index: usize) -> &Node {
+        self.nodes[index].as_ref().expect("node running")
+    }
+
+    fn running(&self) -> impl Iterator<Item = (usize, &Node)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, node)| Some((i, node.as_ref()?)))
+    }
+
+    /// Waits until every running node sees all running nodes as live members.
+    async fn wait_for_membership(&self) {
+        let expected = self.running().count() as u64;
+        let settled = wait_until(PATIENCE, || async {
+            for (_, node) in self.running() {
+                let stats = node.admin().get("/v1/stats?scope=cluster").await.json();
+                if stats["node_count"].as_u64() != Some(expected) {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        assert!(settled, "every node sees {expected} nodes");
+    }
+
+    /// Live server processes per (node index, user, server) of this cluster.
+    fn processes(&self) -> HashMap<(usize, String, String), usize> {
+        processes_under(self.root.path())
+    }
+
+    /// Live server processes per user (any node), for the demo server.
+    fn processes_per_user(&self) -> HashMap<String, usize> {
+        let mut per_user = HashMap::new();
+        for ((_, user, _), count) in self.processes() {
+            *per_user.entry(user).or_insert(0) += count;
+        }
+        per_user
+    }
+
+    async fn sql(&self) -> sqlx::PgConnection {
+        use sqlx::Connection as _;
+        sqlx::PgConnection::connect(&self.database_url)
+            .await
+            .unwrap()
+    }
+}
+
+/// Live server processes per (node index, user, server) whose credentials file lies under
+/// `root` (a cluster's directory): each session's process has the path of its credentials
+/// file, `<root>/node<i>/creds/<user>/<server>/...`, in its environment.
+fn processes_under(root: &Path) -> HashMap<(usize, String, String), usize> {
+    let root = root.display().to_string();
+    let mut found = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for pid in entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    {
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let Some(path) = environ
+            .split(|b| *b == 0)
+            .filter_map(|var| std::str::from_utf8(var).ok())
+            .find_map(|var| var.strip_prefix("MCP_POOL_CREDENTIALS_FILE="))
+        else {
+            continue;
+        };
+        let Some(rest) = path.strip_prefix(&root) else {
+            continue;
+        };
+        let parts: Vec<&str> = rest.trim_start_matches('/').split('/').collect();
+        let (Some(node), Some(user), Some(server)) = (
+            parts
+                .first()
+                .and_then(|n| n.strip_prefix("node")?.parse().ok()),
+            parts.get(2),
+            parts.get(3),
+        ) else {
+            continue;
+        };
+        if alive(pid) {
+            *found
+                .entry((node, (*user).to_owned(), (*server).to_owned()))
+                .or_insert(0) += 1;
+        }
+    }
+    found
+}
+
+/// nginx in front of the nodes, from Debian's package.
+struct Nginx {
+    child: Child,
+    port: u16,
+}
+
+impl Nginx {
+    /// `hashing`: `hash $http_x_user_id consistent` as deploy/nginx.conf ships it; otherwise
+    /// nginx's default round robin.
+    async fn start(dir: &Path, ports: &[u16], hashing: bool) -> Nginx {
+        let bin = common::required_env("MCP_POOL_TEST_NGINX");
+        let port = free_port();
+        let prefix = dir.join(format!("nginx-{port}"));
+        std::fs::create_dir_all(prefix.join("logs")).unwrap();
+        let servers: String = ports
+            .iter()
+            .map(|p| format!("        server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;\n"))
+            .collect();
+        let balance = if hashing {
+            "        hash $http_x_user_id consistent;\n"
+        } else {
+            ""
+        };
+        let conf = format!(
+            "user root;\nworker_processes 2;\nerror_log {p}/logs/error.log warn;\npid {p}/nginx.pid;\n\
+             events {{ worker_connections 2048; }}\n\
+             http {{\n    access_log off;\n    client_body_temp_path {p}/body;\n\
+                 proxy_temp_path {p}/proxy;\n    fastcgi_temp_path {p}/fastcgi;\n\
+                 uwsgi_temp_path {p}/uwsgi;\n    scgi_temp_path {p}/scgi;\n\
+                 upstream mcp_pool {{\n{balance}{servers}        keepalive 32;\n    }}\n\
+                 server {{\n        listen 127.0.0.1:{port};\n\
+                     location /internal/ {{ return 404; }}\n\
+                     location / {{\n            proxy_pass http://mcp_pool;\n\
+                         proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n\
+                         proxy_buffering off;\n            proxy_read_timeout 120s;\n\
+                         proxy_next_upstream error timeout;\n            proxy_next_upstream_tries 3;\n\
+                     }}\n    }}\n}}\n",
+            p = prefix.display(),
+        );
+        let conf_path = prefix.join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(&prefix)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-g")
+            .arg("daemon off;")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("nginx starts");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let up = wait_until(PATIENCE, || async {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+        })
+        .await;
+        assert!(up, "nginx listens on {addr}");
+        Nginx { child, port }
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Stores demo credentials for every user, through `addr`.
+async fn connect_all(addr: std::net::SocketAddr, users: &[String]) {
+    for user in users {
+        let stored = user_client(addr, user).connect("demo").await;
+        assert!(
+            stored.status == 201 || stored.status == 200,
+            "{}",
+            stored.text()
+        );
+    }
+}
+
+/// One echo call for `user` through `addr`; returns the response.
+async fn echo(addr: std::net::SocketAddr, user: &str, message: &str) -> http::Resp {
+    user_client(addr, user)
+        .call("demo", "echo", &json!({ "message": message }))
+        .await
+}
+
+fn echoed(resp: &http::Resp) -> Option<String> {
+    if resp.status != 200 {
+        return None;
+    }
+    Some(resp.json()["content"][0]["text"].as_str()?.to_owned())
+}
+
+/// Calls echo for every user, `rounds` times, at most 16 at once; returns the failures.
+async fn call_all(addr: std::net::SocketAddr, users: &[String], rounds: usize) -> Vec<String> {
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    let mut tasks = tokio::task::JoinSet::new();
+    for round in 0..rounds {
+        for user in users {
+            let (user, limit) = (user.clone(), limit.clone());
+            tasks.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                let message = format!("{user}-{round}");
+                let resp = echo(addr, &user, &message).await;
+                (echoed(&resp) != Some(message))
+                    .then(|| format!("{user}: {} {}", resp.status, resp.text()))
+            });
+        }
+    }
+    let mut failures = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        if let Some(failure) = done.unwrap() {
+            failures.push(failure);
+        }
+    }
+    failures
+}
+
+fn users(prefix: &str, count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// Asserts exactly one live demo process per user, and none for anyone else.
+#[track_caller]
+fn assert_one_process_per_user(cluster: &Cluster, users: &[String]) {
+    let per_user = cluster.processes_per_user();
+    let wrong: Vec<_> = users
+        .iter()
+        .filter(|user| per_user.get(*user).copied().unwrap_or(0) != 1)
+        .map(|user| (user.clone(), per_user.get(user).copied().unwrap_or(0)))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "users without exactly one process: {wrong:?}"
+    );
+    assert_eq!(
+        per_user.values().sum::<usize>(),
+        users.len(),
+        "{per_user:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_users_through_hashing_nginx_get_one_process_each_across_three_nodes() {
+    // `receiver` placement, as deploy/ recommends behind a hashing front.
+    let cluster = Cluster::start_with(3, "receiver").await;
+    cluster.wait_for_membership().await;
+    let ports: Vec<u16> = cluster.running().map(|(_, n)| n.port).collect();
+    let nginx = Nginx::start(cluster.root.path(), &ports, true).await;
+    let users = users("hashed", 150);
+    connect_all(nginx.addr(), &users).await;
+
+    let failures = call_all(nginx.addr(), &users, 3).await;
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_one_process_per_user(&cluster, &users);
+
+    // Every node took part, and the cluster's stats add up to one session per user.
+    let per_node = cluster.processes();
+    for (index, _) in cluster.running() {
+        assert!(
+            per_node.keys().any(|(node, _, _)| *node == index),
+            "node {index} holds sessions"
+        );
+    }
+    let stats = cluster
+        .node(0)
+        .admin()
+        .get("/v1/stats?scope=cluster")
+        .await
+        .json();
+    assert_eq!(stats["node_count"], 3, "{stats}");
+    assert_eq!(
+        stats["total_connections"].as_u64(),
+        Some(users.len() as u64)
+    );
+    // With the front hashing users, forwarding is the exception (none, when no node changed).
+    let forwarded = stats["forwarded_out"].as_u64().unwrap();
+    // nginx never exposes the nodes' internal routes (deploy/nginx.conf does the same).
+    let probe = user_client(nginx.addr(), &users[0]);
+    let hidden = probe.post_json("/internal/v1/stats", &json!({})).await;
+    assert_eq!(hidden.status, 404);
+    eprintln!(
+        "FIGURE hashing nginx, receiver placement: {forwarded} of {} calls forwarded",
+        users.len() * 3
+    );
+    assert!(
+        forwarded * 20 <= (users.len() * 3) as u64,
+        "{forwarded} forwarded"
+    );
+    // One lease per user, each held by the node that runs its process.
+    let mut sql = cluster.sql().await;
+    let leases: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM session_leases WHERE expires_at > now()")
+            .fetch_one(&mut sql)
+            .await
+            .unwrap();
+    assert_eq!(leases, users.len() as i64);
+    // Spawns across the cluster: one per user, no more.
+    let mut spawns = 0.0;
+    for (_, node) in cluster.running() {
+        spawns += node.metric("mcp_pool_session_spawns_total").await;
+    }
+    assert_eq!(spawns as usize, users.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn round_robin_front_still_gives_one_process_per_key() {
+    let cluster = Cluster::start(3).await;
+    cluster.wait_for_membership().await;
+    let ports: Vec<u16> = cluster.running().map(|(_, n)| n.port).collect();
+    let nginx = Nginx::start(cluster.root.path(), &ports, false).await;
+    let users = users("rr", 45);
+    connect_all(nginx.addr(), &users).await;
+    let failures = call_all(nginx.addr(), &users, 4).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_one_process_per_user(&cluster, &users);
+    // Each user's requests reached all three nodes; most were forwarded to the owner, and the
+    // owner is where the user hashes (rendezvous): the same node whichever node received it.
+    let mut forwarded_calls = 0.0;
+    for (_, node) in cluster.running() {
+        forwarded_calls += node.metric("mcp_pool_tool_calls_total").await;
+    }
+    assert_eq!(
+        forwarded_calls as usize,
+        users.len() * 4,
+        "each call ran once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_first_requests_on_three_nodes_start_one_session() {
+    let cluster = Cluster::start(3).await;
+    cluster.wait_for_membership().await;
+    let user = "stampede";
+    connect_all(cluster.node(0).addr(), &[user.to_owned()]).await;
+    let addrs: Vec<_> = cluster.running().map(|(_, n)| n.addr()).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let addr = addrs[i % addrs.len()];
+        tasks.spawn(async move {
+            let message = format!("m{i}");
+            let resp = echo(addr, user, &message).await;
+            (echoed(&resp) == Some(message), resp.text())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let (ok, body) = done.unwrap();
+        assert!(ok, "{body}");
+    }
+    assert_one_process_per_user(&cluster, &[user.to_owned()]);
+    let mut spawns = 0.0;
+    for (_, node) in cluster.running() {
+        spawns += node.metric("mcp_pool_session_spawns_total").await;
+    }
+    assert_eq!(spawns, 1.0, "one spawn cluster-wide");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn internal_routes_take_the_cluster_secret_and_never_a_users_key() {
+    let cluster = Cluster::start(1).await;
+    let node = cluster.node(0);
+    let body = json!({ "user_id": "mallory", "server": "demo" });
+    // The service key with a user: refused.
+    let with_user_key = node
+        .client("mallory")
+        .post_json("/internal/v1/tools/list", &body)
+        .await;
+    with_user_key.expect_error(401, "unauthorized");
+    // The admin key: refused too.
+    let with_admin = node
+        .admin()
+        .post_json("/internal/v1/tools/list", &body)
+        .await;
+    with_admin.expect_error(401, "unauthorized");
+    // A wrong secret of the right length: refused.
+    let secret = std::fs::read_to_string(cluster.root.path().join("cluster.key")).unwrap();
+    let wrong: String = secret
+        .trim()
+        .chars()
+        .map(|c| if c == 'a' { 'b' } else { 'a' })
+        .collect();
+    let forged = http::Client {
+        addr: node.addr(),
+        headers: vec![("x-mcp-pool-cluster-secret".into(), wrong)],
+    };
+    forged
+        .post_json("/internal/v1/tools/list", &body)
+        .await
+        .expect_error(401, "unauthorized");
+    // The secret file is private.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(cluster.root.path().join("cluster.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // The real secret: served here (no credentials stored for this user).
+    let peer = http::Client {
+        addr: node.addr(),
+        headers: vec![("x-mcp-pool-cluster-secret".into(), secret.trim().to_owned())],
+    };
+    peer.post_json("/internal/v1/tools/list", &body)
+        .await
+        .expect_error(404, "no_credentials");
+    // The secret never reaches the log.
+    assert!(!node.service.logged(secret.trim()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_node_s_users_are_served_again_elsewhere_and_never_twice() {
+    let mut cluster = Cluster::start_with(3, "receiver").await;
+    cluster.wait_for_membership().await;
+    let ports: Vec<u16> = cluster.running().map(|(_, n)| n.port).collect();
+    let nginx = Nginx::start(cluster.root.path(), &ports, true).await;
+    let users = users("failover", 30);
+    connect_all(nginx.addr(), &users).await;
+    assert!(call_all(nginx.addr(), &users, 1).await.is_empty());
+
+    // The victim: node 2; its users are those whose processes it runs.
+    let victim = 2;
+    let victims: Vec<String> = cluster
+        .processes()
+        .keys()
+        .filter(|(node, _, _)| *node == victim)
+        .map(|(_, user, _)| user.clone())
+        .collect();
+    assert!(!victims.is_empty(), "node {victim} holds sessions");
+    let others: Vec<String> = users
+        .iter()
+        .filter(|u| !victims.contains(u))
+        .cloned()
+        .collect();
+
+    // Sample the processes throughout: never two for one key.
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (sampling, root) = (sampling.clone(), cluster.root.path().to_owned());
+        std::thread::spawn(move || {
+            let mut worst = 0;
+            while sampling.load(std::sync::atomic::Ordering::SeqCst) {
+                let mut per_key: HashMap<(String, String), usize> = HashMap::new();
+                for ((_, user, server), count) in processes_under(&root) {
+                    *per_key.entry((user, server)).or_insert(0) += count;
+                }
+                worst = worst.max(per_key.values().copied().max().unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            worst
+        })
+    };
+
+    let killed_at = Instant::now();
+    cluster.nodes[victim]
+        .as_ref()
+        .unwrap()
+        .service
+        .signal(nix::sys::signal::Signal::SIGKILL);
+    let mut dead = cluster.nodes[victim].take().unwrap();
+    dead.service.wait();
+
+    // Other users' calls are unaffected (served by their own nodes through nginx).
+    let failures = call_all(nginx.addr(), &others, 2).await;
+    assert!(failures.is_empty(), "{failures:?}");
+
+    // The victims' calls succeed again on a surviving node: measure when the first does.
+    let mut recovered = Vec::new();
+    for user in &victims {
+        let back = wait_until(PATIENCE, || async {
+            echoed(&echo(nginx.addr(), user, "back").await).as_deref() == Some("back")
+        })
+        .await;
+        assert!(back, "{user} is served again");
+        recovered.push(killed_at.elapsed());
+    }
+    let failover = recovered.iter().min().unwrap();
+    let all_back = recovered.iter().max().unwrap();
+    eprintln!(
+        "FIGURE failover after kill -9 (ttl {TTL}, heartbeat {HEARTBEAT}): first user back after {failover:?}, all {} after {all_back:?}",
+        victims.len()
+    );
+    sampling.store(false, std::sync::atomic::Ordering::SeqCst);
+    let worst = sampler.join().unwrap();
+    assert!(worst <= 1, "a key had {worst} live processes at once");
+    let all: Vec<String> = users.clone();
+    assert!(call_all(nginx.addr(), &all, 1).await.is_empty());
+    assert_one_process_per_user(&cluster, &users);
+}
+
+/// Node id of the node listening on `port`, from its membership row.
+async fn node_id(cluster: &Cluster, port: u16) -> String {
+    let mut sql = cluster.sql().await;
+    sqlx::query_scalar("SELECT node_id FROM cluster_nodes WHERE url = $1")
+        .bind(format!("http://127.0.0.1:{port}"))
+        .fetch_one(&mut sql)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_scale_in_drains_releases_leases_and_fails_no_call() {
+    // HAProxy, as deploy/haproxy.cfg: its /readyz check takes a draining node out before the
+    // node closes its listener (http.shutdown_delay longer than the check's inter × fall).
+    // (nginx OSS has no active checks: take the node out of its upstream before SIGTERM.)
+    let mut cluster = Cluster::start_with(0, "receiver").await;
+    cluster.shutdown_delay = "2s";
+    for _ in 0..3 {
+        cluster.add_node(None, (HEARTBEAT, TTL)).await;
+    }
+    cluster.wait_for_membership().await;
+    let ports: Vec<u16> = cluster.running().map(|(_, n)| n.port).collect();
+    let nginx = Haproxy::start(cluster.root.path(), &ports).await;
+    let users = users("scalein", 30);
+    connect_all(nginx.addr(), &users).await;
+    assert!(call_all(nginx.addr(), &users, 1).await.is_empty());
+    let leaving = 1;
+    let leaving_id = node_id(&cluster, cluster.node(leaving).port).await;
+    let moved: Vec<String> = cluster
+        .processes()
+        .keys()
+        .filter(|(node, _, _)| *node == leaving)
+        .map(|(_, user, _)| user.clone())
+        .collect();
+    assert!(!moved.is_empty(), "node {leaving} holds sessions");
+
+    // Calls keep coming through nginx while the node drains and exits.
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let load = {
+        let (running, users, addr) = (running.clone(), users.clone(), nginx.addr());
+        tokio::spawn(async move {
+            let (mut failures, mut rounds, mut after_exit) = (Vec::new(), 0, 0);
+            // Until the node has exited, then two more rounds.
+            while after_exit < 2 {
+                if !running.load(std::sync::atomic::Ordering::SeqCst) {
+                    after_exit += 1;
+                }
+                failures.extend(call_all(addr, &users, 1).await);
+                rounds += 1;
+            }
+            (failures, rounds)
+        })
+    };
+    let mut node = cluster.nodes[leaving].take().unwrap();
+    node.service.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = node.service.wait();
+    assert!(status.success(), "the node exits cleanly: {status:?}");
+    assert!(node.service.logged("Left the cluster"));
+    running.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (failures, rounds) = load.await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} calls failed over {rounds} rounds: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+
+    // Its leases were released and its row removed; its users live on the others, once each.
+    let mut sql = cluster.sql().await;
+    let (leases, rows): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM session_leases WHERE owner_node = $1 AND expires_at > now()), \
+                (SELECT count(*) FROM cluster_nodes WHERE node_id = $1)",
+    )
+    .bind(&leaving_id)
+    .fetch_one(&mut sql)
+    .await
+    .unwrap();
+    assert_eq!((leases, rows), (0, 0));
+    assert!(call_all(nginx.addr(), &users, 1).await.is_empty());
+    assert_one_process_per_user(&cluster, &users);
+    assert!(
+        cluster
+            .processes()
+            .keys()
+            .all(|(node, _, _)| *node != leaving)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_joining_node_takes_idle_sessions_that_now_hash_to_it_and_breaks_no_busy_one() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.wait_for_membership().await;
+    let entry = cluster.node(0).addr();
+    let users = users("join", 40);
+    connect_all(entry, &users).await;
+    assert!(call_all(entry, &users, 1).await.is_empty());
+    assert_one_process_per_user(&cluster, &users);
+
+    // One call stays busy across the join: a 3 s sleep on some user's session.
+    let busy_user = users[0].clone();
+    let busy = tokio::spawn(async move {
+        user_client(entry, &busy_user)
+            .call("demo", "sleep", &json!({ "ms": 3000 }))
+            .await
+    });
+    let fourth = cluster.add_node(None, (HEARTBEAT, TTL)).await;
+    cluster.wait_for_membership().await;
+    // Idle sessions that hash to the new node move there on their next use: the old node
+    // closes them, and the next call starts them on the new node.
+    let moved = wait_until(PATIENCE, || async {
+        assert!(call_all(entry, &users, 1).await.is_empty());
+        cluster
+            .processes()
+            .keys()
+            .any(|(node, _, _)| *node == fourth)
+    })
+    .await;
+    assert!(moved, "sessions moved to the new node");
+    let busy = busy.await.unwrap();
+    assert_eq!(busy.status, 200, "{}", busy.text());
+    assert!(
+        !busy.json()["is_error"].as_bool().unwrap_or(true),
+        "{}",
+        busy.text()
+    );
+    assert!(call_all(entry, &users, 1).await.is_empty());
+    assert_one_process_per_user(&cluster, &users);
+}
+
+/// A TCP proxy in front of PostgreSQL that the test can cut.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: &str) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tasks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let upstream = upstream.to_owned();
+        let accept = {
+            let tasks = tasks.clone();
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    let upstream = upstream.clone();
+                    let pipe = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    tasks.lock().unwrap().push(pipe);
+                }
+            })
+        };
+        tasks.lock().unwrap().push(accept);
+        Proxy { addr, tasks }
+    }
+
+    /// Stops accepting and drops every proxied connection.
+    fn cut(&self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_cut_off_from_postgres_stops_serving_before_its_leases_expire() {
+    let mut cluster = Cluster::start(2).await;
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let through_proxy = cluster
+        .database_url
+        .replace("127.0.0.1:5432", &proxy.addr.to_string());
+    assert_ne!(
+        through_proxy, cluster.database_url,
+        "the test database is on 127.0.0.1:5432"
+    );
+    // A longer heartbeat on this node: its fence margin (one heartbeat) is what the test
+    // measures against, and it must not hinge on how fast this machine schedules the test.
+    let cut = cluster.add_node(Some(&through_proxy), ("1s", "5s")).await;
+    cluster.wait_for_membership().await;
+    let cut_id = node_id(&cluster, cluster.node(cut).port).await;
+    let users = users("cut", 24);
+    let entry = cluster.node(cut).addr();
+    connect_all(cluster.node(0).addr(), &users).await;
+    assert!(call_all(entry, &users, 1).await.is_empty());
+    let mine: Vec<String> = cluster
+        .processes()
+        .keys()
+        .filter(|(node, _, _)| *node == cut)
+        .map(|(_, user, _)| user.clone())
+        .collect();
+    assert!(!mine.is_empty(), "the cut node holds sessions");
+
+    // A thread notes when the cut node's last server process is gone (wall clock, the same
+    // clock PostgreSQL's now() reads on this host).
+    proxy.cut();
+    let watcher = {
+        let root = cluster.root.path().to_owned();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + PATIENCE;
+            while Instant::now() < deadline {
+                if !processes_under(&root)
+                    .keys()
+                    .any(|(node, _, _)| *node == cut)
+                {
+                    return Some(chrono::Utc::now());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            None
+        })
+    };
+    let stopped_at = watcher
+        .join()
+        .unwrap()
+        .expect("the cut node closes its sessions");
+    let mut sql = cluster.sql().await;
+    let expiry: Vec<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT expires_at FROM session_leases WHERE owner_node = $1")
+            .bind(&cut_id)
+            .fetch_all(&mut sql)
+            .await
+            .unwrap();
+    assert_eq!(expiry.len(), mine.len());
+    let first_expiry = *expiry.iter().min().unwrap();
+    eprintln!(
+        "FIGURE cut-off node closed its sessions {} ms before its first lease expired",
+        (first_expiry - stopped_at).num_milliseconds()
+    );
+    assert!(
+        stopped_at < first_expiry,
+        "closed at {stopped_at}, a lease expired at {first_expiry}"
+    );
+    // It refuses its keys meanwhile (no session, no database to place them with).
+    let refused = echo(entry, &mine[0], "x").await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    // After expiry the others take the keys over: served again, once each.
+    for user in &mine {
+        let back = wait_until(PATIENCE, || async {
+            echoed(&echo(cluster.node(0).addr(), user, "back").await).as_deref() == Some("back")
+        })
+        .await;
+        assert!(back, "{user} is served by another node");
+    }
+    let per_user = cluster.processes_per_user();
+    assert!(
+        mine.iter().all(|user| per_user.get(user) == Some(&1)),
+        "{per_user:?}"
+    );
+}
+
+/// p50 and p99 of `samples`, in microseconds.
+fn percentiles(mut samples: Vec<Duration>) -> (u128, u128) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize].as_micros();
+    (at(0.50), at(0.99))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forwarded_call_takes_one_hop_to_the_owner() {
+    let cluster = Cluster::start(2).await;
+    cluster.wait_for_membership().await;
+    let user = "hop";
+    connect_all(cluster.node(0).addr(), &[user.to_owned()]).await;
+    assert_eq!(
+        echoed(&echo(cluster.node(0).addr(), user, "warm").await).as_deref(),
+        Some("warm")
+    );
+    let owner = cluster
+        .processes()
+        .keys()
+        .find(|(_, u, _)| u == user)
+        .map(|(node, _, _)| *node)
+        .expect("a session");
+    let other = 1 - owner;
+    let mut timings = [Vec::new(), Vec::new()];
+    for round in 0..400 {
+        for (slot, node) in [owner, other].into_iter().enumerate() {
+            let message = format!("m{round}");
+            let began = Instant::now();
+            let resp = echo(cluster.node(node).addr(), user, &message).await;
+            timings[slot].push(began.elapsed());
+            assert_eq!(echoed(&resp), Some(message), "{}", resp.text());
+        }
+    }
+    let [direct, forwarded] = timings;
+    let (direct, forwarded) = (percentiles(direct), percentiles(forwarded));
+    eprintln!(
+        "FIGURE warm echo, new connection per request ({} build): direct p50 {} µs p99 {} µs; \
+         via another node p50 {} µs p99 {} µs; one hop adds p50 {} µs, p99 {} µs",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        direct.0,
+        direct.1,
+        forwarded.0,
+        forwarded.1,
+        forwarded.0.saturating_sub(direct.0),
+        forwarded.1.saturating_sub(direct.1),
+    );
+    // Every call ran on the owner's one session: the other node never started one.
+    assert_one_process_per_user(&cluster, &[user.to_owned()]);
+    assert_eq!(
+        cluster
+            .node(other)
+            .metric("mcp_pool_tool_calls_total")
+            .await,
+        0.0
+    );
+    assert_eq!(
+        cluster
+            .node(owner)
+            .metric("mcp_pool_tool_calls_total")
+            .await,
+        801.0
+    );
+}
+
+/// HAProxy in front of the nodes, from Debian's package, configured like deploy/haproxy.cfg.
+struct Haproxy {
+    child: Child,
+    port: u16,
+}
+
+impl Haproxy {
+    async fn start(dir: &Path, ports: &[u16]) -> Haproxy {
+        let bin = common::required_env("MCP_POOL_TEST_HAPROXY");
+        let port = free_port();
+        let servers: String = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                format!("    server node{i} 127.0.0.1:{p} check inter 1s fall 2 rise 1\n")
+            })
+            .collect();
+        let conf = format!(
+            "global\n    maxconn 2048\n\
+             defaults\n    mode http\n    timeout connect 2s\n    timeout client 120s\n\
+                 timeout server 120s\n    retries 2\n    option redispatch 1\n\
+                 retry-on conn-failure\n\
+             frontend front\n    bind 127.0.0.1:{port}\n\
+                 http-request deny deny_status 404 if {{ path_beg /internal/ }}\n\
+                 default_backend nodes\n\
+             backend nodes\n    balance hdr(X-User-Id)\n    hash-type consistent\n\
+                 option httpchk GET /readyz\n    http-check expect status 200\n{servers}"
+        );
+        let path = dir.join(format!("haproxy-{port}.cfg"));
+        std::fs::write(&path, conf).unwrap();
+        let child = Command::new(bin)
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy starts");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let up = wait_until(PATIENCE, || async {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+        })
+        .await;
+        assert!(up, "haproxy listens on {addr}");
+        Haproxy { child, port }
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn haproxy_hashing_front_serves_every_user_once_and_hides_internal_routes() {
+    let cluster = Cluster::start_with(3, "receiver").await;
+    cluster.wait_for_membership().await;
+    let ports: Vec<u16> = cluster.running().map(|(_, n)| n.port).collect();
+    let haproxy = Haproxy::start(cluster.root.path(), &ports).await;
+    let users = users("haproxy", 30);
+    connect_all(haproxy.addr(), &users).await;
+    let failures = call_all(haproxy.addr(), &users, 3).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_one_process_per_user(&cluster, &users);
+    let stats = cluster
+        .node(0)
+        .admin()
+        .get("/v1/stats?scope=cluster")
+        .await
+        .json();
+    let forwarded = stats["forwarded_out"].as_u64().unwrap();
+    assert!(
+        forwarded * 20 <= (users.len() * 3) as u64,
+        "{forwarded} forwarded"
+    );
+    // The front never exposes the nodes' internal routes, whatever the headers.
+    let secret = std::fs::read_to_string(cluster.root.path().join("cluster.key")).unwrap();
+    let probe = http::Client {
+        addr: haproxy.addr(),
+        headers: vec![("x-mcp-pool-cluster-secret".into(), secret.trim().to_owned())],
+    };
+    let hidden = probe
+        .post_json(
+            "/internal/v1/tools/list",
+            &json!({ "user_id": "haproxy-0", "server": "demo" }),
+        )
+        .await;
+    assert_eq!(hidden.status, 404);
+}
