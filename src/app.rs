@@ -174,6 +174,7 @@ async fn join_cluster(
         ttl: cluster.ttl,
         placement: cluster.placement,
         session_close: config.pool.close_grace * 2 + Duration::from_secs(1),
+        drain: config.http.shutdown_delay,
         // A forwarded request may include a cold start and a whole call.
         forward_timeout: config.pool.startup_timeout
             + config.pool.call_timeout

@@ -94,6 +94,14 @@ async fn store_list_call_reuse_and_delete() {
     assert_eq!(stats.status, 200, "{}", stats.text());
     let stats = stats.json();
     assert_eq!(stats["total_connections"], 1);
+    let node = server.admin().get("/v1/stats?scope=node").await;
+    assert_eq!(node.json()["total_connections"], 1, "{}", node.text());
+    let cluster = server.admin().get("/v1/stats?scope=cluster").await;
+    assert_eq!(cluster.status, 409, "{}", cluster.text());
+    assert_eq!(cluster.json()["error"]["code"], "not_clustered");
+    let bogus = server.admin().get("/v1/stats?scope=").await;
+    assert_eq!(bogus.status, 400, "{}", bogus.text());
+    assert_eq!(bogus.json()["error"]["code"], "invalid_scope");
     let leader = stats["connections"][0]["pid"].as_u64().unwrap() as u32;
     assert!(
         common::host_pid(leader, pid(&first)).is_some_and(common::alive),

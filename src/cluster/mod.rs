@@ -147,6 +147,9 @@ pub struct ClusterSettings {
     /// The longest a closing session's process may take to end (EOF, grace, SIGTERM, grace,
     /// SIGKILL): a moving key's lease is released only after it.
     pub session_close: Duration,
+    /// How long a node stays in the balancer after SIGTERM (`http.shutdown_delay`): its keys
+    /// move only after it, so a request for one of them may wait that long too.
+    pub drain: Duration,
 }
 
 /// A lease held here.
@@ -699,7 +702,10 @@ impl Cluster {
     /// long enough for a dead owner's leases to expire, or a moving session's process to end
     /// and its lease to be released, and another node to take over.
     pub fn failover_wait(&self) -> Duration {
-        self.settings.ttl + self.settings.heartbeat_interval * 2 + self.settings.session_close
+        // Twice the nominal time: a loaded node or database stretches every step, and giving
+        // up early fails a call that would have succeeded (the request timeout still bounds it).
+        (self.settings.ttl + self.settings.heartbeat_interval * 2 + self.settings.session_close) * 2
+            + self.settings.drain
     }
 
     /// POSTs `body` to `node`'s internal route `path` and returns the JSON answer.

@@ -20,7 +20,15 @@ use crate::store::UserId;
 pub struct StatsQuery {
     /// `node` (default): this node's pool. `cluster` (cluster mode only): every live node's
     /// stats under `nodes`, and their sums.
-    pub scope: Option<String>,
+    pub scope: Option<StatsScope>,
+}
+
+/// What `GET /v1/stats` covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StatsScope {
+    Node,
+    Cluster,
 }
 
 /// `GET /v1/stats`: the pool stats, every user included; `?scope=cluster` adds up every live
@@ -31,7 +39,8 @@ pub struct StatsQuery {
     params(StatsQuery),
     responses(
         (status = 200, description = "Pool statistics (with `scope=cluster`: `scope`, `nodes`, and the sums of `total_connections`, `active_connections` and `user_breakdown`)", body = PoolStats),
-        (status = 400, description = "`invalid_scope` (not `node` or `cluster`, or `cluster` without cluster mode)", body = ErrorBody),
+        (status = 400, description = "`invalid_scope` (not `node` or `cluster`)", body = ErrorBody),
+        (status = 409, description = "`not_clustered`: `scope=cluster` on a node without cluster mode", body = ErrorBody),
         AdminAuthErrors,
         (status = 503, description = "`pool_unavailable` or `too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),
     )
@@ -46,14 +55,15 @@ pub async fn stats(
         .0
         .scope;
     let stats = state.pool.stats_with_usage().await?;
-    match (scope.as_deref(), state.pool.cluster()) {
-        (None | Some("node"), _) => serde_json::to_value(&stats)
+    match (scope, state.pool.cluster()) {
+        (None | Some(StatsScope::Node), _) => serde_json::to_value(&stats)
             .map(Json)
             .map_err(|e| ApiError::internal(&e)),
-        (Some("cluster"), Some(cluster)) => Ok(Json(cluster_stats(cluster, stats).await)),
-        _ => Err(ApiError::bad_request(
-            "invalid_scope",
-            "scope is `node`, or `cluster` in cluster mode",
+        (Some(StatsScope::Cluster), Some(cluster)) => Ok(Json(cluster_stats(cluster, stats).await)),
+        (Some(StatsScope::Cluster), None) => Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "not_clustered",
+            "scope=cluster needs cluster mode ([cluster] enabled = true)",
         )),
     }
 }
