@@ -7,6 +7,8 @@
 mod common;
 #[path = "common/http.rs"]
 mod http;
+#[path = "common/oauth.rs"]
+mod oauth;
 #[path = "common/service.rs"]
 mod service;
 
@@ -95,6 +97,8 @@ struct Cluster {
     placement: &'static str,
     /// `http.shutdown_delay` of nodes started from now on.
     shutdown_delay: &'static str,
+    /// `[servers.*]` tables every node has besides `demo`.
+    more_servers: String,
 }
 
 impl Cluster {
@@ -103,6 +107,14 @@ impl Cluster {
     }
 
     async fn start_with(count: usize, placement: &'static str) -> Cluster {
+        Cluster::start_with_servers(count, placement, String::new()).await
+    }
+
+    async fn start_with_servers(
+        count: usize,
+        placement: &'static str,
+        more_servers: String,
+    ) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let database_url = fresh_database_url(BackendKind::Postgres, root.path()).await;
         write_private(&root.path().join("admin.key"), ADMIN_KEY);
@@ -112,6 +124,7 @@ impl Cluster {
             nodes: Vec::new(),
             placement,
             shutdown_delay: "0s",
+            more_servers,
         };
         for _ in 0..count {
             cluster.add_node(None, (HEARTBEAT, TTL)).await;
@@ -144,7 +157,9 @@ impl Cluster {
              secret_file = \"{r}/cluster.key\"\nheartbeat_interval = \"{heartbeat}\"\nttl = \"{ttl}\"\n\
              placement = \"{placement}\"\n\
              [servers.demo]\ncommand = \"{{self}}\"\nargs = [\"demo-server\", \"--test-tools\"]\n\
-             credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n",
+             credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n\
+             {more}",
+            more = self.more_servers,
             d = dir.display(),
             r = root.display(),
             db = database_url.unwrap_or(&self.database_url),
@@ -407,7 +422,7 @@ async fn many_users_through_hashing_nginx_get_one_process_each_across_three_node
     cluster.wait_for_membership().await;
     let ports: Vec<u16> = cluster.running().map(|(_, n)| n.port).collect();
     let nginx = Nginx::start(cluster.root.path(), &ports, true).await;
-    let users = users("hashed", 150);
+    let users = users("hashed", 300);
     connect_all(nginx.addr(), &users).await;
 
     let failures = call_all(nginx.addr(), &users, 3).await;
@@ -490,6 +505,22 @@ async fn round_robin_front_still_gives_one_process_per_key() {
         users.len() * 4,
         "each call ran once"
     );
+    // `/metrics` counts the hops on both sides, and every forward was answered.
+    let (mut forwarded, mut answered, mut timed, mut served) = (0.0, 0.0, 0.0, 0.0);
+    for (_, node) in cluster.running() {
+        forwarded += node.metric("mcp_pool_cluster_forwarded_total").await;
+        answered += node
+            .metric("mcp_pool_cluster_forwarded_total{outcome=\"answered\"}")
+            .await;
+        timed += node
+            .metric("mcp_pool_cluster_forward_duration_seconds_count")
+            .await;
+        served += node.metric("mcp_pool_cluster_served_for_peers_total").await;
+    }
+    assert!(forwarded >= users.len() as f64, "{forwarded} forwarded");
+    assert_eq!(answered, forwarded);
+    assert_eq!(timed, forwarded);
+    assert_eq!(served, forwarded);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -614,6 +645,30 @@ async fn a_killed_node_s_users_are_served_again_elsewhere_and_never_twice() {
         })
     };
 
+    // Other users call without pause from before the kill until every victim is back.
+    let loading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let load = {
+        let (loading, others, addr) = (loading.clone(), others.clone(), nginx.addr());
+        tokio::spawn(async move {
+            let (mut calls, mut failures) = (0, Vec::new());
+            while loading.load(std::sync::atomic::Ordering::SeqCst) {
+                failures.extend(call_all(addr, &others, 1).await);
+                calls += others.len();
+            }
+            (calls, failures)
+        })
+    };
+    // The kill lands while that load runs: wait until a round has passed the front.
+    let loaded = wait_until(PATIENCE, || async {
+        let mut served = 0.0;
+        for (_, node) in cluster.running() {
+            served += node.metric("mcp_pool_tool_calls_total").await;
+        }
+        served as usize >= users.len() + others.len()
+    })
+    .await;
+    assert!(loaded, "the load reaches the nodes");
+
     let killed_at = Instant::now();
     cluster.nodes[victim]
         .as_ref()
@@ -622,10 +677,6 @@ async fn a_killed_node_s_users_are_served_again_elsewhere_and_never_twice() {
         .signal(nix::sys::signal::Signal::SIGKILL);
     let mut dead = cluster.nodes[victim].take().unwrap();
     dead.service.wait();
-
-    // Other users' calls are unaffected (served by their own nodes through nginx).
-    let failures = call_all(nginx.addr(), &others, 2).await;
-    assert!(failures.is_empty(), "{failures:?}");
 
     // The victims' calls succeed again on a surviving node: measure when the first does.
     let mut recovered = Vec::new();
@@ -643,6 +694,15 @@ async fn a_killed_node_s_users_are_served_again_elsewhere_and_never_twice() {
         "FIGURE failover after kill -9 (ttl {TTL}, heartbeat {HEARTBEAT}): first user back after {failover:?}, all {} after {all_back:?}",
         victims.len()
     );
+    loading.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (calls, failures) = load.await.unwrap();
+    // Other users' calls are unaffected (served by their own nodes through nginx).
+    assert!(
+        failures.is_empty(),
+        "{} of {calls} failed: {failures:?}",
+        failures.len()
+    );
+    assert!(calls >= 2 * others.len(), "the load ran across the kill");
     sampling.store(false, std::sync::atomic::Ordering::SeqCst);
     let worst = sampler.join().unwrap();
     assert!(worst <= 1, "a key had {worst} live processes at once");
@@ -1068,4 +1128,217 @@ async fn haproxy_hashing_front_serves_every_user_once_and_hides_internal_routes(
         )
         .await;
     assert_eq!(hidden.status, 404);
+}
+
+/// npm's server-everything, whose prompts and resources the demo server lacks.
+fn everything() -> String {
+    let js = common::required_env("MCP_POOL_TEST_EVERYTHING");
+    format!(
+        "[servers.everything]\ncommand = \"node\"\nargs = [{js:?}, \"stdio\"]\n\
+         credentials_env = \"MCP_POOL_CREDENTIALS_FILE\"\ncredentials_format = \"token_json\"\n"
+    )
+}
+
+/// A 2025-06-18 session at a node's `/mcp`, spoken as raw JSON-RPC over HTTP.
+struct RawMcp {
+    client: http::Client,
+    session: String,
+    next_id: u64,
+}
+
+impl RawMcp {
+    async fn open(addr: std::net::SocketAddr, user: &str) -> RawMcp {
+        let mut mcp = RawMcp {
+            client: user_client(addr, user)
+                .with_header("accept", "application/json, text/event-stream"),
+            session: String::new(),
+            next_id: 1,
+        };
+        let resp = mcp
+            .post(
+                &json!({ "jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {},
+                "clientInfo": { "name": "raw", "version": "1" } } }),
+            )
+            .await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        mcp.session = resp.headers["mcp-session-id"].to_str().unwrap().to_owned();
+        let done = mcp
+            .post(&json!({ "jsonrpc": "2.0", "method": "notifications/initialized" }))
+            .await;
+        assert_eq!(done.status, 202, "{}", done.text());
+        mcp
+    }
+
+    async fn post(&self, body: &serde_json::Value) -> http::Resp {
+        let mut client = self.client.clone();
+        if !self.session.is_empty() {
+            client = client.with_header("mcp-session-id", &self.session);
+        }
+        client
+            .request(
+                "POST",
+                "/mcp",
+                Some("application/json"),
+                body.to_string().into_bytes(),
+            )
+            .await
+    }
+
+    /// The `result` of one request; panics with the answer when it is an error.
+    async fn result(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        self.next_id += 1;
+        let resp = self
+            .post(&json!({ "jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params }))
+            .await;
+        let text = resp.text();
+        let answer = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("data:"))
+            .chain(std::iter::once(text.as_str()))
+            .filter_map(|data| serde_json::from_str::<serde_json::Value>(data.trim()).ok())
+            .find(|message| message.get("id").is_some())
+            .unwrap_or_else(|| panic!("no JSON-RPC answer in {} {text}", resp.status));
+        answer
+            .get("result")
+            .cloned()
+            .unwrap_or_else(|| panic!("{method}: {answer}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prompts_and_resources_are_served_by_the_owner_whichever_node_receives_them() {
+    let cluster = Cluster::start_with_servers(3, "rendezvous", everything()).await;
+    cluster.wait_for_membership().await;
+    let user = "reader";
+    let stored = cluster.node(0).client(user).connect("everything").await;
+    assert_eq!(stored.status, 201, "{}", stored.text());
+    let architecture = "mcp-pool://everything/demo://resource/static/document/architecture.md";
+    let document = {
+        let js = std::path::PathBuf::from(common::required_env("MCP_POOL_TEST_EVERYTHING"));
+        std::fs::read_to_string(js.parent().unwrap().join("docs/architecture.md")).unwrap()
+    };
+    let mut answers = Vec::new();
+    for (_, node) in cluster.running() {
+        let mut mcp = RawMcp::open(node.addr(), user).await;
+        let prompts = mcp.result("prompts/list", json!({})).await;
+        let prompt = mcp
+            .result(
+                "prompts/get",
+                json!({ "name": "everything__args-prompt", "arguments": { "city": "Paris" } }),
+            )
+            .await;
+        let resources = mcp.result("resources/list", json!({})).await;
+        let templates = mcp.result("resources/templates/list", json!({})).await;
+        let read = mcp
+            .result("resources/read", json!({ "uri": architecture }))
+            .await;
+        assert_eq!(
+            prompt["messages"][0]["content"]["text"], "What's weather in Paris?",
+            "{prompt}"
+        );
+        assert_eq!(read["contents"][0]["uri"], architecture, "{read}");
+        assert_eq!(read["contents"][0]["text"], document.as_str());
+        assert!(
+            resources["resources"]
+                .as_array()
+                .is_some_and(|list| list.iter().any(|r| r["uri"] == architecture)),
+            "{resources}"
+        );
+        answers.push([prompts, prompt, resources, templates, read]);
+    }
+    // Every node gave the owner's answers, unchanged by the hop.
+    assert!(answers.windows(2).all(|pair| pair[0] == pair[1]));
+    // One session cluster-wide, and the two other nodes forwarded each of their requests.
+    let sessions: usize = cluster
+        .processes()
+        .iter()
+        .filter(|((_, u, server), _)| u == user && server == "everything")
+        .map(|(_, count)| count)
+        .sum();
+    assert_eq!(sessions, 1);
+    let stats = cluster
+        .node(0)
+        .admin()
+        .get("/v1/stats?scope=cluster")
+        .await
+        .json();
+    assert!(stats["forwarded_out"].as_u64().unwrap() >= 2 * 5, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn token_refresh_happens_once_cluster_wide() {
+    let mock = oauth::MockOAuth::start().await;
+    let cluster = Cluster::start_with_servers(
+        3,
+        "rendezvous",
+        oauth::oauth_server("gdemo", &mock, "1h", false),
+    )
+    .await;
+    cluster.wait_for_membership().await;
+    let users = users("refresh", 6);
+    // Issued due: 30 minutes left, inside the one-hour `refresh_before`.
+    mock.control(json!({ "expires_in": 1800 })).await;
+    for (i, user) in users.iter().enumerate() {
+        // The flow starts at one node and its callback lands on another.
+        let (start, callback) = (cluster.node(i % 3), cluster.node((i + 1) % 3));
+        let resp = start
+            .client(user)
+            .post_json("/v1/oauth/gdemo/start", &json!({}))
+            .await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        let url = resp.json()["authorization_url"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let redirect = mock.authorize(&url).await;
+        let anonymous = http::Client {
+            addr: callback.addr(),
+            headers: Vec::new(),
+        };
+        let resp = anonymous.get(&oauth::path_and_query(&redirect)).await;
+        assert_eq!(
+            resp.headers["location"].to_str().unwrap(),
+            format!("{}?connected=gdemo", oauth::SUCCESS)
+        );
+    }
+    // From here the provider issues tokens that are not due: a second refresh of one user
+    // would be a bug, not a due token.
+    mock.control(json!({ "expires_in": 7200 })).await;
+    let refreshes_before = mock.refresh_requests().await;
+
+    // Each user's calls arrive at all three nodes at once.
+    let mut tasks = tokio::task::JoinSet::new();
+    for user in &users {
+        for (_, node) in cluster.running() {
+            for _ in 0..4 {
+                let client = node.client(user);
+                tasks.spawn(async move { client.call("gdemo", "whoami", &json!({})).await });
+            }
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        let resp = done.unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    assert_eq!(
+        mock.refresh_requests().await - refreshes_before,
+        users.len() as u64,
+        "one refresh per user, cluster-wide"
+    );
+    // Each stored token is the refreshed one, good for the two hours issued.
+    let mut sql = cluster.sql().await;
+    let fresh: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM mcp_connections WHERE server_name = 'gdemo' \
+         AND token_expiry > now() + interval '90 minutes'",
+    )
+    .fetch_one(&mut sql)
+    .await
+    .unwrap();
+    assert_eq!(fresh, users.len() as i64);
+    let mut spawns = 0.0;
+    for (_, node) in cluster.running() {
+        spawns += node.metric("mcp_pool_session_spawns_total").await;
+    }
+    assert_eq!(spawns as usize, users.len(), "one session per user");
 }

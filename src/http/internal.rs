@@ -59,6 +59,21 @@ pub struct CallBody {
 }
 
 #[derive(serde::Deserialize)]
+pub struct PromptBody {
+    user_id: String,
+    server: String,
+    name: String,
+    arguments: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+#[derive(serde::Deserialize)]
+pub struct ReadBody {
+    user_id: String,
+    server: String,
+    uri: String,
+}
+
+#[derive(serde::Deserialize)]
 pub struct UserBody {
     user_id: String,
 }
@@ -98,6 +113,65 @@ pub async fn call_tool(
     let result = pool
         .call_tool(&user, &server, &request.tool, request.arguments)
         .await?;
+    Ok(Json(result))
+}
+
+/// `POST /internal/v1/prompts/list`: `{"prompts": [...]}`.
+pub async fn list_prompts(
+    FromPeer(pool): FromPeer,
+    request: Result<Json<KeyBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let request = body(request)?;
+    let (user, server) = key_of(&request.user_id, &request.server)?;
+    let prompts = pool.list_prompts(&user, &server).await?;
+    Ok(Json(serde_json::json!({ "prompts": &*prompts })))
+}
+
+/// `POST /internal/v1/prompts/get`: the `GetPromptResult` as rmcp serializes it.
+pub async fn get_prompt(
+    FromPeer(pool): FromPeer,
+    request: Result<Json<PromptBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<rmcp::model::GetPromptResult>, ApiError> {
+    let request = body(request)?;
+    let (user, server) = key_of(&request.user_id, &request.server)?;
+    let result = pool
+        .get_prompt(&user, &server, &request.name, request.arguments)
+        .await?;
+    Ok(Json(result))
+}
+
+/// `POST /internal/v1/resources/list`: `{"resources": [...]}`.
+pub async fn list_resources(
+    FromPeer(pool): FromPeer,
+    request: Result<Json<KeyBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let request = body(request)?;
+    let (user, server) = key_of(&request.user_id, &request.server)?;
+    let resources = pool.list_resources(&user, &server).await?;
+    Ok(Json(serde_json::json!({ "resources": &*resources })))
+}
+
+/// `POST /internal/v1/resources/templates/list`: `{"resource_templates": [...]}`.
+pub async fn list_resource_templates(
+    FromPeer(pool): FromPeer,
+    request: Result<Json<KeyBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let request = body(request)?;
+    let (user, server) = key_of(&request.user_id, &request.server)?;
+    let templates = pool.list_resource_templates(&user, &server).await?;
+    Ok(Json(
+        serde_json::json!({ "resource_templates": &*templates }),
+    ))
+}
+
+/// `POST /internal/v1/resources/read`: the `ReadResourceResult` as rmcp serializes it.
+pub async fn read_resource(
+    FromPeer(pool): FromPeer,
+    request: Result<Json<ReadBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<rmcp::model::ReadResourceResult>, ApiError> {
+    let request = body(request)?;
+    let (user, server) = key_of(&request.user_id, &request.server)?;
+    let result = pool.read_resource(&user, &server, &request.uri).await?;
     Ok(Json(result))
 }
 

@@ -21,6 +21,7 @@ use prometheus_client::registry::{Registry, Unit};
 use super::HttpState;
 use super::error::ApiError;
 use crate::actors::{PoolMetrics, SessionState};
+use crate::cluster::Cluster;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabel {
@@ -154,12 +155,16 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// The facade's families beside the pool's own (`pool`).
-    pub fn new(pool: &PoolMetrics) -> Metrics {
+    /// The facade's families beside the pool's own (`pool`) and, in cluster mode, the
+    /// forwarding counts of `cluster`.
+    pub fn new(pool: &PoolMetrics, cluster: Option<&Cluster>) -> Metrics {
         let mut root = Registry::default();
         let process = ProcessMetrics::register(&mut root);
         let registry = root.sub_registry_with_prefix("mcp_pool");
         pool.register(registry);
+        if let Some(cluster) = cluster {
+            cluster.register_metrics(registry);
+        }
         let errors = Family::<CodeLabel, Counter>::default();
         registry.register(
             "http_errors",

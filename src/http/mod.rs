@@ -118,7 +118,7 @@ impl HttpState {
                 None
             }
         };
-        let metrics = Arc::new(Metrics::new(pool.metrics()));
+        let metrics = Arc::new(Metrics::new(pool.metrics(), pool.cluster().map(|c| &**c)));
         HttpState(Arc::new(HttpStateInner {
             pool,
             credentials,
@@ -197,6 +197,26 @@ pub fn router(state: HttpState) -> Router {
         .route(
             crate::actors::pool::internal_paths::CALL_TOOL,
             post(internal::call_tool),
+        )
+        .route(
+            crate::actors::pool::internal_paths::LIST_PROMPTS,
+            post(internal::list_prompts),
+        )
+        .route(
+            crate::actors::pool::internal_paths::GET_PROMPT,
+            post(internal::get_prompt),
+        )
+        .route(
+            crate::actors::pool::internal_paths::LIST_RESOURCES,
+            post(internal::list_resources),
+        )
+        .route(
+            crate::actors::pool::internal_paths::LIST_RESOURCE_TEMPLATES,
+            post(internal::list_resource_templates),
+        )
+        .route(
+            crate::actors::pool::internal_paths::READ_RESOURCE,
+            post(internal::read_resource),
         )
         .route(
             crate::actors::pool::internal_paths::CLOSE_SESSION,

@@ -64,6 +64,11 @@ type LocalCall<'a, T> =
 pub mod internal_paths {
     pub const LIST_TOOLS: &str = "/internal/v1/tools/list";
     pub const CALL_TOOL: &str = "/internal/v1/tools/call";
+    pub const LIST_PROMPTS: &str = "/internal/v1/prompts/list";
+    pub const GET_PROMPT: &str = "/internal/v1/prompts/get";
+    pub const LIST_RESOURCES: &str = "/internal/v1/resources/list";
+    pub const LIST_RESOURCE_TEMPLATES: &str = "/internal/v1/resources/templates/list";
+    pub const READ_RESOURCE: &str = "/internal/v1/resources/read";
     pub const CLOSE_SESSION: &str = "/internal/v1/sessions/close";
     pub const CLOSE_USER: &str = "/internal/v1/users/close";
     pub const STATS: &str = "/internal/v1/stats";
@@ -123,7 +128,8 @@ impl PoolHandle {
         &'a self,
         key: &SessionKey,
         path: &str,
-        body: serde_json::Value,
+        // Built only when the request may leave this node.
+        body: impl FnOnce() -> serde_json::Value,
         idempotent: bool,
         // A boxed future rather than an async closure: the latter's futures are not `Send`
         // for every lifetime, which `tokio::spawn` of a caller needs.
@@ -140,6 +146,7 @@ impl PoolHandle {
         if !self.servers.contains_key(key.server.as_str()) {
             return Err(PoolError::UnknownServer(key.server.clone()));
         }
+        let body = body();
         let give_up = Instant::now() + cluster.failover_wait();
         let mut next: Option<Node> = None;
         loop {
@@ -167,10 +174,7 @@ impl PoolHandle {
                 Route::Remote(node) => Some(node),
             };
             let outcome = match node {
-                Some(node) => {
-                    cluster.note_forwarded();
-                    Some(cluster.forward(&node, path, &body).await)
-                }
+                Some(node) => Some(cluster.forward(&node, path, &body).await),
                 None => None,
             };
             match outcome {
@@ -406,12 +410,10 @@ impl PoolHandle {
         user: &UserId,
         server: &ServerName,
     ) -> Result<Arc<Vec<Tool>>, PoolError> {
-        let key = SessionKey::new(user, server);
-        let body = serde_json::json!({ "user_id": user, "server": server });
         self.clustered(
-            &key,
+            &SessionKey::new(user, server),
             internal_paths::LIST_TOOLS,
-            body,
+            || key_body(user, server),
             true,
             || {
                 Box::pin(async move {
@@ -419,11 +421,7 @@ impl PoolHandle {
                     Ok(self.get_session(user, server).await?.tools())
                 })
             },
-            |mut value| {
-                serde_json::from_value(value["tools"].take())
-                    .map(Arc::new)
-                    .map_err(|err| PoolError::cluster(ClusterError::BadAnswer(err.to_string())))
-            },
+            |value| decode_field(value, "tools").map(Arc::new),
         )
         .await
     }
@@ -453,9 +451,21 @@ impl PoolHandle {
         user: &UserId,
         server: &ServerName,
     ) -> Result<Arc<Vec<Prompt>>, PoolError> {
-        self.with_session(user, server, Limit::Session, |session, slot| async move {
-            session.list_prompts(slot).await
-        })
+        self.clustered(
+            &SessionKey::new(user, server),
+            internal_paths::LIST_PROMPTS,
+            || key_body(user, server),
+            true,
+            || {
+                Box::pin(self.with_session(
+                    user,
+                    server,
+                    Limit::Session,
+                    |session, slot| async move { session.list_prompts(slot).await },
+                ))
+            },
+            |value| decode_field(value, "prompts").map(Arc::new),
+        )
         .await
     }
 
@@ -478,9 +488,21 @@ impl PoolHandle {
         user: &UserId,
         server: &ServerName,
     ) -> Result<Arc<Vec<Resource>>, PoolError> {
-        self.with_session(user, server, Limit::Session, |session, slot| async move {
-            session.list_resources(slot).await
-        })
+        self.clustered(
+            &SessionKey::new(user, server),
+            internal_paths::LIST_RESOURCES,
+            || key_body(user, server),
+            true,
+            || {
+                Box::pin(self.with_session(
+                    user,
+                    server,
+                    Limit::Session,
+                    |session, slot| async move { session.list_resources(slot).await },
+                ))
+            },
+            |value| decode_field(value, "resources").map(Arc::new),
+        )
         .await
     }
 
@@ -503,9 +525,21 @@ impl PoolHandle {
         user: &UserId,
         server: &ServerName,
     ) -> Result<Arc<Vec<ResourceTemplate>>, PoolError> {
-        self.with_session(user, server, Limit::Session, |session, slot| async move {
-            session.list_resource_templates(slot).await
-        })
+        self.clustered(
+            &SessionKey::new(user, server),
+            internal_paths::LIST_RESOURCE_TEMPLATES,
+            || key_body(user, server),
+            true,
+            || {
+                Box::pin(self.with_session(
+                    user,
+                    server,
+                    Limit::Session,
+                    |session, slot| async move { session.list_resource_templates(slot).await },
+                ))
+            },
+            |value| decode_field(value, "resource_templates").map(Arc::new),
+        )
         .await
     }
 
@@ -538,9 +572,24 @@ impl PoolHandle {
             });
         }
         let arguments = &arguments;
-        self.with_session(user, server, Limit::User, |session, slot| async move {
-            session.get_prompt(slot, name, arguments.clone()).await
-        })
+        self.clustered(
+            &SessionKey::new(user, server),
+            internal_paths::GET_PROMPT,
+            || {
+                serde_json::json!({
+                    "user_id": user, "server": server, "name": name, "arguments": arguments,
+                })
+            },
+            true,
+            || {
+                Box::pin(
+                    self.with_session(user, server, Limit::User, |session, slot| async move {
+                        session.get_prompt(slot, name, arguments.clone()).await
+                    }),
+                )
+            },
+            decode,
+        )
         .await
     }
 
@@ -552,9 +601,20 @@ impl PoolHandle {
         server: &ServerName,
         uri: &str,
     ) -> Result<ReadResourceResult, PoolError> {
-        self.with_session(user, server, Limit::User, |session, slot| async move {
-            session.read_resource(slot, uri).await
-        })
+        self.clustered(
+            &SessionKey::new(user, server),
+            internal_paths::READ_RESOURCE,
+            || serde_json::json!({ "user_id": user, "server": server, "uri": uri }),
+            true,
+            || {
+                Box::pin(
+                    self.with_session(user, server, Limit::User, |session, slot| async move {
+                        session.read_resource(slot, uri).await
+                    }),
+                )
+            },
+            decode,
+        )
         .await
     }
 
@@ -624,19 +684,22 @@ impl PoolHandle {
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
         options: CallOptions,
     ) -> Result<rmcp::model::CallToolResult, PoolError> {
-        if self.forwarding().is_none() {
+        // Single node: nothing to route. A call forwarded here still goes through `clustered`,
+        // which counts its arrival (receiver placement moves keys by it).
+        if self.cluster.is_none() {
             return self
                 .call_tool_here(user, server, tool, arguments, options)
                 .await;
         }
-        let key = SessionKey::new(user, server);
-        let body = serde_json::json!({
-            "user_id": user, "server": server, "tool": tool, "arguments": arguments,
-        });
+        let arguments = &arguments;
         self.clustered(
-            &key,
+            &SessionKey::new(user, server),
             internal_paths::CALL_TOOL,
-            body,
+            || {
+                serde_json::json!({
+                    "user_id": user, "server": server, "tool": tool, "arguments": arguments,
+                })
+            },
             false,
             || {
                 let (arguments, options) = (arguments.clone(), options.clone());
@@ -645,10 +708,7 @@ impl PoolHandle {
                         .await
                 })
             },
-            |value| {
-                serde_json::from_value(value)
-                    .map_err(|err| PoolError::cluster(ClusterError::BadAnswer(err.to_string())))
-            },
+            decode,
         )
         .await
     }
@@ -1002,4 +1062,23 @@ impl PoolHandle {
     pub async fn shutdown(&self) -> Result<usize, PoolError> {
         self.ask(|reply| PoolMsg::Shutdown { reply }).await
     }
+}
+
+/// The body of a forwarded request that names only its key.
+fn key_body(user: &UserId, server: &ServerName) -> serde_json::Value {
+    serde_json::json!({ "user_id": user, "server": server })
+}
+
+/// An owner node's answer, as the type its internal route serializes.
+fn decode<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, PoolError> {
+    serde_json::from_value(value)
+        .map_err(|err| PoolError::cluster(ClusterError::BadAnswer(err.to_string())))
+}
+
+/// The list under `field` of an owner node's answer (`{"tools": [...]}`, ...).
+fn decode_field<T: serde::de::DeserializeOwned>(
+    mut value: serde_json::Value,
+    field: &str,
+) -> Result<T, PoolError> {
+    decode(value[field].take())
 }

@@ -448,6 +448,12 @@ fn request_error(err: PoolError) -> ErrorData {
         PoolError::ArgumentsTooDeep { .. } => {
             return ErrorData::invalid_params(err.to_string(), None);
         }
+        // The same, answered by the node the request was forwarded to (cluster mode).
+        PoolError::Forwarded(remote)
+            if matches!(remote.code, "arguments_too_deep" | "invalid_arguments") =>
+        {
+            return ErrorData::invalid_params(remote.message.clone(), None);
+        }
         _ => {}
     }
     ErrorData::internal_error(
