@@ -1342,3 +1342,126 @@ async fn token_refresh_happens_once_cluster_wide() {
     }
     assert_eq!(spawns as usize, users.len(), "one session per user");
 }
+
+/// Server-sent events in a response body: (event name, JSON data) in order.
+fn sse_events(text: &str) -> Vec<(String, serde_json::Value)> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let mut name = String::from("message");
+            let mut data = None;
+            for line in block.lines() {
+                if let Some(value) = line.strip_prefix("event:") {
+                    name = value.trim().to_owned();
+                } else if let Some(value) = line.strip_prefix("data:") {
+                    data = serde_json::from_str(value.trim()).ok();
+                }
+            }
+            Some((name, data?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forwarded_call_relays_its_progress_to_rest_and_mcp_callers() {
+    let cluster = Cluster::start_with_servers(3, "rendezvous", everything()).await;
+    cluster.wait_for_membership().await;
+    let user = "patient";
+    let stored = cluster.node(0).client(user).connect("everything").await;
+    assert_eq!(stored.status, 201, "{}", stored.text());
+    let warm = cluster
+        .node(0)
+        .client(user)
+        .call("everything", "echo", &json!({ "message": "warm" }))
+        .await;
+    assert_eq!(warm.status, 200, "{}", warm.text());
+    let owner = cluster
+        .processes()
+        .keys()
+        .find(|(_, u, _)| u == user)
+        .map(|(node, _, _)| *node)
+        .expect("a session");
+    let arguments = json!({ "duration": 1, "steps": 4 });
+    let others: Vec<usize> = cluster
+        .running()
+        .map(|(i, _)| i)
+        .filter(|i| *i != owner)
+        .collect();
+    for index in others {
+        let node = cluster.node(index);
+        // REST with server-sent events: each step, then the result.
+        let resp = node
+            .client(user)
+            .with_header("accept", "text/event-stream")
+            .call("everything", "trigger-long-running-operation", &arguments)
+            .await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        let events = sse_events(&resp.text());
+        let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["progress", "progress", "progress", "progress", "result"],
+            "{}",
+            resp.text()
+        );
+        for (step, (_, update)) in events.iter().take(4).enumerate() {
+            assert_eq!(
+                update["progress"].as_f64(),
+                Some(step as f64 + 1.0),
+                "{update}"
+            );
+            assert_eq!(update["total"].as_f64(), Some(4.0), "{update}");
+        }
+        let text = events[4].1["content"][0]["text"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(text.contains("completed"), "{}", events[4].1);
+
+        // `/mcp` with a progress token: four notifications carrying it, then the result.
+        let mcp = RawMcp::open(node.addr(), user).await;
+        let resp = mcp
+            .post(
+                &json!({ "jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {
+                "name": "everything__trigger-long-running-operation", "arguments": arguments,
+                "_meta": { "progressToken": "relayed" } } }),
+            )
+            .await;
+        let messages: Vec<serde_json::Value> = sse_events(&resp.text())
+            .into_iter()
+            .map(|(_, data)| data)
+            .collect();
+        let steps: Vec<&serde_json::Value> = messages
+            .iter()
+            .filter(|m| m["method"] == "notifications/progress")
+            .collect();
+        assert_eq!(steps.len(), 4, "{}", resp.text());
+        assert!(
+            steps
+                .iter()
+                .all(|m| m["params"]["progressToken"] == "relayed"),
+            "{}",
+            resp.text()
+        );
+        let answer = messages.last().expect("an answer");
+        assert_eq!(answer["id"], 9, "{answer}");
+        assert!(
+            answer["result"]["content"][0]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("completed"),
+            "{answer}"
+        );
+    }
+    // All of it ran on the owner's one session.
+    let sessions: usize = cluster
+        .processes()
+        .iter()
+        .filter(|((_, u, _), _)| u == user)
+        .map(|(_, count)| count)
+        .sum();
+    assert_eq!(sessions, 1);
+    let mut served = 0.0;
+    for (_, node) in cluster.running() {
+        served += node.metric("mcp_pool_cluster_served_for_peers_total").await;
+    }
+    assert!(served >= 4.0, "{served}");
+}

@@ -34,6 +34,7 @@ use tokio::time::Instant;
 
 use crate::config::Placement;
 use crate::ids::{ServerName, SessionKey, UserId};
+use crate::mcp::{Progress, ProgressSink};
 use crate::store::{Secret, SessionKeyRow, Store, StoreError};
 
 /// Header carrying the cluster secret on internal routes. Never a user's key: the public
@@ -768,19 +769,21 @@ impl Cluster {
     }
 
     /// POSTs `body` to `node`'s internal route `path` and returns the JSON answer.
+    /// POSTs `body` to `node`'s internal route `path`. With `progress`, the owner answers with
+    /// server-sent events and each `progress` event reaches the sink as it arrives.
     pub async fn forward(
         &self,
         node: &Node,
         path: &str,
         body: &serde_json::Value,
+        progress: Option<&ProgressSink>,
     ) -> Result<serde_json::Value, ForwardError> {
         let began = std::time::Instant::now();
-        let outcome = self
-            .send(
-                node,
-                self.http.post(format!("{}{path}", node.url)).json(body),
-            )
-            .await;
+        let request = self.http.post(format!("{}{path}", node.url)).json(body);
+        let outcome = match progress {
+            None => self.send(node, request).await,
+            Some(sink) => self.send_relaying_progress(node, request, sink).await,
+        };
         self.metrics.duration.observe(began.elapsed().as_secs_f64());
         let label = match &outcome {
             Ok(_) => "answered",
@@ -807,10 +810,100 @@ impl Cluster {
         node: &Node,
         request: reqwest::RequestBuilder,
     ) -> Result<serde_json::Value, ForwardError> {
+        let response = self.sent(node, request).await?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body: serde_json::Value = response.json().await.map_err(|_| ForwardError::Lost)?;
+        if status.is_success() {
+            return Ok(body);
+        }
+        Err(remote_error(status.as_u16(), &body["error"], retry_after))
+    }
+
+    /// Like [`Cluster::send`], asking for server-sent events: `progress` events go to `sink`,
+    /// the stream's last event (`result`, or `error` with the status the JSON answer would
+    /// have had) is the answer. An owner that answers JSON (an error before the call began)
+    /// is read as [`Cluster::send`] reads it.
+    async fn send_relaying_progress(
+        &self,
+        node: &Node,
+        request: reqwest::RequestBuilder,
+        sink: &ProgressSink,
+    ) -> Result<serde_json::Value, ForwardError> {
+        let mut response = self
+            .sent(
+                node,
+                request.header(reqwest::header::ACCEPT, "text/event-stream"),
+            )
+            .await?;
+        let streamed = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with("text/event-stream"));
+        let status = response.status();
+        if !streamed {
+            let body: serde_json::Value = response.json().await.map_err(|_| ForwardError::Lost)?;
+            return if status.is_success() {
+                Ok(body)
+            } else {
+                Err(remote_error(status.as_u16(), &body["error"], None))
+            };
+        }
+        let mut events = EventStream::default();
+        loop {
+            let chunk = response.chunk().await.map_err(|_| ForwardError::Lost)?;
+            // The stream ended before its answer: the call may have run.
+            let Some(chunk) = chunk else {
+                return Err(ForwardError::Lost);
+            };
+            for (name, data) in events.push(&chunk) {
+                let data: serde_json::Value = serde_json::from_str(&data)
+                    .map_err(|err| ForwardError::Malformed(format!("event data: {err}")))?;
+                match name.as_str() {
+                    "progress" => {
+                        let Some(progress) = data["progress"].as_f64() else {
+                            continue;
+                        };
+                        // Lossy, like the owner's own sink: a full sink misses a step.
+                        let _ = sink.try_send(Progress {
+                            progress,
+                            total: data["total"].as_f64(),
+                            message: data["message"].as_str().map(str::to_owned),
+                        });
+                    }
+                    "result" => return Ok(data),
+                    "error" => {
+                        let status = data["status"].as_u64().unwrap_or(502);
+                        return Err(remote_error(
+                            u16::try_from(status).unwrap_or(502),
+                            &data["error"],
+                            data["error"]["retry_after_secs"]
+                                .as_u64()
+                                .map(Duration::from_secs),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Sends `request` with the cluster's headers; maps a failure to whether it was written.
+    async fn sent(
+        &self,
+        node: &Node,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ForwardError> {
         if node.url.is_empty() {
             return Err(ForwardError::NotSent);
         }
-        let response = request
+        request
             .header(INTERNAL_SECRET_HEADER, self.settings.secret.expose())
             .header(FORWARDED_BY_HEADER, &self.node.id)
             .send()
@@ -824,31 +917,56 @@ impl Cluster {
                 } else {
                     ForwardError::Lost
                 }
-            })?;
-        let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let body: serde_json::Value = response.json().await.map_err(|_| ForwardError::Lost)?;
-        if status.is_success() {
-            return Ok(body);
+            })
+    }
+}
+
+/// The error another node answered, from its error body's `error` object.
+fn remote_error(
+    status: u16,
+    detail: &serde_json::Value,
+    retry_after: Option<Duration>,
+) -> ForwardError {
+    let Some(code) = detail["code"].as_str() else {
+        return ForwardError::Malformed(format!("status {status} without an error code"));
+    };
+    ForwardError::Answered(RemoteError {
+        status,
+        code: intern_code(code),
+        message: detail["message"].as_str().unwrap_or_default().to_owned(),
+        retry_after,
+        retry_safe: detail["retry_safe"].as_bool(),
+    })
+}
+
+/// Server-sent events parsed from a byte stream as it arrives: each complete event (ended by
+/// a blank line) as its name and data (`data:` lines joined). Comments (keep-alives) and events
+/// without data are skipped.
+#[derive(Default)]
+struct EventStream {
+    pending: Vec<u8>,
+}
+
+impl EventStream {
+    fn push(&mut self, chunk: &[u8]) -> Vec<(String, String)> {
+        self.pending.extend_from_slice(chunk);
+        let mut events = Vec::new();
+        while let Some(end) = self.pending.windows(2).position(|pair| pair == b"\n\n") {
+            let block: Vec<u8> = self.pending.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&block);
+            let (mut name, mut data) = (String::from("message"), Vec::new());
+            for line in text.lines() {
+                if let Some(value) = line.strip_prefix("event:") {
+                    name = value.trim().to_owned();
+                } else if let Some(value) = line.strip_prefix("data:") {
+                    data.push(value.strip_prefix(' ').unwrap_or(value));
+                }
+            }
+            if !data.is_empty() {
+                events.push((name, data.join("\n")));
+            }
         }
-        let detail = &body["error"];
-        let Some(code) = detail["code"].as_str() else {
-            return Err(ForwardError::Malformed(format!(
-                "status {status} without an error code"
-            )));
-        };
-        Err(ForwardError::Answered(RemoteError {
-            status: status.as_u16(),
-            code: intern_code(code),
-            message: detail["message"].as_str().unwrap_or_default().to_owned(),
-            retry_after,
-            retry_safe: detail["retry_safe"].as_bool(),
-        }))
+        events
     }
 }
 
@@ -877,6 +995,28 @@ fn intern_code(code: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_are_parsed_across_chunk_boundaries_and_keep_alives_skipped() {
+        let mut stream = EventStream::default();
+        assert!(
+            stream
+                .push(b"event: progress\ndata: {\"progress\"")
+                .is_empty()
+        );
+        let events = stream.push(b":1}\n\n:\n\nevent: result\ndata: {}\n\nevent: err");
+        assert_eq!(
+            events,
+            vec![
+                ("progress".to_owned(), "{\"progress\":1}".to_owned()),
+                ("result".to_owned(), "{}".to_owned()),
+            ]
+        );
+        assert_eq!(
+            stream.push(b"or\ndata: a\ndata: b\n\n"),
+            vec![("error".to_owned(), "a\nb".to_owned())]
+        );
+    }
 
     fn nodes(ids: &[&str]) -> Vec<Node> {
         ids.iter()

@@ -13,6 +13,7 @@
 use axum::Json;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
 
 use super::HttpState;
 use super::error::ApiError;
@@ -103,17 +104,31 @@ pub async fn list_tools(
     Ok(Json(serde_json::json!({ "tools": &*tools })))
 }
 
-/// `POST /internal/v1/tools/call`: the `CallToolResult` as rmcp serializes it.
+/// `POST /internal/v1/tools/call`: the `CallToolResult` as rmcp serializes it. With
+/// `Accept: text/event-stream` (the forwarding node has a caller that wants progress), events
+/// as REST streams them: `progress`, then `result` (that `CallToolResult`) or `error`.
 pub async fn call_tool(
     FromPeer(pool): FromPeer,
+    headers: axum::http::HeaderMap,
     request: Result<Json<CallBody>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<rmcp::model::CallToolResult>, ApiError> {
+) -> Result<Response, ApiError> {
     let request = body(request)?;
     let (user, server) = key_of(&request.user_id, &request.server)?;
+    if super::tools::wants_event_stream(&headers) {
+        return Ok(super::tools::progress_events(move |options| async move {
+            match pool
+                .call_tool_with(&user, &server, &request.tool, request.arguments, options)
+                .await
+            {
+                Ok(result) => ("result", serde_json::to_value(result).unwrap_or_default()),
+                Err(err) => ("error", ApiError::from(err).stream_event()),
+            }
+        }));
+    }
     let result = pool
         .call_tool(&user, &server, &request.tool, request.arguments)
         .await?;
-    Ok(Json(result))
+    Ok(Json(result).into_response())
 }
 
 /// `POST /internal/v1/prompts/list`: `{"prompts": [...]}`.

@@ -183,7 +183,7 @@ pub async fn call(
 }
 
 /// Whether the caller asked for server-sent events (a plain `*/*` or JSON client did not).
-fn wants_event_stream(headers: &HeaderMap) -> bool {
+pub(super) fn wants_event_stream(headers: &HeaderMap) -> bool {
     headers
         .get_all(ACCEPT)
         .iter()
@@ -211,8 +211,7 @@ fn call_response(
 }
 
 /// The call on the same path as the JSON answer (`PoolHandle::call_tool_with`, as `/mcp`), its
-/// progress sent on as events. A client that goes away cancels the call: the task notices the
-/// closed stream and drops the call, which sends the server `notifications/cancelled`.
+/// progress sent on as events.
 fn stream_call(
     state: HttpState,
     user: crate::store::UserId,
@@ -220,18 +219,38 @@ fn stream_call(
     tool: String,
     arguments: Option<serde_json::Map<String, serde_json::Value>>,
 ) -> Response {
+    progress_events(move |options| async move {
+        let started = Instant::now();
+        match state
+            .pool
+            .call_tool_with(&user, &server, &tool, arguments, options)
+            .await
+            .map_err(ApiError::from)
+            .and_then(|result| call_response(result, started.elapsed()))
+        {
+            Ok(response) => ("result", serde_json::to_value(response).unwrap_or_default()),
+            Err(err) => ("error", err.stream_event()),
+        }
+    })
+}
+
+/// Server-sent events of a call: `progress` as the server reports it, then the event `call`
+/// ends with (`result` or `error`). A client that goes away cancels the call: the task notices
+/// the closed stream and drops the call, which sends the server `notifications/cancelled`.
+/// Also the answer of a call forwarded from another node (`/internal/v1/tools/call`).
+pub(super) fn progress_events<F, Fut>(call: F) -> Response
+where
+    F: FnOnce(CallOptions) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = (&'static str, serde_json::Value)> + Send,
+{
     let (events, receiver) = tokio::sync::mpsc::channel::<(&'static str, serde_json::Value)>(8);
     tokio::spawn(async move {
-        let started = Instant::now();
         let (sink, mut progress) = tokio::sync::mpsc::channel::<Progress>(PROGRESS_BUFFER);
-        let options = CallOptions {
+        let call = call(CallOptions {
             progress: Some(sink),
-        };
-        let call = state
-            .pool
-            .call_tool_with(&user, &server, &tool, arguments, options);
+        });
         tokio::pin!(call);
-        let result = loop {
+        let last = loop {
             tokio::select! {
                 // Progress first: a notification that came before the answer is sent before it.
                 biased;
@@ -240,20 +259,13 @@ fn stream_call(
                         return;
                     }
                 }
-                result = &mut call => break result,
+                last = &mut call => break last,
                 () = events.closed() => return,
             }
         };
         while let Ok(step) = progress.try_recv() {
             let _ = events.send(("progress", progress_json(&step))).await;
         }
-        let last = match result
-            .map_err(ApiError::from)
-            .and_then(|result| call_response(result, started.elapsed()))
-        {
-            Ok(response) => ("result", serde_json::to_value(response).unwrap_or_default()),
-            Err(err) => ("error", err.stream_event()),
-        };
         let _ = events.send(last).await;
     });
     let stream = ReceiverStream::new(receiver).map(|(name, data)| {

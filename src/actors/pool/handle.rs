@@ -120,17 +120,14 @@ impl PoolHandle {
             .is_none_or(|cluster| cluster.holds(key))
     }
 
-    /// Runs `local` here or forwards `body` to the node that owns `key` (see `crate::cluster`).
+    /// Runs `local` here or sends `forward` to the node that owns `key` (see `crate::cluster`).
     /// An owner that does not answer before the request is written is retried, for as long as
     /// a failover takes (its leases expire and the key is placed again); one that fails after
-    /// the request was written is retried only when `idempotent`.
+    /// the request was written is retried only when `forward.idempotent`.
     async fn clustered<'a, T>(
         &'a self,
         key: &SessionKey,
-        path: &str,
-        // Built only when the request may leave this node.
-        body: impl FnOnce() -> serde_json::Value,
-        idempotent: bool,
+        forward: Forward<'_, impl FnOnce() -> serde_json::Value>,
         // A boxed future rather than an async closure: the latter's futures are not `Send`
         // for every lifetime, which `tokio::spawn` of a caller needs.
         local: impl Fn() -> LocalCall<'a, T>,
@@ -146,6 +143,12 @@ impl PoolHandle {
         if !self.servers.contains_key(key.server.as_str()) {
             return Err(PoolError::UnknownServer(key.server.clone()));
         }
+        let Forward {
+            path,
+            body,
+            idempotent,
+            progress,
+        } = forward;
         let body = body();
         let give_up = Instant::now() + cluster.failover_wait();
         let mut next: Option<Node> = None;
@@ -174,7 +177,7 @@ impl PoolHandle {
                 Route::Remote(node) => Some(node),
             };
             let outcome = match node {
-                Some(node) => Some(cluster.forward(&node, path, &body).await),
+                Some(node) => Some(cluster.forward(&node, path, &body, progress).await),
                 None => None,
             };
             match outcome {
@@ -412,9 +415,12 @@ impl PoolHandle {
     ) -> Result<Arc<Vec<Tool>>, PoolError> {
         self.clustered(
             &SessionKey::new(user, server),
-            internal_paths::LIST_TOOLS,
-            || key_body(user, server),
-            true,
+            Forward {
+                path: internal_paths::LIST_TOOLS,
+                body: || key_body(user, server),
+                idempotent: true,
+                progress: None,
+            },
             || {
                 Box::pin(async move {
                     self.ensure_fresh(user, server).await?;
@@ -453,9 +459,12 @@ impl PoolHandle {
     ) -> Result<Arc<Vec<Prompt>>, PoolError> {
         self.clustered(
             &SessionKey::new(user, server),
-            internal_paths::LIST_PROMPTS,
-            || key_body(user, server),
-            true,
+            Forward {
+                path: internal_paths::LIST_PROMPTS,
+                body: || key_body(user, server),
+                idempotent: true,
+                progress: None,
+            },
             || {
                 Box::pin(self.with_session(
                     user,
@@ -490,9 +499,12 @@ impl PoolHandle {
     ) -> Result<Arc<Vec<Resource>>, PoolError> {
         self.clustered(
             &SessionKey::new(user, server),
-            internal_paths::LIST_RESOURCES,
-            || key_body(user, server),
-            true,
+            Forward {
+                path: internal_paths::LIST_RESOURCES,
+                body: || key_body(user, server),
+                idempotent: true,
+                progress: None,
+            },
             || {
                 Box::pin(self.with_session(
                     user,
@@ -527,9 +539,12 @@ impl PoolHandle {
     ) -> Result<Arc<Vec<ResourceTemplate>>, PoolError> {
         self.clustered(
             &SessionKey::new(user, server),
-            internal_paths::LIST_RESOURCE_TEMPLATES,
-            || key_body(user, server),
-            true,
+            Forward {
+                path: internal_paths::LIST_RESOURCE_TEMPLATES,
+                body: || key_body(user, server),
+                idempotent: true,
+                progress: None,
+            },
             || {
                 Box::pin(self.with_session(
                     user,
@@ -574,13 +589,16 @@ impl PoolHandle {
         let arguments = &arguments;
         self.clustered(
             &SessionKey::new(user, server),
-            internal_paths::GET_PROMPT,
-            || {
-                serde_json::json!({
-                    "user_id": user, "server": server, "name": name, "arguments": arguments,
-                })
+            Forward {
+                path: internal_paths::GET_PROMPT,
+                body: || {
+                    serde_json::json!({
+                        "user_id": user, "server": server, "name": name, "arguments": arguments,
+                    })
+                },
+                idempotent: true,
+                progress: None,
             },
-            true,
             || {
                 Box::pin(
                     self.with_session(user, server, Limit::User, |session, slot| async move {
@@ -603,9 +621,12 @@ impl PoolHandle {
     ) -> Result<ReadResourceResult, PoolError> {
         self.clustered(
             &SessionKey::new(user, server),
-            internal_paths::READ_RESOURCE,
-            || serde_json::json!({ "user_id": user, "server": server, "uri": uri }),
-            true,
+            Forward {
+                path: internal_paths::READ_RESOURCE,
+                body: || serde_json::json!({ "user_id": user, "server": server, "uri": uri }),
+                idempotent: true,
+                progress: None,
+            },
             || {
                 Box::pin(
                     self.with_session(user, server, Limit::User, |session, slot| async move {
@@ -694,13 +715,16 @@ impl PoolHandle {
         let arguments = &arguments;
         self.clustered(
             &SessionKey::new(user, server),
-            internal_paths::CALL_TOOL,
-            || {
-                serde_json::json!({
-                    "user_id": user, "server": server, "tool": tool, "arguments": arguments,
-                })
+            Forward {
+                path: internal_paths::CALL_TOOL,
+                body: || {
+                    serde_json::json!({
+                        "user_id": user, "server": server, "tool": tool, "arguments": arguments,
+                    })
+                },
+                idempotent: false,
+                progress: options.progress.as_ref(),
             },
-            false,
             || {
                 let (arguments, options) = (arguments.clone(), options.clone());
                 Box::pin(async move {
@@ -859,7 +883,7 @@ impl PoolHandle {
             Some(owner) => {
                 let body = serde_json::json!({ "user_id": user, "server": server });
                 match cluster
-                    .forward(&owner, internal_paths::CLOSE_SESSION, &body)
+                    .forward(&owner, internal_paths::CLOSE_SESSION, &body, None)
                     .await
                 {
                     Ok(value) => Ok(closed_here || value["closed"].as_bool().unwrap_or(false)),
@@ -969,7 +993,7 @@ impl PoolHandle {
                     continue;
                 }
                 match cluster
-                    .forward(&node, internal_paths::CLOSE_USER, &body)
+                    .forward(&node, internal_paths::CLOSE_USER, &body, None)
                     .await
                 {
                     Ok(value) => {
@@ -1062,6 +1086,18 @@ impl PoolHandle {
     pub async fn shutdown(&self) -> Result<usize, PoolError> {
         self.ask(|reply| PoolMsg::Shutdown { reply }).await
     }
+}
+
+/// How a request reaches the node that owns its key, when that is not this one.
+struct Forward<'p, B> {
+    /// The owner's internal route (`internal_paths`).
+    path: &'static str,
+    /// Built only when the request leaves this node.
+    body: B,
+    /// Whether it may be sent again after the connection broke once it was written.
+    idempotent: bool,
+    /// Where a forwarded call's progress goes (the owner streams it back).
+    progress: Option<&'p ProgressSink>,
 }
 
 /// The body of a forwarded request that names only its key.
