@@ -463,13 +463,17 @@ impl App {
                 }
             }
         };
-        if let Err(err) = crate::http::serve(listener, state, stop_serving).await {
-            tracing::error!(cause = %err, "HTTP server failed");
-        }
+        let peers = match crate::http::serve(listener, state, stop_serving).await {
+            Ok(peers) => Some(peers),
+            Err(err) => {
+                tracing::error!(cause = %err, "HTTP server failed");
+                None
+            }
+        };
         watcher.abort();
         let failed = pool_failed.is_cancelled();
         tracing::info!("Shutting down");
-        self.stop().await;
+        self.stop_with(peers).await;
         tracing::info!("mcp-pool stopped");
         if failed {
             return Err(AppError::PoolFailed);
@@ -480,6 +484,12 @@ impl App {
     /// Closes every connection within `shutdown_grace` (SIGKILLing whatever is left after it),
     /// stops the actor tree, then the credential writer and the database.
     pub async fn stop(self) {
+        self.stop_with(None).await;
+    }
+
+    /// [`App::stop`], closing other nodes' HTTP connections (`peers`) once this node's leases
+    /// are released and the other nodes no longer route here.
+    async fn stop_with(self, mut peers: Option<crate::http::PeerConnections>) {
         if let Some(refresh) = &self.refresh {
             refresh.stop().await;
         }
@@ -498,6 +508,14 @@ impl App {
             if let Err(err) = cluster.leave().await {
                 tracing::warn!(cause = %err, "could not release this node's leases; they expire after cluster.ttl");
             }
+            // Another node routes here for at most one heartbeat interval after the release
+            // (its cached owner); what it sends meanwhile is refused with `shutting_down`.
+            if peers.as_mut().is_some_and(|peers| peers.open() > 0) {
+                tokio::time::sleep(cluster.heartbeat_interval() * 2).await;
+            }
+        }
+        if let Some(peers) = peers {
+            peers.close().await;
         }
         // After the sessions: a zygote's end takes its forked children with it.
         self.prefork.shutdown(self.config.pool.close_grace).await;

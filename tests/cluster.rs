@@ -271,6 +271,8 @@ fn processes_under(root: &Path) -> HashMap<(usize, String, String), usize> {
 struct Nginx {
     child: Child,
     port: u16,
+    prefix: std::path::PathBuf,
+    hashing: bool,
 }
 
 impl Nginx {
@@ -281,33 +283,8 @@ impl Nginx {
         let port = free_port();
         let prefix = dir.join(format!("nginx-{port}"));
         std::fs::create_dir_all(prefix.join("logs")).unwrap();
-        let servers: String = ports
-            .iter()
-            .map(|p| format!("        server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;\n"))
-            .collect();
-        let balance = if hashing {
-            "        hash $http_x_user_id consistent;\n"
-        } else {
-            ""
-        };
-        let conf = format!(
-            "user root;\nworker_processes 2;\nerror_log {p}/logs/error.log warn;\npid {p}/nginx.pid;\n\
-             events {{ worker_connections 2048; }}\n\
-             http {{\n    access_log off;\n    client_body_temp_path {p}/body;\n\
-                 proxy_temp_path {p}/proxy;\n    fastcgi_temp_path {p}/fastcgi;\n\
-                 uwsgi_temp_path {p}/uwsgi;\n    scgi_temp_path {p}/scgi;\n\
-                 upstream mcp_pool {{\n{balance}{servers}        keepalive 32;\n    }}\n\
-                 server {{\n        listen 127.0.0.1:{port};\n\
-                     location /internal/ {{ return 404; }}\n\
-                     location / {{\n            proxy_pass http://mcp_pool;\n\
-                         proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n\
-                         proxy_buffering off;\n            proxy_read_timeout 120s;\n\
-                         proxy_next_upstream error timeout;\n            proxy_next_upstream_tries 3;\n\
-                     }}\n    }}\n}}\n",
-            p = prefix.display(),
-        );
         let conf_path = prefix.join("nginx.conf");
-        std::fs::write(&conf_path, conf).unwrap();
+        std::fs::write(&conf_path, nginx_conf(&prefix, port, ports, hashing)).unwrap();
         let child = Command::new(bin)
             .arg("-p")
             .arg(&prefix)
@@ -319,18 +296,101 @@ impl Nginx {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("nginx starts");
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let nginx = Nginx {
+            child,
+            port,
+            prefix,
+            hashing,
+        };
+        let addr = nginx.addr();
         let up = wait_until(PATIENCE, || async {
             tokio::net::TcpStream::connect(addr).await.is_ok()
         })
         .await;
         assert!(up, "nginx listens on {addr}");
-        Nginx { child, port }
+        nginx
     }
 
     fn addr(&self) -> std::net::SocketAddr {
         std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
     }
+
+    /// `nginx -s reload` with only `ports` in the upstream, as deploy/nginx.conf says to do
+    /// before a node's SIGTERM; returns once every worker of the old configuration has exited
+    /// (each finishes its requests first), so no request reaches a removed node after that.
+    async fn reload_with(&self, ports: &[u16]) {
+        let master = self.child.id();
+        let old_workers = children_of(master);
+        assert!(!old_workers.is_empty(), "nginx runs workers");
+        std::fs::write(
+            self.prefix.join("nginx.conf"),
+            nginx_conf(&self.prefix, self.port, ports, self.hashing),
+        )
+        .unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(master as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+        let replaced = wait_until(PATIENCE, || async {
+            let now = children_of(master);
+            old_workers.iter().all(|pid| !now.contains(pid)) && !now.is_empty()
+        })
+        .await;
+        assert!(replaced, "nginx replaced its workers");
+    }
+}
+
+/// Live child processes of `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // `pid (comm) state ppid ...`; comm may hold spaces, so split after its `)`.
+            let Some((_, rest)) = stat.rsplit_once(") ") else {
+                return false;
+            };
+            let mut fields = rest.split(' ');
+            let (state, ppid) = (fields.next(), fields.next());
+            state != Some("Z") && ppid.and_then(|p| p.parse::<u32>().ok()) == Some(parent)
+        })
+        .collect()
+}
+
+/// nginx's configuration for a front on `port` over the nodes on `ports`.
+fn nginx_conf(prefix: &Path, port: u16, ports: &[u16], hashing: bool) -> String {
+    let servers: String = ports
+        .iter()
+        .map(|p| format!("        server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;\n"))
+        .collect();
+    let balance = if hashing {
+        "        hash $http_x_user_id consistent;\n"
+    } else {
+        ""
+    };
+    format!(
+        "user root;\nworker_processes 2;\nerror_log {p}/logs/error.log warn;\npid {p}/nginx.pid;\n\
+         events {{ worker_connections 2048; }}\n\
+         http {{\n    access_log off;\n    client_body_temp_path {p}/body;\n\
+             proxy_temp_path {p}/proxy;\n    fastcgi_temp_path {p}/fastcgi;\n\
+             uwsgi_temp_path {p}/uwsgi;\n    scgi_temp_path {p}/scgi;\n\
+             upstream mcp_pool {{\n{balance}{servers}        keepalive 32;\n    }}\n\
+             server {{\n        listen 127.0.0.1:{port};\n\
+                 location /internal/ {{ return 404; }}\n\
+                 location / {{\n            proxy_pass http://mcp_pool;\n\
+                     proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n\
+                     proxy_buffering off;\n            proxy_read_timeout 120s;\n\
+                     proxy_next_upstream error timeout;\n            proxy_next_upstream_tries 3;\n\
+                 }}\n    }}\n}}\n",
+        p = prefix.display(),
+    )
 }
 
 impl Drop for Nginx {
@@ -725,7 +785,6 @@ async fn node_id(cluster: &Cluster, port: u16) -> String {
 async fn sigterm_scale_in_drains_releases_leases_and_fails_no_call() {
     // HAProxy, as deploy/haproxy.cfg: its /readyz check takes a draining node out before the
     // node closes its listener (http.shutdown_delay longer than the check's inter × fall).
-    // (nginx OSS has no active checks: take the node out of its upstream before SIGTERM.)
     let mut cluster = Cluster::start_with(0, "receiver").await;
     cluster.shutdown_delay = "2s";
     for _ in 0..3 {
@@ -733,12 +792,46 @@ async fn sigterm_scale_in_drains_releases_leases_and_fails_no_call() {
     }
     cluster.wait_for_membership().await;
     let ports: Vec<u16> = cluster.running().map(|(_, n)| n.port).collect();
-    let nginx = Haproxy::start(cluster.root.path(), &ports).await;
+    let haproxy = Haproxy::start(cluster.root.path(), &ports).await;
+    scale_in_under_load(&mut cluster, haproxy.addr(), 1, async {}).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scale_in_behind_nginx_takes_the_node_out_then_sigterm_fails_no_call() {
+    // nginx OSS has no active checks: deploy/nginx.conf's procedure takes the node out of the
+    // upstream (`nginx -s reload`) before its SIGTERM.
+    let mut cluster = Cluster::start_with(3, "receiver").await;
+    cluster.wait_for_membership().await;
+    let ports: Vec<u16> = cluster.running().map(|(_, n)| n.port).collect();
+    let nginx = Nginx::start(cluster.root.path(), &ports, true).await;
+    let leaving = 2;
+    let remaining: Vec<u16> = cluster
+        .running()
+        .filter(|(i, _)| *i != leaving)
+        .map(|(_, n)| n.port)
+        .collect();
+    scale_in_under_load(
+        &mut cluster,
+        nginx.addr(),
+        leaving,
+        nginx.reload_with(&remaining),
+    )
+    .await;
+}
+
+/// Node `leaving` leaves while every user calls through `front` without pause: `take_out`
+/// (the front's own step, if it needs one), then SIGTERM. No call fails; the node releases its
+/// leases and removes its row; its users are served once each on the others.
+async fn scale_in_under_load(
+    cluster: &mut Cluster,
+    front: std::net::SocketAddr,
+    leaving: usize,
+    take_out: impl std::future::Future<Output = ()>,
+) {
     let users = users("scalein", 30);
-    connect_all(nginx.addr(), &users).await;
-    assert!(call_all(nginx.addr(), &users, 1).await.is_empty());
-    let leaving = 1;
-    let leaving_id = node_id(&cluster, cluster.node(leaving).port).await;
+    connect_all(front, &users).await;
+    assert!(call_all(front, &users, 1).await.is_empty());
+    let leaving_id = node_id(cluster, cluster.node(leaving).port).await;
     let moved: Vec<String> = cluster
         .processes()
         .keys()
@@ -747,10 +840,10 @@ async fn sigterm_scale_in_drains_releases_leases_and_fails_no_call() {
         .collect();
     assert!(!moved.is_empty(), "node {leaving} holds sessions");
 
-    // Calls keep coming through nginx while the node drains and exits.
+    // Calls keep coming through the front while the node is taken out, drains and exits.
     let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let load = {
-        let (running, users, addr) = (running.clone(), users.clone(), nginx.addr());
+        let (running, users) = (running.clone(), users.clone());
         tokio::spawn(async move {
             let (mut failures, mut rounds, mut after_exit) = (Vec::new(), 0, 0);
             // Until the node has exited, then two more rounds.
@@ -758,12 +851,13 @@ async fn sigterm_scale_in_drains_releases_leases_and_fails_no_call() {
                 if !running.load(std::sync::atomic::Ordering::SeqCst) {
                     after_exit += 1;
                 }
-                failures.extend(call_all(addr, &users, 1).await);
+                failures.extend(call_all(front, &users, 1).await);
                 rounds += 1;
             }
             (failures, rounds)
         })
     };
+    take_out.await;
     let mut node = cluster.nodes[leaving].take().unwrap();
     node.service.signal(nix::sys::signal::Signal::SIGTERM);
     let status = node.service.wait();
@@ -771,6 +865,23 @@ async fn sigterm_scale_in_drains_releases_leases_and_fails_no_call() {
     assert!(node.service.logged("Left the cluster"));
     running.store(false, std::sync::atomic::Ordering::SeqCst);
     let (failures, rounds) = load.await.unwrap();
+    if !failures.is_empty() {
+        for line in node.service.log.lock().unwrap().iter() {
+            eprintln!("LEAVING {line}");
+        }
+        for (i, n) in cluster.running() {
+            for line in n
+                .service
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains("forward") || l.contains("WARN") || l.contains("ERROR"))
+            {
+                eprintln!("NODE{i} {line}");
+            }
+        }
+    }
     assert!(
         failures.is_empty(),
         "{} calls failed over {rounds} rounds: {:?}",
@@ -789,8 +900,8 @@ async fn sigterm_scale_in_drains_releases_leases_and_fails_no_call() {
     .await
     .unwrap();
     assert_eq!((leases, rows), (0, 0));
-    assert!(call_all(nginx.addr(), &users, 1).await.is_empty());
-    assert_one_process_per_user(&cluster, &users);
+    assert!(call_all(front, &users, 1).await.is_empty());
+    assert_one_process_per_user(cluster, &users);
     assert!(
         cluster
             .processes()
@@ -836,7 +947,16 @@ async fn a_joining_node_takes_idle_sessions_that_now_hash_to_it_and_breaks_no_bu
         "{}",
         busy.text()
     );
-    assert!(call_all(entry, &users, 1).await.is_empty());
+    // Rebalancing may still be closing idle sessions that hash to the new node (each user is
+    // then without a process until its next call), never running two for one user.
+    let settled = wait_until(PATIENCE, || async {
+        assert!(call_all(entry, &users, 1).await.is_empty());
+        let per_user = cluster.processes_per_user();
+        assert!(per_user.values().all(|count| *count <= 1), "{per_user:?}");
+        users.iter().all(|user| per_user.get(user) == Some(&1))
+    })
+    .await;
+    assert!(settled, "{:?}", cluster.processes_per_user());
     assert_one_process_per_user(&cluster, &users);
 }
 

@@ -768,7 +768,6 @@ impl Cluster {
             + self.settings.drain
     }
 
-    /// POSTs `body` to `node`'s internal route `path` and returns the JSON answer.
     /// POSTs `body` to `node`'s internal route `path`. With `progress`, the owner answers with
     /// server-sent events and each `progress` event reaches the sink as it arrives.
     pub async fn forward(

@@ -10,16 +10,97 @@
 //!
 //! [`PoolHandle::serving_forwarded`]: crate::actors::PoolHandle::serving_forwarded
 
-use axum::Json;
-use axum::extract::FromRequestParts;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_stream::StreamExt as _;
 
 use super::HttpState;
 use super::error::ApiError;
-use crate::actors::PoolHandle;
+use crate::actors::{PoolError, PoolHandle};
 use crate::cluster::INTERNAL_SECRET_HEADER;
 use crate::ids::{ServerName, UserId};
+
+/// The internal routes, behind [`PeerGate`].
+pub fn routes(state: &HttpState) -> Router<HttpState> {
+    use crate::actors::pool::internal_paths as paths;
+    Router::new()
+        .route(paths::LIST_TOOLS, post(list_tools))
+        .route(paths::CALL_TOOL, post(call_tool))
+        .route(paths::LIST_PROMPTS, post(list_prompts))
+        .route(paths::GET_PROMPT, post(get_prompt))
+        .route(paths::LIST_RESOURCES, post(list_resources))
+        .route(
+            paths::LIST_RESOURCE_TEMPLATES,
+            post(list_resource_templates),
+        )
+        .route(paths::READ_RESOURCE, post(read_resource))
+        .route(paths::CLOSE_SESSION, post(close_session))
+        .route(paths::CLOSE_USER, post(close_user))
+        .route(paths::STATS, get(stats))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), gate))
+}
+
+/// Other nodes' requests in progress here, and whether new ones are still taken. Closed when
+/// the listener closes: from then on a peer's request is refused before any work
+/// (`503 shutting_down`, which the sending node retries elsewhere), and the drain waits for
+/// those in progress, so none runs on a session the pool is closing.
+pub struct PeerGate {
+    closed: AtomicBool,
+    in_flight: Arc<Semaphore>,
+}
+
+/// More than the requests one node can have in progress.
+const PEER_REQUESTS: u32 = 1 << 20;
+
+impl Default for PeerGate {
+    fn default() -> PeerGate {
+        PeerGate {
+            closed: AtomicBool::new(false),
+            in_flight: Arc::new(Semaphore::new(PEER_REQUESTS as usize)),
+        }
+    }
+}
+
+impl PeerGate {
+    fn enter(&self) -> Option<OwnedSemaphorePermit> {
+        if self.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.in_flight.clone().try_acquire_owned().ok()
+    }
+
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Once every request that entered before [`PeerGate::close`] has ended.
+    pub async fn drained(&self) {
+        let _all = self.in_flight.acquire_many(PEER_REQUESTS).await;
+    }
+}
+
+async fn gate(State(state): State<HttpState>, request: Request, next: Next) -> Response {
+    let Some(permit) = state.peer_gate.enter() else {
+        return ApiError::from(PoolError::ShuttingDown).into_response();
+    };
+    let response = next.run(request).await;
+    // Held until the body ends: a streamed call runs for as long as its events.
+    response.map(|body| {
+        Body::from_stream(body.into_data_stream().map(move |chunk| {
+            let _in_flight = &permit;
+            chunk
+        }))
+    })
+}
 
 /// A request from another node of the cluster; holds the pool handle that serves it here.
 pub struct FromPeer(pub PoolHandle);
@@ -40,6 +121,9 @@ impl FromRequestParts<HttpState> for FromPeer {
             return Err(ApiError::unauthorized(
                 "internal routes take the cluster secret",
             ));
+        }
+        if let Some(connection) = parts.extensions.get::<super::ConnectionRole>() {
+            connection.mark_peer();
         }
         Ok(FromPeer(state.pool.serving_forwarded()))
     }

@@ -38,7 +38,7 @@ pub mod tools;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -101,6 +101,8 @@ pub struct HttpStateInner {
     pub refusals: Arc<logging::RefusalLog>,
     /// `/mcp`: its sessions and their owners.
     pub mcp: Arc<mcp::McpEndpoint>,
+    /// Requests of other nodes in progress; closed when the listener closes.
+    pub peer_gate: internal::PeerGate,
 }
 
 impl HttpState {
@@ -131,6 +133,7 @@ impl HttpState {
             shutting_down: Arc::new(AtomicBool::new(false)),
             shutdown: tokio_util::sync::CancellationToken::new(),
             refusals: Arc::new(logging::RefusalLog::new(logging::SUMMARY_WINDOW)),
+            peer_gate: internal::PeerGate::default(),
         }))
     }
 
@@ -190,52 +193,13 @@ pub fn router(state: HttpState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics::scrape))
         .route("/openapi.json", get(openapi::document))
-        .route(
-            crate::actors::pool::internal_paths::LIST_TOOLS,
-            post(internal::list_tools),
-        )
-        .route(
-            crate::actors::pool::internal_paths::CALL_TOOL,
-            post(internal::call_tool),
-        )
-        .route(
-            crate::actors::pool::internal_paths::LIST_PROMPTS,
-            post(internal::list_prompts),
-        )
-        .route(
-            crate::actors::pool::internal_paths::GET_PROMPT,
-            post(internal::get_prompt),
-        )
-        .route(
-            crate::actors::pool::internal_paths::LIST_RESOURCES,
-            post(internal::list_resources),
-        )
-        .route(
-            crate::actors::pool::internal_paths::LIST_RESOURCE_TEMPLATES,
-            post(internal::list_resource_templates),
-        )
-        .route(
-            crate::actors::pool::internal_paths::READ_RESOURCE,
-            post(internal::read_resource),
-        )
-        .route(
-            crate::actors::pool::internal_paths::CLOSE_SESSION,
-            post(internal::close_session),
-        )
-        .route(
-            crate::actors::pool::internal_paths::CLOSE_USER,
-            post(internal::close_user),
-        )
-        .route(
-            crate::actors::pool::internal_paths::STATS,
-            get(internal::stats),
-        )
         .route(mcp::RESOURCE_METADATA_PATH, get(mcp::protected_resource))
         .route(
             mcp::ROOT_RESOURCE_METADATA_PATH,
             get(mcp::protected_resource),
         )
         .merge(mcp::service(&state))
+        .merge(internal::routes(&state))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     api.layer(DefaultBodyLimit::max(body_limit))
@@ -295,11 +259,16 @@ pub fn router(state: HttpState) -> Router {
 /// - `http.max_open_connections`: past it a new connection is answered at once with
 ///   `503 too_many_connections` (`Retry-After: 1`) and closed: refused, not queued, so a client
 ///   learns at once and nothing waits invisibly in the accept backlog.
+///
+/// A connection that carried a request of another node of the cluster (authenticated by the
+/// cluster secret) is not closed with the others: it is returned in [`PeerConnections`], and
+/// the caller closes it once this node has released its leases. Closing it earlier races with
+/// a forwarded request written on it at that moment, which then fails although it never ran.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: HttpState,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<PeerConnections> {
     let grace = state.config.service.shutdown_grace;
     let delay = state.config.http.shutdown_delay;
     let limits = ConnectionLimits {
@@ -329,6 +298,10 @@ pub async fn serve(
     let _stop_announcer = draining.clone().drop_guard();
     let app = router(state.clone());
     let mut connections = tokio::task::JoinSet::new();
+    let release_peers = CancellationToken::new();
+    // Every connection task holds a clone until it ends or, as a peer connection, outlives the
+    // drain: the drain is over when the last clone is dropped.
+    let (serving_clients, mut clients_done) = tokio::sync::mpsc::channel::<()>(1);
     loop {
         let accepted = tokio::select! {
             () = draining.cancelled() => break,
@@ -352,8 +325,20 @@ pub async fn serve(
             refuse_connection(stream, &limits, &state);
             continue;
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let role = ConnectionRole::default();
+        let service = {
+            let (app, role) = (
+                hyper_util::service::TowerToHyperService::new(app.clone()),
+                role.clone(),
+            );
+            hyper::service::service_fn(move |mut request: hyper::Request<_>| {
+                role.saw_request();
+                request.extensions_mut().insert(role.clone());
+                hyper::service::Service::call(&app, request)
+            })
+        };
         let (draining, header_read_timeout) = (draining.clone(), limits.header_read_timeout);
+        let (release_peers, serving_client) = (release_peers.clone(), serving_clients.clone());
         connections.spawn(async move {
             let _permit = permit;
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -364,8 +349,33 @@ pub async fn serve(
                 builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
+                // The connection first: request bytes already here are read before a drain
+                // that starts at the same moment finds the connection idle and closes it.
+                biased;
                 result = connection.as_mut() => log_connection_end(result),
                 () = draining.cancelled() => {
+                    if !role.has_seen_request() {
+                        // Just accepted: its first request may be on its way (another node
+                        // writes a forwarded call right after connecting). Closing now would
+                        // lose it; once it arrives, an internal one is refused cleanly.
+                        tokio::select! {
+                            result = connection.as_mut() => {
+                                log_connection_end(result);
+                                return;
+                            }
+                            () = tokio::time::sleep(FIRST_REQUEST_WAIT) => {}
+                        }
+                    }
+                    if role.is_peer() {
+                        drop(serving_client);
+                        tokio::select! {
+                            result = connection.as_mut() => {
+                                log_connection_end(result);
+                                return;
+                            }
+                            () = release_peers.cancelled() => {}
+                        }
+                    }
                     // Finish the request in progress (if any), then close.
                     connection.as_mut().graceful_shutdown();
                     log_connection_end(connection.await);
@@ -374,8 +384,13 @@ pub async fn serve(
         });
     }
     drop(listener);
+    drop(serving_clients);
+    // From now on other nodes' requests are refused before any work (they retry elsewhere);
+    // those in progress finish before the pool closes the sessions they run on.
+    state.peer_gate.close();
     let drained = tokio::time::timeout(grace, async {
-        while connections.join_next().await.is_some() {}
+        clients_done.recv().await;
+        state.peer_gate.drained().await;
     })
     .await;
     if drained.is_err() {
@@ -386,7 +401,74 @@ pub async fn serve(
         );
         connections.abort_all();
     }
-    Ok(())
+    Ok(PeerConnections {
+        connections,
+        release: release_peers,
+        grace,
+    })
+}
+
+/// How long a connection that has not sent a request yet is kept once the drain starts.
+const FIRST_REQUEST_WAIT: Duration = Duration::from_millis(500);
+
+/// What a connection has carried: nothing yet, some request, or a request of another node
+/// (set by the internal routes once the cluster secret checked out, so no client can hold a
+/// connection open past the drain).
+#[derive(Clone, Default)]
+pub struct ConnectionRole(Arc<AtomicU8>);
+
+const ROLE_NEW: u8 = 0;
+const ROLE_SERVED: u8 = 1;
+const ROLE_PEER: u8 = 2;
+
+impl ConnectionRole {
+    fn saw_request(&self) {
+        let _ =
+            self.0
+                .compare_exchange(ROLE_NEW, ROLE_SERVED, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    pub fn mark_peer(&self) {
+        self.0.store(ROLE_PEER, Ordering::Relaxed);
+    }
+
+    fn has_seen_request(&self) -> bool {
+        self.0.load(Ordering::Relaxed) != ROLE_NEW
+    }
+
+    fn is_peer(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == ROLE_PEER
+    }
+}
+
+/// Other nodes' connections, still open after [`serve`] returned: the internal routes answer
+/// `503 shutting_down` on them (a refusal the sending node retries elsewhere), until this node
+/// has released its leases and closes them.
+pub struct PeerConnections {
+    connections: tokio::task::JoinSet<()>,
+    release: CancellationToken,
+    grace: Duration,
+}
+
+impl PeerConnections {
+    /// How many are still open.
+    pub fn open(&mut self) -> usize {
+        while self.connections.try_join_next().is_some() {}
+        self.connections.len()
+    }
+
+    /// Closes them (each finishes its request in progress), within `service.shutdown_grace`.
+    pub async fn close(mut self) {
+        self.release.cancel();
+        let connections = &mut self.connections;
+        let closed = tokio::time::timeout(self.grace, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if closed.is_err() {
+            self.connections.abort_all();
+        }
+    }
 }
 
 /// Refused connections answered at the same time at most; past this they are closed unanswered

@@ -184,8 +184,10 @@ impl PoolHandle {
                 None => {}
                 Some(Ok(value)) => return decode(value),
                 // The other node found the lease held elsewhere (a move or a failover in
-                // progress): look again after a pause.
-                Some(Err(ForwardError::Answered(remote))) if remote.code == "session_moved" => {}
+                // progress), or is leaving and refused before any work: look again after a
+                // pause (its leases are released once its sessions closed).
+                Some(Err(ForwardError::Answered(remote)))
+                    if matches!(remote.code, "session_moved" | "shutting_down") => {}
                 Some(Err(ForwardError::Answered(remote))) => {
                     return Err(PoolError::Forwarded(Arc::new(remote)));
                 }
