@@ -5,6 +5,8 @@
 //! environment, so a key with two live processes anywhere in the cluster would show.
 
 mod common;
+#[path = "common/fake_llm.rs"]
+mod fake_llm;
 #[path = "common/http.rs"]
 mod http;
 #[path = "common/oauth.rs"]
@@ -1584,4 +1586,83 @@ async fn a_forwarded_call_relays_its_progress_to_rest_and_mcp_callers() {
         served += node.metric("mcp_pool_cluster_served_for_peers_total").await;
     }
     assert!(served >= 4.0, "{served}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_tool_call_of_a_chat_runs_on_the_owner_node() {
+    let fake = fake_llm::FakeLlm::start([
+        fake_llm::Reply::calls(&[(
+            "call_1",
+            "demo__echo",
+            json!({ "message": "via the owner" }),
+        )]),
+        fake_llm::Reply::text("Done."),
+    ])
+    .await;
+    let llm = format!(
+        "[llm]\nbase_url = {:?}\nmodel = {:?}\ntimeout = \"20s\"\n",
+        fake.base_url,
+        fake_llm::MODEL
+    );
+    let cluster = Cluster::start_with_servers(3, "rendezvous", llm).await;
+    cluster.wait_for_membership().await;
+    let user = "chatter";
+    connect_all(cluster.node(0).addr(), &[user.to_owned()]).await;
+    assert_eq!(
+        echoed(&echo(cluster.node(0).addr(), user, "warm").await).as_deref(),
+        Some("warm")
+    );
+    let owner = cluster
+        .processes()
+        .keys()
+        .find(|(_, u, _)| u == user)
+        .map(|(node, _, _)| *node)
+        .expect("a session");
+    let other = (owner + 1) % 3;
+
+    let chat = cluster
+        .node(other)
+        .client(user)
+        .post_json("/v1/chat", &json!({ "message": "echo something" }))
+        .await;
+    assert_eq!(chat.status, 200, "{}", chat.text());
+    let body = chat.json();
+    assert_eq!(body["reply"], "Done.", "{body}");
+    assert_eq!(body["trace"][0]["is_error"], false, "{body}");
+    // The model saw the owner's answer, and the tool list the receiving node offered it.
+    let sent = fake.requests();
+    assert_eq!(sent.len(), 2);
+    let offered = sent[0].body["tools"].to_string();
+    assert!(offered.contains("demo__echo"), "{offered}");
+    let tool_result = sent[1].body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["role"] == "tool")
+        .cloned()
+        .expect("a tool message");
+    assert_eq!(tool_result["content"], "via the owner", "{tool_result}");
+    // Both calls ran on the owner's one session; the receiving node forwarded and ran nothing.
+    assert_one_process_per_user(&cluster, &[user.to_owned()]);
+    assert_eq!(
+        cluster
+            .node(owner)
+            .metric("mcp_pool_tool_calls_total")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        cluster
+            .node(other)
+            .metric("mcp_pool_tool_calls_total")
+            .await,
+        0.0
+    );
+    assert!(
+        cluster
+            .node(other)
+            .metric("mcp_pool_cluster_forwarded_total")
+            .await
+            >= 1.0
+    );
 }
