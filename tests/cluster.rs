@@ -1666,3 +1666,92 @@ async fn each_tool_call_of_a_chat_runs_on_the_owner_node() {
             >= 1.0
     );
 }
+
+/// `cancelled_sleeps` of `user`'s demo server (its `stats` tool), asked through `node`.
+async fn cancelled_sleeps(node: &Node, user: &str) -> u64 {
+    let stats = node.client(user).call("demo", "stats", &json!({})).await;
+    let text = echoed(&stats).unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|s| s["cancelled_sleeps"].as_u64())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_caller_that_gives_up_cancels_the_call_on_the_owner_node() {
+    let cluster = Cluster::start(3).await;
+    cluster.wait_for_membership().await;
+    let user = "impatient";
+    connect_all(cluster.node(0).addr(), &[user.to_owned()]).await;
+    assert_eq!(
+        echoed(&echo(cluster.node(0).addr(), user, "warm").await).as_deref(),
+        Some("warm")
+    );
+    let owner = cluster
+        .processes()
+        .keys()
+        .find(|(_, u, _)| u == user)
+        .map(|(node, _, _)| *node)
+        .expect("a session");
+    let other = cluster.node((owner + 1) % 3);
+    let busy = || async {
+        let stats = cluster.node(owner).admin().get("/v1/stats").await.json();
+        stats["connections"].as_array().is_some_and(|all| {
+            all.iter()
+                .any(|c| c["user_id"] == user && c["in_flight"] != 0)
+        })
+    };
+
+    // `/mcp` on another node: the client's `notifications/cancelled` reaches the owner's server.
+    let mcp = std::sync::Arc::new(RawMcp::open(other.addr(), user).await);
+    let call = {
+        let mcp = mcp.clone();
+        tokio::spawn(async move {
+            mcp.post(
+                &json!({ "jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {
+                "name": "demo__sleep", "arguments": { "ms": 600_000 } } }),
+            )
+            .await
+        })
+    };
+    assert!(
+        wait_until(PATIENCE, busy).await,
+        "the sleep reached the owner"
+    );
+    let cancel = mcp
+        .post(
+            &json!({ "jsonrpc": "2.0", "method": "notifications/cancelled",
+                       "params": { "requestId": 5, "reason": "the user gave up" } }),
+        )
+        .await;
+    assert_eq!(cancel.status, 202, "{}", cancel.text());
+    let cancelled = wait_until(PATIENCE, || async {
+        cancelled_sleeps(other, user).await == 1
+    })
+    .await;
+    assert!(cancelled, "the owner's server ended the sleep");
+    call.abort();
+
+    // REST with server-sent events on another node: a client that disconnects cancels too.
+    let rest = {
+        let client = other
+            .client(user)
+            .with_header("accept", "text/event-stream");
+        tokio::spawn(async move {
+            client
+                .call("demo", "sleep", &json!({ "ms": 600_000 }))
+                .await
+        })
+    };
+    assert!(
+        wait_until(PATIENCE, busy).await,
+        "the second sleep reached the owner"
+    );
+    rest.abort();
+    let cancelled = wait_until(PATIENCE, || async {
+        cancelled_sleeps(other, user).await == 2
+    })
+    .await;
+    assert!(cancelled, "the owner's server ended the second sleep");
+    assert_one_process_per_user(&cluster, &[user.to_owned()]);
+}
