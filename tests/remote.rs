@@ -753,6 +753,84 @@ fn token_requests(stats: &Value, grant_type: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Starts `user`'s connect flow of `notion` and plays their browser up to our callback.
+async fn start_and_authorize(user: &http::Client, browser: &mut Browser, callback: &str) -> String {
+    let started = user.post_json("/v1/oauth/notion/start", &json!({})).await;
+    assert_eq!(started.status, 200, "{}", started.text());
+    let url = started.json()["authorization_url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    browser.authorize(&url, callback).await
+}
+
+/// RFC 9207 at oidc-provider (which announces `authorization_response_iss_parameter_supported`):
+/// an authorization response whose `iss` names another server, or that lacks it, is refused
+/// before its code is exchanged, and stores nothing; the untouched response connects.
+#[tokio::test]
+async fn an_authorization_response_from_another_issuer_is_refused() {
+    let oidc = Oidc::start().await;
+    let bearer = BearerServer::start(json!({ "issuer": oidc.url, "resource": "self" })).await;
+    let callback = "http://127.0.0.1:9/v1/oauth/notion/callback";
+    let config = format!(
+        "{}[servers.notion.oauth]\nredirect_uri = \"{callback}\"\n\
+         success_redirect = \"{SUCCESS}\"\nerror_redirect = \"{FAILURE}\"\n\
+         token_timeout = \"5s\"\n",
+        remote_server("notion", &bearer.url, "")
+    );
+    let ts = TestServer::start("", &config, "", &[]).await;
+    oidc.control(json!({ "login": "carol" })).await;
+    let carol = ts.user("carol");
+    let mut browser = Browser::default();
+    let location = |resp: &http::Resp| resp.headers["location"].to_str().unwrap().to_owned();
+
+    // A response naming another authorization server (a mix-up attack replays one).
+    let redirect = start_and_authorize(&carol, &mut browser, callback).await;
+    let issuer = query_param(&redirect, "iss").expect("oidc-provider sends iss");
+    assert_eq!(issuer.trim_end_matches('/'), oidc.url.trim_end_matches('/'));
+    let forged = oauth::with_param(&redirect, "iss", "https://attacker.example");
+    let back = ts.anonymous().get(&path_and_query(&forged)).await;
+    assert_eq!(
+        location(&back),
+        format!("{FAILURE}?error=issuer_mismatch&server=notion")
+    );
+    // One without `iss`, from a server that promised it.
+    let redirect = start_and_authorize(&carol, &mut browser, callback).await;
+    let mut stripped = reqwest::Url::parse(&redirect).unwrap();
+    let kept: Vec<(String, String)> = stripped
+        .query_pairs()
+        .filter(|(k, _)| k != "iss")
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    stripped.query_pairs_mut().clear().extend_pairs(kept);
+    let back = ts.anonymous().get(&path_and_query(stripped.as_str())).await;
+    assert_eq!(
+        location(&back),
+        format!("{FAILURE}?error=issuer_mismatch&server=notion")
+    );
+    // Neither code reached the token endpoint, and nothing was stored.
+    let stats = oidc.stats().await;
+    assert!(
+        token_requests(&stats, "authorization_code").is_empty(),
+        "{stats}"
+    );
+    let stored = ts
+        .state
+        .store
+        .get(
+            &mcp_pool::store::UserId::parse("carol").unwrap(),
+            &mcp_pool::store::ServerName::parse("notion").unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(stored.is_none(), "a refused response stores nothing");
+
+    // The untouched response connects.
+    let redirect = start_and_authorize(&carol, &mut browser, callback).await;
+    let back = ts.anonymous().get(&path_and_query(&redirect)).await;
+    assert_eq!(location(&back), format!("{SUCCESS}?connected=notion"));
+}
+
 /// The whole MCP authorization flow against real parts only: discovery (RFC 9728 → OIDC) and
 /// dynamic registration at npm `oidc-provider`, the authorization request with PKCE S256 and
 /// the RFC 8707 resource, its login and consent interactions (followed with a cookie jar), our

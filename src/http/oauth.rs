@@ -87,7 +87,7 @@ pub async fn start(
         ("error" = Option<String>, Query, description = "Set by the provider instead of `code`, e.g. `access_denied`"),
     ),
     responses(
-        (status = 303, description = "To `success_redirect?connected={server}`, or to `error_redirect?error=<code>&server={server}` with code one of `invalid_state`, `state_expired`, `access_denied`, `provider_error`, `invalid_request`, `token_exchange_failed`, `provider_unavailable`, `internal`", headers(("Location" = String))),
+        (status = 303, description = "To `success_redirect?connected={server}`, or to `error_redirect?error=<code>&server={server}` with code one of `invalid_state`, `state_expired`, `access_denied`, `provider_error`, `invalid_request`, `issuer_mismatch`, `token_exchange_failed`, `provider_unavailable`, `internal`", headers(("Location" = String))),
         (status = 400, description = "`invalid_server_name`", body = ErrorBody),
         (status = 404, description = "`unknown_server` or `oauth_not_configured`", body = ErrorBody),
         (status = 503, description = "`too_many_connections`", body = ErrorBody, headers(("Retry-After" = u64))),

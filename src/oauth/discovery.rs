@@ -71,6 +71,11 @@ pub struct Endpoints {
     pub registration_endpoint: Option<String>,
     /// From the resource's metadata, else the server's; requested when none are configured.
     pub scopes: Vec<String>,
+    /// The server said it puts `iss` in authorization responses (RFC 9207): a callback
+    /// without it is refused. (Absent in rows stored before this was read: then `iss` is
+    /// checked when present.)
+    #[serde(default)]
+    pub iss_in_responses: bool,
 }
 
 /// A client registered at an authorization server (RFC 7591 response).
@@ -126,6 +131,8 @@ struct ServerMetadata {
     code_challenge_methods_supported: Vec<String>,
     #[serde(default)]
     scopes_supported: Vec<String>,
+    #[serde(default)]
+    authorization_response_iss_parameter_supported: bool,
 }
 
 /// The OAuth client of `server`, a remote server configured for discovery
@@ -316,6 +323,7 @@ pub async fn discover(
         } else {
             resource.scopes_supported
         },
+        iss_in_responses: meta.authorization_response_iss_parameter_supported,
         issuer,
     })
 }

@@ -39,6 +39,8 @@ pub struct CallbackParams {
     pub state: Option<Secret>,
     /// Set instead of `code` when the user declined or the provider failed.
     pub error: Option<String>,
+    /// RFC 9207: the issuer of the authorization server that answered.
+    pub iss: Option<String>,
 }
 
 /// Why a callback did not connect. [`CallbackError::code`] goes into the error redirect.
@@ -56,6 +58,8 @@ pub enum CallbackError {
     ProviderError(String),
     #[error("the callback has no code")]
     MissingCode,
+    #[error("the callback's issuer is wrong: {0}")]
+    Issuer(#[from] super::provider::IssuerProblem),
     #[error("the token endpoint refused the code: {0}")]
     ExchangeRejected(OAuthError),
     #[error("the token endpoint is unavailable: {0}")]
@@ -77,6 +81,7 @@ impl CallbackError {
             CallbackError::AccessDenied => "access_denied",
             CallbackError::ProviderError(_) => "provider_error",
             CallbackError::MissingCode => "invalid_request",
+            CallbackError::Issuer(_) => "issuer_mismatch",
             CallbackError::ExchangeRejected(_) => "token_exchange_failed",
             CallbackError::ProviderUnavailable(_) => "provider_unavailable",
             CallbackError::NotConfigured => "oauth_not_configured",
@@ -162,6 +167,8 @@ pub async fn complete(
     if flow.expires_at <= Utc::now() {
         return Err(CallbackError::StateExpired);
     }
+    // Before the error too: an error response of another server is no answer to this flow.
+    provider.check_issuer(params.iss.as_deref())?;
     if let Some(error) = params.error {
         return Err(if error == "access_denied" {
             CallbackError::AccessDenied

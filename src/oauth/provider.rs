@@ -56,7 +56,19 @@ pub struct Provider {
     /// RFC 8707 resource indicator (the remote MCP server's URL), sent on authorize, token and
     /// refresh requests so the tokens are issued for that server only.
     resource: Option<String>,
+    /// The authorization server's issuer, when discovered: its callbacks' `iss` (RFC 9207)
+    /// must be this. `true` when the server promised to always send it.
+    issuer: Option<(String, bool)>,
     http: reqwest::Client,
+}
+
+/// Why an authorization response's `iss` was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IssuerProblem {
+    #[error("the response names another authorization server")]
+    Mismatch,
+    #[error("the authorization server promised `iss` in its responses and sent none")]
+    Missing,
 }
 
 impl std::fmt::Debug for Provider {
@@ -138,6 +150,7 @@ impl Provider {
             timeout: config.token_timeout,
             cooldown: config.refresh_cooldown,
             resource: None,
+            issuer: None,
             http,
         })
     }
@@ -177,8 +190,25 @@ impl Provider {
             timeout: config.token_timeout,
             cooldown: config.refresh_cooldown,
             resource: Some(endpoints.resource.clone()),
+            issuer: Some((endpoints.issuer.clone(), endpoints.iss_in_responses)),
             http,
         })
+    }
+
+    /// RFC 9207: the `iss` of an authorization response names the server this flow went to.
+    /// A mix-up attack (a response from another authorization server replayed to our
+    /// callback) fails here, before the code is sent anywhere. A configured (not discovered)
+    /// provider has no issuer to compare with.
+    pub fn check_issuer(&self, iss: Option<&str>) -> Result<(), IssuerProblem> {
+        let Some((issuer, always_sent)) = &self.issuer else {
+            return Ok(());
+        };
+        match iss {
+            Some(iss) if iss == issuer => Ok(()),
+            Some(_) => Err(IssuerProblem::Mismatch),
+            None if *always_sent => Err(IssuerProblem::Missing),
+            None => Ok(()),
+        }
     }
 
     pub fn server(&self) -> &ServerName {
