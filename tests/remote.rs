@@ -347,6 +347,14 @@ async fn a_rest_tool_call_streams_progress_then_the_result_to_an_event_stream_cl
         failed.next_event().await.is_none(),
         "the stream ends after the error"
     );
+    // Counted like the same error answered in JSON.
+    let metrics = ts.anonymous().get("/metrics").await.text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "mcp_pool_http_errors_total{code=\"unknown_tool\"} 1"),
+        "{metrics}"
+    );
     ts.stop().await;
     server.stop().await;
 }

@@ -192,6 +192,7 @@ pub async fn list_tools(
 /// `Accept: text/event-stream` (the forwarding node has a caller that wants progress), events
 /// as REST streams them: `progress`, then `result` (that `CallToolResult`) or `error`.
 pub async fn call_tool(
+    State(state): State<HttpState>,
     FromPeer(pool): FromPeer,
     headers: axum::http::HeaderMap,
     request: Result<Json<CallBody>, axum::extract::rejection::JsonRejection>,
@@ -205,7 +206,11 @@ pub async fn call_tool(
                 .await
             {
                 Ok(result) => ("result", serde_json::to_value(result).unwrap_or_default()),
-                Err(err) => ("error", ApiError::from(err).stream_event()),
+                Err(err) => {
+                    let err = ApiError::from(err);
+                    state.count_error(err.code(), err.status());
+                    ("error", err.stream_event())
+                }
             }
         }));
     }

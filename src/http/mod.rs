@@ -148,6 +148,13 @@ impl HttpState {
         self.shutdown.clone()
     }
 
+    /// Counts an error answer in `/metrics` and the refusal log: every error response (see
+    /// `count_errors`), and the `error` event that ends a stream (whose status line said 200).
+    pub fn count_error(&self, code: &'static str, status: StatusCode) {
+        self.metrics.error(code);
+        self.refusals.note(code, status);
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
     }
@@ -598,8 +605,7 @@ async fn request_timeout(State(limit): State<Duration>, request: Request, next: 
 async fn count_errors(State(state): State<HttpState>, request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     if let Some(error::ErrorCode(code)) = response.extensions().get::<error::ErrorCode>() {
-        state.metrics.error(code);
-        state.refusals.note(code, response.status());
+        state.count_error(code, response.status());
     }
     response
 }

@@ -229,7 +229,10 @@ fn stream_call(
             .and_then(|result| call_response(result, started.elapsed()))
         {
             Ok(response) => ("result", serde_json::to_value(response).unwrap_or_default()),
-            Err(err) => ("error", err.stream_event()),
+            Err(err) => {
+                state.count_error(err.code(), err.status());
+                ("error", err.stream_event())
+            }
         }
     })
 }
