@@ -207,6 +207,15 @@ impl Cluster {
         processes_under(self.root.path())
     }
 
+    /// The node whose process serves `user` (any server); panics if none does.
+    fn owner_of(&self, user: &str) -> usize {
+        self.processes()
+            .keys()
+            .find(|(_, u, _)| u == user)
+            .map(|(node, _, _)| *node)
+            .expect("a session")
+    }
+
     /// Live server processes per user (any node), for the demo server.
     fn processes_per_user(&self) -> HashMap<String, usize> {
         let mut per_user = HashMap::new();
@@ -451,6 +460,17 @@ async fn call_all(addr: std::net::SocketAddr, users: &[String], rounds: usize) -
         }
     }
     failures
+}
+
+/// Stores `user`'s demo credentials and starts their session with one call through node 0;
+/// returns the index of the node that runs it.
+async fn demo_session_owner(cluster: &Cluster, user: &str) -> usize {
+    connect_all(cluster.node(0).addr(), &[user.to_owned()]).await;
+    assert_eq!(
+        echoed(&echo(cluster.node(0).addr(), user, "warm").await).as_deref(),
+        Some("warm")
+    );
+    cluster.owner_of(user)
 }
 
 fn users(prefix: &str, count: usize) -> Vec<String> {
@@ -1099,17 +1119,7 @@ async fn a_forwarded_call_takes_one_hop_to_the_owner() {
     let cluster = Cluster::start(2).await;
     cluster.wait_for_membership().await;
     let user = "hop";
-    connect_all(cluster.node(0).addr(), &[user.to_owned()]).await;
-    assert_eq!(
-        echoed(&echo(cluster.node(0).addr(), user, "warm").await).as_deref(),
-        Some("warm")
-    );
-    let owner = cluster
-        .processes()
-        .keys()
-        .find(|(_, u, _)| u == user)
-        .map(|(node, _, _)| *node)
-        .expect("a session");
+    let owner = demo_session_owner(&cluster, user).await;
     let other = 1 - owner;
     let mut timings = [Vec::new(), Vec::new()];
     for round in 0..400 {
@@ -1496,12 +1506,7 @@ async fn a_forwarded_call_relays_its_progress_to_rest_and_mcp_callers() {
         .call("everything", "echo", &json!({ "message": "warm" }))
         .await;
     assert_eq!(warm.status, 200, "{}", warm.text());
-    let owner = cluster
-        .processes()
-        .keys()
-        .find(|(_, u, _)| u == user)
-        .map(|(node, _, _)| *node)
-        .expect("a session");
+    let owner = cluster.owner_of(user);
     let arguments = json!({ "duration": 1, "steps": 4 });
     let others: Vec<usize> = cluster
         .running()
@@ -1607,17 +1612,7 @@ async fn each_tool_call_of_a_chat_runs_on_the_owner_node() {
     let cluster = Cluster::start_with_servers(3, "rendezvous", llm).await;
     cluster.wait_for_membership().await;
     let user = "chatter";
-    connect_all(cluster.node(0).addr(), &[user.to_owned()]).await;
-    assert_eq!(
-        echoed(&echo(cluster.node(0).addr(), user, "warm").await).as_deref(),
-        Some("warm")
-    );
-    let owner = cluster
-        .processes()
-        .keys()
-        .find(|(_, u, _)| u == user)
-        .map(|(node, _, _)| *node)
-        .expect("a session");
+    let owner = demo_session_owner(&cluster, user).await;
     let other = (owner + 1) % 3;
 
     let chat = cluster
@@ -1682,17 +1677,7 @@ async fn a_caller_that_gives_up_cancels_the_call_on_the_owner_node() {
     let cluster = Cluster::start(3).await;
     cluster.wait_for_membership().await;
     let user = "impatient";
-    connect_all(cluster.node(0).addr(), &[user.to_owned()]).await;
-    assert_eq!(
-        echoed(&echo(cluster.node(0).addr(), user, "warm").await).as_deref(),
-        Some("warm")
-    );
-    let owner = cluster
-        .processes()
-        .keys()
-        .find(|(_, u, _)| u == user)
-        .map(|(node, _, _)| *node)
-        .expect("a session");
+    let owner = demo_session_owner(&cluster, user).await;
     let other = cluster.node((owner + 1) % 3);
     let busy = || async {
         let stats = cluster.node(owner).admin().get("/v1/stats").await.json();

@@ -210,6 +210,35 @@ impl PoolHandle {
         }
     }
 
+    /// A catalog listing of `server` (prompts, resources, templates): here with `list`, or
+    /// from the owner node's `route.0`, whose answer holds it under `route.1`.
+    async fn listing<T, F, Fut>(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        route: (&'static str, &'static str),
+        list: F,
+    ) -> Result<Arc<Vec<T>>, PoolError>
+    where
+        T: serde::de::DeserializeOwned + Send + Sync,
+        F: Fn(Session, InFlight) -> Fut + Send + Sync,
+        Fut: std::future::Future<Output = Result<Arc<Vec<T>>, PoolError>> + Send,
+    {
+        let (path, field) = route;
+        self.clustered(
+            &SessionKey::new(user, server),
+            Forward {
+                path,
+                body: || key_body(user, server),
+                idempotent: true,
+                progress: None,
+            },
+            || Box::pin(self.with_session(user, server, Limit::Session, &list)),
+            |value| decode_field(value, field).map(Arc::new),
+        )
+        .await
+    }
+
     /// Events from now on: starts, crashes, restarts, closes, refreshes, tool-list and
     /// credential changes, for every user (filter by `user_id` when serving one user).
     pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<PoolEvent> {
@@ -459,23 +488,11 @@ impl PoolHandle {
         user: &UserId,
         server: &ServerName,
     ) -> Result<Arc<Vec<Prompt>>, PoolError> {
-        self.clustered(
-            &SessionKey::new(user, server),
-            Forward {
-                path: internal_paths::LIST_PROMPTS,
-                body: || key_body(user, server),
-                idempotent: true,
-                progress: None,
-            },
-            || {
-                Box::pin(self.with_session(
-                    user,
-                    server,
-                    Limit::Session,
-                    |session, slot| async move { session.list_prompts(slot).await },
-                ))
-            },
-            |value| decode_field(value, "prompts").map(Arc::new),
+        self.listing(
+            user,
+            server,
+            (internal_paths::LIST_PROMPTS, "prompts"),
+            |session, slot| async move { session.list_prompts(slot).await },
         )
         .await
     }
@@ -499,23 +516,11 @@ impl PoolHandle {
         user: &UserId,
         server: &ServerName,
     ) -> Result<Arc<Vec<Resource>>, PoolError> {
-        self.clustered(
-            &SessionKey::new(user, server),
-            Forward {
-                path: internal_paths::LIST_RESOURCES,
-                body: || key_body(user, server),
-                idempotent: true,
-                progress: None,
-            },
-            || {
-                Box::pin(self.with_session(
-                    user,
-                    server,
-                    Limit::Session,
-                    |session, slot| async move { session.list_resources(slot).await },
-                ))
-            },
-            |value| decode_field(value, "resources").map(Arc::new),
+        self.listing(
+            user,
+            server,
+            (internal_paths::LIST_RESOURCES, "resources"),
+            |session, slot| async move { session.list_resources(slot).await },
         )
         .await
     }
@@ -539,23 +544,14 @@ impl PoolHandle {
         user: &UserId,
         server: &ServerName,
     ) -> Result<Arc<Vec<ResourceTemplate>>, PoolError> {
-        self.clustered(
-            &SessionKey::new(user, server),
-            Forward {
-                path: internal_paths::LIST_RESOURCE_TEMPLATES,
-                body: || key_body(user, server),
-                idempotent: true,
-                progress: None,
-            },
-            || {
-                Box::pin(self.with_session(
-                    user,
-                    server,
-                    Limit::Session,
-                    |session, slot| async move { session.list_resource_templates(slot).await },
-                ))
-            },
-            |value| decode_field(value, "resource_templates").map(Arc::new),
+        self.listing(
+            user,
+            server,
+            (
+                internal_paths::LIST_RESOURCE_TEMPLATES,
+                "resource_templates",
+            ),
+            |session, slot| async move { session.list_resource_templates(slot).await },
         )
         .await
     }
