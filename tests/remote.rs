@@ -761,15 +761,33 @@ fn token_requests(stats: &Value, grant_type: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Our redirect URI of `notion` (the browser stops there; the test delivers the callback).
+const NOTION_CALLBACK: &str = "http://127.0.0.1:9/v1/oauth/notion/callback";
+
+/// oidc-provider, the bearer-checking MCP server behind it, and mcp-pool with that server as
+/// `notion`, configured for discovery and the connect flow.
+async fn notion_at_oidc() -> (Oidc, BearerServer, TestServer) {
+    let oidc = Oidc::start().await;
+    let bearer = BearerServer::start(json!({ "issuer": oidc.url, "resource": "self" })).await;
+    let config = format!(
+        "{}[servers.notion.oauth]\nredirect_uri = \"{NOTION_CALLBACK}\"\n\
+         success_redirect = \"{SUCCESS}\"\nerror_redirect = \"{FAILURE}\"\n\
+         refresh_before = \"1m\"\ntoken_timeout = \"5s\"\n",
+        remote_server("notion", &bearer.url, "")
+    );
+    let ts = TestServer::start("", &config, "", &[]).await;
+    (oidc, bearer, ts)
+}
+
 /// Starts `user`'s connect flow of `notion` and plays their browser up to our callback.
-async fn start_and_authorize(user: &http::Client, browser: &mut Browser, callback: &str) -> String {
+async fn start_and_authorize(user: &http::Client, browser: &mut Browser) -> String {
     let started = user.post_json("/v1/oauth/notion/start", &json!({})).await;
     assert_eq!(started.status, 200, "{}", started.text());
     let url = started.json()["authorization_url"]
         .as_str()
         .unwrap()
         .to_owned();
-    browser.authorize(&url, callback).await
+    browser.authorize(&url, NOTION_CALLBACK).await
 }
 
 /// RFC 9207 at oidc-provider (which announces `authorization_response_iss_parameter_supported`):
@@ -777,23 +795,14 @@ async fn start_and_authorize(user: &http::Client, browser: &mut Browser, callbac
 /// before its code is exchanged, and stores nothing; the untouched response connects.
 #[tokio::test]
 async fn an_authorization_response_from_another_issuer_is_refused() {
-    let oidc = Oidc::start().await;
-    let bearer = BearerServer::start(json!({ "issuer": oidc.url, "resource": "self" })).await;
-    let callback = "http://127.0.0.1:9/v1/oauth/notion/callback";
-    let config = format!(
-        "{}[servers.notion.oauth]\nredirect_uri = \"{callback}\"\n\
-         success_redirect = \"{SUCCESS}\"\nerror_redirect = \"{FAILURE}\"\n\
-         token_timeout = \"5s\"\n",
-        remote_server("notion", &bearer.url, "")
-    );
-    let ts = TestServer::start("", &config, "", &[]).await;
+    let (oidc, _bearer, ts) = notion_at_oidc().await;
     oidc.control(json!({ "login": "carol" })).await;
     let carol = ts.user("carol");
     let mut browser = Browser::default();
     let location = |resp: &http::Resp| resp.headers["location"].to_str().unwrap().to_owned();
 
     // A response naming another authorization server (a mix-up attack replays one).
-    let redirect = start_and_authorize(&carol, &mut browser, callback).await;
+    let redirect = start_and_authorize(&carol, &mut browser).await;
     let issuer = query_param(&redirect, "iss").expect("oidc-provider sends iss");
     assert_eq!(issuer.trim_end_matches('/'), oidc.url.trim_end_matches('/'));
     let forged = oauth::with_param(&redirect, "iss", "https://attacker.example");
@@ -803,7 +812,7 @@ async fn an_authorization_response_from_another_issuer_is_refused() {
         format!("{FAILURE}?error=issuer_mismatch&server=notion")
     );
     // One without `iss`, from a server that promised it.
-    let redirect = start_and_authorize(&carol, &mut browser, callback).await;
+    let redirect = start_and_authorize(&carol, &mut browser).await;
     let mut stripped = reqwest::Url::parse(&redirect).unwrap();
     let kept: Vec<(String, String)> = stripped
         .query_pairs()
@@ -834,7 +843,7 @@ async fn an_authorization_response_from_another_issuer_is_refused() {
     assert!(stored.is_none(), "a refused response stores nothing");
 
     // The untouched response connects.
-    let redirect = start_and_authorize(&carol, &mut browser, callback).await;
+    let redirect = start_and_authorize(&carol, &mut browser).await;
     let back = ts.anonymous().get(&path_and_query(&redirect)).await;
     assert_eq!(location(&back), format!("{SUCCESS}?connected=notion"));
 }
@@ -848,30 +857,11 @@ async fn an_authorization_response_from_another_issuer_is_refused() {
 /// the resource, and the retry succeeds with the new token.
 #[tokio::test]
 async fn the_full_oauth_flow_at_oidc_provider_ends_in_verified_tool_calls_and_refreshes() {
-    let oidc = Oidc::start().await;
-    let bearer = BearerServer::start(json!({ "issuer": oidc.url, "resource": "self" })).await;
-    let callback = "http://127.0.0.1:9/v1/oauth/notion/callback";
-    let config = format!(
-        "{}[servers.notion.oauth]\nredirect_uri = \"{callback}\"\n\
-         success_redirect = \"{SUCCESS}\"\nerror_redirect = \"{FAILURE}\"\n\
-         refresh_before = \"1m\"\ntoken_timeout = \"5s\"\n",
-        remote_server("notion", &bearer.url, "")
-    );
-    let ts = TestServer::start("", &config, "", &[]).await;
-
+    let (oidc, bearer, ts) = notion_at_oidc().await;
     for user in ["alice", "bob"] {
         oidc.control(json!({ "login": user })).await;
-        let started = ts
-            .user(user)
-            .post_json("/v1/oauth/notion/start", &json!({}))
-            .await;
-        assert_eq!(started.status, 200, "{}", started.text());
-        let url = started.json()["authorization_url"]
-            .as_str()
-            .unwrap()
-            .to_owned();
         // Each user has a browser (and a session at the authorization server) of their own.
-        let redirect = Browser::default().authorize(&url, callback).await;
+        let redirect = start_and_authorize(&ts.user(user), &mut Browser::default()).await;
         assert!(query_param(&redirect, "code").is_some(), "{redirect}");
         let back = ts.anonymous().get(&path_and_query(&redirect)).await;
         assert_eq!(back.status, 303, "{}", back.text());
