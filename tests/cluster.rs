@@ -186,6 +186,11 @@ impl Cluster {
             .filter_map(|(i, node)| Some((i, node.as_ref()?)))
     }
 
+    /// The ports of the running nodes, for a front's upstream.
+    fn ports(&self) -> Vec<u16> {
+        self.running().map(|(_, node)| node.port).collect()
+    }
+
     /// Waits until every running node sees all running nodes as live members.
     async fn wait_for_membership(&self) {
         let expected = self.running().count() as u64;
@@ -502,7 +507,7 @@ async fn many_users_through_hashing_nginx_get_one_process_each_across_three_node
     // `receiver` placement, as deploy/ recommends behind a hashing front.
     let cluster = Cluster::start_with(3, "receiver").await;
     cluster.wait_for_membership().await;
-    let ports: Vec<u16> = cluster.running().map(|(_, n)| n.port).collect();
+    let ports = cluster.ports();
     let nginx = Nginx::start(cluster.root.path(), &ports, true).await;
     let users = users("hashed", 300);
     connect_all(nginx.addr(), &users).await;
@@ -569,7 +574,7 @@ async fn many_users_through_hashing_nginx_get_one_process_each_across_three_node
 async fn round_robin_front_still_gives_one_process_per_key() {
     let cluster = Cluster::start(3).await;
     cluster.wait_for_membership().await;
-    let ports: Vec<u16> = cluster.running().map(|(_, n)| n.port).collect();
+    let ports = cluster.ports();
     let nginx = Nginx::start(cluster.root.path(), &ports, false).await;
     let users = users("rr", 45);
     connect_all(nginx.addr(), &users).await;
@@ -688,7 +693,7 @@ async fn internal_routes_take_the_cluster_secret_and_never_a_users_key() {
 async fn a_killed_node_s_users_are_served_again_elsewhere_and_never_twice() {
     let mut cluster = Cluster::start_with(3, "receiver").await;
     cluster.wait_for_membership().await;
-    let ports: Vec<u16> = cluster.running().map(|(_, n)| n.port).collect();
+    let ports = cluster.ports();
     let nginx = Nginx::start(cluster.root.path(), &ports, true).await;
     let users = users("failover", 30);
     connect_all(nginx.addr(), &users).await;
@@ -813,7 +818,7 @@ async fn sigterm_scale_in_drains_releases_leases_and_fails_no_call() {
         cluster.add_node(None, (HEARTBEAT, TTL)).await;
     }
     cluster.wait_for_membership().await;
-    let ports: Vec<u16> = cluster.running().map(|(_, n)| n.port).collect();
+    let ports = cluster.ports();
     let haproxy = Haproxy::start(cluster.root.path(), &ports).await;
     scale_in_under_load(&mut cluster, haproxy.addr(), 1, async {}).await;
 }
@@ -824,7 +829,7 @@ async fn scale_in_behind_nginx_takes_the_node_out_then_sigterm_fails_no_call() {
     // upstream (`nginx -s reload`) before its SIGTERM.
     let mut cluster = Cluster::start_with(3, "receiver").await;
     cluster.wait_for_membership().await;
-    let ports: Vec<u16> = cluster.running().map(|(_, n)| n.port).collect();
+    let ports = cluster.ports();
     let nginx = Nginx::start(cluster.root.path(), &ports, true).await;
     let leaving = 2;
     let remaining: Vec<u16> = cluster
@@ -1229,7 +1234,7 @@ impl Drop for Haproxy {
 async fn haproxy_hashing_front_serves_every_user_once_and_hides_internal_routes() {
     let cluster = Cluster::start_with(3, "receiver").await;
     cluster.wait_for_membership().await;
-    let ports: Vec<u16> = cluster.running().map(|(_, n)| n.port).collect();
+    let ports = cluster.ports();
     let haproxy = Haproxy::start(cluster.root.path(), &ports).await;
     let users = users("haproxy", 30);
     connect_all(haproxy.addr(), &users).await;
