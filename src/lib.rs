@@ -14,6 +14,7 @@
 //!   `/mcp` (each user's servers as one Streamable HTTP MCP server, rmcp's server side).
 //! - [`llm`]: the OpenAI-compatible chat-completions client and the tool-call loop of `/v1/chat`.
 //! - [`oauth`]: the OAuth connect flow (PKCE, server-side state) and automatic token refresh.
+//! - [`sse`]: the server-sent-events parser of the streams read (`llm`, `cluster`); a leaf.
 //! - [`cluster`]: cluster mode: membership, session leases, placement and forwarding between
 //!   nodes on one PostgreSQL (driven by the heartbeat actor, used through `PoolHandle`).
 #![deny(unsafe_code)]
@@ -28,4 +29,5 @@ pub mod ids;
 pub mod llm;
 pub mod mcp;
 pub mod oauth;
+pub mod sse;
 pub mod store;

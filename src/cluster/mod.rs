@@ -854,30 +854,28 @@ impl Cluster {
                 Err(remote_error(status.as_u16(), &body["error"], None))
             };
         }
-        let mut events = EventStream::default();
+        let mut events = crate::sse::SseParser::default();
         loop {
             let chunk = response.chunk().await.map_err(|_| ForwardError::Lost)?;
             // The stream ended before its answer: the call may have run.
             let Some(chunk) = chunk else {
                 return Err(ForwardError::Lost);
             };
-            for (name, data) in events.push(&chunk) {
-                let data: serde_json::Value = serde_json::from_str(&data)
-                    .map_err(|err| ForwardError::Malformed(format!("event data: {err}")))?;
-                match name.as_str() {
+            for event in events.push(&chunk) {
+                let malformed = |err: serde_json::Error| {
+                    ForwardError::Malformed(format!("`{}` event: {err}", event.name))
+                };
+                match event.name.as_str() {
                     "progress" => {
-                        let Some(progress) = data["progress"].as_f64() else {
-                            continue;
-                        };
+                        let step: Progress =
+                            serde_json::from_str(&event.data).map_err(malformed)?;
                         // Lossy, like the owner's own sink: a full sink misses a step.
-                        let _ = sink.try_send(Progress {
-                            progress,
-                            total: data["total"].as_f64(),
-                            message: data["message"].as_str().map(str::to_owned),
-                        });
+                        let _ = sink.try_send(step);
                     }
-                    "result" => return Ok(data),
+                    "result" => return serde_json::from_str(&event.data).map_err(malformed),
                     "error" => {
+                        let data: serde_json::Value =
+                            serde_json::from_str(&event.data).map_err(malformed)?;
                         let status = data["status"].as_u64().unwrap_or(502);
                         return Err(remote_error(
                             u16::try_from(status).unwrap_or(502),
@@ -938,37 +936,6 @@ fn remote_error(
     })
 }
 
-/// Server-sent events parsed from a byte stream as it arrives: each complete event (ended by
-/// a blank line) as its name and data (`data:` lines joined). Comments (keep-alives) and events
-/// without data are skipped.
-#[derive(Default)]
-struct EventStream {
-    pending: Vec<u8>,
-}
-
-impl EventStream {
-    fn push(&mut self, chunk: &[u8]) -> Vec<(String, String)> {
-        self.pending.extend_from_slice(chunk);
-        let mut events = Vec::new();
-        while let Some(end) = self.pending.windows(2).position(|pair| pair == b"\n\n") {
-            let block: Vec<u8> = self.pending.drain(..end + 2).collect();
-            let text = String::from_utf8_lossy(&block);
-            let (mut name, mut data) = (String::from("message"), Vec::new());
-            for line in text.lines() {
-                if let Some(value) = line.strip_prefix("event:") {
-                    name = value.trim().to_owned();
-                } else if let Some(value) = line.strip_prefix("data:") {
-                    data.push(value.strip_prefix(' ').unwrap_or(value));
-                }
-            }
-            if !data.is_empty() {
-                events.push((name, data.join("\n")));
-            }
-        }
-        events
-    }
-}
-
 /// Error codes are `&'static str` everywhere (metrics labels, the error body). Codes from
 /// another node are few and come from the same code base over an authenticated route; they
 /// are interned once each, with a cap so a misbehaving peer cannot grow the set.
@@ -994,28 +961,6 @@ fn intern_code(code: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn events_are_parsed_across_chunk_boundaries_and_keep_alives_skipped() {
-        let mut stream = EventStream::default();
-        assert!(
-            stream
-                .push(b"event: progress\ndata: {\"progress\"")
-                .is_empty()
-        );
-        let events = stream.push(b":1}\n\n:\n\nevent: result\ndata: {}\n\nevent: err");
-        assert_eq!(
-            events,
-            vec![
-                ("progress".to_owned(), "{\"progress\":1}".to_owned()),
-                ("result".to_owned(), "{}".to_owned()),
-            ]
-        );
-        assert_eq!(
-            stream.push(b"or\ndata: a\ndata: b\n\n"),
-            vec![("error".to_owned(), "a\nb".to_owned())]
-        );
-    }
 
     fn nodes(ids: &[&str]) -> Vec<Node> {
         ids.iter()

@@ -200,19 +200,15 @@ pub async fn call_tool(
     let request = body(request)?;
     let (user, server) = key_of(&request.user_id, &request.server)?;
     if super::tools::wants_event_stream(&headers) {
-        return Ok(super::tools::progress_events(move |options| async move {
-            match pool
-                .call_tool_with(&user, &server, &request.tool, request.arguments, options)
-                .await
-            {
-                Ok(result) => ("result", serde_json::to_value(result).unwrap_or_default()),
-                Err(err) => {
-                    let err = ApiError::from(err);
-                    state.count_error(err.code(), err.status());
-                    ("error", err.stream_event())
-                }
-            }
-        }));
+        return Ok(super::tools::progress_events(
+            state,
+            move |options| async move {
+                let result = pool
+                    .call_tool_with(&user, &server, &request.tool, request.arguments, options)
+                    .await?;
+                serde_json::to_value(result).map_err(|err| ApiError::internal(&err))
+            },
+        ));
     }
     let result = pool
         .call_tool(&user, &server, &request.tool, request.arguments)

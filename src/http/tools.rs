@@ -219,32 +219,26 @@ fn stream_call(
     tool: String,
     arguments: Option<serde_json::Map<String, serde_json::Value>>,
 ) -> Response {
-    progress_events(move |options| async move {
+    let pool = state.pool.clone();
+    progress_events(state, move |options| async move {
         let started = Instant::now();
-        match state
-            .pool
+        let result = pool
             .call_tool_with(&user, &server, &tool, arguments, options)
-            .await
-            .map_err(ApiError::from)
-            .and_then(|result| call_response(result, started.elapsed()))
-        {
-            Ok(response) => ("result", serde_json::to_value(response).unwrap_or_default()),
-            Err(err) => {
-                state.count_error(err.code(), err.status());
-                ("error", err.stream_event())
-            }
-        }
+            .await?;
+        let response = call_response(result, started.elapsed())?;
+        serde_json::to_value(response).map_err(|err| ApiError::internal(&err))
     })
 }
 
-/// Server-sent events of a call: `progress` as the server reports it, then the event `call`
-/// ends with (`result` or `error`). A client that goes away cancels the call: the task notices
-/// the closed stream and drops the call, which sends the server `notifications/cancelled`.
-/// Also the answer of a call forwarded from another node (`/internal/v1/tools/call`).
-pub(super) fn progress_events<F, Fut>(call: F) -> Response
+/// Server-sent events of a call: `progress` as the server reports it, then `result` (what
+/// `call` answered) or `error` (counted like the same error answered in JSON). A client that
+/// goes away cancels the call: the task notices the closed stream and drops the call, which
+/// sends the server `notifications/cancelled`. Also the answer of a call forwarded from
+/// another node (`/internal/v1/tools/call`).
+pub(super) fn progress_events<F, Fut>(state: HttpState, call: F) -> Response
 where
     F: FnOnce(CallOptions) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = (&'static str, serde_json::Value)> + Send,
+    Fut: std::future::Future<Output = Result<serde_json::Value, ApiError>> + Send,
 {
     let (events, receiver) = tokio::sync::mpsc::channel::<(&'static str, serde_json::Value)>(8);
     tokio::spawn(async move {
@@ -253,22 +247,31 @@ where
             progress: Some(sink),
         });
         tokio::pin!(call);
-        let last = loop {
+        let step_event =
+            |step: Progress| ("progress", serde_json::to_value(step).unwrap_or_default());
+        let answer = loop {
             tokio::select! {
                 // Progress first: a notification that came before the answer is sent before it.
                 biased;
                 Some(step) = progress.recv() => {
-                    if events.send(("progress", progress_json(&step))).await.is_err() {
+                    if events.send(step_event(step)).await.is_err() {
                         return;
                     }
                 }
-                last = &mut call => break last,
+                answer = &mut call => break answer,
                 () = events.closed() => return,
             }
         };
         while let Ok(step) = progress.try_recv() {
-            let _ = events.send(("progress", progress_json(&step))).await;
+            let _ = events.send(step_event(step)).await;
         }
+        let last = match answer {
+            Ok(result) => ("result", result),
+            Err(err) => {
+                state.count_error(err.code(), err.status());
+                ("error", err.stream_event())
+            }
+        };
         let _ = events.send(last).await;
     });
     let stream = ReceiverStream::new(receiver).map(|(name, data)| {
@@ -277,17 +280,6 @@ where
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()
-}
-
-fn progress_json(step: &Progress) -> serde_json::Value {
-    let mut value = serde_json::json!({ "progress": step.progress });
-    if let Some(total) = step.total {
-        value["total"] = total.into();
-    }
-    if let Some(message) = &step.message {
-        value["message"] = message.clone().into();
-    }
-    value
 }
 
 fn parse_arguments(

@@ -357,7 +357,7 @@ impl LlmClient {
             response,
             timeout: self.timeout,
             api_key: self.api_key.clone(),
-            parser: SseParser::default(),
+            parser: crate::sse::SseParser::default(),
             assembler: Assembler::default(),
             pending: std::collections::VecDeque::new(),
             done: false,
@@ -493,7 +493,7 @@ pub struct CompletionStream {
     response: reqwest::Response,
     timeout: Duration,
     api_key: Option<Secret>,
-    parser: SseParser,
+    parser: crate::sse::SseParser,
     assembler: Assembler,
     /// Text deltas parsed but not yet handed out.
     pending: std::collections::VecDeque<String>,
@@ -518,8 +518,8 @@ impl CompletionStream {
                 .map_err(|err| transport_error(err, self.timeout))?;
             let Some(chunk) = chunk else {
                 self.done = true;
-                for data in self.parser.finish() {
-                    self.on_data(&data)?;
+                for event in self.parser.finish() {
+                    self.on_data(&event.data)?;
                 }
                 if !self.assembler.saw_done && self.assembler.finish_reason.is_none() {
                     return Err(LlmError::Malformed(
@@ -528,8 +528,8 @@ impl CompletionStream {
                 }
                 continue;
             };
-            for data in self.parser.push(&chunk) {
-                self.on_data(&data)?;
+            for event in self.parser.push(&chunk) {
+                self.on_data(&event.data)?;
                 if self.assembler.saw_done {
                     self.done = true;
                     break;
@@ -654,74 +654,9 @@ impl Assembler {
     }
 }
 
-/// A server-sent-events parser that yields the `data` of each event. Lines may be split
-/// anywhere across network chunks, including inside a UTF-8 character.
-#[derive(Default)]
-struct SseParser {
-    buffer: Vec<u8>,
-    data: Option<String>,
-}
-
-impl SseParser {
-    fn push(&mut self, bytes: &[u8]) -> Vec<String> {
-        self.buffer.extend_from_slice(bytes);
-        let mut events = Vec::new();
-        while let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.buffer.drain(..=end).collect();
-            let line = String::from_utf8_lossy(&line);
-            self.line(line.trim_end_matches(['\n', '\r']), &mut events);
-        }
-        events
-    }
-
-    /// The body ended: a last event without its blank line still counts.
-    fn finish(&mut self) -> Vec<String> {
-        let mut events = Vec::new();
-        if !self.buffer.is_empty() {
-            let rest = std::mem::take(&mut self.buffer);
-            let rest = String::from_utf8_lossy(&rest).into_owned();
-            self.line(rest.trim_end_matches('\r'), &mut events);
-        }
-        events.extend(self.data.take());
-        events
-    }
-
-    fn line(&mut self, line: &str, events: &mut Vec<String>) {
-        if line.is_empty() {
-            events.extend(self.data.take());
-            return;
-        }
-        // Comments (": keep-alive") and other fields (event, id, retry) carry no data.
-        let Some(value) = line.strip_prefix("data:") else {
-            return;
-        };
-        let value = value.strip_prefix(' ').unwrap_or(value);
-        match &mut self.data {
-            Some(data) => {
-                data.push('\n');
-                data.push_str(value);
-            }
-            None => self.data = Some(value.to_owned()),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sse_lines_split_anywhere_are_reassembled() {
-        let stream = "data: {\"a\":\"é\"}\r\n\r\n: keep-alive\n\ndata: [DONE]\n\n";
-        let bytes = stream.as_bytes();
-        for split in 1..bytes.len() {
-            let mut parser = SseParser::default();
-            let mut events = parser.push(&bytes[..split]);
-            events.extend(parser.push(&bytes[split..]));
-            events.extend(parser.finish());
-            assert_eq!(events, ["{\"a\":\"é\"}", "[DONE]"], "split at {split}");
-        }
-    }
 
     #[test]
     fn tool_calls_are_assembled_by_index() {

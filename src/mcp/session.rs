@@ -201,10 +201,13 @@ fn unexpected_answer() -> McpError {
 // === progress ===
 
 /// One progress notification of a call, as its server sent it (without the server's token).
-#[derive(Debug, Clone, PartialEq)]
+/// Serialized as the data of REST's `progress` events (and read back from a forwarded call's).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
     pub progress: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
 

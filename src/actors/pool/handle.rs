@@ -879,9 +879,13 @@ impl PoolHandle {
             .map_err(PoolError::cluster)?
         {
             Some(owner) => {
-                let body = serde_json::json!({ "user_id": user, "server": server });
                 match cluster
-                    .forward(&owner, internal_paths::CLOSE_SESSION, &body, None)
+                    .forward(
+                        &owner,
+                        internal_paths::CLOSE_SESSION,
+                        &key_body(user, server),
+                        None,
+                    )
                     .await
                 {
                     Ok(value) => Ok(closed_here || value["closed"].as_bool().unwrap_or(false)),

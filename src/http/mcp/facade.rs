@@ -439,22 +439,14 @@ fn tool_failure(err: &PoolError) -> CallToolResult {
 /// failure is a JSON-RPC error; the server's own (unknown prompt, resource not found, ...) is
 /// passed on as it is, the pool's carries its code in `data.code`.
 fn request_error(err: PoolError) -> ErrorData {
-    match &err {
-        PoolError::Mcp(cause) => {
-            if let McpError::Server(data) = cause.as_ref() {
-                return (**data).clone();
-            }
-        }
-        PoolError::ArgumentsTooDeep { .. } => {
-            return ErrorData::invalid_params(err.to_string(), None);
-        }
-        // The same, answered by the node the request was forwarded to (cluster mode).
-        PoolError::Forwarded(remote)
-            if matches!(remote.code, "arguments_too_deep" | "invalid_arguments") =>
-        {
-            return ErrorData::invalid_params(remote.message.clone(), None);
-        }
-        _ => {}
+    if let PoolError::Mcp(cause) = &err
+        && let McpError::Server(data) = cause.as_ref()
+    {
+        return (**data).clone();
+    }
+    // By code, so the answer of the node a request was forwarded to (cluster mode) maps alike.
+    if matches!(err.code(), "arguments_too_deep" | "invalid_arguments") {
+        return ErrorData::invalid_params(err.to_string(), None);
     }
     ErrorData::internal_error(
         format!("{} ({})", err, err.code()),
