@@ -1419,25 +1419,11 @@ async fn token_refresh_happens_once_cluster_wide() {
     for (i, user) in users.iter().enumerate() {
         // The flow starts at one node and its callback lands on another.
         let (start, callback) = (cluster.node(i % 3), cluster.node((i + 1) % 3));
-        let resp = start
-            .client(user)
-            .post_json("/v1/oauth/gdemo/start", &json!({}))
-            .await;
-        assert_eq!(resp.status, 200, "{}", resp.text());
-        let url = resp.json()["authorization_url"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let redirect = mock.authorize(&url).await;
         let anonymous = http::Client {
             addr: callback.addr(),
             headers: Vec::new(),
         };
-        let resp = anonymous.get(&oauth::path_and_query(&redirect)).await;
-        assert_eq!(
-            resp.headers["location"].to_str().unwrap(),
-            format!("{}?connected=gdemo", oauth::SUCCESS)
-        );
+        mock.connect(&start.client(user), &anonymous, "gdemo").await;
     }
     // From here the provider issues tokens that are not due: a second refresh of one user
     // would be a bug, not a due token.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use fake_llm::{FakeLlm, Reply};
 use http::TestServer;
-use oauth::{MockOAuth, SUCCESS, oauth_server, path_and_query};
+use oauth::{MockOAuth, oauth_server};
 use serde_json::json;
 use tokio::sync::Semaphore;
 
@@ -46,21 +46,8 @@ async fn a_chat_refreshes_a_token_that_became_due_before_its_next_tool_call() {
     let ts = TestServer::start("", &extra, "", &[]).await;
     // Connect with a token that has two hours left: not due (refresh_before is one hour).
     mock.control(json!({ "expires_in": 7200 })).await;
-    let start = ts
-        .user("alice")
-        .post_json("/v1/oauth/gdemo/start", &json!({}))
+    mock.connect(&ts.user("alice"), &ts.anonymous(), "gdemo")
         .await;
-    assert_eq!(start.status, 200, "{}", start.text());
-    let url = start.json()["authorization_url"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let redirect = mock.authorize(&url).await;
-    let back = ts.anonymous().get(&path_and_query(&redirect)).await;
-    assert_eq!(
-        back.headers["location"].to_str().unwrap(),
-        format!("{SUCCESS}?connected=gdemo")
-    );
     mock.control(json!({ "expires_in": 7200, "reset_stats": true }))
         .await;
 

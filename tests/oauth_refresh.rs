@@ -17,7 +17,7 @@ use http::{TestServer, content_text};
 use mcp_pool::actors::{RefreshArgs, TokenRefreshHandle};
 use mcp_pool::oauth::Freshness;
 use mcp_pool::store::{CredentialRecord, ServerName, UserId};
-use oauth::{MockOAuth, SUCCESS, oauth_server, path_and_query};
+use oauth::{MockOAuth, oauth_server};
 use serde_json::json;
 
 /// Tokens issued with this many seconds left are not due (`refresh_before` is one hour).
@@ -58,21 +58,7 @@ fn ids(user: &str, server: &str) -> (UserId, ServerName) {
 /// The whole connect flow for `user`, with tokens that expire in `expires_in` seconds.
 async fn connect(ts: &TestServer, mock: &MockOAuth, user: &str, server: &str, expires_in: u64) {
     mock.control(json!({ "expires_in": expires_in })).await;
-    let resp = ts
-        .user(user)
-        .post_json(&format!("/v1/oauth/{server}/start"), &json!({}))
-        .await;
-    assert_eq!(resp.status, 200, "{}", resp.text());
-    let url = resp.json()["authorization_url"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let redirect = mock.authorize(&url).await;
-    let resp = ts.anonymous().get(&path_and_query(&redirect)).await;
-    assert_eq!(
-        resp.headers["location"].to_str().unwrap(),
-        format!("{SUCCESS}?connected={server}")
-    );
+    mock.connect(&ts.user(user), &ts.anonymous(), server).await;
 }
 
 async fn record(ts: &TestServer, user: &str, server: &str) -> Option<CredentialRecord> {

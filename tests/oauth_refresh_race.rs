@@ -5,6 +5,8 @@
 //! instances) and on SQLite.
 
 mod common;
+#[path = "common/http.rs"]
+mod http;
 #[path = "common/oauth.rs"]
 mod oauth;
 

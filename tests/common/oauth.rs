@@ -1,7 +1,8 @@
 //! Helpers of the OAuth tests: a real OAuth 2 server (npm `oauth2-mock-server`, started by
 //! `tests/fixtures/oauth/mock-server.mjs` as a child process on a loopback port), a plain HTTP
 //! client for it, and the config of demo servers whose OAuth client points at it.
-//! Include with `mod common; #[path = "common/oauth.rs"] mod oauth;` (and `common/http.rs`).
+//! Include with `mod common; #[path = "common/http.rs"] mod http; #[path = "common/oauth.rs"]
+//! mod oauth;`.
 #![allow(dead_code)]
 
 use std::process::Stdio;
@@ -78,6 +79,31 @@ impl MockOAuth {
     /// Every POST to the token endpoint so far (whatever the outcome).
     pub async fn token_requests(&self) -> u64 {
         self.stats().await["token_requests"].as_u64().unwrap_or(0)
+    }
+
+    /// The whole connect flow of `server`: started by `user` (a client carrying the user's
+    /// credentials), authorized here, its callback delivered through `callback` (any client of
+    /// the service, such as another node of a cluster); asserts the success redirect.
+    pub async fn connect(
+        &self,
+        user: &super::http::Client,
+        callback: &super::http::Client,
+        server: &str,
+    ) {
+        let started = user
+            .post_json(&format!("/v1/oauth/{server}/start"), &serde_json::json!({}))
+            .await;
+        assert_eq!(started.status, 200, "{}", started.text());
+        let url = started.json()["authorization_url"]
+            .as_str()
+            .expect("authorization_url")
+            .to_owned();
+        let redirect = self.authorize(&url).await;
+        let back = callback.get(&path_and_query(&redirect)).await;
+        assert_eq!(
+            back.headers["location"].to_str().unwrap(),
+            format!("{SUCCESS}?connected={server}")
+        );
     }
 
     /// Plays the user's browser on the provider's page: GET the authorization URL, return the
