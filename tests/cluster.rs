@@ -416,6 +416,14 @@ impl Drop for Nginx {
     }
 }
 
+/// Three nodes with `receiver` placement behind nginx hashing users, as deploy/ recommends.
+async fn behind_hashing_nginx() -> (Cluster, Nginx) {
+    let cluster = Cluster::start_with(3, "receiver").await;
+    cluster.wait_for_membership().await;
+    let nginx = Nginx::start(cluster.root.path(), &cluster.ports(), true).await;
+    (cluster, nginx)
+}
+
 /// Stores demo credentials for every user, through `addr`.
 async fn connect_all(addr: std::net::SocketAddr, users: &[String]) {
     for user in users {
@@ -505,10 +513,7 @@ fn assert_one_process_per_user(cluster: &Cluster, users: &[String]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_users_through_hashing_nginx_get_one_process_each_across_three_nodes() {
     // `receiver` placement, as deploy/ recommends behind a hashing front.
-    let cluster = Cluster::start_with(3, "receiver").await;
-    cluster.wait_for_membership().await;
-    let ports = cluster.ports();
-    let nginx = Nginx::start(cluster.root.path(), &ports, true).await;
+    let (cluster, nginx) = behind_hashing_nginx().await;
     let users = users("hashed", 300);
     connect_all(nginx.addr(), &users).await;
 
@@ -691,10 +696,7 @@ async fn internal_routes_take_the_cluster_secret_and_never_a_users_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_node_s_users_are_served_again_elsewhere_and_never_twice() {
-    let mut cluster = Cluster::start_with(3, "receiver").await;
-    cluster.wait_for_membership().await;
-    let ports = cluster.ports();
-    let nginx = Nginx::start(cluster.root.path(), &ports, true).await;
+    let (mut cluster, nginx) = behind_hashing_nginx().await;
     let users = users("failover", 30);
     connect_all(nginx.addr(), &users).await;
     assert!(call_all(nginx.addr(), &users, 1).await.is_empty());
@@ -827,10 +829,7 @@ async fn sigterm_scale_in_drains_releases_leases_and_fails_no_call() {
 async fn scale_in_behind_nginx_takes_the_node_out_then_sigterm_fails_no_call() {
     // nginx OSS has no active checks: deploy/nginx.conf's procedure takes the node out of the
     // upstream (`nginx -s reload`) before its SIGTERM.
-    let mut cluster = Cluster::start_with(3, "receiver").await;
-    cluster.wait_for_membership().await;
-    let ports = cluster.ports();
-    let nginx = Nginx::start(cluster.root.path(), &ports, true).await;
+    let (mut cluster, nginx) = behind_hashing_nginx().await;
     let leaving = 2;
     let remaining: Vec<u16> = cluster
         .running()
